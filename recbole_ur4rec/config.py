@@ -1,0 +1,100 @@
+"""Config for recbole_ur4rec: RecBole's Config with plugin model lookup and plugin yaml layers.
+
+Layering keeps RecBole's order, lowest first: RecBole overall < plugin overall < model yaml
+(RecBole's, then the plugin's) < RecBole sample.yaml < dataset yaml (RecBole's, then the plugin's)
+< RecBole's quick-start yaml for the model type < config files < config_dict < command line.
+"""
+import os
+
+import recbole
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+from recbole_ur4rec.utils import get_model
+
+PLUGIN_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
+RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "properties")
+RECBOLE_EXAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "dataset_example")
+
+
+class Config(RecBoleConfig):
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError("model must be given: as an argument, in a config file, in config_dict or as --model")
+        if isinstance(model, str):
+            model_class = get_model(model)
+        else:
+            model_class, model = model, model.__name__
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise KeyError("dataset must be given: as an argument, in a config file, in config_dict or as --dataset")
+        return model, model_class, dataset
+
+    def _update_internal_config_dict(self, file):
+        self._loaded_internal_files.append(os.path.realpath(file))
+        return super()._update_internal_config_dict(file)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        # Let RecBole pick its files (the quick-start yaml depends on the model type), then reload
+        # everything with the plugin's yaml files right after their RecBole counterparts.
+        self._loaded_internal_files = []
+        super()._load_internal_config_dict(model, model_class, dataset)
+        model_type = self.internal_config_dict["MODEL_TYPE"]
+        base_files = [
+            os.path.join(RECBOLE_PROPERTIES, "overall.yaml"),
+            os.path.join(PLUGIN_PROPERTIES, "overall.yaml"),
+            os.path.join(RECBOLE_PROPERTIES, "model", model + ".yaml"),
+            os.path.join(PLUGIN_PROPERTIES, "model", model + ".yaml"),
+            os.path.join(RECBOLE_PROPERTIES, "dataset", "sample.yaml"),
+            os.path.join(RECBOLE_PROPERTIES, "dataset", dataset + ".yaml"),
+            os.path.join(PLUGIN_PROPERTIES, "dataset", dataset + ".yaml"),
+        ]
+        base_files = [os.path.realpath(file) for file in base_files]
+        quick_start_files = [file for file in self._loaded_internal_files if file not in base_files]
+        dataset_files = set(base_files[-2:])
+
+        self.internal_config_dict = dict()
+        self.internal_files = []
+        for file in base_files + quick_start_files:
+            if not os.path.isfile(file):
+                continue
+            self.internal_files.append(file)
+            config_dict = super()._update_internal_config_dict(file)
+            if config_dict and file in dataset_files:
+                self.parameters["Dataset"] += [key for key in config_dict if key not in self.parameters["Dataset"]]
+        self.internal_config_dict["MODEL_TYPE"] = model_type
+
+    def _set_default_parameters(self):
+        data_root = self.final_config_dict["data_path"]
+        # RecBole's sequential models default to CE while overall.yaml asks for negative sampling, so
+        # `-m SASRec` fails out of the box; drop the sampling unless the user asked for it.
+        if (
+            self.final_config_dict["MODEL_TYPE"] == ModelType.SEQUENTIAL
+            and self.final_config_dict.get("loss_type") == "CE"
+            and "train_neg_sample_args" not in self.external_config_dict
+        ):
+            self.final_config_dict["train_neg_sample_args"] = None
+        super()._set_default_parameters()
+        self.final_config_dict["data_path"] = resolve_data_path(os.path.join(data_root, self.dataset), self.dataset)
+
+
+def resolve_data_path(data_path, dataset):
+    """Absolute folder of ``dataset``'s atomic files.
+
+    ``data_path`` is RecBole's ``<data_path>/<dataset>``; when it holds no ``.inter`` file and RecBole's
+    wheel ships the dataset (ml-100k), the shipped copy is used, so the quick start runs offline.
+    """
+    candidates = [os.path.abspath(data_path)]
+    candidates.append(os.path.join(RECBOLE_EXAMPLE_DATA, dataset))
+    for folder in candidates:
+        if os.path.isdir(folder) and any(name.endswith(".inter") for name in os.listdir(folder)):
+            return folder
+    raise FileNotFoundError(
+        f"dataset {dataset!r} not found: {candidates[0]} holds no atomic interaction file "
+        f"(expected {dataset}.inter, or {dataset}.train.inter etc. with benchmark_filename); "
+        f"put RecBole atomic files there or set data_path to their parent folder "
+        f"(recbole_ur4rec never downloads datasets)"
+    )

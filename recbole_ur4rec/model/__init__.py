@@ -1,0 +1,1 @@
+"""The plugin's models. Every recommender class imported here is found by ``get_model`` by its name."""
