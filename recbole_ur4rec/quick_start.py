@@ -1,0 +1,136 @@
+"""Quick start for recbole_ur4rec: RecBole's run/tune/load entry points, with plugin models and safe checkpoints."""
+import sys
+from logging import getLogger
+
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.utils import CheckpointError, get_model, get_trainer, load_checkpoint
+
+
+def _build(model, dataset, config_file_list, config_dict):
+    """Config, logger, data and an initialised model, as RecBole's ``run_recbole`` builds them."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def _resume_settings(resume_file, model, dataset, config_dict):
+    """Model, dataset and settings of the run that wrote ``resume_file``, updated by ``config_dict``."""
+    state = load_checkpoint(resume_file)
+    for given, stored, what in ((model, state["model"], "model"), (dataset, state["dataset"], "dataset")):
+        if given is not None and given != stored:
+            raise CheckpointError(f"--resume {resume_file} was written for {what} {stored!r}, but {what} {given!r} was asked for")
+    return state["model"], state["dataset"], {**state["config"], **(config_dict or {})}
+
+
+def run_recbole_ur4rec(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    resume_file=None,
+    callback_fn=None,
+    evaluate_test=True,
+):
+    r"""Train and evaluate any plugin or RecBole model, like RecBole's ``run_recbole``.
+
+    Args:
+        model (str): model name (plugin models first, then RecBole's).
+        dataset (str): dataset name.
+        config_file_list (list of str): yaml config files.
+        config_dict (dict): parameters, above config files and below the command line.
+        saved (bool): save the best model (and the resume state) and reload the best model for testing.
+        resume_file (str): a checkpoint written by an earlier run of this function; training continues from it
+            with the settings it stored (``config_dict`` may update them).
+        callback_fn (callable): called as ``callback_fn(epoch_idx, valid_score)`` after each validation.
+        evaluate_test (bool): evaluate the test split; tuning trials set it to False.
+
+    Returns:
+        dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (None when
+        not evaluated) and ``model_file`` (the best-model checkpoint, None when not saved).
+    """
+    if resume_file is not None:
+        model, dataset, config_dict = _resume_settings(resume_file, model, dataset, config_dict)
+    config, model, dataset, train_data, valid_data, test_data = _build(model, dataset, config_file_list, config_dict)
+    logger = getLogger()
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if resume_file is not None:
+        trainer.resume_checkpoint(resume_file)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
+    )
+    test_result = None
+    if evaluate_test:
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "model_file": trainer.saved_model_file if saved else None,
+    }
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True, callback_fn=None):
+    r"""Objective for hyper-parameter tuning: trains on the train split and reports validation only.
+
+    ``callback_fn(epoch_idx, valid_score)`` receives every validation (Ray Tune reports it so ASHA can stop
+    the trial); the test split is left alone, for the caller to evaluate on the best trial's ``model_file``.
+    """
+    result = run_recbole_ur4rec(
+        config_file_list=config_file_list,
+        config_dict=config_dict,
+        saved=saved,
+        callback_fn=callback_fn,
+        evaluate_test=False,
+    )
+    result.pop("test_result")
+    return result
+
+
+def load_data_and_model(model_file):
+    r"""Rebuild config, model (with the checkpoint's weights) and data from a plugin checkpoint.
+
+    Returns:
+        tuple: (config, model, dataset, train_data, valid_data, test_data), as RecBole's function does.
+    """
+    state = load_checkpoint(model_file)
+    config, model, dataset, train_data, valid_data, test_data = _build(
+        state["model"], state["dataset"], None, state["config"]
+    )
+    model.load_state_dict(state["state_dict"])
+    model.load_other_parameter(state.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def evaluate_checkpoint(model_file):
+    r"""Evaluate a plugin checkpoint on its validation and test splits.
+
+    Returns:
+        dict: ``valid_result`` and ``test_result``.
+    """
+    config, model, _, _, valid_data, test_data = load_data_and_model(model_file)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    return {
+        "valid_result": trainer.evaluate(valid_data, load_best_model=False, show_progress=config["show_progress"]),
+        "test_result": trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"]),
+    }

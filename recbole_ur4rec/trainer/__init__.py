@@ -1,0 +1,2 @@
+"""The plugin's trainers. ``get_trainer`` finds ``<Model>Trainer`` classes imported here by name."""
+from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin

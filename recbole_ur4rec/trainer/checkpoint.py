@@ -1,0 +1,162 @@
+"""Safe checkpointing for any RecBole trainer: tensors and plain data only, resumable training.
+
+RecBole pickles its ``Config`` into checkpoints, which ``torch.load(weights_only=True)`` (torch >= 2.6)
+refuses. This mixin writes two files per run:
+
+- ``<model>-<time>.pth``: the best model so far (weights, the user's config, training state);
+- ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights and
+  every random number generator, so ``--resume`` continues exactly where the run stopped.
+"""
+import os
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from recbole.utils import set_color
+
+from recbole_ur4rec.utils import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def plain_data(value, key="config"):
+    """Return ``value`` made of str/int/float/bool/None/list/dict/tensor only, or raise naming ``key``."""
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise CheckpointError(f"{key} holds a {type(value).__name__}, which a safe checkpoint cannot store")
+
+
+def checkpoint_config(config):
+    """The user's settings of ``config`` (files, dict, command line) with an absolute data root."""
+    settings = dict(config.external_config_dict)
+    settings["data_path"] = os.path.dirname(os.path.abspath(config["data_path"]))
+    return plain_data(settings)
+
+
+def rng_state(train_data):
+    python_version, python_state, python_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [python_version, list(python_state), python_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "train_loader": train_data.generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state, train_data):
+    python_version, python_state, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_state), python_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    train_data.generator.set_state(state["train_loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SafeCheckpointMixin:
+    """Put before a RecBole ``Trainer`` in the bases to give it safe, resumable checkpoints."""
+
+    _pending_rng_state = None  # set by resume_checkpoint, applied by fit (which has the train loader)
+    _best_state_dict = None  # a copy of the weights last written to the best-model file
+
+    @property
+    def last_checkpoint_file(self):
+        return os.path.splitext(self.saved_model_file)[0] + "-last.pth"
+
+    def _model_state(self, epoch):
+        other = self.model.other_parameter()
+        return {
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "config": checkpoint_config(self.config),
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": plain_data(self.best_valid_result, "best_valid_result"),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": plain_data(other, "other_parameter") if other is not None else None,
+        }
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = self._model_state(epoch)
+        save_checkpoint(state, saved_model_file)
+        self._best_state_dict = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _save_last_checkpoint(self, epoch, train_data):
+        state = self._model_state(epoch)
+        state.update(
+            optimizer=self.optimizer.state_dict(),
+            rng=rng_state(train_data),
+            stopped=self.cur_step > self.stopping_step,
+            best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
+        )
+        save_checkpoint(state, self.last_checkpoint_file)
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self._pending_rng_state is not None:
+            restore_rng_state(self._pending_rng_state, train_data)
+            self._pending_rng_state = None
+
+        def after_validation(epoch_idx, valid_score):
+            if saved:
+                self._save_last_checkpoint(epoch_idx, train_data)
+            if callback_fn is not None:
+                callback_fn(epoch_idx, valid_score)
+
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn=after_validation)
+
+    def resume_checkpoint(self, resume_file):
+        """Continue a run from a ``-last.pth`` (or best) checkpoint written by this mixin."""
+        state = load_checkpoint(resume_file, self.device)
+        if state["model"] != self.config["model"]:
+            raise CheckpointError(
+                f"checkpoint {resume_file} was written by model {state['model']}, not {self.config['model']}"
+            )
+        if "optimizer" not in state:
+            raise CheckpointError(f"checkpoint {resume_file} holds no training state (optimizer, rng); it cannot resume")
+        self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(state.get("other_parameter"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = state["epoch"] + 1
+        self.cur_step = state["cur_step"]
+        self.best_valid_score = state["best_valid_score"]
+        self.best_valid_result = state["best_valid_result"]
+        self._pending_rng_state = state["rng"]
+        # the best weights go to this run's best-model file, so the test evaluation uses them
+        best = dict(state, state_dict=state["best_state_dict"])
+        for key in ("optimizer", "rng", "best_state_dict", "stopped", "format"):
+            best.pop(key, None)
+        save_checkpoint(best, self.saved_model_file)
+        self._best_state_dict = state["best_state_dict"]
+        if state["stopped"] or self.start_epoch >= self.epochs:
+            # training had finished: fit() only re-saves the current weights, which must be the best
+            self.model.load_state_dict(state["best_state_dict"])
+            self.start_epoch = self.epochs
+        self.logger.info(f"Checkpoint {resume_file} loaded. Resume training from epoch {self.start_epoch}")
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and eval_data:
+            checkpoint_file = model_file or self.saved_model_file
+            state = load_checkpoint(checkpoint_file, self.device)
+            self.model.load_state_dict(state["state_dict"])
+            self.model.load_other_parameter(state.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)

@@ -1,0 +1,55 @@
+"""Train and evaluate a recbole_ur4rec or RecBole model: RecBole's run_recbole.py flags, plus checkpoints.
+
+    python run_recbole_ur4rec.py -m SASRec -d ml-100k --epochs=5
+    python run_recbole_ur4rec.py --resume saved/SASRec-<time>-last.pth
+    python run_recbole_ur4rec.py --checkpoint saved/SASRec-<time>.pth
+"""
+import argparse
+import sys
+
+from recbole_ur4rec.quick_start import evaluate_checkpoint, run_recbole_ur4rec
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", type=str, default=None, help="model name (default SASRec)")
+    parser.add_argument("--dataset", "-d", type=str, default=None, help="dataset name (default ml-100k)")
+    parser.add_argument("--config_files", type=str, default=None, help="config files, separated by spaces")
+    parser.add_argument("--checkpoint", type=str, default=None, help="evaluate this checkpoint instead of training")
+    parser.add_argument("--resume", type=str, default=None, help="continue the run that wrote this checkpoint")
+    parser.add_argument("--nosave", action="store_true", help="neither save checkpoints nor reload the best model")
+    args, unknown = parser.parse_known_args(argv)
+    # RecBole passes --key=value overrides through; the Config reads them from sys.argv itself.
+    malformed = [arg for arg in unknown if not (arg.startswith("--") and arg.count("=") == 1)]
+    if malformed:
+        parser.error(f"unrecognized arguments {malformed}: overrides are written --key=value")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.checkpoint:
+        result = evaluate_checkpoint(args.checkpoint)
+        print(f"valid: {dict(result['valid_result'])}")
+        print(f"test: {dict(result['test_result'])}")
+        return result
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    model, dataset = args.model, args.dataset
+    if args.resume is None:
+        model, dataset = model or "SASRec", dataset or "ml-100k"
+    result = run_recbole_ur4rec(
+        model=model,
+        dataset=dataset,
+        config_file_list=config_file_list,
+        saved=not args.nosave,
+        resume_file=args.resume,
+    )
+    print(f"best valid: {dict(result['best_valid_result'] or {})}")
+    print(f"test: {dict(result['test_result'] or {})}")
+    if result["model_file"]:
+        print(f"best model: {result['model_file']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
