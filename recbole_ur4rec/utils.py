@@ -1,9 +1,11 @@
 """Model and trainer lookup (plugin first, then RecBole) and safe checkpoint I/O."""
 import importlib
+import importlib.util
 import inspect
 import io
 import os
 import pickle
+import re
 
 import torch
 from recbole.model.abstract_recommender import AbstractRecommender
@@ -39,16 +41,13 @@ def get_model(model_name):
     module = importlib.import_module(PLUGIN_MODEL_MODULE)
     if model_name in plugin_models():
         return getattr(module, model_name)
-    for submodule in (
-        "general_recommender",
-        "context_aware_recommender",
-        "sequential_recommender",
-        "knowledge_aware_recommender",
-        "exlib_recommender",
-    ):
-        full_name = f"recbole.model.{submodule}.{model_name.lower()}"
-        if importlib.util.find_spec(full_name, __name__):
-            return getattr(importlib.import_module(full_name), model_name)
+    # look for RecBole's model file without importing packages whose optional dependencies may be missing
+    recbole_model_dir = os.path.dirname(importlib.util.find_spec("recbole.model").origin)
+    for submodule in sorted(os.listdir(recbole_model_dir)):
+        if os.path.isfile(os.path.join(recbole_model_dir, submodule, model_name.lower() + ".py")):
+            module = importlib.import_module(f"recbole.model.{submodule}.{model_name.lower()}")
+            if hasattr(module, model_name):
+                return getattr(module, model_name)
     raise ValueError(
         f"unknown model {model_name!r}: it is neither a recbole_ur4rec model "
         f"(available: {', '.join(plugin_models()) or 'none'}) nor a RecBole 1.2.1 model "
@@ -98,11 +97,12 @@ def load_checkpoint(path, map_location="cpu"):
         with open(path, "rb") as f:
             state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe is None:
+            raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: unreadable pickle stream") from None
         raise CheckpointError(
-            f"checkpoint {path} holds pickled Python objects, which recbole_ur4rec refuses to load "
-            f"(only tensors and plain data are accepted; RecBole's own checkpoints pickle the Config): "
-            f"{first_line}"
+            f"checkpoint {path} holds pickled Python objects ({unsafe.group(1)}), which recbole_ur4rec refuses "
+            f"to load: only tensors and plain data are accepted (RecBole's own checkpoints pickle the Config)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None

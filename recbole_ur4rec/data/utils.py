@@ -2,9 +2,12 @@
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
 
+from recbole_ur4rec.data.atomic import check_dataset_files
+
 
 def create_dataset(config):
-    """RecBole's ``create_dataset`` (filtering, id remapping) for ``config``."""
+    """RecBole's ``create_dataset`` (filtering, id remapping) for ``config``, after checking its atomic files."""
+    check_dataset_files(config)
     return recbole_create_dataset(config)
 
 

@@ -20,14 +20,14 @@ from recbole_ur4rec.utils import CheckpointError, load_checkpoint, save_checkpoi
 
 def plain_data(value, key="config"):
     """Return ``value`` made of str/int/float/bool/None/list/dict/tensor only, or raise naming ``key``."""
+    if isinstance(value, np.generic):  # before float: np.float64 subclasses float but pickles as numpy
+        return value.item()
     if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
         return value
     if isinstance(value, Mapping):
         return {str(k): plain_data(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain_data(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     raise CheckpointError(f"{key} holds a {type(value).__name__}, which a safe checkpoint cannot store")

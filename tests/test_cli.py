@@ -1,0 +1,78 @@
+"""run_recbole_ur4rec.py as a user runs it: a subprocess, from another folder."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_ur4rec.py")
+
+
+def cli_args(config):
+    keys = ("data_path", "train_batch_size", "hidden_size", "inner_size", "n_layers", "n_heads",
+            "MAX_ITEM_LIST_LENGTH", "seed", "show_progress")
+    args = [f"--{key}={config[key]}" for key in keys]
+    return args + ["--load_col={'inter': ['user_id', 'item_id', 'timestamp']}"]
+
+
+def run_cli(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_trains_evaluates_and_reloads(quick_config, tmp_path):
+    done = run_cli("-m", "SASRec", "-d", "tiny", "--epochs=2", *cli_args(quick_config), f"--checkpoint_dir={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^test: \{'hit@5': ", done.stdout, re.M)
+    model_file = re.search(r"^best model: (.+)$", done.stdout, re.M).group(1)
+    test_line = re.search(r"^test: .*$", done.stdout, re.M).group(0)
+
+    reloaded = run_cli("--checkpoint", model_file, cwd=tmp_path)
+    assert reloaded.returncode == 0, reloaded.stderr[-2000:]
+    assert re.search(r"^test: .*$", reloaded.stdout, re.M).group(0) == test_line
+
+
+def test_cli_unknown_model_lists_plugin_models(tmp_path):
+    done = run_cli("-m", "NoSuchRec", "-d", "ml-100k", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "unknown model 'NoSuchRec'" in done.stderr and "available:" in done.stderr
+
+
+def test_cli_unknown_dataset(tmp_path):
+    done = run_cli("-m", "SASRec", "-d", "no-such-data", f"--data_path={tmp_path}", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "dataset 'no-such-data' not found" in done.stderr
+
+
+def test_cli_rejects_malformed_overrides(tmp_path):
+    done = run_cli("-m", "SASRec", "--epochs", "3", cwd=tmp_path)
+    assert done.returncode == 2 and "overrides are written --key=value" in done.stderr
+
+
+def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path):
+    args = ["-m", "SASRec", "-d", "tiny", "--epochs=8", "--stopping_step=100", *cli_args(quick_config)]
+    uninterrupted = run_cli(*args, f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    # kill -9 as soon as the first resume state is on disk (it is written atomically)
+    saved = tmp_path / "b"
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *args, f"--checkpoint_dir={saved}"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    last = []
+    while not last and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+        last = [name for name in os.listdir(saved) if name.endswith("-last.pth")] if saved.exists() else []
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last and process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
+
+    resumed = run_cli("--resume", str(saved / last[0]), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resume training from epoch" in resumed.stderr + resumed.stdout
+    test_line = lambda out: re.search(r"^test: .*$", out, re.M).group(0)
+    assert test_line(resumed.stdout) == test_line(uninterrupted.stdout)

@@ -1,0 +1,111 @@
+"""Quick start on a RecBole model, checkpoint round trip, refusal of unsafe checkpoints, resume."""
+import math
+import os
+
+import pytest
+import torch
+
+from recbole_ur4rec.quick_start import evaluate_checkpoint, load_data_and_model, run_recbole_ur4rec
+from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+
+METRICS = [f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)]
+
+
+@pytest.fixture
+def sasrec_run(quick_config):
+    return run_recbole_ur4rec("SASRec", "tiny", config_dict=quick_config)
+
+
+def test_quick_start_returns_recbole_result(sasrec_run):
+    assert set(sasrec_run) >= {"best_valid_score", "best_valid_result", "test_result", "valid_score_bigger", "model_file"}
+    assert sasrec_run["valid_score_bigger"] is True
+    for split in ("best_valid_result", "test_result"):
+        assert set(sasrec_run[split]) == set(METRICS)
+        assert all(math.isfinite(v) and 0 <= v <= 1 for v in sasrec_run[split].values())
+    assert sasrec_run["best_valid_score"] == sasrec_run["best_valid_result"]["ndcg@10"]
+
+
+def test_checkpoint_holds_only_plain_data_and_round_trips(sasrec_run):
+    model_file = sasrec_run["model_file"]
+    state = torch.load(model_file, weights_only=True)  # would raise on any pickled object
+    assert state["model"] == "SASRec" and state["dataset"] == "tiny"
+    assert os.path.isabs(state["config"]["data_path"])
+
+    config, model, _, _, _, _ = load_data_and_model(model_file)
+    assert config["model"] == "SASRec"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state["state_dict"][name]), name
+    # the best model was reloaded for the test evaluation: re-evaluating the checkpoint gives the same numbers
+    assert evaluate_checkpoint(model_file)["test_result"] == sasrec_run["test_result"]
+
+
+class RunsCodeWhenUnpickled:
+    marker = None
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_objects_are_refused_not_executed(tmp_path):
+    RunsCodeWhenUnpickled.marker = str(tmp_path / "executed")
+    path = tmp_path / "evil.pth"
+    torch.save({"format": "recbole_ur4rec.checkpoint/1", "payload": RunsCodeWhenUnpickled()}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pth holds pickled Python objects \(io.open\), which recbole_ur4rec refuses"):
+        load_checkpoint(path)
+    assert not os.path.exists(RunsCodeWhenUnpickled.marker)
+
+
+def test_recbole_checkpoint_with_pickled_config_is_refused(tmp_path, quick_config):
+    from recbole.config import Config
+
+    config = Config("SASRec", "tiny", config_dict={**quick_config, "train_neg_sample_args": None})
+    path = tmp_path / "recbole.pth"
+    torch.save({"config": config, "state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(path)
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt.pth is corrupt or not a torch file"):
+        load_checkpoint(corrupt)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pth is not a recbole_ur4rec checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_path):
+    settings = {**quick_config, "epochs": 6, "stopping_step": 100}
+    uninterrupted = run_recbole_ur4rec("SASRec", "tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "a")})
+
+    def stop_after_epoch_2(epoch_idx, valid_score):
+        if epoch_idx == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_recbole_ur4rec(
+            "SASRec", "tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "b")}, callback_fn=stop_after_epoch_2
+        )
+    (last_file,) = [f for f in os.listdir(tmp_path / "b") if f.endswith("-last.pth")]
+    assert load_checkpoint(tmp_path / "b" / last_file)["epoch"] == 2
+
+    epochs_run = []
+    resumed = run_recbole_ur4rec(
+        resume_file=str(tmp_path / "b" / last_file), callback_fn=lambda epoch, score: epochs_run.append(epoch)
+    )
+    assert epochs_run == [3, 4, 5], "training continues after the last saved epoch"
+    assert resumed["test_result"] == uninterrupted["test_result"]
+    assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(sasrec_run):
+    with pytest.raises(CheckpointError, match="was written for model 'SASRec', but model 'GRU4Rec'"):
+        run_recbole_ur4rec(model="GRU4Rec", resume_file=sasrec_run["model_file"])
