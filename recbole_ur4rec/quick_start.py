@@ -2,6 +2,7 @@
 import sys
 from logging import getLogger
 
+import torch
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_ur4rec.config import Config
@@ -12,6 +13,8 @@ from recbole_ur4rec.utils import CheckpointError, get_model, get_trainer, load_c
 def _build(model, dataset, config_file_list, config_dict):
     """Config, logger, data and an initialised model, as RecBole's ``run_recbole`` builds them."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

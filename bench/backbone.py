@@ -1,0 +1,307 @@
+"""Benchmark: RecBole's SASRec (its defaults) against the plugin's FastSASRec, same machine, same run.
+
+For each model and seed, one subprocess trains under the same wall-clock budget (``--budget-minutes``,
+training plus validation, checked after every batch) with RecBole's early stopping, evaluates the test
+split with the best-validation weights, and reports seconds per full epoch, peak resident memory of the
+process (data loading included, from ``wait4``), best validation NDCG@10, test HR@10 / NDCG@10 and the
+validation curve. The table gives each model's time to reach RecBole SASRec's best validation NDCG@10
+(mean over seeds), and the ratio of the two.
+
+    python bench/backbone.py                                   # 2 models x 3 seeds x 30 minutes
+    python bench/backbone.py --budget-minutes 1 --seeds 1      # smoke run
+    python bench/backbone.py --budget-minutes 0                # no budget: train to early stopping (GPU)
+
+Writes ``bench/results/backbone_<host>_<date>.md`` and the raw numbers beside it (``.json``).
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("SASRec", "FastSASRec")
+REFERENCE = "SASRec"
+
+
+class BudgetExhausted(Exception):
+    """The wall-clock budget of a cell is spent."""
+
+
+class BudgetedBatches:
+    """Iterates a train dataloader until ``deadline`` (``time.monotonic()``); the rest of it is delegated."""
+
+    def __init__(self, loader, deadline):
+        self.loader, self.deadline = loader, deadline
+        self.complete = True
+
+    def __iter__(self):
+        for batch in self.loader:
+            if time.monotonic() > self.deadline:
+                self.complete = False
+                return
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def budgeted(trainer_class, deadline, epoch_seconds):
+    """``trainer_class`` whose epochs stop at ``deadline``; full epochs' training times go to ``epoch_seconds``."""
+
+    class BudgetTrainer(trainer_class):
+        def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+            if time.monotonic() > deadline:
+                raise BudgetExhausted
+            batches = BudgetedBatches(train_data, deadline)
+            start = time.monotonic()
+            loss = super()._train_epoch(batches, epoch_idx, loss_func, show_progress)
+            if batches.complete:
+                epoch_seconds.append(time.monotonic() - start)
+            return loss
+
+    return BudgetTrainer
+
+
+def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
+    """Train and test one (model, seed) in this process; returns a dict of plain numbers."""
+    import torch
+    from recbole.utils import init_seed
+
+    from recbole_ur4rec.config import Config
+    from recbole_ur4rec.data import create_dataset, data_preparation
+    from recbole_ur4rec.utils import get_model, get_trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = Config(
+        model=model_name,
+        dataset=dataset,
+        config_dict={"seed": seed, "state": "WARNING", "show_progress": False, **config_dict},
+    )
+    init_seed(config["seed"], config["reproducibility"])
+    data_start = time.monotonic()
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    data_seconds = time.monotonic() - data_start
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(model_name)(config, train_data._dataset).to(config["device"])
+
+    start = time.monotonic()
+    deadline = start + budget_minutes * 60 if budget_minutes > 0 else float("inf")
+    epoch_seconds, curve, best = [], [], {"score": -1.0, "state": None}
+    trainer = budgeted(get_trainer(config["MODEL_TYPE"], config["model"]), deadline, epoch_seconds)(config, model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    def after_validation(epoch_idx, valid_score):
+        curve.append([round(time.monotonic() - start, 2), epoch_idx, float(valid_score)])
+        if valid_score > best["score"]:
+            best["score"], best["state"] = float(valid_score), copy.deepcopy(model.state_dict())
+
+    stopped_by = "early stopping or epochs"
+    try:
+        trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=after_validation)
+    except BudgetExhausted:
+        stopped_by = "budget"
+    train_seconds = time.monotonic() - start
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    return {
+        "model": model_name,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "device": str(config["device"]),
+        "train_rows": len(train_data._dataset),
+        "train_batch_size": config["train_batch_size"],
+        "max_item_list_length": config["MAX_ITEM_LIST_LENGTH"],
+        "data_seconds": round(data_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "stopped_by": stopped_by,
+        "full_epochs": len(epoch_seconds),
+        "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
+        "best_valid_ndcg10": best["score"],
+        "test_hit10": float(test["hit@10"]),
+        "test_ndcg10": float(test["ndcg@10"]),
+        "curve": curve,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+
+
+def run_cell_subprocess(model_name, args):
+    """Run one cell in a fresh Python process; returns its result with the process's peak RSS."""
+    results = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result_file = f.name
+        command = [
+            sys.executable, os.path.abspath(__file__), "--cell", model_name, "--seed", str(seed),
+            "--dataset", args.dataset, "--budget-minutes", str(args.budget_minutes),
+            "--threads", str(args.threads), "--config", json.dumps(args.config), "--result-file", result_file,
+        ]  # fmt: skip
+        print(f"[bench] {model_name} seed {seed}: budget {args.budget_minutes} min", flush=True)
+        process = subprocess.Popen(command, cwd=args.workdir)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{model_name} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)})")
+        with open(result_file) as f:
+            result = json.load(f)
+        os.unlink(result_file)
+        result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
+        print(
+            f"[bench] {model_name} seed {seed}: {result['seconds_per_epoch'] or float('nan'):.1f} s/epoch, "
+            f"best valid NDCG@10 {result['best_valid_ndcg10']:.4f}, test NDCG@10 {result['test_ndcg10']:.4f}, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB, stopped by {result['stopped_by']}",
+            flush=True,
+        )
+        results.append(result)
+    return results
+
+
+def time_to_reach(curve, target):
+    """Seconds of training (validation included) until the validation NDCG@10 first reaches ``target``."""
+    return next((seconds for seconds, _, score in curve if score >= target), None)
+
+
+def machine():
+    import recbole
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "recbole": recbole.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def fmt(values, digits=4):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.mean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def report(results, args, info):
+    target = statistics.mean(r["best_valid_ndcg10"] for r in results[REFERENCE])
+    reach = {}
+    lines = [
+        f"# Backbone benchmark: RecBole SASRec vs FastSASRec on {args.dataset}",
+        "",
+        f"Run {datetime.datetime.now():%Y-%m-%d %H:%M} on `{info['host']}`: {info['cpu']}, {info['logical_cores']} logical cores, "
+        f"GPU {info['gpu']}, Python {info['python']}, torch {info['torch']}, RecBole {info['recbole']}, "
+        f"torch threads {results[REFERENCE][0]['threads']}, device {results[REFERENCE][0]['device']}.",
+        "",
+        f"Protocol: RecBole's time-ordered leave-one-out, full ranking; {args.seeds} seed(s) from {args.first_seed}; "
+        f"budget {args.budget_minutes or 'none'} min of training + validation per run "
+        f"(RecBole's early stopping, stopping_step from the model's defaults, also applies); "
+        f"test metrics with the best-validation weights. Mean ± standard deviation over seeds.",
+        f"Target = RecBole SASRec's best validation NDCG@10 (mean over seeds) = {target:.4f}.",
+        "",
+        "| model | train rows | batch | max len | s / epoch | full epochs | peak RSS (MB) | best valid NDCG@10 "
+        "| test HR@10 | test NDCG@10 | time to target (s) | reached | stopped by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model_name, rows in results.items():
+        times = [time_to_reach(r["curve"], target) for r in rows]
+        reached = [t for t in times if t is not None]
+        reach[model_name] = statistics.mean(reached) if reached else None
+        lines.append(
+            f"| {model_name} | {rows[0]['train_rows']} | {rows[0]['train_batch_size']} | {rows[0]['max_item_list_length']} "
+            f"| {fmt([r['seconds_per_epoch'] for r in rows], 1)} | {fmt([r['full_epochs'] for r in rows], 1)} "
+            f"| {fmt([r['peak_rss_mb'] for r in rows], 0)} | {fmt([r['best_valid_ndcg10'] for r in rows])} "
+            f"| {fmt([r['test_hit10'] for r in rows])} | {fmt([r['test_ndcg10'] for r in rows])} "
+            f"| {fmt(reached, 0)} | {len(reached)}/{len(rows)} | {', '.join(sorted(set(r['stopped_by'] for r in rows)))} |"
+        )
+    lines.append("")
+    fast, ref = reach.get("FastSASRec"), reach.get(REFERENCE)
+    if fast is not None and ref is not None:
+        lines.append(f"Time to target, FastSASRec / SASRec: {fast / ref:.3f} (target: at most 0.1).")
+    spe = {m: [r["seconds_per_epoch"] for r in rows if r["seconds_per_epoch"]] for m, rows in results.items()}
+    if spe.get("FastSASRec") and spe.get(REFERENCE):
+        lines.append(f"Seconds per epoch, SASRec / FastSASRec: {statistics.mean(spe[REFERENCE]) / statistics.mean(spe['FastSASRec']):.1f}x.")
+    if any(r["cuda_peak_mb"] for rows in results.values() for r in rows):
+        lines.append("Peak CUDA memory (MB): " + ", ".join(f"{m} {fmt([r['cuda_peak_mb'] for r in rows], 0)}" for m, rows in results.items()))
+    lines += [
+        "",
+        "Peak RSS is the maximum resident memory of the whole run's process (data loading and evaluation included).",
+        f"Command: `python bench/backbone.py {' '.join(sys.argv[1:])}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated; must include SASRec (the target)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds per model")
+    parser.add_argument("--first-seed", type=int, default=2020)
+    parser.add_argument("--budget-minutes", type=float, default=30.0, help="wall-clock budget per run; 0 = none")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per run; 0 = torch's default")
+    parser.add_argument("--config", type=json.loads, default={}, help="JSON config_dict given to every run")
+    parser.add_argument("--output", default=None, help="markdown file (default bench/results/backbone_<host>_<date>.md)")
+    parser.add_argument("--workdir", default=None, help="where runs write RecBole's log/ (default: a temporary folder)")
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.cell:
+        result = run_cell(args.cell, args.dataset, args.seed, args.budget_minutes, args.threads, args.config)
+        with open(args.result_file, "w") as f:
+            json.dump(result, f)
+        return
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if REFERENCE not in models:
+        raise SystemExit(f"--models must include {REFERENCE}: its best validation NDCG@10 is the target")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    workdir = tempfile.TemporaryDirectory(prefix="bench_backbone_")
+    args.workdir = args.workdir or workdir.name
+    print(
+        f"[bench] {len(models)} models x {args.seeds} seeds, at most {args.budget_minutes} min each "
+        f"(+ data loading and test): up to about {len(models) * args.seeds * args.budget_minutes:.0f} min",
+        flush=True,
+    )
+    results = {model_name: run_cell_subprocess(model_name, args) for model_name in models}
+    info = machine()
+    stem = args.output or os.path.join(ROOT, "bench", "results", f"backbone_{info['host']}_{datetime.date.today():%Y%m%d}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    text = report(results, args, info)
+    with open(stem, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(stem)[0] + ".json", "w") as f:
+        json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
+    print(text)
+    print(f"[bench] wrote {stem}")
+
+
+if __name__ == "__main__":
+    main()
