@@ -1,0 +1,459 @@
+"""Side-by-side comparison of models x seeds on one dataset and one protocol.
+
+Every (model, seed) cell trains and tests in its own subprocess (``python -m recbole_ur4rec.compare --cell``),
+so its peak memory is that process's maximum resident set size and a crash stays inside the cell. Each cell
+writes ``<output_dir>/cells/<model>-seed<seed>.json`` (its log beside it); finished cells whose settings (model,
+dataset, seed, config files and their contents, overrides) have not changed are not rerun, failed cells are.
+A cell that was interrupted continues from its last checkpoint. After every cell the tables are rewritten:
+``compare.md`` (mean ± std over seeds, with the protocol in its header), ``compare.csv``, ``compare_cells.csv``
+and ``compare.png`` (test metrics, error bars: std over seeds).
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+from recbole_ur4rec.tuning import describe, isolated_argv, markdown_table, plain, write_csv, write_text
+
+DEFAULT_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec", "FEARec")
+DEFAULT_SEED = 2020  # RecBole's default seed; --seeds N runs 2020 .. 2020+N-1
+
+
+def parse_seeds(text):
+    """``"3"`` -> [2020, 2021, 2022]; ``"1,7,42"`` -> [1, 7, 42]."""
+    text = str(text).strip()
+    if "," not in text:
+        count = int(text)
+        if count < 1:
+            raise ValueError(f"--seeds {text}: give a number of seeds >= 1 or a comma-separated list")
+        return [DEFAULT_SEED + i for i in range(count)]
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def cell_name(model, seed):
+    return f"{model}-seed{seed}"
+
+
+def _file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def cell_settings(model, dataset, seed, config_files, overrides):
+    """What decides a cell's result; a finished cell is reused only when these are unchanged."""
+    return plain(
+        {
+            "model": model,
+            "dataset": dataset,
+            "seed": seed,
+            "config_files": [[path, _file_digest(path)] for path in config_files],
+            "overrides": overrides,
+        }
+    )
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(plain(data), indent=1, sort_keys=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- one cell (child)
+
+
+def _tail(path, lines=15):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_cell(spec):
+    """Train and test one (model, seed) cell; runs in the child process and writes ``spec['child_json']``."""
+    from recbole_ur4rec.config import Config
+    from recbole_ur4rec.quick_start import run_recbole_ur4rec
+    from recbole_ur4rec.utils import load_checkpoint
+
+    out = {"status": "failed", "error": None}
+    try:
+        # progress bars would only fill the cell's log; they do not change results
+        config_dict = {"show_progress": False, **spec["overrides"], "seed": spec["seed"], "checkpoint_dir": spec["checkpoint_dir"]}
+        with isolated_argv():
+            config = Config(
+                model=spec["model"], dataset=spec["dataset"], config_file_list=spec["config_files"], config_dict=dict(config_dict)
+            )
+            out["protocol"] = {
+                "split": describe(config["eval_args"]["split"]),
+                "order": config["eval_args"]["order"],
+                "group_by": config["eval_args"]["group_by"],
+                "ranking": describe(config["eval_args"]["mode"]),
+                "metrics": ", ".join(config["metrics"]),
+                "topk": ", ".join(str(k) for k in config["topk"]),
+                "valid_metric": config["valid_metric"],
+                "epochs": config["epochs"],
+                "stopping_step": config["stopping_step"],
+            }
+            lasts = glob.glob(os.path.join(spec["checkpoint_dir"], "*-last.pth"))
+            resume_file = max(lasts, key=os.path.getmtime) if (spec.get("resume") and lasts) else None
+            out["resumed_from"] = resume_file
+            result = run_recbole_ur4rec(
+                model=None if resume_file else spec["model"],
+                dataset=None if resume_file else spec["dataset"],
+                config_file_list=spec["config_files"],
+                config_dict=config_dict,
+                saved=True,
+                resume_file=resume_file,
+            )
+        best = load_checkpoint(result["model_file"])
+        last_file = os.path.splitext(result["model_file"])[0] + "-last.pth"
+        last = load_checkpoint(last_file) if os.path.isfile(last_file) else best
+        out.update(
+            status="ok",
+            valid_result=dict(result["best_valid_result"]),
+            test_result=dict(result["test_result"]),
+            model_file=result["model_file"],
+            num_parameters=sum(t.numel() for t in best["state_dict"].values() if t.is_floating_point()),
+            best_epoch=best["epoch"] + 1,
+            epochs_trained=last["epoch"] + 1,
+        )
+        for path in glob.glob(os.path.join(spec["checkpoint_dir"], "*.pth")):
+            if path != result["model_file"]:
+                os.remove(path)  # resume states and earlier segments' files; the best model stays for reloading
+    except Exception as err:  # the cell is reported as failed with its error; the comparison goes on
+        out["error"] = f"{type(err).__name__}: {err}"
+        out["traceback"] = traceback.format_exc()
+        traceback.print_exc()
+    write_json(spec["child_json"], out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the comparison
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a cell ran; carries the time and peak memory of the cell's process so far."""
+
+    def __init__(self, elapsed, peak_rss_mb):
+        super().__init__(elapsed, peak_rss_mb)
+        self.elapsed, self.peak_rss_mb = elapsed, peak_rss_mb
+
+
+def _run_cell_process(spec, log_path):
+    """Run one cell in a subprocess; returns (returncode, wall seconds, peak RSS in MB)."""
+    start = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec['model']} seed {spec['seed']}\n")
+        log.flush()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "recbole_ur4rec.compare", "--cell", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the child too; make sure it ends, then stop
+            process.terminate()
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            raise CellInterrupted(time.time() - start, usage.ru_maxrss / 1024.0) from None
+    returncode = process.returncode = os.waitstatus_to_exitcode(status)
+    return returncode, time.time() - start, usage.ru_maxrss / 1024.0
+
+
+def run_compare(
+    models=DEFAULT_MODELS,
+    dataset="ml-100k",
+    seeds=(DEFAULT_SEED,),
+    config_files=None,
+    model_configs=None,
+    config_dir=None,
+    overrides=None,
+    output_dir=None,
+):
+    r"""Run every (model, seed) cell that is not finished yet, then write the comparison table and chart.
+
+    Args:
+        models (list of str): plugin or RecBole model names.
+        dataset (str): dataset name.
+        seeds (list of int): RecBole ``seed`` of each repetition.
+        config_files (list of str): config files every model uses.
+        model_configs (dict): model name -> list of its own config files (after the shared ones).
+        config_dir (str): folder where ``<Model>.yaml``, when present, is a model's own config file
+            (used when ``model_configs`` names none for that model).
+        overrides (dict): settings above the config files for every cell (e.g. ``{"epochs": 20}``).
+        output_dir (str): default ``results/<dataset>``.
+
+    Returns:
+        dict: ``ran`` and ``reused`` (cell names), ``cells`` (name -> cell record), ``rows`` (one per model),
+        and the paths ``md``, ``csv``, ``cells_csv``, ``png``.
+    """
+    output_dir = os.path.abspath(output_dir or os.path.join("results", dataset))
+    cells_dir = os.path.join(output_dir, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
+    overrides = dict(overrides or {})
+    model_configs = dict(model_configs or {})
+    unknown = sorted(set(model_configs) - set(models))
+    if unknown:
+        raise ValueError(f"--model_config names {unknown}, which are not among the models {list(models)}")
+    shared = [os.path.abspath(f) for f in (config_files or [])]
+    files_of = {}
+    for model in models:
+        own = model_configs.get(model)
+        if own is None and config_dir and os.path.isfile(os.path.join(config_dir, f"{model}.yaml")):
+            own = [os.path.join(config_dir, f"{model}.yaml")]
+        files_of[model] = shared + [os.path.abspath(f) for f in (own or [])]
+        for path in files_of[model]:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"config file {path} (for {model}) does not exist")
+
+    cells, ran, reused = {}, [], []
+    report = dict(output_dir=output_dir, models=list(models), seeds=list(seeds), dataset=dataset, files_of=files_of, overrides=overrides)
+    try:
+        for seed in seeds:  # seed-major: one full pass over the models comes first
+            for model in models:
+                name = cell_name(model, seed)
+                json_path = os.path.join(cells_dir, name + ".json")
+                settings = cell_settings(model, dataset, seed, files_of[model], overrides)
+                done = read_json(json_path)
+                if done and done.get("status") == "ok" and done.get("settings") == settings:
+                    cells[name] = done
+                    reused.append(name)
+                    continue
+                cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir)
+                ran.append(name)
+                write_report(cells, **report)
+    finally:
+        paths = write_report(cells, **report)
+    return dict(paths, ran=ran, reused=reused, cells=cells)
+
+
+def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir):
+    name = cell_name(model, seed)
+    json_path = os.path.join(cells_dir, name + ".json")
+    partial_path = os.path.join(cells_dir, name + ".partial.json")
+    child_json = os.path.join(cells_dir, name + ".child.json")
+    log_path = os.path.join(cells_dir, name + ".log")
+    partial = read_json(partial_path)
+    if not partial or partial.get("settings") != settings:
+        partial = {"settings": settings, "elapsed_s": 0.0, "peak_rss_mb": 0.0, "segments": 0}
+    checkpoint_dir = os.path.join(cells_dir, "checkpoints", name)
+    if partial["segments"] == 0 and os.path.isdir(checkpoint_dir):
+        for stale in glob.glob(os.path.join(checkpoint_dir, "*.pth")):
+            os.remove(stale)
+    spec = {
+        "model": model,
+        "dataset": dataset,
+        "seed": seed,
+        "config_files": config_files,
+        "overrides": overrides,
+        "checkpoint_dir": checkpoint_dir,
+        "child_json": child_json,
+        "resume": partial["segments"] > 0,
+    }
+    if os.path.exists(child_json):
+        os.remove(child_json)
+    print(f"[compare] {name}: running (log {log_path})", flush=True)
+    try:
+        returncode, elapsed, peak = _run_cell_process(spec, log_path)
+    except CellInterrupted as stop:
+        # its checkpoints let the next run continue it; time and memory add up over the segments
+        partial.update(
+            segments=partial["segments"] + 1,
+            elapsed_s=partial["elapsed_s"] + stop.elapsed,
+            peak_rss_mb=max(partial["peak_rss_mb"], stop.peak_rss_mb),
+        )
+        write_json(partial_path, partial)
+        print(f"[compare] {name}: interrupted; run the same command again to continue it", flush=True)
+        raise
+    result = read_json(child_json) or {
+        "status": "failed",
+        "error": f"cell process exited with code {returncode} before writing its result; log tail:\n{_tail(log_path)}",
+    }
+    if result["status"] == "ok" and returncode != 0:
+        result.update(status="failed", error=f"cell process exited with code {returncode} after its result; see {log_path}")
+    result.update(
+        model=model,
+        dataset=dataset,
+        seed=seed,
+        settings=settings,
+        returncode=returncode,
+        wall_time_s=partial["elapsed_s"] + elapsed,
+        peak_rss_mb=max(partial["peak_rss_mb"], peak),
+        segments=partial["segments"] + 1,
+        log=log_path,
+    )
+    write_json(json_path, result)
+    for path in (child_json, partial_path):
+        if os.path.exists(path):
+            os.remove(path)
+    status = "ok" if result["status"] == "ok" else f"FAILED: {result['error'].splitlines()[0]}"
+    print(f"[compare] {name}: {status} ({result['wall_time_s']:.0f} s, {result['peak_rss_mb']:.0f} MB)", flush=True)
+    return result
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(mean, std, digits=4):
+    if mean is None:
+        return ""
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def summarize(cells, models, seeds):
+    """One row per model: mean and std over its finished seeds, and its failures."""
+    rows = []
+    for model in models:
+        mine = [cells[cell_name(model, s)] for s in seeds if cell_name(model, s) in cells]
+        ok = [c for c in mine if c.get("status") == "ok"]
+        failed = [c for c in mine if c.get("status") != "ok"]
+        row = {"model": model, "seeds_ok": len(ok), "seeds_failed": len(failed), "seeds_missing": len(seeds) - len(mine)}
+        metrics = []
+        for c in ok:
+            metrics += [m for m in c["test_result"] if m not in metrics]
+        for split in ("test", "valid"):
+            for metric in metrics:
+                mean, std = _mean_std([c[f"{split}_result"].get(metric) for c in ok])
+                row[f"{split} {metric} mean"], row[f"{split} {metric} std"] = mean, std
+        for key in ("wall_time_s", "peak_rss_mb", "epochs_trained", "best_epoch"):
+            row[f"{key} mean"], row[f"{key} std"] = _mean_std([c.get(key) for c in ok])
+        row["num_parameters"] = ok[0]["num_parameters"] if ok else None
+        row["errors"] = "; ".join(f"seed {c['seed']}: {c['error'].splitlines()[0]}" for c in failed)
+        row["_metrics"] = metrics
+        rows.append(row)
+    return rows
+
+
+def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
+    protocols = {}
+    for cell in cells.values():
+        if cell.get("protocol"):
+            protocols.setdefault(json.dumps(cell["protocol"], sort_keys=True), set()).add(cell["model"])
+    lines = [f"# {dataset}: {', '.join(models)} over seeds {', '.join(str(s) for s in seeds)}", ""]
+    for key, users in protocols.items():
+        p = json.loads(key)
+        who = "" if len(protocols) == 1 else f" ({', '.join(sorted(users))})"
+        lines.append(
+            f"- protocol{who}: split {p['split']}, order {p['order']}, grouped by {p['group_by']}, {p['ranking']} ranking; "
+            f"metrics {p['metrics']} @ {p['topk']}; best epoch chosen on validation {p['valid_metric']}; "
+            f"at most {p['epochs']} epochs, early stopping after {p['stopping_step']} validations without improvement"
+        )
+    if len(protocols) > 1:
+        lines.append("- WARNING: the models ran under different protocols (above); their numbers are not comparable.")
+    lines.append(f"- overrides for every cell: {overrides or 'none'}")
+    for model in models:
+        if files_of.get(model):
+            lines.append(f"- {model} config files: {', '.join(files_of[model])}")
+    lines.append(
+        "- values: test metrics, mean ± sample std over the finished seeds; wall time per cell (data, training, "
+        "test); epochs: trained, best epoch: the one kept (mean over seeds; equal to the cap means the model was still "
+        "improving); peak memory: the cell process's max RSS; params: values in the model's state_dict"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cells, output_dir, models, seeds, dataset, files_of, overrides):
+    """Write compare.md, compare.csv, compare_cells.csv and compare.png; returns their paths."""
+    rows = summarize(cells, models, seeds)
+    metrics = []
+    for row in rows:
+        metrics += [m for m in row["_metrics"] if m not in metrics]
+    paths = {name: os.path.join(output_dir, f"compare{suffix}") for name, suffix in
+             (("md", ".md"), ("csv", ".csv"), ("cells_csv", "_cells.csv"), ("png", ".png"))}
+
+    valid_metric = next((c["protocol"]["valid_metric"].lower() for c in cells.values() if c.get("protocol")), "ndcg@10")
+    md_rows = []
+    for row in rows:
+        md = {"model": row["model"], "seeds": f"{row['seeds_ok']}/{len(seeds)}"}
+        for metric in metrics:
+            md[metric] = _fmt(row.get(f"test {metric} mean"), row.get(f"test {metric} std"))
+        md[f"valid {valid_metric}"] = _fmt(row.get(f"valid {valid_metric} mean"), row.get(f"valid {valid_metric} std"))
+        md["epochs"] = _fmt(row["epochs_trained mean"], None, 1)
+        md["best epoch"] = _fmt(row["best_epoch mean"], None, 1)
+        md["time (s)"] = _fmt(row["wall_time_s mean"], row["wall_time_s std"], 0)
+        md["peak RSS (MB)"] = _fmt(row["peak_rss_mb mean"], None, 0)
+        md["params"] = f"{row['num_parameters']:,}" if row["num_parameters"] else ""
+        md["status"] = "ok" if not row["seeds_failed"] and not row["seeds_missing"] else (
+            (f"failed: {row['errors']}" if row["seeds_failed"] else "") + (f" {row['seeds_missing']} seed(s) not finished" if row["seeds_missing"] else "")
+        ).strip()
+        md_rows.append(md)
+    headers = ["model", "seeds"] + metrics + [f"valid {valid_metric}", "epochs", "best epoch", "time (s)", "peak RSS (MB)", "params", "status"]
+    write_text(paths["md"], _protocol_header(cells, models, seeds, dataset, files_of, overrides) + "\n" + markdown_table(headers, md_rows))
+
+    csv_headers = []
+    for row in rows:
+        csv_headers += [h for h in row if h not in csv_headers and not h.startswith("_")]
+    write_csv(paths["csv"], csv_headers, rows)
+
+    cell_rows = []
+    for name, cell in sorted(cells.items()):
+        r = {k: cell.get(k) for k in ("model", "seed", "status", "wall_time_s", "peak_rss_mb", "num_parameters", "epochs_trained", "best_epoch")}
+        for split in ("test", "valid"):
+            for metric, value in (cell.get(f"{split}_result") or {}).items():
+                r[f"{split} {metric}"] = value
+        r["error"] = (cell.get("error") or "").splitlines()[0] if cell.get("error") else ""
+        cell_rows.append(r)
+    cell_headers = []
+    for r in cell_rows:
+        cell_headers += [h for h in r if h not in cell_headers]
+    write_csv(paths["cells_csv"], cell_headers or ["model", "seed", "status"], cell_rows)
+
+    _plot(paths["png"], rows, metrics, dataset, seeds)
+    return paths
+
+
+def _plot(path, rows, metrics, dataset, seeds):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if row["seeds_ok"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) * max(1, len(shown)) / 2 + 2), 4.5))
+    width = 0.8 / max(1, len(shown))
+    for i, row in enumerate(shown):
+        means = [row.get(f"test {m} mean") or 0.0 for m in metrics]
+        stds = [row.get(f"test {m} std") or 0.0 for m in metrics]
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(metrics))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=f"{row['model']} (n={row['seeds_ok']})")
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, rotation=30)
+    ax.set_ylabel("test metric (mean ± std over seeds)")
+    failed = [row["model"] for row in rows if not row["seeds_ok"]]
+    title = f"{dataset}, {len(seeds)} seed(s)" + (f"; no result: {', '.join(failed)}" if failed else "")
+    ax.set_title(title)
+    if shown:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="run one comparison cell (used by run_compare.py)")
+    parser.add_argument("--cell", required=True, help="the cell's spec, as JSON")
+    args = parser.parse_args(argv)
+    result = run_cell(json.loads(args.cell))
+    sys.exit(0 if result["status"] == "ok" else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""Ray Tune search over recbole_ur4rec and RecBole models: search spaces, the trainable and the result table.
+
+RecBole's own ``objective_function`` reports the *test* metrics once, at the end of a trial. Here every
+trial reports its *validation* score after every epoch (so ASHA can stop poor trials early), the test split
+is evaluated for the best trial only, after the search, and every trial writes its checkpoints to its own
+absolute folder, so trials work from the working directories Ray gives them.
+
+Search spaces use RecBole's hyper format, one parameter a line (``#`` starts a comment)::
+
+    learning_rate loguniform -9.21,-4.61     # exp(U(-9.21, -4.61)): 1e-4 .. 1e-2
+    hidden_size choice [32, 64, 128]
+    dropout_prob uniform 0.1,0.5
+    n_layers quniform 1,3,1                  # 1, 2 or 3 (integers when all three bounds are integers)
+
+or RecBole's yaml form ``{choice: {hidden_size: [32, 64]}, loguniform: {learning_rate: [-9.21, -4.61]}}``.
+As in RecBole (hyperopt's ``hp.loguniform``), ``loguniform a,b`` bounds are natural-log exponents: the value
+is ``exp(U(a, b))``, log-uniform between ``e**a`` and ``e**b``.
+"""
+import ast
+import contextlib
+import csv
+import glob
+import math
+import os
+import sys
+import time
+import traceback
+
+import yaml
+
+SEARCH_TYPES = ("choice", "uniform", "quniform", "loguniform")
+TRIAL_METRIC = "valid_score"  # the key every trial reports after each validation; ASHA watches it
+
+
+class SearchSpaceError(ValueError):
+    """A params file (or yaml search space) is malformed."""
+
+
+# ----------------------------------------------------------------------------------------- search space
+
+
+def parse_override(text):
+    """Value of a ``key=value`` override, converted as RecBole converts command-line values."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        return {"true": True, "false": False, "none": None}.get(lowered, text)
+    return value
+
+
+def _check_param(where, name, kind, value):
+    if kind not in SEARCH_TYPES:
+        raise SearchSpaceError(f"{where}: unknown search type {kind!r} for {name!r} (expected one of {', '.join(SEARCH_TYPES)})")
+    if kind == "choice":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise SearchSpaceError(f"{where}: 'choice' for {name!r} needs a non-empty list, got {value!r}")
+        return list(value)
+    expected = 3 if kind == "quniform" else 2
+    if not isinstance(value, (list, tuple)) or len(value) != expected:
+        form = "low,high,q" if kind == "quniform" else "low,high"
+        raise SearchSpaceError(f"{where}: {kind!r} for {name!r} needs {form}, got {value!r}")
+    try:
+        bounds = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise SearchSpaceError(f"{where}: {kind!r} bounds for {name!r} must be numbers, got {value!r}") from None
+    if not bounds[0] < bounds[1]:
+        raise SearchSpaceError(f"{where}: {kind!r} for {name!r} needs low < high, got {value!r}")
+    if kind == "quniform" and bounds[2] <= 0:
+        raise SearchSpaceError(f"{where}: 'quniform' step q for {name!r} must be positive, got {value!r}")
+    return [int(v) if isinstance(v, int) else b for v, b in zip(value, bounds)]
+
+
+def parse_params_file(path):
+    """Read a search space: RecBole's hyper format (``name type values`` lines) or a ``.yaml``/``.yml`` file.
+
+    Returns:
+        dict: ``{name: (type, values)}`` in file order, type one of :data:`SEARCH_TYPES`.
+
+    Raises:
+        SearchSpaceError: naming the file, the line and what was expected.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise SearchSpaceError(f"params file {path} does not exist")
+    space = {}
+    if path.endswith((".yaml", ".yml")):
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f) or {}
+        if not isinstance(content, dict):
+            raise SearchSpaceError(f"{path}: expected a mapping of search type to {{name: values}}, got {type(content).__name__}")
+        for kind, params in content.items():
+            if not isinstance(params, dict):
+                raise SearchSpaceError(f"{path}: {kind!r} must map parameter names to values, got {params!r}")
+            for name, value in params.items():
+                if name in space:
+                    raise SearchSpaceError(f"{path}: parameter {name!r} appears twice")
+                space[name] = (kind, _check_param(f"{path}", name, kind, value))
+    else:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                where = f"{path}:{number}"
+                parts = line.split(None, 2)
+                if len(parts) < 3:
+                    raise SearchSpaceError(f"{where}: expected 'name type values' (e.g. 'learning_rate choice [0.001, 0.01]'), got {line!r}")
+                name, kind, text = parts
+                if name in space:
+                    raise SearchSpaceError(f"{where}: parameter {name!r} appears twice")
+                if kind == "choice":
+                    try:
+                        value = ast.literal_eval(text)
+                    except (ValueError, SyntaxError):
+                        raise SearchSpaceError(f"{where}: 'choice' values for {name!r} must be a Python list literal, got {text!r}") from None
+                else:
+                    value = [v.strip() for v in "".join(text.split()).split(",")]
+                    try:
+                        value = [ast.literal_eval(v) for v in value]
+                    except (ValueError, SyntaxError):
+                        raise SearchSpaceError(f"{where}: {kind!r} bounds for {name!r} must be numbers, got {text!r}") from None
+                space[name] = (kind, _check_param(where, name, kind, value))
+    if not space:
+        raise SearchSpaceError(f"params file {path} defines no parameter")
+    return space
+
+
+def to_tune_space(space, grid=False):
+    """Ray Tune domains for a parsed search space.
+
+    ``grid=True`` turns every ``choice`` into a grid search (every value is tried, ``num_samples`` times);
+    the other types are sampled. ``loguniform a,b`` follows RecBole: log-uniform between ``e**a`` and ``e**b``.
+    """
+    from ray import tune
+
+    domains = {}
+    for name, (kind, value) in space.items():
+        if kind == "choice":
+            domains[name] = tune.grid_search(value) if grid else tune.choice(value)
+        elif kind == "uniform":
+            domains[name] = tune.uniform(value[0], value[1])
+        elif kind == "loguniform":
+            domains[name] = tune.loguniform(math.exp(value[0]), math.exp(value[1]))
+        elif all(isinstance(v, int) for v in value):
+            domains[name] = tune.qrandint(value[0], value[1], value[2])
+        else:
+            domains[name] = tune.quniform(value[0], value[1], value[2])
+    return domains
+
+
+# ----------------------------------------------------------------------------------------- trial
+
+
+@contextlib.contextmanager
+def isolated_argv():
+    """RecBole's Config reads ``--key=value`` from ``sys.argv``: hide the caller's (or Ray worker's) arguments."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def plain(value):
+    """``value`` with numpy scalars and tuples made plain Python (for yaml, json and csv)."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def trial_checkpoint_dir(checkpoint_root, trial_id):
+    return os.path.join(checkpoint_root, trial_id)
+
+
+def run_trial(config, setup):
+    """Ray Tune function trainable: train one configuration, reporting the validation score every epoch.
+
+    ``setup`` holds what every trial shares: ``config_file_list`` and ``config_dict`` (absolute paths),
+    ``checkpoint_root`` (this trial writes to ``<checkpoint_root>/<trial_id>``), ``bigger`` (whether a larger
+    validation score is better) and ``threads``.
+    """
+    import ray
+    from ray.air import session
+
+    from recbole_ur4rec.quick_start import objective_function
+
+    config_dict = dict(setup["config_dict"])
+    config_dict.update(config)
+    config_dict["checkpoint_dir"] = trial_checkpoint_dir(setup["checkpoint_root"], session.get_trial_id())
+    # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id: give it the GPUs Ray reserved for this trial (none: CPU)
+    config_dict["gpu_id"] = ",".join(str(i) for i in ray.get_gpu_ids())
+    config_dict.setdefault("threads", setup["threads"])
+    best = None
+
+    def report(epoch_idx, valid_score):
+        nonlocal best
+        valid_score = float(valid_score)
+        if best is None or (valid_score > best if setup["bigger"] else valid_score < best):
+            best = valid_score
+        session.report({TRIAL_METRIC: valid_score, "best_valid_score": best, "epoch": epoch_idx})
+
+    with isolated_argv():
+        objective_function(config_dict=config_dict, config_file_list=setup["config_file_list"], saved=True, callback_fn=report)
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def markdown_table(headers, rows):
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(row.get(h)) for h in headers) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def describe(value):
+    """``{'valid': 'full', 'test': 'full'}`` as ``valid full, test full`` (for table headers)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {describe(v)}" for k, v in value.items())
+    return str(value)
+
+
+def write_csv(path, headers, rows):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=headers, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({h: plain(row.get(h)) for h in headers})
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def last_error_line(error_file):
+    """The exception line of a Ray trial's error file (the traceback's last non-empty line)."""
+    if not error_file or not os.path.isfile(error_file):
+        return "failed (no error file)"
+    with open(error_file, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
+class SearchRecorder:
+    """What the search knows about each trial; rewrites ``results.md`` and ``results.csv`` after every event."""
+
+    def __init__(self, output_dir, space, header, valid_metric, bigger, checkpoint_root):
+        self.output_dir = output_dir
+        self.space = space
+        self.header = header
+        self.valid_metric = valid_metric
+        self.bigger = bigger
+        self.checkpoint_root = checkpoint_root
+        self.trials = {}  # trial_id -> record
+        self._trial_objects = {}  # trial_id -> Ray's Trial (its error file appears after the error callback)
+        self.best_trial_id = None
+        self.notes = []
+
+    def record(self, trial):
+        rec = self.trials.setdefault(
+            trial.trial_id,
+            {"trial": trial.trial_id, "status": "running", "iterations": 0, "time_s": None, "error": None, "scores": []},
+        )
+        rec["params"] = {name: plain(trial.config.get(name)) for name in self.space}
+        self._trial_objects[trial.trial_id] = trial
+        return rec
+
+    def on_start(self, trial):
+        self.record(trial)
+        self.write()
+
+    def on_result(self, trial, result):
+        rec = self.record(trial)
+        if TRIAL_METRIC in result:
+            rec["scores"].append(float(result[TRIAL_METRIC]))
+            rec["iterations"] = int(result.get("training_iteration", len(rec["scores"])))
+        rec["time_s"] = result.get("time_total_s", rec["time_s"])
+        self.write()
+
+    def on_stopped_early(self, trial):
+        self.record(trial)["stopped_early"] = True
+
+    def on_complete(self, trial):
+        rec = self.record(trial)
+        rec["status"] = "stopped by ASHA" if rec.get("stopped_early") else "completed"
+        self.write()
+
+    def on_error(self, trial):
+        rec = self.record(trial)
+        rec["status"] = "failed"
+        rec["error"] = last_error_line(trial.error_file) if trial.error_file else "failed"
+        self.write()
+
+    def best_score(self, rec):
+        if not rec["scores"]:
+            return None
+        return max(rec["scores"]) if self.bigger else min(rec["scores"])
+
+    def finish(self, interrupted):
+        """Final statuses, the valid metrics stored in each trial's checkpoint, the best trial (on validation)."""
+        from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+
+        for rec in self.trials.values():
+            if rec["status"] == "running":
+                rec["status"] = "interrupted" if interrupted else "unfinished"
+            if rec["status"] == "failed":
+                rec["error"] = last_error_line(self._trial_objects[rec["trial"]].error_file)
+            lasts = glob.glob(os.path.join(trial_checkpoint_dir(self.checkpoint_root, rec["trial"]), "*-last.pth"))
+            if lasts:
+                last = max(lasts, key=os.path.getmtime)
+                rec["model_file"] = last[: -len("-last.pth")] + ".pth"
+                try:
+                    state = load_checkpoint(last)
+                    rec["valid_result"] = state.get("best_valid_result") or {}
+                except CheckpointError as err:
+                    rec["error"] = rec["error"] or str(err)
+        candidates = [r for r in self.trials.values() if self.best_score(r) is not None and os.path.isfile(r.get("model_file") or "")]
+        if candidates:
+            sign = 1 if self.bigger else -1
+            best = max(candidates, key=lambda r: sign * self.best_score(r))
+            self.best_trial_id = best["trial"]
+        return self.trials.get(self.best_trial_id)
+
+    def rows(self):
+        rows = []
+        for rec in sorted(self.trials.values(), key=lambda r: r["trial"]):
+            row = {"trial": rec["trial"], "status": rec["status"], "epochs reported": rec["iterations"]}
+            row.update({name: rec["params"].get(name) for name in self.space})
+            row[f"best valid {self.valid_metric}"] = self.best_score(rec)
+            for metric, value in (rec.get("valid_result") or {}).items():
+                row[f"valid {metric}"] = value
+            for metric, value in (rec.get("test_result") or {}).items():
+                row[f"test {metric}"] = value
+            row["best"] = "yes" if rec["trial"] == self.best_trial_id else ""
+            row["time_s"] = rec["time_s"]
+            row["error"] = rec["error"]
+            row["model_file"] = rec.get("model_file")
+            rows.append(row)
+        return rows
+
+    def write(self):
+        rows = self.rows()
+        headers = []
+        for row in rows:
+            headers += [h for h in row if h not in headers]
+        headers = [h for h in headers if h not in ("model_file", "error")] + ["error", "model_file"]
+        write_csv(os.path.join(self.output_dir, "results.csv"), headers, rows)
+        md_headers = [h for h in headers if h != "model_file"]
+        notes = "".join(f"\n{note}\n" for note in self.notes)
+        write_text(os.path.join(self.output_dir, "results.md"), self.header + "\n" + markdown_table(md_headers, rows) + notes)
+
+
+def _ray_callback(recorder):
+    from ray.tune import Callback
+
+    class _Recorder(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            recorder.on_start(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            recorder.on_result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            recorder.on_complete(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            recorder.on_error(trial)
+
+    return _Recorder()
+
+
+def _asha(recorder, max_t, grace_period, reduction_factor):
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class _RecordingASHA(ASHAScheduler):
+        """ASHA that tells the recorder which trials it stopped before ``max_t``."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+                recorder.on_stopped_early(trial)
+            return action
+
+    return _RecordingASHA(time_attr="training_iteration", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor)
+
+
+def best_config_yaml(path, model, dataset, settings, params, header_lines):
+    """Write the best configuration as a yaml file that ``run_recbole_ur4rec.py --config_files`` accepts."""
+    merged = plain({**settings, **params})
+    lines = [f"# {line}" for line in header_lines]
+    lines.append(f"# python run_recbole_ur4rec.py -m {model} -d {dataset} --config_files {path}")
+    write_text(path, "\n".join(lines) + "\n" + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
+
+
+def _user_settings(config, config_dict):
+    """The settings the user gave (config files, then overrides), as the best yaml should repeat them."""
+    settings = dict(config.file_config_dict)
+    settings.update(config_dict)
+    return settings
+
+
+def run_search(
+    model,
+    dataset,
+    params_file,
+    config_file_list=None,
+    config_dict=None,
+    output_dir=None,
+    num_samples=1,
+    cpus_per_trial=1,
+    gpus_per_trial=0,
+    max_concurrent=None,
+    address=None,
+    seed=None,
+    grid=False,
+    grace_period=None,
+    reduction_factor=2,
+    num_cpus=None,
+    evaluate_best=True,
+):
+    r"""Tune ``model`` on ``dataset`` with Ray Tune and ASHA on the validation metric.
+
+    Args:
+        model (str), dataset (str): as for ``run_recbole_ur4rec``.
+        params_file (str): search space (see the module docstring).
+        config_file_list (list of str), config_dict (dict): settings every trial shares.
+        output_dir (str): where the tables, ``best.yaml``, Ray's trial folders (``ray/``) and the trials'
+            checkpoints (``checkpoints/<trial_id>/``) go; default ``results/hyper/<dataset>/<model>``.
+        num_samples (int): samples of the space (with ``grid``: repetitions of the grid).
+        cpus_per_trial, gpus_per_trial: resources Ray reserves for each trial (torch uses cpus_per_trial threads
+            unless ``threads`` is set).
+        max_concurrent (int): trials running at once (None: as many as the resources allow).
+        address (str): join this Ray cluster; otherwise a local Ray with ``num_cpus`` (default: every core).
+        seed (int): seed of the sampler and of every trial (RecBole's ``seed``).
+        grid (bool): try every ``choice`` value instead of sampling them.
+        grace_period (int): validations every trial gets before ASHA may stop it (default: a tenth of the
+            validations, at least 1); ``reduction_factor``: ASHA keeps 1/reduction_factor of the trials per rung.
+        evaluate_best (bool): evaluate the best trial's checkpoint on the test split.
+
+    Returns:
+        dict: ``best`` (the best trial's record: params, valid_result, test_result, model_file), ``trials``
+        (all records), ``best_yaml``, ``results_md``, ``results_csv``, ``interrupted``.
+    """
+    import ray
+    from ray import air, tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from recbole_ur4rec.config import Config
+    from recbole_ur4rec.quick_start import evaluate_checkpoint
+
+    space = parse_params_file(params_file)
+    output_dir = os.path.abspath(output_dir or os.path.join("results", "hyper", dataset, model))
+    os.makedirs(output_dir, exist_ok=True)
+    config_file_list = [os.path.abspath(f) for f in (config_file_list or [])]
+    user_dict = dict(config_dict or {})
+    if seed is not None:
+        user_dict["seed"] = seed
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with isolated_argv():
+        config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=dict(user_dict))
+    if visible is None:  # RecBole's Config sets it from gpu_id; Ray must see the machine's GPUs
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    bigger = bool(config["valid_metric_bigger"])
+    valid_metric = config["valid_metric"]
+    max_t = max(1, config["epochs"] // max(1, config["eval_step"]))
+    grace_period = min(max_t, grace_period or max(1, max_t // 10))
+
+    trial_dict = dict(user_dict, model=model, dataset=dataset)
+    # absolute data root: trials run in Ray's working directories
+    trial_dict["data_path"] = os.path.dirname(config["data_path"])
+    trial_dict.setdefault("show_progress", False)
+    checkpoint_root = os.path.join(output_dir, "checkpoints")
+    setup = {
+        "config_file_list": config_file_list,
+        "config_dict": trial_dict,
+        "checkpoint_root": checkpoint_root,
+        "bigger": bigger,
+        "threads": max(1, int(cpus_per_trial)),
+    }
+
+    eval_args = config["eval_args"]
+    header = (
+        f"# Ray Tune search: {model} on {dataset}\n\n"
+        f"- search space ({params_file}): "
+        + "; ".join(f"`{n} {k} {v}`" for n, (k, v) in space.items())
+        + ("  (choices as a grid)" if grid else "")
+        + "\n"
+        f"- protocol: split {describe(eval_args['split'])}, order {eval_args['order']}, ranking {describe(eval_args['mode'])}, "
+        f"metrics {', '.join(config['metrics'])} @ {config['topk']}; trials selected on validation {valid_metric} "
+        f"({'max' if bigger else 'min'}); test evaluated only for the best trial\n"
+        f"- ASHA on validation {valid_metric} every {config['eval_step']} epoch(s): max_t {max_t}, grace period "
+        f"{grace_period}, reduction factor {reduction_factor}; {num_samples} sample(s), {cpus_per_trial} CPU and "
+        f"{gpus_per_trial} GPU per trial; seed {config['seed']}\n"
+    )
+    recorder = SearchRecorder(output_dir, space, header, valid_metric, bigger, checkpoint_root)
+    recorder.write()
+
+    started_ray = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        started_ray = True
+
+    interrupted = True
+    best = None
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, setup=setup), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune_space(space, grid=grid),
+            tune_config=tune.TuneConfig(
+                metric=TRIAL_METRIC,
+                mode="max" if bigger else "min",
+                scheduler=_asha(recorder, max_t, grace_period, reduction_factor),
+                # a search_alg instance makes Tune ignore max_concurrent_trials: the generator limits itself
+                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0),
+                num_samples=num_samples,
+            ),
+            run_config=air.RunConfig(
+                name="ray",
+                storage_path=output_dir,
+                callbacks=[_ray_callback(recorder)],
+                failure_config=air.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+        start = time.time()
+        tuner.fit()
+        interrupted = any(rec["status"] == "running" for rec in recorder.trials.values())
+        recorder.notes.append(f"Search time: {time.time() - start:.0f} s.")
+    finally:
+        best = recorder.finish(interrupted)
+        best_yaml = os.path.join(output_dir, "best.yaml")
+        if best is not None:
+            best_config_yaml(
+                best_yaml,
+                model,
+                dataset,
+                _user_settings(config, user_dict),
+                best["params"],
+                [
+                    f"Best of {len(recorder.trials)} Ray Tune trial(s) for {model} on {dataset}, chosen on validation "
+                    f"{valid_metric} = {recorder.best_score(best):.4f} (trial {best['trial']}); table: results.md",
+                ],
+            )
+        if interrupted:
+            recorder.notes.append("The search was interrupted: the table holds the trials that had reported.")
+        recorder.write()
+        if started_ray:
+            ray.shutdown()
+
+    if best is not None and evaluate_best and not interrupted:
+        try:
+            evaluated = evaluate_checkpoint(best["model_file"])
+            best["test_result"] = plain(dict(evaluated["test_result"]))
+            best["reevaluated_valid_result"] = plain(dict(evaluated["valid_result"]))
+        except Exception:  # the search's results stay written; say why the test is missing
+            recorder.notes.append("Test evaluation of the best trial failed:\n\n```\n" + traceback.format_exc() + "```")
+            raise
+        finally:
+            recorder.write()
+    elif best is not None:
+        recorder.notes.append(f"Test not evaluated; run: python run_recbole_ur4rec.py --checkpoint {best['model_file']}")
+        recorder.write()
+    return {
+        "best": best,
+        "trials": recorder.trials,
+        "best_yaml": os.path.join(output_dir, "best.yaml") if best is not None else None,
+        "results_md": os.path.join(output_dir, "results.md"),
+        "results_csv": os.path.join(output_dir, "results.csv"),
+        "interrupted": interrupted,
+        "valid_metric": valid_metric,
+    }

@@ -1,0 +1,108 @@
+"""run_compare: models x seeds in subprocesses, mean/std tables, chart, failed cells, reuse of finished cells."""
+import csv
+import json
+import os
+import statistics
+
+import pytest
+
+from recbole_ur4rec.compare import parse_seeds, run_compare
+from tune_fixtures import quick_settings, write_walk_dataset
+
+
+@pytest.fixture(scope="module")
+def walk_root(tmp_path_factory):
+    return write_walk_dataset(tmp_path_factory.mktemp("data"))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cell_json(output_dir, model, seed):
+    with open(os.path.join(output_dir, "cells", f"{model}-seed{seed}.json")) as f:
+        return json.load(f)
+
+
+def test_parse_seeds():
+    assert parse_seeds("3") == [2020, 2021, 2022]
+    assert parse_seeds("1,7,42") == [1, 7, 42]
+    with pytest.raises(ValueError):
+        parse_seeds("0")
+
+
+def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
+    output_dir = str(tmp_path / "results" / "walk")
+    kwargs = dict(
+        models=["SASRec", "GRU4Rec"], dataset="walk", seeds=[1, 2], overrides=quick_settings(walk_root, epochs=2), output_dir=output_dir
+    )
+    result = run_compare(**kwargs)
+    assert sorted(result["ran"]) == ["GRU4Rec-seed1", "GRU4Rec-seed2", "SASRec-seed1", "SASRec-seed2"]
+    for path in (result["md"], result["csv"], result["cells_csv"], result["png"]):
+        assert os.path.getsize(path) > 0
+    with open(result["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    cells = {(m, s): cell_json(output_dir, m, s) for m in ("SASRec", "GRU4Rec") for s in (1, 2)}
+    for (model, seed), cell in cells.items():
+        assert cell["status"] == "ok" and cell["seed"] == seed and cell["model"] == model
+        assert cell["wall_time_s"] > 0 and cell["peak_rss_mb"] > 50 and cell["num_parameters"] > 0
+        assert cell["epochs_trained"] == 2 and set(cell["test_result"]) >= {"hit@10", "ndcg@10", "mrr@10"}
+    assert cells[("SASRec", 1)]["test_result"] != cells[("SASRec", 2)]["test_result"]  # the seed matters
+
+    rows = {r["model"]: r for r in read_csv(result["csv"])}
+    assert set(rows) == {"SASRec", "GRU4Rec"}
+    for model, row in rows.items():
+        assert row["seeds_ok"] == "2" and row["seeds_failed"] == "0"
+        for metric in cells[(model, 1)]["test_result"]:
+            for split in ("test", "valid"):
+                values = [cells[(model, s)][f"{split}_result"][metric] for s in (1, 2)]
+                assert float(row[f"{split} {metric} mean"]) == pytest.approx(statistics.mean(values))
+                assert float(row[f"{split} {metric} std"]) == pytest.approx(statistics.stdev(values))
+        assert float(row["wall_time_s mean"]) == pytest.approx(statistics.mean(cells[(model, s)]["wall_time_s"] for s in (1, 2)))
+        assert int(row["num_parameters"]) == cells[(model, 1)]["num_parameters"]
+    assert len(read_csv(result["cells_csv"])) == 4
+
+    md = open(result["md"]).read()
+    for text in ("split LS valid_and_test", "order TO", "test full ranking", "seeds 1, 2", "validation NDCG@10", "at most 2 epochs"):
+        assert text in md
+    sasrec_line = next(line for line in md.splitlines() if line.startswith("| SASRec"))
+    ndcg = [cells[("SASRec", s)]["test_result"]["ndcg@10"] for s in (1, 2)]
+    assert f"{statistics.mean(ndcg):.4f} ± {statistics.stdev(ndcg):.4f}" in sasrec_line and sasrec_line.endswith("| ok |")
+
+    # a second run reuses every finished cell
+    stamps = {key: os.path.getmtime(os.path.join(output_dir, "cells", f"{key[0]}-seed{key[1]}.json")) for key in cells}
+    again = run_compare(**kwargs)
+    assert again["ran"] == [] and len(again["reused"]) == 4
+    assert stamps == {key: os.path.getmtime(os.path.join(output_dir, "cells", f"{key[0]}-seed{key[1]}.json")) for key in cells}
+    assert open(again["md"]).read() == md
+
+
+def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
+    broken = tmp_path / "GRU4Rec.yaml"
+    broken.write_text("dropout_prob: 2.0\n")
+    output_dir = str(tmp_path / "out")
+    kwargs = dict(
+        models=["SASRec", "GRU4Rec"],
+        dataset="walk",
+        seeds=[1],
+        overrides=quick_settings(walk_root, epochs=2),
+        config_dir=str(tmp_path),  # GRU4Rec.yaml is GRU4Rec's own config file
+        output_dir=output_dir,
+    )
+    result = run_compare(**kwargs)
+    gru = cell_json(output_dir, "GRU4Rec", 1)
+    assert gru["status"] == "failed" and "dropout probability" in gru["error"]
+    assert cell_json(output_dir, "SASRec", 1)["status"] == "ok"
+    rows = {r["model"]: r for r in read_csv(result["csv"])}
+    assert rows["GRU4Rec"]["seeds_failed"] == "1" and "dropout probability" in rows["GRU4Rec"]["errors"]
+    assert rows["SASRec"]["seeds_ok"] == "1" and float(rows["SASRec"]["test ndcg@10 mean"]) > 0
+    gru_line = next(line for line in open(result["md"]).read().splitlines() if line.startswith("| GRU4Rec"))
+    assert "failed: seed 1: ValueError" in gru_line
+
+    # fixing the config reruns the failed cell only
+    broken.write_text("dropout_prob: 0.1\n")
+    again = run_compare(**kwargs)
+    assert again["ran"] == ["GRU4Rec-seed1"] and again["reused"] == ["SASRec-seed1"]
+    assert cell_json(output_dir, "GRU4Rec", 1)["status"] == "ok"

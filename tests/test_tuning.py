@@ -1,0 +1,156 @@
+"""Ray Tune search: search-space files, per-epoch validation reports to ASHA, best trial chosen on validation."""
+import csv
+import glob
+import math
+import os
+
+import pytest
+import yaml
+
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.tuning import SearchSpaceError, parse_params_file, run_search, to_tune_space
+from tune_fixtures import quick_settings, write_walk_dataset
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_params_file_recbole_format(tmp_path):
+    path = write(
+        tmp_path / "space.hyper",
+        "# comment line\n"
+        "learning_rate loguniform -9.21, -4.61   # 1e-4 .. 1e-2\n"
+        "\n"
+        "hidden_size choice [32, 64]\n"
+        "dropout_prob uniform 0.1,0.5\n"
+        "n_layers quniform 1,3,1\n"
+        "weight_decay quniform 0.0,0.1,0.05\n"
+        "loss_type choice ['CE', 'BPR']\n",
+    )
+    space = parse_params_file(path)
+    assert space == {
+        "learning_rate": ("loguniform", [-9.21, -4.61]),
+        "hidden_size": ("choice", [32, 64]),
+        "dropout_prob": ("uniform", [0.1, 0.5]),
+        "n_layers": ("quniform", [1, 3, 1]),
+        "weight_decay": ("quniform", [0.0, 0.1, 0.05]),
+        "loss_type": ("choice", ["CE", "BPR"]),
+    }
+    domains = to_tune_space(space)
+    # RecBole/hyperopt semantics: loguniform bounds are natural-log exponents
+    assert domains["learning_rate"].lower == pytest.approx(math.exp(-9.21))
+    assert domains["learning_rate"].upper == pytest.approx(math.exp(-4.61))
+    assert domains["hidden_size"].categories == [32, 64]
+    samples = [domains["n_layers"].sample() for _ in range(30)]
+    assert set(samples) <= {1, 2, 3} and all(isinstance(s, int) for s in samples)
+    assert all(0.1 <= domains["dropout_prob"].sample() <= 0.5 for _ in range(30))
+    assert to_tune_space(space, grid=True)["hidden_size"] == {"grid_search": [32, 64]}
+
+
+def test_params_file_yaml_format(tmp_path):
+    path = write(tmp_path / "space.yaml", "choice:\n  n_heads: [1, 2]\nloguniform:\n  learning_rate: [-8, -4]\n")
+    assert parse_params_file(path) == {"n_heads": ("choice", [1, 2]), "learning_rate": ("loguniform", [-8, -4])}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate choice\n", r"space.hyper:1: expected 'name type values'"),
+        ("a choice [1]\nlearning_rate gaussian 0,1\n", r"space.hyper:2: unknown search type 'gaussian'"),
+        ("learning_rate uniform 0.1\n", r"needs low,high"),
+        ("learning_rate uniform 0.5,0.1\n", r"needs low < high"),
+        ("loss_type choice [CE, BPR]\n", r"must be a Python list literal"),
+        ("hidden_size choice 64\n", r"needs a non-empty list"),
+        ("a choice [1]\na choice [2]\n", r"space.hyper:2: parameter 'a' appears twice"),
+        ("# nothing\n", r"defines no parameter"),
+    ],
+)
+def test_params_file_errors_name_the_line(tmp_path, text, message):
+    with pytest.raises(SearchSpaceError, match=message):
+        parse_params_file(write(tmp_path / "space.hyper", text))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def walk_root(tmp_path_factory):
+    return write_walk_dataset(tmp_path_factory.mktemp("data"))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def progress(output_dir, trial_id):
+    (path,) = glob.glob(os.path.join(output_dir, "ray", f"*{trial_id}*", "progress.csv"))
+    return read_csv(path)
+
+
+def test_search_reports_every_epoch_and_picks_best_on_validation(local_ray, walk_root, tmp_path):
+    params = write(tmp_path / "lr.hyper", "learning_rate choice [1e-5, 5e-3]\n")
+    settings = quick_settings(walk_root, epochs=4)
+    output_dir = str(tmp_path / "search")
+    result = run_search("SASRec", "walk", params, config_dict=settings, output_dir=output_dir, grid=True, seed=3)
+
+    trials = result["trials"]
+    assert len(trials) == 2 and not result["interrupted"]
+    best_by_progress, best_score = None, -1.0
+    for trial_id, rec in trials.items():
+        assert rec["status"] in ("completed", "stopped by ASHA")
+        rows = progress(output_dir, trial_id)
+        # ASHA saw one report per epoch: training_iteration counts the epochs' validations
+        assert [int(r["training_iteration"]) for r in rows] == list(range(1, len(rows) + 1))
+        assert [int(r["epoch"]) for r in rows] == list(range(len(rows)))
+        assert len(rows) == (4 if rec["status"] == "completed" else len(rows)) and len(rows) <= 4
+        scores = [float(r["valid_score"]) for r in rows]
+        assert all(0.0 <= s <= 1.0 for s in scores)
+        if max(scores) > best_score:
+            best_by_progress, best_score = trial_id, max(scores)
+
+    best = result["best"]
+    assert best["trial"] == best_by_progress
+    assert best["params"]["learning_rate"] == 0.005  # 1e-5 cannot learn the walk in 4 epochs
+    # the test split was evaluated for the best trial only, from its best checkpoint
+    assert [r["trial"] for r in trials.values() if r.get("test_result")] == [best["trial"]]
+    assert best["reevaluated_valid_result"]["ndcg@10"] == pytest.approx(best_score, abs=1e-4)
+    assert best["test_result"]["ndcg@10"] > 0.1  # far above a random ranker over 30 items
+
+    rows = {r["trial"]: r for r in read_csv(result["results_csv"])}
+    assert rows[best["trial"]]["best"] == "yes" and float(rows[best["trial"]]["test ndcg@10"]) > 0
+    other = next(t for t in rows if t != best["trial"])
+    assert rows[other]["test ndcg@10"] == "" and rows[other]["best"] == ""
+    assert float(rows[best["trial"]]["best valid NDCG@10"]) == pytest.approx(best_score)
+    assert "NDCG@10" in open(result["results_md"]).read()
+
+    # best.yaml is a config file the CLI accepts, with the winning value and the shared settings
+    with open(result["best_yaml"]) as f:
+        saved = yaml.safe_load(f)
+    assert saved["learning_rate"] == 0.005 and saved["hidden_size"] == 16
+    config = Config(model="SASRec", dataset="walk", config_file_list=[result["best_yaml"]])
+    assert config["learning_rate"] == 0.005 and config["epochs"] == 4
+
+
+def test_failing_trial_is_reported_and_others_finish(local_ray, walk_root, tmp_path):
+    # SASRec refuses hidden_size 16 with 3 heads at model construction
+    params = write(tmp_path / "heads.yaml", "choice:\n  n_heads: [1, 3]\n")
+    output_dir = str(tmp_path / "search")
+    result = run_search(
+        "SASRec", "walk", params, config_dict=quick_settings(walk_root, epochs=2), output_dir=output_dir, grid=True
+    )
+    by_heads = {rec["params"]["n_heads"]: rec for rec in result["trials"].values()}
+    assert by_heads[3]["status"] == "failed" and "attention heads" in by_heads[3]["error"]
+    assert by_heads[1]["status"] == "completed" and result["best"]["trial"] == by_heads[1]["trial"]
+    rows = {r["n_heads"]: r for r in read_csv(result["results_csv"])}
+    assert rows["3"]["status"] == "failed" and "attention heads" in rows["3"]["error"]
+    assert rows["1"]["test ndcg@10"] != ""
+    assert "failed" in open(result["results_md"]).read()
