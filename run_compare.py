@@ -7,7 +7,8 @@ Writes <output_dir>/compare.md, compare.csv (mean and std of every metric, time,
 compare_cells.csv (one row per model and seed), compare.png and cells/ (one JSON result and log per cell).
 Every cell runs in its own process; a failed cell is reported and the others go on; finished cells are reused
 when the command is run again with the same settings (failed and changed cells are rerun).
-Config files of a model, lowest first: --config_files (every model), then --model_config MODEL=FILE[,FILE]
+A model may be listed as Model:variant (e.g. UR4Rec:hierarchical, with --model_config UR4Rec:hierarchical=FILE)
+to run it again with other config files under its own name. Config files of a model, lowest first: --config_files (every model), then --model_config MODEL=FILE[,FILE]
 or else <config_dir>/<MODEL>.yaml when --config_dir is given; then --epochs and --extra / --key=value settings.
 """
 import argparse
@@ -19,7 +20,7 @@ from recbole_ur4rec.tuning import parse_override
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names, or Model:variant labels")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name")
     parser.add_argument("--seeds", default="3", help="number of seeds (2020, 2021, ...) or a comma-separated list")
     parser.add_argument("--config_files", default=None, help="config files for every model, separated by spaces")

@@ -36,8 +36,13 @@ def parse_seeds(text):
     return [int(s) for s in text.split(",") if s.strip()]
 
 
+def model_of(label):
+    """``"UR4Rec:flat"`` -> ``"UR4Rec"``: a label ``Model:variant`` runs ``Model`` with the variant's own config files."""
+    return label.split(":", 1)[0]
+
+
 def cell_name(model, seed):
-    return f"{model}-seed{seed}"
+    return f"{model.replace(':', '_')}-seed{seed}"
 
 
 def _file_digest(path):
@@ -106,6 +111,8 @@ def run_cell(spec):
                 "epochs": config["epochs"],
                 "stopping_step": config["stopping_step"],
             }
+            if config["stages"] and isinstance(config["stage_epochs"], dict):  # staged trainers: epochs per stage
+                out["protocol"]["stage_epochs"] = {stage: config["stage_epochs"].get(stage) for stage in config["stages"]}
             lasts = glob.glob(os.path.join(spec["checkpoint_dir"], "*-last.pth"))
             resume_file = max(lasts, key=os.path.getmtime) if (spec.get("resume") and lasts) else None
             out["resumed_from"] = resume_file
@@ -252,7 +259,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir)
         for stale in glob.glob(os.path.join(checkpoint_dir, "*.pth")):
             os.remove(stale)
     spec = {
-        "model": model,
+        "model": model_of(model),
         "dataset": dataset,
         "seed": seed,
         "config_files": config_files,
@@ -340,22 +347,37 @@ def summarize(cells, models, seeds):
     return rows
 
 
+BUDGET_KEYS = ("epochs", "stopping_step", "stage_epochs")  # training budget: may differ per model, shown per model
+
+
+def _budget(protocol):
+    if protocol.get("stage_epochs"):
+        cap = "staged, at most " + ", ".join(f"{stage} {n}" for stage, n in protocol["stage_epochs"].items()) + " epochs"
+    else:
+        cap = f"at most {protocol['epochs']} epochs"
+    return f"{cap}, early stopping after {protocol['stopping_step']} validations without improvement"
+
+
 def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
-    protocols = {}
+    protocols, budgets = {}, {}
     for cell in cells.values():
         if cell.get("protocol"):
-            protocols.setdefault(json.dumps(cell["protocol"], sort_keys=True), set()).add(cell["model"])
+            evaluation = {k: v for k, v in cell["protocol"].items() if k not in BUDGET_KEYS}
+            protocols.setdefault(json.dumps(evaluation, sort_keys=True), set()).add(cell["model"])
+            budgets.setdefault(cell["model"], _budget(cell["protocol"]))
     lines = [f"# {dataset}: {', '.join(models)} over seeds {', '.join(str(s) for s in seeds)}", ""]
     for key, users in protocols.items():
         p = json.loads(key)
         who = "" if len(protocols) == 1 else f" ({', '.join(sorted(users))})"
         lines.append(
             f"- protocol{who}: split {p['split']}, order {p['order']}, grouped by {p['group_by']}, {p['ranking']} ranking; "
-            f"metrics {p['metrics']} @ {p['topk']}; best epoch chosen on validation {p['valid_metric']}; "
-            f"at most {p['epochs']} epochs, early stopping after {p['stopping_step']} validations without improvement"
+            f"metrics {p['metrics']} @ {p['topk']}; best epoch chosen on validation {p['valid_metric']}"
         )
     if len(protocols) > 1:
         lines.append("- WARNING: the models ran under different protocols (above); their numbers are not comparable.")
+    for model in models:
+        if model in budgets:
+            lines.append(f"- {model} training budget: {budgets[model]}")
     lines.append(f"- overrides for every cell: {overrides or 'none'}")
     for model in models:
         if files_of.get(model):

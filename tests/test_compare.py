@@ -82,9 +82,12 @@ def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
 def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
     broken = tmp_path / "GRU4Rec.yaml"
     broken.write_text("dropout_prob: 2.0\n")
+    nodrop = tmp_path / "nodrop.yaml"
+    nodrop.write_text("hidden_dropout_prob: 0.0\nattn_dropout_prob: 0.0\n")
     output_dir = str(tmp_path / "out")
     kwargs = dict(
-        models=["SASRec", "GRU4Rec"],
+        models=["SASRec", "GRU4Rec", "SASRec:nodrop"],  # Model:variant runs Model with the variant's config files
+        model_configs={"SASRec:nodrop": [str(nodrop)]},
         dataset="walk",
         seeds=[1],
         overrides=quick_settings(walk_root, epochs=2),
@@ -100,9 +103,13 @@ def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
     assert rows["SASRec"]["seeds_ok"] == "1" and float(rows["SASRec"]["test ndcg@10 mean"]) > 0
     gru_line = next(line for line in open(result["md"]).read().splitlines() if line.startswith("| GRU4Rec"))
     assert "failed: seed 1: ValueError" in gru_line
+    variant = cell_json(output_dir, "SASRec_nodrop", 1)
+    assert variant["status"] == "ok" and variant["model"] == "SASRec:nodrop"
+    assert variant["test_result"] != cell_json(output_dir, "SASRec", 1)["test_result"]  # its config file was used
+    assert rows["SASRec:nodrop"]["seeds_ok"] == "1"
 
     # fixing the config reruns the failed cell only
     broken.write_text("dropout_prob: 0.1\n")
     again = run_compare(**kwargs)
-    assert again["ran"] == ["GRU4Rec-seed1"] and again["reused"] == ["SASRec-seed1"]
+    assert again["ran"] == ["GRU4Rec-seed1"] and again["reused"] == ["SASRec-seed1", "SASRec_nodrop-seed1"]
     assert cell_json(output_dir, "GRU4Rec", 1)["status"] == "ok"
