@@ -1,2 +1,3 @@
 """The plugin's trainers. ``get_trainer`` finds ``<Model>Trainer`` classes imported here by name."""
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
+from recbole_ur4rec.trainer.ur4rec_trainer import UR4RecTrainer

@@ -106,8 +106,13 @@ class SafeCheckpointMixin:
             rng=rng_state(train_data),
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
+            **self._extra_resume_state(),
         )
         save_checkpoint(state, self.last_checkpoint_file)
+
+    def _extra_resume_state(self):
+        """More resume state (plain data and tensors) for the ``-last.pth`` file; trainers with state of their own add it."""
+        return {}
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self._pending_rng_state is not None:

@@ -1,0 +1,333 @@
+r"""
+UR4Rec
+################################################
+Reference:
+    Wang-Cheng Kang and Julian McAuley. "Self-Attentive Sequential Recommendation." In ICDM 2018 (the backbone).
+    Noam Shazeer et al. "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer." In ICLR 2017.
+    Kaiming He et al. "Momentum Contrast for Unsupervised Visual Representation Learning." In CVPR 2020 (memory bank).
+    Geoffrey Hinton et al. "Distilling the Knowledge in a Neural Network." arXiv:1503.02531, 2015.
+    Jeremy Howard and Sebastian Ruder. "Universal Language Model Fine-tuning for Text Classification." In ACL 2018
+    (progressive unfreezing, in :class:`~recbole_ur4rec.trainer.UR4RecTrainer`).
+
+UR4Rec (the research prototype of ``shared/seeds/000, 001, 004``): a SASRec backbone plus a preference retriever
+that scores every item by matching the user's preference text and sequence state against frozen item-description
+(and optionally CLIP image) embeddings through a mixture of experts, fused with the backbone's scores.
+Trained in stages by :class:`~recbole_ur4rec.trainer.UR4RecTrainer`.
+"""
+import hashlib
+import json
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.features import load_features
+from recbole_ur4rec.model.layers import (
+    RANKING_LOSSES,
+    MemoryBank,
+    PreferenceRetriever,
+    ScoreFusion,
+    SequenceBackbone,
+    bidirectional_distillation,
+    expert_diversity_loss,
+    info_nce,
+    load_balance_loss,
+    ranking_loss,
+)
+
+OBJECTIVES = ("backbone", "retriever", "fused")
+MOE_TYPES = ("flat", "hierarchical")
+CONTRASTIVE_TYPES = ("in_batch", "memory_bank")
+LOSS_POSITIONS = ("all", "last")
+# every loss term and the config key of its weight
+LOSS_WEIGHT_KEYS = {
+    "rank": "ranking_weight",
+    "rank_backbone": "part_loss_weight",
+    "rank_retriever": "part_loss_weight",
+    "consistency": "consistency_weight",
+    "contrastive": "contrastive_weight",
+    "diversity": "diversity_weight",
+    "load_balance": "load_balance_weight",
+    "distillation": "distillation_weight",
+}
+
+
+def _check(config, key, kind, low=None, high=None, choices=None, low_open=False):
+    """Fail with the key, the value and what was expected unless ``config[key]`` is of ``kind`` and in range."""
+    value = config[key]
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"config key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+        bound += f"{' and ' if bound else ''}< {high}" if high is not None else ""
+        what = "an int" if kind is int else "a number"
+        raise ValueError(f"config key {key!r} must be {what}{' ' + bound if bound else ''}, got {value!r}")
+    return value
+
+
+FINGERPRINT_KEYS = ("modality", "text_hash", "poster_hash", "count", "dim")
+
+
+def features_fingerprint(stores):
+    """A short hash of what the feature stores hold (texts' hashes, sizes), independent of where files live."""
+    manifests = {
+        name: {key: store.manifest.get(key) for key in FINGERPRINT_KEYS} | {"shape": list(store.features.shape)}
+        for name, store in sorted(stores.items())
+    }
+    return hashlib.sha1(json.dumps(manifests, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class UR4Rec(SequentialRecommender):
+    r"""SASRec backbone + multi-modal mixture-of-experts preference retriever, fused.
+
+    ``set_objective`` chooses what :meth:`calculate_loss` trains and what the predictions use: the backbone
+    alone, the retriever alone, or the fused scores (the trainer sets it per stage).
+
+    NOTE:
+        Deviations from the prototype (``shared/seeds``):
+
+        - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` trained with a loss at every position
+          of whole-sequence rows (``loss_position: all``); the retriever scores every position too.
+        - The text encoder stays frozen; its embeddings (and CLIP's) are non-persistent buffers: they are rebuilt from
+          the feature cache when the model is built, so checkpoints hold only the trained weights; a checkpoint
+          records a fingerprint of the features it was trained on and refuses to load on others.
+        - The preference text is written from the training split and summarises the whole training history, so at
+          early training positions it also describes later items; ``user_text_recent_items: 0`` (this model's
+          default) keeps the titles of the last training items, the targets of the last positions, out of it.
+        - Experts are per item modality (text, image): flat = one expert each, hierarchical = ``num_sub_experts``
+          each with a router of their own, then a cross-modal router. Items without a modality are scored by the
+          others only (by mask); users without text get a learned vector.
+        - Modality consistency and the contrastive loss align the two views of a user: the projected sequence state
+          at the last position and the projected preference text (plus, with images, text and image keys of the
+          target items for consistency). The memory bank is MoCo's queue without the momentum encoder.
+        - The memory of recent user states (``memory_size``) is written during training only.
+    """
+
+    input_type = InputType.POINTWISE  # negatives are sampled inside the model, not by RecBole
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self._check_config(config)
+        self.loss_position = config["loss_position"]
+        self.TARGET_SEQ = target_list_field(config)
+        self.ranking_loss_type = config["ranking_loss_type"]
+        self.ranking_negatives = config["ranking_negatives"]
+        self.contrastive_temperature = config["contrastive_temperature"]
+        self.distillation_temperature = config["distillation_temperature"]
+        self.loss_weights = {name: float(config[key]) for name, key in LOSS_WEIGHT_KEYS.items()}
+        self.objective = "fused"
+
+        self.backbone = SequenceBackbone(
+            n_items=self.n_items,
+            max_seq_length=self.max_seq_length,
+            hidden_size=config["hidden_size"],
+            n_layers=config["n_layers"],
+            n_heads=config["n_heads"],
+            inner_size=config["inner_size"],
+            hidden_dropout_prob=config["hidden_dropout_prob"],
+            attn_dropout_prob=config["attn_dropout_prob"],
+            hidden_act=config["hidden_act"],
+            layer_norm_eps=config["layer_norm_eps"],
+            initializer_range=config["initializer_range"],
+        )
+        # user text must come from RecBole's training split, not from the whole-sequence rows built from it
+        stores = load_features(config, getattr(dataset, "training_split", dataset))
+        item_modalities = {"text": stores["item_text"]}
+        if config["use_image"]:
+            if "item_image" not in stores:
+                raise ValueError(
+                    "config key 'use_image' is True but no image features are configured: "
+                    "set image_feature_file (precomputed CLIP features) or poster_dir (posters to encode)"
+                )
+            item_modalities["image"] = stores["item_image"]
+        self.feature_fingerprint = features_fingerprint({"user_text": stores["user_text"], **item_modalities})
+        self.other_parameter_name = ["objective", "feature_fingerprint"]
+        dim = config["retriever_dim"]
+        self.retriever = PreferenceRetriever(
+            hidden_size=config["hidden_size"],
+            user_text=stores["user_text"],
+            item_modalities=item_modalities,
+            dim=dim,
+            n_sub=config["num_sub_experts"] if config["moe_type"] == "hierarchical" else 1,
+            n_heads=config["moe_heads"],
+            n_proxies=config["moe_proxies"],
+            temperature=config["retriever_temperature"],
+            memory_size=config["memory_size"],
+            dropout=config["retriever_dropout"],
+        )
+        self.fusion = ScoreFusion(config["fusion_type"], config["fusion_weight"], config["hidden_size"] + dim)
+        use_bank = config["contrastive_type"] == "memory_bank"
+        self.memory_bank = MemoryBank(config["memory_bank_size"], dim) if use_bank else None
+
+    def _check_config(self, config):
+        for key in ("hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH", "retriever_dim"):
+            _check(config, key, int, low=1)
+        for key in ("moe_heads", "moe_proxies", "num_sub_experts", "ranking_negatives", "memory_bank_size"):
+            _check(config, key, int, low=1)
+        _check(config, "memory_size", int, low=0)
+        for key in ("hidden_dropout_prob", "attn_dropout_prob", "retriever_dropout"):
+            _check(config, key, (int, float), low=0, high=1)
+        for key in ("retriever_temperature", "contrastive_temperature", "distillation_temperature"):
+            _check(config, key, (int, float), low=0, low_open=True)
+        for key in sorted(set(LOSS_WEIGHT_KEYS.values())):
+            _check(config, key, (int, float), low=0)
+        _check(config, "fusion_weight", (int, float), low=0)
+        _check(config, "loss_position", None, choices=LOSS_POSITIONS)
+        _check(config, "ranking_loss_type", None, choices=RANKING_LOSSES)
+        _check(config, "moe_type", None, choices=MOE_TYPES)
+        _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
+        _check(config, "use_image", None, choices=(True, False))
+        if config["train_neg_sample_args"]["distribution"] != "none":
+            raise ValueError(
+                f"train_neg_sample_args must be ~ for UR4Rec (got {config['train_neg_sample_args']}): "
+                f"it samples its own negatives (ranking_negatives)"
+            )
+
+    def set_objective(self, objective):
+        """What to train and predict with: ``backbone``, ``retriever`` or ``fused``."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.objective = objective
+
+    def load_other_parameter(self, para):
+        if para is not None and para.get("feature_fingerprint") not in (None, self.feature_fingerprint):
+            raise ValueError(
+                f"this UR4Rec checkpoint was trained on other features (fingerprint {para['feature_fingerprint']}) "
+                f"than the ones built now ({self.feature_fingerprint}): check item_text_template, user text and "
+                f"image settings, and the text encoder"
+            )
+        super().load_other_parameter(para)
+
+    def parameter_groups(self):
+        """Named parameter groups the trainer freezes, unfreezes and clips separately."""
+        embeddings = [self.backbone.item_embedding.weight, self.backbone.position_embedding.weight]
+        embedding_ids = {id(p) for p in embeddings}
+        return {
+            "item_embedding": embeddings,
+            "backbone": [p for p in self.backbone.parameters() if id(p) not in embedding_ids],
+            "retriever": list(self.retriever.parameters()),
+            "fusion": list(self.fusion.parameters()),
+        }
+
+    def forward(self, item_seq, item_seq_len):
+        return self.backbone(item_seq, item_seq_len)  # [B L H]
+
+    def _supervised(self, interaction, hidden):
+        """Hidden states, targets and users of the supervised positions: [N H], [N], [N]."""
+        users = interaction[self.USER_ID]  # [B]
+        if self.loss_position == "last":
+            return self.backbone.gather_last(hidden, interaction[self.ITEM_SEQ_LEN]), interaction[self.POS_ITEM_ID], users
+        if self.TARGET_SEQ not in interaction:
+            raise KeyError(
+                f"loss_position: all needs the field {self.TARGET_SEQ!r} of whole-sequence training rows; "
+                f"build the data with recbole_ur4rec.data.data_preparation (RecBole's gives prefix rows)"
+            )
+        targets = interaction[self.TARGET_SEQ][:, : hidden.size(1)]  # [B L]
+        mask = targets > 0  # [B L]
+        return hidden[mask], targets[mask], users.unsqueeze(1).expand_as(mask)[mask]  # [N H], [N], [N]
+
+    def _rank(self, scores, targets):
+        return ranking_loss(scores, targets, self.ranking_loss_type, self.ranking_negatives)
+
+    def loss_terms(self, interaction):
+        """Unweighted loss terms of the current objective (a dict of scalar tensors); see ``LOSS_WEIGHT_KEYS``."""
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
+        hidden = self.forward(interaction[self.ITEM_SEQ], item_seq_len)  # [B L H]
+        states, targets, users = self._supervised(interaction, hidden)  # [N H], [N], [N]
+        backbone_scores = states @ self.backbone.item_embedding.weight.t()  # [N n]
+        if self.objective == "backbone":
+            return {"rank": self._rank(backbone_scores, targets)}
+
+        retrieved = self.retriever(states, users)
+        retriever_scores = retrieved["scores"]  # [N n]
+        row_users = interaction[self.USER_ID]  # [B]
+        last = self.backbone.gather_last(hidden, item_seq_len)  # [B H]
+        terms = self._auxiliary_terms(retrieved, last, row_users, targets)
+        if self.objective == "retriever":
+            terms["rank"] = self._rank(retriever_scores, targets)
+        else:
+            context = torch.cat([states, retrieved["query"]], dim=-1)  # [N H+D]
+            fused, _ = self.fusion(backbone_scores, retriever_scores, context)  # [N n]
+            terms["rank"] = self._rank(fused, targets)
+            terms["rank_backbone"] = self._rank(backbone_scores, targets)
+            terms["rank_retriever"] = self._rank(retriever_scores, targets)
+            terms["distillation"] = bidirectional_distillation(
+                backbone_scores, retriever_scores, self.distillation_temperature
+            )
+        if self.training:
+            self.retriever.remember(row_users, last)
+        return terms
+
+    def _auxiliary_terms(self, retrieved, last, users, targets):
+        """Consistency, contrastive, diversity and load-balance terms."""
+        state_view = self.retriever.state_view(last)  # [B D]
+        user_view = self.retriever.user_view(users)  # [B D]
+        has_text = self.retriever.user_mask[users]  # [B]
+        zero = last.new_zeros(())
+        consistency, contrastive = zero, zero
+        if has_text.any():
+            cosine = torch.cosine_similarity(state_view[has_text], user_view[has_text], dim=-1)
+            consistency = (1 - cosine).mean()
+        if has_text.sum() > 1:
+            queue = self.memory_bank.negatives() if self.memory_bank is not None else None
+            contrastive = info_nce(state_view[has_text], user_view[has_text], queue, self.contrastive_temperature)
+            if self.memory_bank is not None and self.training:
+                self.memory_bank.push(user_view[has_text])
+        keys = retrieved["keys"]
+        if len(keys) > 1:  # text and image keys of the target items that have both
+            both = self.retriever.item_mask()[:, targets].all(0)  # [N]
+            if both.any():
+                text, image = keys["text"][0, targets[both]], keys["image"][0, targets[both]]  # [N' D]
+                consistency = consistency + (1 - torch.cosine_similarity(text, image, dim=-1)).mean()
+        routers = [retrieved["modality_weights"], *retrieved["sub_weights"].values()]
+        return {
+            "consistency": consistency,
+            "contrastive": contrastive,
+            "diversity": expert_diversity_loss(retrieved["expert_queries"]),
+            "load_balance": sum(load_balance_loss(weights) for weights in routers) / len(routers),
+        }
+
+    def calculate_loss(self, interaction):
+        terms = self.loss_terms(interaction)
+        return sum(self.loss_weights[name] * value for name, value in terms.items())
+
+    def _scores(self, interaction):
+        """Scores of all items at each row's last position, by the current objective: [B n]."""
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        last = self.backbone.gather_last(self.forward(interaction[self.ITEM_SEQ], item_seq_len), item_seq_len)  # [B H]
+        backbone_scores = last @ self.backbone.item_embedding.weight.t()  # [B n]
+        if self.objective == "backbone":
+            return backbone_scores
+        retrieved = self.retriever(last, interaction[self.USER_ID])
+        if self.objective == "retriever":
+            return retrieved["scores"]
+        context = torch.cat([last, retrieved["query"]], dim=-1)  # [B H+D]
+        return self.fusion(backbone_scores, retrieved["scores"], context)[0]  # [B n]
+
+    def predict(self, interaction):
+        scores = self._scores(interaction)  # [B n]
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)  # [B]
+
+    def full_sort_predict(self, interaction):
+        return self._scores(interaction)  # [B n]
+
+    @torch.no_grad()
+    def routing(self, interaction):
+        """Mean fusion weight, modality and sub-expert weights at the last positions of ``interaction`` (for logs)."""
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        last = self.backbone.gather_last(self.forward(interaction[self.ITEM_SEQ], item_seq_len), item_seq_len)
+        retrieved = self.retriever(last, interaction[self.USER_ID])
+        weights = {"fusion": self.fusion.weight(torch.cat([last, retrieved["query"]], dim=-1)).mean().item()}
+        for m, name in enumerate(self.retriever.modalities):
+            weights[f"modality/{name}"] = retrieved["modality_weights"][:, m].mean().item()
+            for s, value in enumerate(retrieved["sub_weights"][name].mean(0).tolist()):
+                weights[f"expert/{name}/{s}"] = value
+        return weights

@@ -1,0 +1,294 @@
+"""UR4Rec and its staged trainer: losses, masks, what each stage trains, alternation, resume, learning from text."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from recbole.utils import init_seed
+from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset
+
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.model import UR4Rec
+from recbole_ur4rec.quick_start import run_recbole_ur4rec
+from recbole_ur4rec.trainer import UR4RecTrainer
+from recbole_ur4rec.trainer.staged_trainer import Alternator
+from recbole_ur4rec.utils import get_model, get_trainer, load_checkpoint
+
+ALL_GROUPS = {"item_embedding", "backbone", "retriever", "fusion"}
+BACKBONE_PART, RETRIEVER_PART = {"item_embedding", "backbone"}, {"retriever", "fusion"}
+
+
+@pytest.fixture(scope="module")
+def genre_root(tmp_path_factory):
+    return write_genre_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # the texts are encoded once per module
+
+
+@pytest.fixture
+def settings(genre_root, cache_dir, tmp_path):
+    return ur4rec_config(genre_root, cache_dir, tmp_path / "saved")
+
+
+def build(settings, **overrides):
+    config = Config(model="UR4Rec", dataset="genre", config_dict={**settings, **overrides})
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    model = UR4Rec(config, train_data._dataset)
+    return config, model, train_data, valid_data, test_data
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed_groups(model, before):
+    """Groups with at least one parameter that differs from ``before``; untouched ones are bit-identical."""
+    group_of = {id(p): group for group, params in model.parameter_groups().items() for p in params}
+    return {group_of[id(p)] for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def test_registered_with_its_trainer():
+    assert get_model("UR4Rec") is UR4Rec
+    assert get_trainer(UR4Rec.type, "UR4Rec") is UR4RecTrainer
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"moe_type": "hierarchical", "memory_size": 3, "contrastive_type": "memory_bank", "memory_bank_size": 32},
+        {"fusion_type": "gate", "ranking_loss_type": "InfoNCE", "ranking_negatives": 20},
+        {"fusion_type": "fixed", "ranking_loss_type": "BPR", "ranking_negatives": 20, "loss_position": "last"},
+    ],
+)
+def test_loss_terms_are_finite_and_differentiable_for_every_objective(settings, overrides):
+    _, model, train_data, _, _ = build(settings, **overrides)
+    batch = next(iter(train_data))
+    expected = {
+        "backbone": {"rank"},
+        "retriever": {"rank", "consistency", "contrastive", "diversity", "load_balance"},
+        "fused": {"rank", "rank_backbone", "rank_retriever", "distillation", "consistency", "contrastive", "diversity", "load_balance"},
+    }
+    for objective, names in expected.items():
+        model.set_objective(objective)
+        model.zero_grad()
+        terms = model.loss_terms(batch)
+        assert set(terms) == names
+        assert all(math.isfinite(value.item()) for value in terms.values()), terms
+        model.calculate_loss(batch).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    if overrides.get("moe_type") == "hierarchical":
+        assert terms["diversity"].item() > 0 and model.retriever.memory.count.sum() > 0
+        assert int(model.memory_bank.filled) > 0
+
+
+def test_full_sort_scores_every_item_and_predict_agrees(settings):
+    _, model, _, valid_data, _ = build(settings)
+    model.eval()
+    batch = next(iter(valid_data))[0]
+    for objective in ("backbone", "retriever", "fused"):
+        model.set_objective(objective)
+        scores = model.full_sort_predict(batch)
+        assert scores.shape == (len(batch), model.n_items) and torch.isfinite(scores).all()
+        items = torch.randint(1, model.n_items, (len(batch),))
+        batch.interaction[model.ITEM_ID] = items
+        assert torch.allclose(model.predict(batch), scores.gather(1, items.unsqueeze(1)).squeeze(1))
+
+
+def test_items_and_users_without_text_never_read_other_rows(settings):
+    config, model, _, valid_data, _ = build(settings, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    model.eval()
+    model.set_objective("retriever")
+    retriever = model.retriever
+    dataset = valid_data._dataset
+    no_text = dataset.token2id(dataset.iid_field, item_token(NO_TEXT_ITEM))
+    assert not retriever.text_mask[no_text] and retriever.text_mask[1:].sum() == model.n_items - 2
+    batch = next(iter(valid_data))[0]
+    scores = model.full_sort_predict(batch)
+    assert torch.all(scores[:, no_text] == 0), "an item with no modality is scored by none"
+
+    # the feature row of an item without text is never read; an item's row changes only its own scores
+    retriever.text_features[no_text] = torch.randn(retriever.text_features.size(1))
+    assert torch.equal(model.full_sort_predict(batch), scores)
+    other = int(torch.nonzero(retriever.text_mask)[0])
+    retriever.text_features[other] += 1.0
+    moved = (model.full_sort_predict(batch) != scores).any(0)
+    assert moved[other] and moved.sum() == 1
+
+    # a user whose text is masked gets the learned missing vector, whatever the feature row holds
+    user = int(batch[model.USER_ID][0])
+    retriever.user_mask[user] = False
+    masked = model.full_sort_predict(batch)
+    retriever.user_features[user] = torch.randn(retriever.user_features.size(1))
+    assert torch.equal(model.full_sort_predict(batch), masked)
+    assert torch.allclose(retriever.user_view(torch.tensor([user]))[0], retriever.missing_user)
+
+
+def test_features_are_not_saved_and_a_checkpoint_refuses_other_features(settings):
+    _, model, _, _, _ = build(settings)
+    state = model.state_dict()
+    assert not any(key.endswith(("_features", "_mask")) for key in state), "frozen features stay out of checkpoints"
+    with pytest.raises(ValueError, match="trained on other features"):
+        model.load_other_parameter({"objective": "fused", "feature_fingerprint": "0123456789abcdef"})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"fusion_type": "sum"}, "fusion_type must be one of fixed, gate, residual, got 'sum'"),
+        ({"moe_heads": 3}, r"retriever_dim \(16\) must be a multiple of moe_heads \(3\)"),
+        ({"retriever_temperature": 0}, "config key 'retriever_temperature' must be a number > 0, got 0"),
+        ({"ranking_loss_type": "CE2"}, "config key 'ranking_loss_type' must be one of CE, InfoNCE, BPR, got 'CE2'"),
+        ({"use_image": True}, "config key 'use_image' is True but no image features are configured"),
+    ],
+)
+def test_bad_model_settings_are_clear_errors(settings, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(settings, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"stages": ["pretrain", "joint"]}, "config key 'stages' must be a list of distinct stages"),
+        ({"stage_epochs": {"joint": 2}}, "config key 'stage_epochs' must give a value for every stage .*missing: pretrain_backbone"),
+        ({"curriculum_ramps": {"diversity": [0.5, 0.2]}}, "curriculum_ramps' entry 'diversity'"),
+        ({"max_grad_norm": {"encoder": 1.0}}, "max_grad_norm' names group 'encoder'"),
+        ({"alternation": "random"}, "config key 'alternation' must be one of fixed, adaptive, got 'random'"),
+        ({"warmup_ratio": 2}, r"config key 'warmup_ratio' must be a number in \[0, 1\], got 2"),
+    ],
+)
+def test_bad_trainer_settings_are_clear_errors(settings, overrides, message):
+    config, model, _, _, _ = build(settings, **overrides)
+    with pytest.raises(ValueError, match=message):
+        UR4RecTrainer(config, model)
+
+
+def trainer_for(settings, **overrides):
+    config, model, train_data, _, _ = build(settings, **overrides)
+    trainer = UR4RecTrainer(config, model)
+    trainer.steps_per_epoch = len(train_data)
+    return trainer, model, train_data
+
+
+def test_each_stage_trains_only_its_parameter_groups(settings):
+    trainer, model, train_data = trainer_for(settings, alternation_steps=1)
+    expected = {"pretrain_backbone": BACKBONE_PART, "pretrain_retriever": RETRIEVER_PART, "joint": ALL_GROUPS, "end_to_end": ALL_GROUPS}
+    for index, stage in enumerate(trainer.stages):
+        trainer._enter_stage(index)
+        before = snapshot(model)
+        loss = trainer._train_epoch(train_data, 0)
+        assert math.isfinite(loss)
+        assert changed_groups(model, before) == expected[stage.name], stage.name
+    assert trainer.alternator is None
+
+
+def test_joint_stage_alternates_between_backbone_and_retriever(settings):
+    trainer, model, train_data = trainer_for(settings, stages=["joint"], alternation_steps=10_000)
+    trainer._enter_stage(0)
+    before = snapshot(model)
+    trainer._train_epoch(train_data, 0)
+    assert changed_groups(model, before) == BACKBONE_PART, "the first turn trains the backbone only"
+    assert trainer.alternator.switches == 0
+
+    trainer, model, train_data = trainer_for(settings, stages=["joint"], alternation_steps=2)
+    trainer._enter_stage(0)
+    trainer._train_epoch(train_data, 0)
+    assert trainer.alternator.switches == len(train_data) // 2
+    assert trainer.alternator.current == (len(train_data) // 2) % 2
+
+
+def test_alternator_fixed_and_adaptive_schedules():
+    fixed = Alternator(2, "fixed", 3, 0.01)
+    assert [fixed.update([1.0, 1.0]) for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert fixed.current == 0 and fixed.switches == 2
+
+    adaptive = Alternator(2, "adaptive", 4, 0.01)
+    assert not any(adaptive.update([10.0 - i, 5.0]) for i in range(8)), "a falling loss keeps its part training"
+    assert [adaptive.update([2.0, 5.0]) for _ in range(4)][-1], "a flat loss hands over"
+    assert adaptive.current == 1
+    restored = Alternator(2, "adaptive", 4, 0.01)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.state_dict() == adaptive.state_dict()
+
+
+def test_progressive_unfreezing_goes_from_fusion_to_embeddings(settings):
+    trainer, model, train_data = trainer_for(settings, stages=["end_to_end"], progressive_unfreezing=True)
+    trainer._enter_stage(0)
+    seen = []
+    for epoch in range(4):
+        before = snapshot(model)
+        trainer._train_epoch(train_data, epoch)
+        seen.append(changed_groups(model, before))
+    assert seen == [{"fusion"}, {"fusion", "retriever"}, {"fusion", "retriever", "backbone"}, ALL_GROUPS]
+
+
+def test_curriculum_ramps_auxiliary_weights_and_lr_warms_up_then_decays(settings):
+    trainer, model, train_data = trainer_for(settings, stages=["joint"], warmup_ratio=0.25, min_lr_ratio=0.0)
+    trainer._enter_stage(0)
+    total = trainer.stage.epochs * trainer.steps_per_epoch
+    weights, factors = [], []
+    for step in range(total):
+        trainer.stage_step = step
+        weights.append(trainer.loss_weights())
+        factors.append(trainer._learning_rate_factor())
+    assert weights[0]["consistency"] == 0 and weights[-1]["consistency"] == model.loss_weights["consistency"]
+    assert weights[total // 2]["diversity"] == 0 and weights[-1]["diversity"] > 0
+    assert weights[0]["rank"] == weights[-1]["rank"] == 1.0
+    peak = int(np.argmax(factors))
+    assert factors[peak] == pytest.approx(1.0) and 0 < peak < total - 1
+    assert all(a <= b for a, b in zip(factors[:peak], factors[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1 :]))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path):
+    run_settings = {
+        **settings,
+        "stage_epochs": {"pretrain_backbone": 2, "pretrain_retriever": 2, "joint": 3, "end_to_end": 2},
+        "alternation_steps": 3,
+        "memory_size": 2,
+        "contrastive_type": "memory_bank",
+        "memory_bank_size": 64,
+    }
+    uninterrupted = run_recbole_ur4rec("UR4Rec", "genre", config_dict={**run_settings, "checkpoint_dir": str(tmp_path / "a")})
+
+    def stop_in_joint(epoch_idx, valid_score):
+        if epoch_idx == 5:  # joint's second epoch of three
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_recbole_ur4rec("UR4Rec", "genre", config_dict={**run_settings, "checkpoint_dir": str(tmp_path / "b")}, callback_fn=stop_in_joint)
+    (last_file,) = [f for f in os.listdir(tmp_path / "b") if f.endswith("-last.pth")]
+    state = load_checkpoint(tmp_path / "b" / last_file)
+    assert state["staged"]["stage_index"] == 2 and state["epoch"] == 1 and state["staged"]["alternator"]["switches"] > 0
+
+    epochs_run = []
+    resumed = run_recbole_ur4rec(resume_file=str(tmp_path / "b" / last_file), callback_fn=lambda epoch, score: epochs_run.append(epoch))
+    assert epochs_run == [6, 7, 8], "training continues after the last saved epoch, through the last stage"
+    assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
+    assert resumed["test_result"] == uninterrupted["test_result"]
+
+
+def test_learns_from_text_better_than_the_backbone_alone(settings):
+    budget = {"pretrain_backbone": 30, "pretrain_retriever": 20, "joint": 10, "end_to_end": 10}
+    results = {}
+    for name, stages, epochs in (
+        ("backbone", ["pretrain_backbone"], {"pretrain_backbone": sum(budget.values())}),
+        ("ur4rec", list(budget), budget),
+    ):
+        result = run_recbole_ur4rec("UR4Rec", "genre", config_dict={**settings, "stages": stages, "stage_epochs": epochs, "stopping_step": 5})
+        results[name] = (result["best_valid_result"]["ndcg@10"] + result["test_result"]["ndcg@10"]) / 2
+    random_ndcg10 = 0.025  # about 10 / 400 items hit, discounted
+    assert results["backbone"] > random_ndcg10
+    assert results["ur4rec"] > 1.15 * results["backbone"], results
