@@ -11,6 +11,7 @@ from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.model import UR4Rec
+from recbole_ur4rec.model.layers import info_nce
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.trainer import UR4RecTrainer
 from recbole_ur4rec.trainer.staged_trainer import Alternator
@@ -100,6 +101,22 @@ def test_full_sort_scores_every_item_and_predict_agrees(settings):
         items = torch.randint(1, model.n_items, (len(batch),))
         batch.interaction[model.ITEM_ID] = items
         assert torch.allclose(model.predict(batch), scores.gather(1, items.unsqueeze(1)).squeeze(1))
+
+
+def test_contrastive_other_windows_of_the_same_user_are_not_negatives():
+    torch.manual_seed(0)
+    anchors, positives = torch.randn(4, 8), torch.randn(4, 8)
+    positives[1] = positives[0]  # two windows of user 7 share the user's text view
+    groups = torch.tensor([7, 7, 3, 5])
+    a, p = torch.nn.functional.normalize(anchors, dim=-1), torch.nn.functional.normalize(positives, dim=-1)
+    logits = a @ p.t() / 0.1
+    # each row's negatives are the other users' views only
+    expected = torch.stack([
+        torch.nn.functional.cross_entropy(logits[i, keep].unsqueeze(0), torch.tensor([keep.index(i)]))
+        for i, keep in enumerate([[0, 2, 3], [1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    ]).mean()
+    assert torch.allclose(info_nce(anchors, positives, temperature=0.1, groups=groups), expected, atol=1e-6)
+    assert not torch.allclose(info_nce(anchors, positives, temperature=0.1), expected, atol=1e-3)
 
 
 def test_items_and_users_without_text_never_read_other_rows(settings):

@@ -278,7 +278,9 @@ class UR4Rec(SequentialRecommender):
             consistency = (1 - cosine).mean()
         if has_text.sum() > 1:
             queue = self.memory_bank.negatives() if self.memory_bank is not None else None
-            contrastive = info_nce(state_view[has_text], user_view[has_text], queue, self.contrastive_temperature)
+            contrastive = info_nce(
+                state_view[has_text], user_view[has_text], queue, self.contrastive_temperature, groups=users[has_text]
+            )
             if self.memory_bank is not None and self.training:
                 self.memory_bank.push(user_view[has_text])
         keys = retrieved["keys"]

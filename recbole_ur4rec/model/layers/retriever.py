@@ -128,16 +128,20 @@ class PreferenceRetriever(nn.Module):
             self.memory.write(users, states)
 
 
-def info_nce(anchors, positives, queue=None, temperature=0.1):
+def info_nce(anchors, positives, queue=None, temperature=0.1, groups=None):
     """InfoNCE of ``anchors`` [B D] against ``positives`` [B D]: in-batch negatives plus an optional ``queue`` [K D].
 
-    Both sides are L2-normalised here; the queue is expected normalised already.
+    Both sides are L2-normalised here; the queue is expected normalised already. ``groups`` [B] (e.g. user ids):
+    other rows of the same group are not negatives (two windows of one user share its positive).
     """
     anchors, positives = F.normalize(anchors, dim=-1), F.normalize(positives, dim=-1)
     logits = anchors @ positives.t()  # [B B]
+    labels = torch.arange(anchors.size(0), device=anchors.device)
+    if groups is not None:
+        same = (groups.unsqueeze(0) == groups.unsqueeze(1)) & (labels.unsqueeze(0) != labels.unsqueeze(1))  # [B B]
+        logits = logits.masked_fill(same, float("-inf"))
     if queue is not None:
         logits = torch.cat([logits, anchors @ queue.t()], dim=1)  # [B B+K]
-    labels = torch.arange(anchors.size(0), device=anchors.device)
     return F.cross_entropy(logits / temperature, labels)
 
 
