@@ -56,7 +56,7 @@ class FastSASRec(SequentialRecommender):
 
     def _check_config(self, config):
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} for FastSASRec, got {self.loss_type!r}")
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} for {type(self).__name__}, got {self.loss_type!r}")
         if self.loss_position not in LOSS_POSITIONS:
             raise ValueError(f"loss_position must be one of {', '.join(LOSS_POSITIONS)}, got {self.loss_position!r}")
         if not isinstance(self.neg_sample_num, int) or isinstance(self.neg_sample_num, bool) or self.neg_sample_num < 1:
@@ -69,7 +69,7 @@ class FastSASRec(SequentialRecommender):
                 raise ValueError(f"{key} must be a number in [0, 1), got {config[key]!r}")
         if config["train_neg_sample_args"]["distribution"] != "none":
             raise ValueError(
-                f"train_neg_sample_args must be ~ for FastSASRec (got {config['train_neg_sample_args']}): "
+                f"train_neg_sample_args must be ~ for {type(self).__name__} (got {config['train_neg_sample_args']}): "
                 f"it samples its own negatives, neg_sample_num per position"
             )
 
