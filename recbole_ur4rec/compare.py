@@ -352,7 +352,8 @@ BUDGET_KEYS = ("epochs", "stopping_step", "stage_epochs")  # training budget: ma
 
 def _budget(protocol):
     if protocol.get("stage_epochs"):
-        cap = "staged, at most " + ", ".join(f"{stage} {n}" for stage, n in protocol["stage_epochs"].items()) + " epochs"
+        cap = "staged, at most " + ", ".join(f"{stage} {n}" for stage, n in protocol["stage_epochs"].items())
+        cap += " epochs (the epochs columns count within the last stage)"
     else:
         cap = f"at most {protocol['epochs']} epochs"
     return f"{cap}, early stopping after {protocol['stopping_step']} validations without improvement"
