@@ -61,3 +61,11 @@ def quick_config(tiny_data_root, tmp_path):
 def run_in_tmp(tmp_path, monkeypatch):
     """RecBole writes ./log and ./log_tensorboard: keep them out of the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def walk_root(tmp_path_factory):
+    """Data root holding the ``walk`` dataset of the tuning and comparison tests (written once per module)."""
+    from tune_fixtures import write_walk_dataset
+
+    return write_walk_dataset(tmp_path_factory.mktemp("data"))

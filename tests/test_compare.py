@@ -1,5 +1,4 @@
 """run_compare: models x seeds in subprocesses, mean/std tables, chart, failed cells, reuse of finished cells."""
-import csv
 import json
 import os
 import statistics
@@ -7,17 +6,7 @@ import statistics
 import pytest
 
 from recbole_ur4rec.compare import parse_seeds, run_compare
-from tune_fixtures import quick_settings, write_walk_dataset
-
-
-@pytest.fixture(scope="module")
-def walk_root(tmp_path_factory):
-    return write_walk_dataset(tmp_path_factory.mktemp("data"))
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from tune_fixtures import quick_settings, read_csv
 
 
 def cell_json(output_dir, model, seed):

@@ -1,5 +1,4 @@
 """Ray Tune search: search-space files, per-epoch validation reports to ASHA, best trial chosen on validation."""
-import csv
 import glob
 import math
 import os
@@ -9,7 +8,7 @@ import yaml
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.tuning import SearchSpaceError, parse_params_file, run_search, to_tune_space
-from tune_fixtures import quick_settings, write_walk_dataset
+from tune_fixtures import quick_settings, read_csv
 
 
 def write(path, text):
@@ -79,16 +78,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def walk_root(tmp_path_factory):
-    return write_walk_dataset(tmp_path_factory.mktemp("data"))
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def progress(output_dir, trial_id):

@@ -1,4 +1,5 @@
 """Helpers for the tuning and comparison tests: a tiny sequential dataset and quick settings."""
+import csv
 import os
 
 import numpy as np
@@ -41,3 +42,8 @@ def quick_settings(data_root, epochs=4):
         "state": "WARNING",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
     }
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

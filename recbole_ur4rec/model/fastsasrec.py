@@ -40,19 +40,7 @@ class FastSASRec(SequentialRecommender):
         self.TARGET_SEQ = target_list_field(config)
         self._check_config(config)
 
-        self.backbone = SequenceBackbone(
-            n_items=self.n_items,
-            max_seq_length=self.max_seq_length,
-            hidden_size=config["hidden_size"],
-            n_layers=config["n_layers"],
-            n_heads=config["n_heads"],
-            inner_size=config["inner_size"],
-            hidden_dropout_prob=config["hidden_dropout_prob"],
-            attn_dropout_prob=config["attn_dropout_prob"],
-            hidden_act=config["hidden_act"],
-            layer_norm_eps=config["layer_norm_eps"],
-            initializer_range=config["initializer_range"],
-        )
+        self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
 
     def _check_config(self, config):
         if self.loss_type not in LOSS_TYPES:

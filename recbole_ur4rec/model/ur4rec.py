@@ -125,19 +125,7 @@ class UR4Rec(SequentialRecommender):
         self.loss_weights = {name: float(config[key]) for name, key in LOSS_WEIGHT_KEYS.items()}
         self.objective = "fused"
 
-        self.backbone = SequenceBackbone(
-            n_items=self.n_items,
-            max_seq_length=self.max_seq_length,
-            hidden_size=config["hidden_size"],
-            n_layers=config["n_layers"],
-            n_heads=config["n_heads"],
-            inner_size=config["inner_size"],
-            hidden_dropout_prob=config["hidden_dropout_prob"],
-            attn_dropout_prob=config["attn_dropout_prob"],
-            hidden_act=config["hidden_act"],
-            layer_norm_eps=config["layer_norm_eps"],
-            initializer_range=config["initializer_range"],
-        )
+        self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
         # user text must come from RecBole's training split, not from the whole-sequence rows built from it
         stores = load_features(config, getattr(dataset, "training_split", dataset))
         item_modalities = {"text": stores["item_text"]}

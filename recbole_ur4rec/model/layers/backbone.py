@@ -80,6 +80,16 @@ class SequenceBackbone(nn.Module):
     batch; the item embedding table doubles as the output layer (``item_embedding.weight``).
     """
 
+    CONFIG_KEYS = (
+        "hidden_size", "n_layers", "n_heads", "inner_size", "hidden_dropout_prob", "attn_dropout_prob",
+        "hidden_act", "layer_norm_eps", "initializer_range",
+    )
+
+    @classmethod
+    def from_config(cls, config, n_items, max_seq_length):
+        """The backbone a RecBole config describes (keys ``CONFIG_KEYS``)."""
+        return cls(n_items=n_items, max_seq_length=max_seq_length, **{key: config[key] for key in cls.CONFIG_KEYS})
+
     def __init__(
         self,
         n_items,
