@@ -30,6 +30,7 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap for every cell (RecBole's epochs)")
     parser.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE", help="a setting for every cell (repeatable)")
     parser.add_argument("--output_dir", default=None, help="default results/<dataset>")
+    parser.add_argument("--report_only", action="store_true", help="run nothing: write the tables from the finished cells")
     args, unknown = parser.parse_known_args(argv)
     extras = list(args.extra)
     for arg in unknown:
@@ -65,6 +66,7 @@ def main(argv=None):
             config_dir=args.config_dir,
             overrides=overrides,
             output_dir=args.output_dir,
+            report_only=args.report_only,
         )
     except KeyboardInterrupt:
         print("interrupted: finished cells and the table are kept; run the same command again to continue")

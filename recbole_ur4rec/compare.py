@@ -187,6 +187,7 @@ def run_compare(
     config_dir=None,
     overrides=None,
     output_dir=None,
+    report_only=False,
 ):
     r"""Run every (model, seed) cell that is not finished yet, then write the comparison table and chart.
 
@@ -200,6 +201,7 @@ def run_compare(
             (used when ``model_configs`` names none for that model).
         overrides (dict): settings above the config files for every cell (e.g. ``{"epochs": 20}``).
         output_dir (str): default ``results/<dataset>``.
+        report_only (bool): run nothing; write the tables from the finished cells (the others show as not finished).
 
     Returns:
         dict: ``ran`` and ``reused`` (cell names), ``cells`` (name -> cell record), ``rows`` (one per model),
@@ -236,6 +238,8 @@ def run_compare(
                 if done and done.get("status") == "ok" and done.get("settings") == settings:
                     cells[name] = done
                     reused.append(name)
+                    continue
+                if report_only:
                     continue
                 cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir)
                 ran.append(name)

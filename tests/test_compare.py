@@ -67,6 +67,13 @@ def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
     assert stamps == {key: os.path.getmtime(os.path.join(output_dir, "cells", f"{key[0]}-seed{key[1]}.json")) for key in cells}
     assert open(again["md"]).read() == md
 
+    # report_only runs nothing: a model without finished cells shows as not finished
+    report = run_compare(**{**kwargs, "models": ["SASRec", "GRU4Rec", "FEARec"]}, report_only=True)
+    assert report["ran"] == [] and len(report["reused"]) == 4
+    assert not os.path.exists(os.path.join(output_dir, "cells", "FEARec-seed1.json"))
+    fearec_line = next(line for line in open(report["md"]).read().splitlines() if line.startswith("| FEARec"))
+    assert "| 0/2 |" in fearec_line and "2 seed(s) not finished" in fearec_line
+
 
 def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
     broken = tmp_path / "GRU4Rec.yaml"
