@@ -1,0 +1,433 @@
+r"""
+FTRagRec
+################################################
+Reference:
+    Ruihong Qiu, Zi Huang, Hongzhi Yin and Zijian Wang. "Contrastive Learning for Representation Degeneration
+    Problem in Sequential Recommendation." In WSDM 2022 (DuoRec, the warm start).
+    Urvashi Khandelwal et al. "Generalization through Memorization: Nearest Neighbor Language Models." In ICLR 2020
+    (retrieval of similar training contexts and their next tokens).
+    Jeremy Howard and Sebastian Ruder. "Universal Language Model Fine-tuning for Text Classification." In ACL 2018
+    (progressive unfreezing and differential learning rates, in :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`).
+
+FTRagRec (the research prototype of ``shared/seeds/002``): a DuoRec encoder, warm-started from a trained DuoRec,
+whose sequence representation is enhanced with knowledge retrieved from the training prefixes most similar to it:
+a FAISS memory (:class:`~recbole_ur4rec.model.layers.retrieval_memory.RetrievalMemory`) returns the top-k
+training prefixes and their next items, small retriever encoder layers read them, attention with a temperature
+pools them, and the pooled knowledge is mixed into the sequence representation (fixed alpha, alpha from retrieval
+quality, or a per-dimension gate). Trained in stages by :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
+from recbole_ur4rec.model.duorec import DuoRec
+from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
+from recbole_ur4rec.model.layers.retrieval_memory import INDEX_TYPES, RetrievalMemory, weights_fingerprint
+from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+
+OBJECTIVES = ("backbone", "retrieval")
+FUSIONS = ("fixed", "dynamic", "gate")
+ALIGNMENTS = ("kl", "reverse_kl", "js", "none")
+ENCODERS = ("transformer", "mlp")
+EVERY_PAST_ENTRY = 2**62  # query position that lets the same user's training entries (all in its past) be retrieved
+
+
+def alignment_loss(retrieval_logits, recommendation_logits, kind, weights=None):
+    r"""Divergence between the retrieval and the recommendation distributions over items, averaged over rows.
+
+    ``kl`` = KL(retrieval || recommendation), ``reverse_kl`` = KL(recommendation || retrieval), ``js`` = Jensen-Shannon
+    (the mean KL of both to their average). ``weights`` [Q] (0/1) keeps some rows only; 0 when none is kept.
+    """
+    log_p = F.log_softmax(retrieval_logits, dim=-1)  # [Q n]
+    log_q = F.log_softmax(recommendation_logits, dim=-1)  # [Q n]
+    if kind == "kl":
+        per_row = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif kind == "reverse_kl":
+        per_row = (log_q.exp() * (log_q - log_p)).sum(-1)
+    elif kind == "js":
+        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0, device=log_p.device))
+        per_row = 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
+    else:
+        raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {kind!r}")
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp(min=1)
+
+
+class RetrievalFusion(nn.Module):
+    """Reads retrieved neighbours (their representation and their target item), pools them by attention with a
+    temperature, and mixes the result into the sequence representation."""
+
+    def __init__(self, hidden_size, n_heads, inner_size, n_layers, encoder, dropout, fusion, alpha, layer_norm_eps):
+        super().__init__()
+        self.fusion, self.alpha, self.encoder_type = fusion, alpha, encoder
+        self.neighbour_proj = nn.Linear(2 * hidden_size, hidden_size)
+        if encoder == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                hidden_size, n_heads, inner_size, dropout, activation="gelu", batch_first=True, layer_norm_eps=layer_norm_eps
+            )
+            self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        else:
+            self.encoder = nn.ModuleList(
+                nn.Sequential(nn.Linear(hidden_size, inner_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner_size, hidden_size))
+                for _ in range(n_layers)
+            )
+            self.norms = nn.ModuleList(nn.LayerNorm(hidden_size, eps=layer_norm_eps) for _ in range(n_layers))
+        self.query_proj = nn.Linear(hidden_size, hidden_size)
+        self.value_proj = nn.Linear(hidden_size, hidden_size)
+        if fusion == "gate":
+            self.gate = nn.Linear(2 * hidden_size, hidden_size)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, float(torch.logit(torch.tensor(alpha))))  # starts at alpha
+        elif fusion == "dynamic":
+            self.quality_scale = nn.Parameter(torch.tensor(5.0))
+            self.quality_center = nn.Parameter(torch.tensor(0.5))
+
+    def encode(self, x, mask):
+        """Neighbour encodings [Q k H] from inputs [Q k H]; ``mask`` [Q k] True for real neighbours."""
+        if self.encoder_type == "transformer":
+            padding = ~mask
+            padding[~mask.any(1)] = False  # a row without neighbours attends to all (its output is dropped)
+            return self.encoder(x, src_key_padding_mask=padding)
+        for block, norm in zip(self.encoder, self.norms):
+            x = norm(x + block(x))
+        return x
+
+    def forward(self, states, keys, target_emb, similarity, mask, temperature):
+        """Mix retrieved knowledge into ``states`` [Q H].
+
+        Args:
+            keys (torch.Tensor): [Q k H] representations of the retrieved prefixes.
+            target_emb (torch.Tensor): [Q k H] embeddings of their next items.
+            similarity (torch.Tensor): [Q k] FAISS similarities; mask (torch.Tensor): [Q k] real neighbours.
+
+        Returns:
+            dict: ``enhanced`` [Q H], ``knowledge`` [Q H], ``quality`` [Q] (mean similarity of the neighbours),
+            ``weight`` [Q 1] or [Q H] (the mixing weight), ``has`` [Q] (rows with at least one neighbour).
+        """
+        has = mask.any(1)  # [Q]
+        x = self.encode(self.neighbour_proj(torch.cat([keys, target_emb], dim=-1)), mask)  # [Q k H]
+        query = self.query_proj(states)  # [Q H]
+        logits = F.cosine_similarity(query.unsqueeze(1), x, dim=-1) / temperature  # [Q k]
+        logits = logits.masked_fill(~mask, float("-inf")).masked_fill(~has.unsqueeze(1), 0.0)
+        attention = torch.softmax(logits, dim=-1) * has.unsqueeze(1)  # [Q k]
+        # the neighbours' target embeddings enter the knowledge directly as well as through the encoder
+        knowledge = (attention.unsqueeze(-1) * (self.value_proj(x) + target_emb)).sum(1)  # [Q H]
+        quality = (similarity * mask).sum(1) / mask.sum(1).clamp(min=1)  # [Q]
+        if self.fusion == "fixed":
+            weight = states.new_full((states.size(0), 1), self.alpha)
+        elif self.fusion == "dynamic":
+            weight = self.alpha * torch.sigmoid(self.quality_scale * (quality - self.quality_center)).unsqueeze(1)
+        else:
+            weight = torch.sigmoid(self.gate(torch.cat([states, knowledge], dim=-1)))  # [Q H]
+        weight = weight * has.unsqueeze(1)
+        enhanced = (1 - weight) * states + weight * knowledge
+        return {"enhanced": enhanced, "knowledge": knowledge, "quality": quality, "weight": weight, "has": has}
+
+
+def _check(config, key, kind, low=None, high=None, choices=None, optional=False, low_open=False):
+    """``config[key]`` if it has the expected kind and range, else a ValueError naming the key and what was expected."""
+    value = config[key]
+    if optional and value is None:
+        return None
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"config key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        what = "an int" if kind is int else "a number"
+        bound = f" {'>' if low_open else '>='} {low}" if low is not None else ""
+        bound += f"{' and' if bound else ''} <= {high}" if high is not None else ""
+        raise ValueError(f"config key {key!r} must be {what}{bound}{' or ~' if optional else ''}, got {value!r}")
+    return value
+
+
+class FTRagRec(DuoRec):
+    r"""DuoRec encoder + retrieval of similar training prefixes from a FAISS memory, fused into the representation.
+
+    ``set_objective('backbone')`` trains and predicts with the DuoRec encoder alone (its own loss, contrastive terms
+    included); ``'retrieval'`` trains ``loss = rec + enhanced_rec_weight * enhanced + alignment_weight * alignment``
+    and predicts with the retrieval-enhanced representation (unless ``use_retrieval`` is False, which the trainer's
+    dual evaluation uses for the backbone-only scores).
+
+    NOTE:
+        Deviations from the prototype (``shared/seeds/002``):
+
+        - The memory holds one entry per training position (prefix -> next item) of RecBole's training split,
+          encoded in the windows of the whole-sequence training rows; validation and test items never enter it.
+        - Leakage: the memory never returns an entry of the query's own user at or after the query's position.
+          Training rows do not carry their window offset, so during training the query's user is excluded
+          entirely (stricter). At evaluation the user's history is past all of its training entries; they are
+          still excluded unless ``retrieve_own_history`` is True, because their targets are items the user has
+          already consumed, which full ranking does not mask.
+        - Each neighbour is read as [its prefix representation, its target item embedding]; the pooled knowledge is
+          the attention-weighted sum of the encoded neighbours plus their target embeddings (a direct path, so
+          that the knowledge scores the neighbours' next items from the start); the retrieval distribution of the
+          alignment loss is the softmax of the knowledge's scores over all items.
+        - During training, retrieval runs on at most ``retrieval_max_positions`` random supervised positions per
+          batch (the plain loss keeps every position), which bounds the FAISS cost per step.
+        - The memory is saved in checkpoints (keys, targets, users, positions and, for IVF, the serialised index)
+          with fingerprints of the backbone weights it was encoded with and of those saved beside it (between two
+          refreshes the memory lags behind the weights, as it did when that checkpoint was validated); loaded with
+          weights that match neither, it is rebuilt from them before its next use.
+    """
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self._check_retrieval_config(config)
+        self.retrieval_topk = config["retrieval_topk"]
+        self.similarity_threshold = config["similarity_threshold"]
+        self.retrieval_max_positions = config["retrieval_max_positions"]
+        self.retrieve_own_history = config["retrieve_own_history"]
+        self.enhanced_rec_weight = float(config["enhanced_rec_weight"])
+        self.alignment = config["alignment"]
+        self.alignment_weight = float(config["alignment_weight"])
+        self.alignment_quality_threshold = config["alignment_quality_threshold"]
+        self.temperature = float(config["retriever_temperature"])
+        self.memory_batch_size = config["eval_batch_size"]
+        self.objective, self.use_retrieval = "retrieval", True
+
+        self.fusion = RetrievalFusion(
+            hidden_size=config["hidden_size"],
+            n_heads=config["n_heads"],
+            inner_size=config["inner_size"],
+            n_layers=config["retriever_layers"],
+            encoder=config["retriever_encoder"],
+            dropout=config["retriever_dropout"],
+            fusion=config["fusion"],
+            alpha=float(config["alpha"]),
+            layer_norm_eps=config["layer_norm_eps"],
+        )
+        self.memory = RetrievalMemory(
+            index_type=config["index_type"],
+            nlist=config["nlist"],
+            nprobe=config["nprobe"],
+            ivf_min_size=config["ivf_min_size"],
+            normalize=config["normalize_keys"],
+            seed=config["seed"] or 0,
+        )
+        self._memory_rows = self._prefix_rows(getattr(dataset, "training_split", dataset))
+        self._memory_checked = False  # False until the memory is known to match the backbone's weights
+        self.memory_restored = False  # the last load_other_parameter reused the saved memory
+        self._device_memory = None  # (keys, targets) on the model's device
+        self.warm_started = None
+        if config["duorec_checkpoint"]:
+            self.warm_start(config["duorec_checkpoint"], config["dataset"])
+
+    def _check_retrieval_config(self, config):
+        _check(config, "retrieval_topk", int, low=1)
+        _check(config, "retrieval_max_positions", int, low=1)
+        _check(config, "retriever_layers", int, low=1)
+        _check(config, "nprobe", int, low=1)
+        _check(config, "nlist", int, low=1, optional=True)
+        _check(config, "ivf_min_size", int, low=1)
+        _check(config, "similarity_threshold", (int, float), optional=True)
+        _check(config, "alignment_quality_threshold", (int, float), optional=True)
+        _check(config, "retriever_dropout", (int, float), low=0, high=0.99)
+        _check(config, "retriever_temperature", (int, float), low=0, low_open=True)
+        _check(config, "enhanced_rec_weight", (int, float), low=0)
+        _check(config, "alignment_weight", (int, float), low=0)
+        _check(config, "fusion", None, choices=FUSIONS)
+        _check(config, "alignment", None, choices=ALIGNMENTS)
+        _check(config, "retriever_encoder", None, choices=ENCODERS)
+        _check(config, "index_type", None, choices=INDEX_TYPES)
+        for key in ("normalize_keys", "retrieve_own_history"):
+            _check(config, key, None, choices=(True, False))
+        alpha = _check(config, "alpha", (int, float), low=0, high=1)
+        if config["fusion"] == "gate" and not 0 < alpha < 1:
+            raise ValueError(f"config key 'alpha' must be in (0, 1) with fusion: gate (the gate's initial value), got {alpha!r}")
+        path = config["duorec_checkpoint"]
+        if path is not None and not isinstance(path, str):
+            raise ValueError(f"config key 'duorec_checkpoint' must be a path to a DuoRec checkpoint or ~, got {path!r}")
+
+    # ---- warm start --------------------------------------------------------------------------------------------
+    def warm_start(self, path, dataset_name=None):
+        """Load the ``backbone.*`` tensors of a plugin checkpoint (a trained DuoRec) into this model's backbone.
+
+        Raises:
+            CheckpointError: the file is missing or corrupt, was trained on another dataset, or its backbone
+                tensors do not match this backbone's names and shapes (all of them are named).
+        """
+        state = load_checkpoint(path, map_location="cpu")
+        if dataset_name is not None and state.get("dataset") not in (None, dataset_name):
+            raise CheckpointError(f"duorec_checkpoint {path} was trained on dataset {state['dataset']!r}, not {dataset_name!r}")
+        prefix = "backbone."
+        weights = {name[len(prefix) :]: t for name, t in state.get("state_dict", {}).items() if name.startswith(prefix)}
+        own = self.backbone.state_dict()
+        problems = []
+        missing = sorted(set(own) - set(weights))
+        if missing:
+            problems.append("missing " + ", ".join(prefix + name for name in missing))
+        unexpected = sorted(set(weights) - set(own))
+        if unexpected:
+            problems.append("unexpected " + ", ".join(prefix + name for name in unexpected))
+        mismatched = [
+            f"{prefix}{name} {tuple(weights[name].shape)} in the file, {tuple(own[name].shape)} here"
+            for name in sorted(set(own) & set(weights))
+            if weights[name].shape != own[name].shape
+        ]
+        if mismatched:
+            problems.append("shape mismatch: " + "; ".join(mismatched))
+        if problems:
+            raise CheckpointError(
+                f"duorec_checkpoint {path} (model {state.get('model')!r}) does not fit FTRagRec's backbone: "
+                + " | ".join(problems)
+                + ". Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers and "
+                "MAX_ITEM_LIST_LENGTH."
+            )
+        self.backbone.load_state_dict(weights)
+        self.warm_started = str(path)
+        self._memory_checked = False
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+    def _prefix_rows(self, train_split):
+        """Windows of the training histories (as the training rows) and the history position of their first column."""
+        user_ids, histories = training_histories(train_split)
+        max_len = self.max_seq_length
+        starts = []
+        for history in histories:
+            n_positions = len(history) - 1
+            starts += [max(0, end - max_len) for end in reversed(range(n_positions, 0, -max_len))]
+        user, item_seq, targets, length = window_rows(user_ids, histories, max_len)
+        return user, item_seq, targets, length, torch.as_tensor(starts, dtype=torch.int64)
+
+    def backbone_fingerprint(self):
+        return weights_fingerprint(self.backbone.state_dict())
+
+    @torch.no_grad()
+    def refresh_memory(self, force=False):
+        """Re-encode the training prefixes with the current backbone and rebuild the index.
+
+        Returns:
+            bool: whether it was rebuilt (not when the backbone is unchanged since the last build, unless ``force``).
+        """
+        fingerprint = self.backbone_fingerprint()
+        if self.memory.built and self.memory.fingerprint == fingerprint and not force:
+            self._memory_checked = True
+            return False
+        device = self.backbone.item_embedding.weight.device
+        user, item_seq, targets, length, starts = self._memory_rows
+        was_training = self.training
+        self.eval()
+        keys, entry_targets, entry_users, entry_positions = [], [], [], []
+        for lo in range(0, user.size(0), self.memory_batch_size):
+            rows = slice(lo, lo + self.memory_batch_size)
+            hidden = self.backbone(item_seq[rows].to(device), length[rows].to(device)).cpu()  # [b L H]
+            row_targets = targets[rows, : hidden.size(1)]  # [b L]
+            mask = row_targets > 0
+            column = torch.arange(hidden.size(1)).unsqueeze(0)
+            keys.append(hidden[mask])
+            entry_targets.append(row_targets[mask])
+            entry_users.append(user[rows].unsqueeze(1).expand_as(mask)[mask])
+            entry_positions.append((starts[rows].unsqueeze(1) + column).expand_as(mask)[mask])
+        self.train(was_training)
+        self.memory.build(
+            torch.cat(keys), torch.cat(entry_targets), torch.cat(entry_users), torch.cat(entry_positions), fingerprint
+        )
+        self._device_memory, self._memory_checked = None, True
+        return True
+
+    def ensure_memory(self):
+        """Build the memory if it is missing, or does not match weights loaded since it was built."""
+        if not self.memory.built or not self._memory_checked:
+            self.refresh_memory()
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        result = super().load_state_dict(state_dict, *args, **kwargs)
+        self._memory_checked = False  # new weights: the memory is checked against them before its next use
+        return result
+
+    def other_parameter(self):
+        memory = self.memory.state_dict()
+        if memory is not None:  # the weights saved beside it: a memory between two refreshes lags behind them
+            memory["saved_with"] = self.backbone_fingerprint()
+        return {"objective": self.objective, "memory": memory}
+
+    def load_other_parameter(self, para):
+        """Restore the objective and the saved memory, if it was saved with (or encoded by) the current weights;
+        otherwise the memory is dropped and rebuilt from the current weights before its next use."""
+        self.memory_restored = False
+        if not para:
+            return
+        self.set_objective(para.get("objective", self.objective))
+        saved = para.get("memory")
+        if saved is not None and self.backbone_fingerprint() in (saved["fingerprint"], saved.get("saved_with")):
+            self.memory.load_state_dict(saved)
+            self._device_memory, self._memory_checked, self.memory_restored = None, True, True
+        else:
+            self._memory_checked = False
+
+    # ---- retrieval ---------------------------------------------------------------------------------------------
+    def set_objective(self, objective):
+        """What to train and predict with: the ``backbone`` alone, or ``retrieval``-enhanced representations."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.objective = objective
+
+    def parameter_groups(self):
+        """Named parameter groups the trainer freezes, unfreezes, clips and scales separately."""
+        embeddings = [self.backbone.item_embedding.weight, self.backbone.position_embedding.weight]
+        embedding_ids = {id(p) for p in embeddings}
+        return {
+            "item_embedding": embeddings,
+            "backbone": [p for p in self.backbone.parameters() if id(p) not in embedding_ids],
+            "retriever": list(self.fusion.parameters()),
+        }
+
+    def retrieve(self, states, users, positions):
+        """Enhanced representations of ``states`` [Q H] (queries of ``users`` [Q] at ``positions`` [Q]); see
+        :meth:`RetrievalFusion.forward` for the returned dict."""
+        self.ensure_memory()
+        index, similarity, mask = self.memory.search(
+            states.detach(), users, positions, self.retrieval_topk, self.similarity_threshold
+        )  # [Q k] each
+        if self._device_memory is None:
+            self._device_memory = (self.memory.keys.to(states.device), self.memory.targets.to(states.device))
+        keys, targets = self._device_memory
+        target_emb = self.backbone.item_embedding(targets[index])  # [Q k H]
+        return self.fusion(states, keys[index], target_emb, similarity, mask, self.temperature)
+
+    def loss_terms(self, interaction):
+        """Loss terms of the current objective as {name: scalar tensor}, the weighted total under ``loss`` (plus the
+        mean retrieval ``quality`` and ``fusion_weight``, for the logs)."""
+        if self.objective == "backbone":
+            return {"loss": DuoRec.calculate_loss(self, interaction)}
+        hidden = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B L H]
+        states, targets, users = supervised_positions(self, interaction, hidden)  # [N H], [N], [N]
+        item_weight = self.backbone.item_embedding.weight
+        terms = {"rec": position_loss(states, targets, item_weight, self.loss_type, self.neg_sample_num)}
+        chosen = torch.randperm(states.size(0), device=states.device)[: self.retrieval_max_positions]  # [M]
+        states, targets, users = states[chosen], targets[chosen], users[chosen]
+        # the user is excluded entirely: a training row does not say where its window starts in the history
+        out = self.retrieve(states, users, torch.zeros_like(users))
+        terms["enhanced"] = position_loss(out["enhanced"], targets, item_weight, self.loss_type, self.neg_sample_num)
+        loss = terms["rec"] + self.enhanced_rec_weight * terms["enhanced"]
+        if self.alignment != "none":
+            weights = None
+            if self.alignment_quality_threshold is not None:
+                weights = (out["has"] & (out["quality"] >= self.alignment_quality_threshold)).float()
+            terms["alignment"] = alignment_loss(
+                out["knowledge"] @ item_weight[1:].t(), states @ item_weight[1:].t(), self.alignment, weights
+            )
+            loss = loss + self.alignment_weight * terms["alignment"]
+        terms["quality"] = out["quality"][out["has"]].mean() if out["has"].any() else states.new_zeros(())
+        terms["fusion_weight"] = out["weight"].detach().mean()
+        terms["loss"] = loss
+        return terms
+
+    def calculate_loss(self, interaction):
+        return self.loss_terms(interaction)["loss"]
+
+    def _last_hidden(self, interaction):
+        last = super()._last_hidden(interaction)  # [B H]
+        if self.objective == "backbone" or not self.use_retrieval:
+            return last
+        users = interaction[self.USER_ID]
+        position = EVERY_PAST_ENTRY if self.retrieve_own_history else 0
+        return self.retrieve(last, users, torch.full_like(users, position))["enhanced"]  # [B H]

@@ -1,0 +1,362 @@
+"""FTRagRec and its trainer: warm start, leakage-free FAISS memory, refresh, saved index, fusion and alignment losses,
+frozen stages, dual evaluation, learning a tiny dataset."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_sequential_dataset
+from recbole.utils import init_seed
+
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.data.sequence_dataset import training_histories
+from recbole_ur4rec.model import FTRagRec
+from recbole_ur4rec.model.ftragrec import ALIGNMENTS, FUSIONS, alignment_loss
+from recbole_ur4rec.model.layers.retrieval_memory import RetrievalMemory
+from recbole_ur4rec.quick_start import run_recbole_ur4rec
+from recbole_ur4rec.trainer import FTRagRecTrainer
+from recbole_ur4rec.trainer.checkpoint import plain_data
+from recbole_ur4rec.trainer.ftragrec_trainer import refresh_interval
+from recbole_ur4rec.utils import CheckpointError, get_model, get_trainer, load_checkpoint, save_checkpoint
+
+SMALL = {
+    "train_batch_size": 16,
+    "eval_batch_size": 256,
+    "show_progress": False,
+    "hidden_size": 16,
+    "inner_size": 32,
+    "n_layers": 1,
+    "n_heads": 1,
+    "MAX_ITEM_LIST_LENGTH": 20,
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "state": "WARNING",
+    "seed": 7,
+    "threads": 1,
+    "hidden_dropout_prob": 0.1,
+    "attn_dropout_prob": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    # histories up to 30 items with MAX_ITEM_LIST_LENGTH 20: some users have two training windows
+    return write_sequential_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def duorec_file(data_root, tmp_path_factory):
+    """A trained DuoRec checkpoint (the warm start)."""
+    saved = tmp_path_factory.mktemp("duorec")
+    result = run_recbole_ur4rec(
+        "DuoRec", "tiny", config_dict={**SMALL, "data_path": data_root, "checkpoint_dir": str(saved), "epochs": 2, "learning_rate": 0.01}
+    )
+    return result["model_file"]
+
+
+@pytest.fixture
+def settings(data_root, tmp_path):
+    return {**SMALL, "data_path": data_root, "checkpoint_dir": str(tmp_path / "saved")}
+
+
+def build(settings, **overrides):
+    config = Config(model="FTRagRec", dataset="tiny", config_dict={**settings, **overrides})
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    return config, FTRagRec(config, train_data._dataset), train_data, valid_data, test_data
+
+
+def trainer_for(settings, **overrides):
+    config, model, train_data, valid_data, test_data = build(settings, **overrides)
+    trainer = FTRagRecTrainer(config, model)
+    trainer.steps_per_epoch = len(train_data)
+    return trainer, model, train_data, valid_data, test_data
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed_groups(model, before):
+    group_of = {id(p): group for group, params in model.parameter_groups().items() for p in params}
+    return {group_of[id(p)] for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def test_registered_with_its_trainer():
+    assert get_model("FTRagRec") is FTRagRec
+    assert get_trainer(FTRagRec.type, "FTRagRec") is FTRagRecTrainer
+
+
+# ---- warm start ------------------------------------------------------------------------------------------------
+def test_warm_start_loads_duorec_backbone_exactly_and_skips_pretraining(settings, duorec_file):
+    duorec = load_checkpoint(duorec_file)["state_dict"]
+    config, model, *_ = build(settings, duorec_checkpoint=duorec_file)
+    own = model.state_dict()
+    backbone = [name for name in duorec if name.startswith("backbone.")]
+    assert backbone and all(torch.equal(own[name], duorec[name]) for name in backbone)
+    trainer = FTRagRecTrainer(config, model)
+    assert [(s.name, s.epochs) for s in trainer.stages][0] == ("pretrain_backbone", 0)
+
+
+def test_warm_start_refuses_a_mismatched_or_missing_checkpoint(settings, duorec_file, tmp_path):
+    state = load_checkpoint(duorec_file)
+    weights = dict(state["state_dict"])
+    del weights["backbone.layers.0.attention.qkv.bias"]
+    weights["backbone.item_embedding.weight"] = torch.zeros(3, 16)
+    bad = str(tmp_path / "bad.pth")
+    save_checkpoint(dict(state, state_dict=weights), bad)
+    with pytest.raises(CheckpointError) as error:
+        build(settings, duorec_checkpoint=bad)
+    message = str(error.value)
+    assert bad in message and "missing backbone.layers.0.attention.qkv.bias" in message
+    assert "backbone.item_embedding.weight (3, 16) in the file" in message
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build(settings, duorec_checkpoint=str(tmp_path / "none.pth"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch"):
+        build(settings, duorec_checkpoint=duorec_file, hidden_size=8, inner_size=16)
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+def clustered_memory(index_type="flat", **kwargs):
+    """Entries whose nearest neighbours are the same user's other entries (the hardest case for exclusion)."""
+    rng = np.random.default_rng(0)
+    n_users, per_user, dim = 30, 40, 8
+    centres = rng.normal(size=(n_users, dim)) * 3
+    keys = torch.tensor(np.repeat(centres, per_user, 0) + rng.normal(size=(n_users * per_user, dim)) * 0.1, dtype=torch.float32)
+    users = torch.arange(n_users).repeat_interleave(per_user)
+    positions = torch.arange(per_user).repeat(n_users)
+    memory = RetrievalMemory(index_type=index_type, **kwargs)
+    memory.build(keys, torch.randint(1, 50, (len(keys),)), users, positions, "fp")
+    return memory, keys, users, positions
+
+
+def test_memory_never_returns_the_query_nor_its_users_target_or_future():
+    memory, keys, users, positions = clustered_memory()
+    index, similarity, mask = memory.search(keys, users, positions, k=5)
+    got_user, got_pos = memory.users[index], memory.positions[index]
+    leaked = mask & (got_user == users[:, None]) & (got_pos >= positions[:, None])
+    assert not leaked.any()
+    assert mask.all(), "excluded entries never take a neighbour's place"
+    # the same user's earlier entries (its past) are allowed, and are the nearest when there are enough of them
+    late = positions >= 10
+    assert (got_user[late] == users[late, None]).all()
+    # position 0 excludes the user entirely
+    index, _, mask = memory.search(keys, users, torch.zeros_like(users), k=5)
+    assert mask.all() and (memory.users[index] != users[:, None]).all()
+
+
+def test_flat_and_ivf_agree_when_every_list_is_probed():
+    flat, keys, users, positions = clustered_memory("flat")
+    ivf, *_ = clustered_memory("ivf", nlist=8, nprobe=8)
+    assert flat.built_type == "flat" and ivf.built_type == "ivf"
+    a = flat.search(keys, users, positions, k=4)
+    b = ivf.search(keys, users, positions, k=4)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
+    auto, *_ = clustered_memory("auto", ivf_min_size=1000)
+    assert auto.built_type == "ivf"
+
+
+def test_similarity_threshold_masks_poor_neighbours():
+    memory, keys, users, positions = clustered_memory()
+    _, similarity, mask = memory.search(keys, users, torch.zeros_like(users), k=5)  # other users: cosine well below 1
+    _, t_similarity, t_mask = memory.search(keys, users, torch.zeros_like(users), k=5, threshold=0.5)
+    assert mask.all() and not t_mask.all() and t_mask.any()
+    assert torch.equal(t_mask, mask & (similarity >= 0.5))
+    assert (t_similarity[~t_mask] == 0).all()
+
+
+def test_model_memory_holds_training_prefixes_only(settings):
+    _, model, train_data, _, _ = build(settings)
+    model.refresh_memory()
+    memory = model.memory
+    user_ids, histories = training_histories(train_data._dataset.training_split)
+    assert len(memory) == sum(len(h) - 1 for h in histories)
+    for user, history in zip(user_ids[:10], histories[:10]):
+        own = memory.users == user
+        order = torch.argsort(memory.positions[own])
+        assert torch.equal(memory.positions[own][order], torch.arange(len(history) - 1))
+        assert torch.equal(memory.targets[own][order], torch.as_tensor(history[1:])), "entry p -> next item h[p + 1]"
+    # training and evaluation queries never retrieve their own user (see FTRagRec's NOTE)
+    batch = next(iter(train_data))
+    states = model.backbone.gather_last(model(batch["item_id_list"], batch["item_length"]), batch["item_length"])
+    index, _, mask = memory.search(states, batch["user_id"], torch.zeros_like(batch["user_id"]), k=5)
+    assert mask.all() and (memory.users[index] != batch["user_id"][:, None]).all()
+
+
+def test_refresh_schedule(settings):
+    assert [refresh_interval({0: 1, 3: 2}, e) for e in range(6)] == [1, 1, 1, 2, 2, 2]
+    trainer, model, train_data, _, _ = trainer_for(
+        settings,
+        stages=["retriever", "finetune"],
+        stage_epochs={"retriever": 2, "finetune": 5},
+        progressive_unfreezing=False,
+        refresh_every={0: 1, 3: 2},
+    )
+    rebuilt = {}
+    original = model.refresh_memory
+
+    def refresh_memory(force=False):
+        rebuilt[trainer.retrieval_epoch] = original(force)
+        return rebuilt[trainer.retrieval_epoch]
+
+    model.refresh_memory = refresh_memory
+    trainer.fit(train_data, saved=False)
+    # every epoch until epoch 3, then every 2; re-encoded only when the backbone changed (frozen in 'retriever')
+    assert trainer.refresh_log == [0, 1, 2, 4, 6]
+    assert rebuilt == {0: True, 1: False, 2: False, 4: True, 6: True}
+    with pytest.raises(ValueError, match=r"config key 'refresh_every' must be an int >= 1"):
+        trainer_for(settings, refresh_every={2: 1})
+
+
+def test_memory_is_saved_restored_and_rebuilt_on_mismatch(settings, tmp_path):
+    for index_type in ("flat", "ivf"):
+        _, model, _, valid_data, _ = build(settings, index_type=index_type, nlist=4, nprobe=2)
+        model.refresh_memory()
+        path = str(tmp_path / f"{index_type}.pth")
+        save_checkpoint({"state_dict": model.state_dict(), "other": plain_data(model.other_parameter())}, path)
+        state = load_checkpoint(path)  # weights_only=True: the memory is tensors and plain data
+        _, restored, _, _, _ = build(settings, index_type=index_type, nlist=4, nprobe=2, seed=8)
+        restored.load_state_dict(state["state_dict"])
+        restored.load_other_parameter(state["other"])
+        assert restored.memory_restored and restored.memory.built_type == index_type
+        assert torch.equal(restored.memory.keys, model.memory.keys)
+        model.eval(), restored.eval()
+        interaction = next(iter(valid_data))[0]
+        assert torch.allclose(model.full_sort_predict(interaction), restored.full_sort_predict(interaction), atol=1e-5)
+
+    # other weights: the saved memory is not trusted, and is rebuilt from the current backbone before its next use
+    _, other, _, _, _ = build(settings, seed=9)
+    other.load_other_parameter(state["other"])
+    assert not other.memory_restored and not other.memory.built
+    other.full_sort_predict(interaction)
+    assert other.memory.fingerprint == other.backbone_fingerprint() != model.memory.fingerprint
+    # loading new weights after a build makes the model re-check (and rebuild) its memory
+    other.load_state_dict(model.state_dict())
+    other.full_sort_predict(interaction)
+    assert other.memory.fingerprint == model.memory.fingerprint
+
+
+# ---- losses ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [{"fusion": f} for f in FUSIONS]
+    + [{"alignment": a} for a in ALIGNMENTS]
+    + [{"retriever_encoder": "mlp", "similarity_threshold": 0.9, "alignment_quality_threshold": 0.5}],
+)
+def test_losses_are_finite_and_reach_the_retriever(settings, overrides):
+    _, model, train_data, _, _ = build(settings, **overrides)
+    terms = model.loss_terms(next(iter(train_data)))
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert ("alignment" in terms) == (model.alignment != "none")
+    terms["loss"].backward()
+    grads = [p.grad for p in model.parameter_groups()["retriever"] if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_alignment_variants_match_a_hand_computation():
+    retrieval, recommendation = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    p = torch.softmax(retrieval, -1)[0].tolist()
+    q = torch.softmax(recommendation, -1)[0].tolist()
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b))
+
+    expected = {"kl": kl(p, q), "reverse_kl": kl(q, p), "js": 0.5 * kl(p, m) + 0.5 * kl(q, m)}
+    for kind, value in expected.items():
+        assert alignment_loss(retrieval, recommendation, kind).item() == pytest.approx(value, rel=1e-5)
+    two = torch.cat([retrieval, retrieval])
+    assert alignment_loss(two, torch.cat([recommendation, two[:1]]), "kl", torch.tensor([1.0, 0.0])).item() == pytest.approx(
+        expected["kl"], rel=1e-5
+    ), "rows below the quality threshold do not count"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fusion", "sum", r"config key 'fusion' must be one of fixed, dynamic, gate, got 'sum'"),
+        ("alignment", "l2", r"config key 'alignment' must be one of kl, reverse_kl, js, none, got 'l2'"),
+        ("retrieval_topk", 0, r"config key 'retrieval_topk' must be an int >= 1, got 0"),
+        ("index_type", "hnsw", r"config key 'index_type' must be one of auto, flat, ivf, got 'hnsw'"),
+        ("retriever_temperature", 0, r"config key 'retriever_temperature' must be a number > 0, got 0"),
+        ("alpha", 1.5, r"config key 'alpha' must be a number >= 0 and <= 1, got 1.5"),
+    ],
+)
+def test_bad_config_values_are_named(settings, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        build(settings, **{key: value})
+
+
+# ---- trainer ---------------------------------------------------------------------------------------------------
+def test_frozen_parts_stay_frozen_until_their_unfreeze_step(settings):
+    trainer, model, train_data, _, _ = trainer_for(
+        settings, stages=["retriever", "finetune"], unfreeze_every=1, stage_lr_scale={"finetune": {"backbone": 0.5}}
+    )
+    trainer._enter_stage(0)
+    before = snapshot(model)
+    trainer._train_epoch(train_data, 0)
+    assert changed_groups(model, before) == {"retriever"}, "retriever stage: the warm-started backbone stays frozen"
+    trainer._enter_stage(1)
+    lrs = {group["group"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert lrs["backbone"] == pytest.approx(0.5 * lrs["retriever"]) and lrs["item_embedding"] == lrs["retriever"]
+    seen = []
+    for epoch in range(3):
+        before = snapshot(model)
+        trainer._train_epoch(train_data, epoch)
+        seen.append(changed_groups(model, before))
+    assert seen == [{"retriever"}, {"retriever", "backbone"}, {"retriever", "backbone", "item_embedding"}]
+
+
+def test_dual_evaluation_reports_with_and_without_retrieval(settings):
+    trainer, model, train_data, valid_data, test_data = trainer_for(
+        settings, stages=["retriever"], stage_epochs={"retriever": 1}, alpha=0.5
+    )
+    trainer.fit(train_data, valid_data, saved=False)
+    (entry,) = trainer.valid_history
+    assert entry["with_retrieval"]["ndcg@10"] == trainer.run_best_score
+    assert entry["without_retrieval"] is not None and set(entry["without_retrieval"]) == set(entry["with_retrieval"])
+    with_retrieval = trainer.evaluate(test_data, load_best_model=False)
+    without = trainer.result_without_retrieval
+    model.set_objective("backbone")
+    assert trainer.evaluate(test_data, load_best_model=False) == without and trainer.result_without_retrieval is None
+    assert with_retrieval != without, "retrieval changes the scores"
+
+
+def test_resume_keeps_the_refresh_schedule(settings):
+    trainer, model, train_data, valid_data, _ = trainer_for(
+        settings, stages=["retriever", "finetune"], stage_epochs={"retriever": 1, "finetune": 2}, refresh_every=2
+    )
+    trainer.fit(train_data, valid_data)
+    resumed, *_ = trainer_for(settings, stages=["retriever", "finetune"], stage_epochs={"retriever": 1, "finetune": 2}, refresh_every=2)
+    resumed.saved_model_file = trainer.saved_model_file
+    resumed.resume_checkpoint(trainer.last_checkpoint_file)
+    assert (resumed.retrieval_epoch, resumed.last_refresh, resumed.stage_index) == (3, 2, 1)
+    # the memory in use when the checkpoint was written comes back with it, even if it lags behind the weights
+    assert resumed.model.memory_restored
+    assert torch.equal(resumed.model.memory.keys, model.memory.keys)
+
+
+def test_full_sort_predict_shape(settings):
+    _, model, _, valid_data, _ = build(settings)
+    model.eval()
+    interaction = next(iter(valid_data))[0]
+    for use_retrieval in (True, False):
+        model.use_retrieval = use_retrieval
+        scores = model.full_sort_predict(interaction)
+        assert scores.shape == (len(interaction), model.n_items) and torch.isfinite(scores).all()
+
+
+def test_learns_the_sequential_pattern(settings, duorec_file):
+    result = run_recbole_ur4rec(
+        "FTRagRec",
+        "tiny",
+        config_dict={
+            **settings,
+            "duorec_checkpoint": duorec_file,
+            "stage_epochs": {"pretrain_backbone": 5, "retriever": 4, "finetune": 4},
+            "stage_learning_rate": {"pretrain_backbone": 0.01, "retriever": 0.01, "finetune": 0.005},
+            "unfreeze_every": 1,
+        },
+    )
+    random_ndcg10 = sum(1 / math.log2(rank + 1) for rank in range(1, 11)) / 40  # one relevant item in ~40
+    assert result["test_result"]["ndcg@10"] > 0.5 > 4 * random_ndcg10
