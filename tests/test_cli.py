@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_ur4rec.py")
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from recbole_ur4rec.model.fastsasrec import FastSASRec
-from recbole_ur4rec.model.layers import position_loss
+from recbole_ur4rec.model.layers import position_loss, supervised_positions
 
 CONTRASTS = ("us_x", "us", "un", "su", "none")
 SIMILARITIES = ("dot", "cos")
@@ -158,17 +158,7 @@ class DuoRec(FastSASRec):
         item_seq = interaction[self.ITEM_SEQ]  # [B L]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
         hidden = self.forward(item_seq, item_seq_len)  # [B L H]
-        if self.loss_position == "last":
-            rec = self.backbone.gather_last(hidden, item_seq_len)  # [N H], N = B
-            targets = interaction[self.POS_ITEM_ID]  # [N]
-        else:
-            if self.TARGET_SEQ not in interaction:
-                raise KeyError(
-                    f"loss_position: all needs the field {self.TARGET_SEQ!r} of whole-sequence training rows; "
-                    f"build the data with recbole_ur4rec.data.data_preparation (RecBole's gives prefix rows)"
-                )
-            mask = interaction[self.TARGET_SEQ][:, : hidden.size(1)] > 0  # [B L], False at padding
-            rec, targets = hidden[mask], interaction[self.TARGET_SEQ][:, : hidden.size(1)][mask]  # [N H], [N]
+        rec, targets, _ = supervised_positions(self, interaction, hidden)  # [N H], [N]
         loss = position_loss(rec, targets, self.backbone.item_embedding.weight, self.loss_type, self.neg_sample_num)
 
         use_un = self.contrast in ("un", "us") and self.lmd > 0
@@ -176,13 +166,12 @@ class DuoRec(FastSASRec):
         if not (use_un or use_su):
             return loss
         view = self.forward(item_seq, item_seq_len)  # [B L H], another dropout mask
+        view, _, _ = supervised_positions(self, interaction, view)  # [N H]
         if self.loss_position == "last":
-            view = self.backbone.gather_last(view, item_seq_len)  # [N H]
             anchors = torch.arange(rec.size(0), device=rec.device)
             if use_su:
                 semantic = self._same_target_view(interaction)  # [N H]
         else:
-            view = view[mask]  # [N H]
             anchors = torch.randperm(rec.size(0), device=rec.device)[: self.contrast_max_anchors]  # [M]
             rec, view, targets = rec[anchors], view[anchors], targets[anchors]
             if use_su:

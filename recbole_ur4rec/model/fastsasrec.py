@@ -10,7 +10,7 @@ on :class:`~recbole_ur4rec.model.layers.SequenceBackbone`.
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss
+from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss, supervised_positions
 
 LOSS_POSITIONS = ("all", "last")
 
@@ -68,18 +68,7 @@ class FastSASRec(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]  # [B L]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
         hidden = self.forward(item_seq, item_seq_len)  # [B L H]
-        if self.loss_position == "last":
-            hidden = self.backbone.gather_last(hidden, item_seq_len)  # [B H]
-            targets = interaction[self.POS_ITEM_ID]  # [B]
-        else:
-            if self.TARGET_SEQ not in interaction:
-                raise KeyError(
-                    f"loss_position: all needs the field {self.TARGET_SEQ!r} of whole-sequence training rows; "
-                    f"build the data with recbole_ur4rec.data.data_preparation (RecBole's gives prefix rows)"
-                )
-            targets = interaction[self.TARGET_SEQ][:, : hidden.size(1)]  # [B L]
-            mask = targets > 0  # [B L], False at padding
-            hidden, targets = hidden[mask], targets[mask]  # [N H], [N]
+        hidden, targets, _ = supervised_positions(self, interaction, hidden)  # [N H], [N]
         return position_loss(hidden, targets, self.backbone.item_embedding.weight, self.loss_type, self.neg_sample_num)
 
     def _last_hidden(self, interaction):

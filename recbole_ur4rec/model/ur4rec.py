@@ -34,6 +34,7 @@ from recbole_ur4rec.model.layers import (
     info_nce,
     load_balance_loss,
     ranking_loss,
+    supervised_positions,
 )
 
 OBJECTIVES = ("backbone", "retriever", "fused")
@@ -208,20 +209,6 @@ class UR4Rec(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
 
-    def _supervised(self, interaction, hidden):
-        """Hidden states, targets and users of the supervised positions: [N H], [N], [N]."""
-        users = interaction[self.USER_ID]  # [B]
-        if self.loss_position == "last":
-            return self.backbone.gather_last(hidden, interaction[self.ITEM_SEQ_LEN]), interaction[self.POS_ITEM_ID], users
-        if self.TARGET_SEQ not in interaction:
-            raise KeyError(
-                f"loss_position: all needs the field {self.TARGET_SEQ!r} of whole-sequence training rows; "
-                f"build the data with recbole_ur4rec.data.data_preparation (RecBole's gives prefix rows)"
-            )
-        targets = interaction[self.TARGET_SEQ][:, : hidden.size(1)]  # [B L]
-        mask = targets > 0  # [B L]
-        return hidden[mask], targets[mask], users.unsqueeze(1).expand_as(mask)[mask]  # [N H], [N], [N]
-
     def _rank(self, scores, targets):
         return ranking_loss(scores, targets, self.ranking_loss_type, self.ranking_negatives)
 
@@ -229,7 +216,7 @@ class UR4Rec(SequentialRecommender):
         """Unweighted loss terms of the current objective (a dict of scalar tensors); see ``LOSS_WEIGHT_KEYS``."""
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
         hidden = self.forward(interaction[self.ITEM_SEQ], item_seq_len)  # [B L H]
-        states, targets, users = self._supervised(interaction, hidden)  # [N H], [N], [N]
+        states, targets, users = supervised_positions(self, interaction, hidden)  # [N H], [N], [N]
         backbone_scores = states @ self.backbone.item_embedding.weight.t()  # [N n]
         if self.objective == "backbone":
             return {"rank": self._rank(backbone_scores, targets)}

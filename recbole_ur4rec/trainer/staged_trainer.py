@@ -13,7 +13,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from recbole.trainer import Trainer
 from recbole.utils import early_stopping, set_color
 from torch.nn.utils import clip_grad_norm_
@@ -121,6 +120,39 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         self.run_best_result, self.run_best_stage = None, None
 
     # ---- configuration -------------------------------------------------------------------------------------
+    def configured_stages(self, known, specs):
+        """The stages named by the config key ``stages`` (among ``known``), in order, with their ``stage_epochs``,
+        ``stage_learning_rate`` and ``stage_lr_scale``; ``specs`` gives each stage's other :class:`Stage` fields."""
+        config = self.config
+        names = config["stages"]
+        if not isinstance(names, list) or not names or any(n not in known for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"config key 'stages' must be a list of distinct stages among {', '.join(known)}, got {names!r}")
+        for key in ("stage_epochs", "stage_learning_rate"):
+            value = config[key]
+            missing = [name for name in names if not isinstance(value, dict) or name not in value]
+            if missing:
+                raise ValueError(f"config key {key!r} must give a value for every stage in 'stages' (missing: {', '.join(missing)}), got {value!r}")
+        lr_scale = config["stage_lr_scale"] or {}
+        if not isinstance(lr_scale, dict) or any(name not in known or not isinstance(v, dict) for name, v in lr_scale.items()):
+            raise ValueError(f"config key 'stage_lr_scale' must map stage names to {{group: factor}}, got {lr_scale!r}")
+        return [
+            Stage(
+                name=name,
+                epochs=config["stage_epochs"][name],
+                learning_rate=config["stage_learning_rate"][name],
+                lr_scale=dict(lr_scale.get(name, {})),
+                **specs[name],
+            )
+            for name in names
+        ]
+
+    def unfreeze_every(self):
+        """The config key ``unfreeze_every``, checked."""
+        value = self.config["unfreeze_every"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config key 'unfreeze_every' must be an int >= 1, got {value!r}")
+        return value
+
     def build_stages(self):
         """The list of :class:`Stage` to run, in order."""
         raise NotImplementedError
@@ -228,9 +260,8 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
                 self._enter_stage(index)
             offset = self.epoch_offset
             stage_callback = None
-            if callback_fn is not None:
-                def stage_callback(epoch_idx, valid_score):
-                    callback_fn(offset + epoch_idx, valid_score)
+            if callback_fn is not None:  # epochs counted over the whole run
+                stage_callback = lambda epoch_idx, valid_score, offset=offset: callback_fn(offset + epoch_idx, valid_score)  # noqa: E731
 
             if self.start_epoch < self.epochs:
                 super().fit(train_data, valid_data, verbose, saved, show_progress, stage_callback)

@@ -9,7 +9,7 @@
 Auxiliary loss weights follow a curriculum inside each stage: each weight ramps linearly from 0 to its configured
 value over a share of the stage's steps (``curriculum_ramps``).
 """
-from recbole_ur4rec.trainer.staged_trainer import Stage, StagedTrainer
+from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 
 STAGE_NAMES = ("pretrain_backbone", "pretrain_retriever", "joint", "end_to_end")
 BACKBONE_GROUPS = ("item_embedding", "backbone")
@@ -24,27 +24,12 @@ class UR4RecTrainer(StagedTrainer):
 
     def build_stages(self):
         config = self.config
-        names = config["stages"]
-        if not isinstance(names, list) or not names or any(name not in STAGE_NAMES for name in names) or len(set(names)) != len(names):
-            raise ValueError(f"config key 'stages' must be a list of distinct stages among {', '.join(STAGE_NAMES)}, got {names!r}")
-        settings = {}
-        for key in ("stage_epochs", "stage_learning_rate"):
-            value = config[key]
-            missing = [name for name in names if not isinstance(value, dict) or name not in value]
-            if missing:
-                raise ValueError(f"config key {key!r} must give a value for every stage in 'stages' (missing: {', '.join(missing)}), got {value!r}")
-            settings[key] = value
-        lr_scale = config["stage_lr_scale"] or {}
-        if not isinstance(lr_scale, dict) or any(name not in STAGE_NAMES or not isinstance(v, dict) for name, v in lr_scale.items()):
-            raise ValueError(f"config key 'stage_lr_scale' must map stage names to {{group: factor}}, got {lr_scale!r}")
         retriever_objective = config["retriever_pretrain_objective"]
         if retriever_objective not in RETRIEVER_OBJECTIVES:
             raise ValueError(
                 f"config key 'retriever_pretrain_objective' must be one of {', '.join(RETRIEVER_OBJECTIVES)}, got {retriever_objective!r}"
             )
-        unfreeze_every = config["unfreeze_every"]
-        if isinstance(unfreeze_every, bool) or not isinstance(unfreeze_every, int) or unfreeze_every < 1:
-            raise ValueError(f"config key 'unfreeze_every' must be an int >= 1, got {unfreeze_every!r}")
+        unfreeze_every = self.unfreeze_every()
         self.curriculum_ramps = self._ramps(config["curriculum_ramps"]) if config["curriculum"] else {}
 
         everything = BACKBONE_GROUPS + RETRIEVER_GROUPS
@@ -55,20 +40,11 @@ class UR4RecTrainer(StagedTrainer):
             "end_to_end": dict(
                 groups=everything,
                 unfreeze=UNFREEZE_ORDER if config["progressive_unfreezing"] else (),
-                unfreeze_every=config["unfreeze_every"],
+                unfreeze_every=unfreeze_every,
                 objective="fused",
             ),
         }
-        return [
-            Stage(
-                name=name,
-                epochs=settings["stage_epochs"][name],
-                learning_rate=settings["stage_learning_rate"][name],
-                lr_scale=dict(lr_scale.get(name, {})),
-                **specs[name],
-            )
-            for name in names
-        ]
+        return self.configured_stages(STAGE_NAMES, specs)
 
     def _ramps(self, ramps):
         known = set(self.model.loss_weights)

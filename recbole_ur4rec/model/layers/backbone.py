@@ -73,6 +73,25 @@ class TransformerLayer(nn.Module):
         return self.feed_forward(x)  # [B L H]
 
 
+def supervised_positions(model, interaction, hidden):
+    """The positions that carry a loss: hidden states [N H], targets [N] and users [N].
+
+    ``model.loss_position`` ``last``: the last position of each of RecBole's prefix rows; ``all``: every non-padding
+    position of the whole-sequence training rows (targets from their ``model.TARGET_SEQ`` field).
+    """
+    users = interaction[model.USER_ID]  # [B]
+    if model.loss_position == "last":
+        return model.backbone.gather_last(hidden, interaction[model.ITEM_SEQ_LEN]), interaction[model.POS_ITEM_ID], users
+    if model.TARGET_SEQ not in interaction:
+        raise KeyError(
+            f"loss_position: all needs the field {model.TARGET_SEQ!r} of whole-sequence training rows; "
+            f"build the data with recbole_ur4rec.data.data_preparation (RecBole's gives prefix rows)"
+        )
+    targets = interaction[model.TARGET_SEQ][:, : hidden.size(1)]  # [B L]
+    mask = targets > 0  # [B L], False at padding
+    return hidden[mask], targets[mask], users.unsqueeze(1).expand_as(mask)[mask]  # [N H], [N], [N]
+
+
 class SequenceBackbone(nn.Module):
     """Item and position embeddings, then ``n_layers`` causal transformer layers.
 
