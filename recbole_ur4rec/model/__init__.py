@@ -3,3 +3,4 @@ from recbole_ur4rec.model.duorec import DuoRec
 from recbole_ur4rec.model.fastsasrec import FastSASRec
 from recbole_ur4rec.model.ur4rec import UR4Rec
 from recbole_ur4rec.model.ftragrec import FTRagRec
+from recbole_ur4rec.model.feddmmr import FedDMMR

@@ -2,3 +2,4 @@
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
 from recbole_ur4rec.trainer.ur4rec_trainer import UR4RecTrainer
 from recbole_ur4rec.trainer.ftragrec_trainer import FTRagRecTrainer
+from recbole_ur4rec.trainer.feddmmr_trainer import FedDMMRTrainer

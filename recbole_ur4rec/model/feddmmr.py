@@ -1,0 +1,282 @@
+r"""
+FedDMMR
+################################################
+Reference:
+    Wang-Cheng Kang and Julian McAuley. "Self-Attentive Sequential Recommendation." In ICDM 2018 (the backbone).
+    Noam Shazeer et al. "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer." In ICLR 2017
+    (router and load-balance loss).
+    Brendan McMahan et al. "Communication-Efficient Learning of Deep Networks from Decentralized Data." In AISTATS 2017
+    (FedAvg, in :class:`~recbole_ur4rec.trainer.FedDMMRTrainer`).
+
+FedDMMR (the research prototype of ``shared/seeds/003``): a SASRec backbone plus a visual expert (CLIP item features)
+and a semantic expert (item-text features), each scoring all items from the sequence state, mixed by a router, and
+fused with the backbone either by residual enhancement or by a competitive mixture. Trained federated (one client per
+user) by :class:`~recbole_ur4rec.trainer.FedDMMRTrainer`, or centrally with ``federated: False``.
+"""
+import warnings
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+from torch.nn import functional as F
+
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.features import item_image_features, item_text_features
+from recbole_ur4rec.model.layers import SequenceBackbone, load_balance_loss, supervised_positions
+from recbole_ur4rec.model.layers.moe import Router
+from recbole_ur4rec.model.ur4rec import _check, features_fingerprint
+
+FUSIONS = ("residual", "competitive")
+LOSS_POSITIONS = ("all", "last")
+# parameter groups, by the first part of a parameter's name
+GROUP_OF_PREFIX = {"backbone": "backbone", "experts": "experts", "router": "router", "gate": "gate"}
+PARAMETER_GROUPS = ("item_embedding", "backbone", "experts", "router", "gate")
+
+
+class ItemExpert(nn.Module):
+    """Scores every item from a sequence state against frozen item features of one modality.
+
+    score(state, item) = cos(W_q state, MLP(feature_item)) / temperature; items without the modality (``mask``
+    False) score exactly 0, so the expert adds nothing to them.
+    """
+
+    def __init__(self, hidden_size, features, mask, dim, temperature, dropout):
+        super().__init__()
+        self.register_buffer("features", features.float(), persistent=False)  # [n d], rebuilt from the cache
+        self.register_buffer("mask", mask.bool(), persistent=False)  # [n]
+        self.temperature = temperature
+        self.query = nn.Linear(hidden_size, dim)
+        self.key = nn.Sequential(nn.Dropout(dropout), nn.Linear(features.size(1), dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, states):
+        keys = F.normalize(self.key(self.features), dim=-1)  # [n D]
+        scores = F.normalize(self.query(states), dim=-1) @ keys.t() / self.temperature  # [.. n]
+        return scores.masked_fill(~self.mask, 0.0)
+
+
+class FedDMMR(SequentialRecommender):
+    r"""SASRec backbone + visual and semantic item experts with a router; residual or competitive fusion.
+
+    - ``residual``: ``score = backbone + g * (w_vis * visual + w_sem * semantic)``, ``g`` a learnable scalar
+      initialised from ``gating_init``, ``(w_vis, w_sem)`` the router's softmax over the available experts;
+    - ``competitive``: ``score = w_seq * backbone + w_vis * visual + w_sem * semantic``, the router's softmax over
+      the backbone and the available experts.
+
+    The router reads the sequence state at each position; ``load_balance_weight`` weighs its load-balance loss.
+    A modality that is not configured has no expert; with none, the scores are exactly the backbone's.
+
+    NOTE:
+        Deviations from the prototype (``shared/seeds/003``):
+
+        - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` with a CE loss (full softmax, padding
+          left out) at every position of whole-sequence rows (``loss_position: all``); the prototype sampled negatives.
+        - Experts are cosine scorers (query projection of the state, MLP of the frozen item features, divided by
+          ``expert_temperature``); an item that lacks a modality gets 0 from that expert (no renormalisation of the
+          router weights per item).
+        - Parameters of the groups in ``local_groups`` (``router``, ``gate``, ...; see ``parameter_groups``) have a
+          per-user copy in buffers ``local__<name>`` ([n_users, ...]); once the trainer sets ``local_active``, every
+          prediction for user ``u`` uses the global weights with user ``u``'s copies of those parameters.
+    """
+
+    input_type = InputType.POINTWISE  # no negatives from RecBole's sampler
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self._check_config(config)
+        self.loss_position = config["loss_position"]
+        self.TARGET_SEQ = target_list_field(config)
+        self.fusion = config["fusion"]
+        self.load_balance_weight = float(config["load_balance_weight"])
+        self.n_users = dataset.num(self.USER_ID)
+
+        self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
+        stores = self._feature_stores(config, getattr(dataset, "training_split", dataset))
+        self.modalities = list(stores)  # subset of ["visual", "semantic"], in that order
+        self.feature_fingerprint = features_fingerprint(stores) if stores else ""
+        self.other_parameter_name = ["feature_fingerprint"]
+        self.experts = nn.ModuleDict(
+            {
+                name: ItemExpert(
+                    config["hidden_size"], store.features, store.mask, config["expert_dim"],
+                    config["expert_temperature"], config["expert_dropout"],
+                )
+                for name, store in stores.items()
+            }
+        )
+        n_routed = len(self.modalities) + (1 if self.fusion == "competitive" else 0)
+        self.router = Router(config["hidden_size"], max(n_routed, 1))
+        self.gate = nn.Parameter(torch.tensor(float(config["gating_init"])))
+
+        self.local_groups = list(config["local_groups"] or [])
+        groups = self.parameter_groups()
+        unknown = [g for g in self.local_groups if g not in groups]
+        if unknown:
+            raise ValueError(f"config key 'local_groups' names unknown groups {unknown}; the groups are {', '.join(groups)}")
+        name_of = {id(p): n for n, p in self.named_parameters()}
+        self.local_names = [name_of[id(p)] for g in self.local_groups for p in groups[g]]
+        self.register_buffer("local_active", torch.tensor(False))
+        for name in self.local_names:  # per-user copies, filled by the trainer when partial aggregation starts
+            param = self.get_parameter(name)
+            self.register_buffer(self.local_buffer(name), param.detach().unsqueeze(0).repeat(self.n_users, *[1] * param.dim()))
+
+    @staticmethod
+    def local_buffer(name):
+        return "local__" + name.replace(".", "__")
+
+    def _check_config(self, config):
+        for key in ("hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH", "expert_dim"):
+            _check(config, key, int, low=1)
+        for key in ("hidden_dropout_prob", "attn_dropout_prob", "expert_dropout"):
+            _check(config, key, (int, float), low=0, high=1)
+        _check(config, "expert_temperature", (int, float), low=0, low_open=True)
+        _check(config, "load_balance_weight", (int, float), low=0)
+        _check(config, "gating_init", (int, float))
+        _check(config, "fusion", None, choices=FUSIONS)
+        _check(config, "loss_position", None, choices=LOSS_POSITIONS)
+        _check(config, "use_text", None, choices=(True, False))
+        _check(config, "use_image", None, choices=(True, False))
+        if config["loss_type"] != "CE":
+            raise ValueError(f"config key 'loss_type' must be CE for FedDMMR (full softmax over all items), got {config['loss_type']!r}")
+        if config["train_neg_sample_args"]["distribution"] != "none":
+            raise ValueError(f"train_neg_sample_args must be ~ for FedDMMR (got {config['train_neg_sample_args']}): it uses a full softmax")
+        local = config["local_groups"]
+        if local is not None and (not isinstance(local, list) or not all(isinstance(g, str) for g in local)):
+            raise ValueError(f"config key 'local_groups' must be a list of parameter group names, got {local!r}")
+
+    @staticmethod
+    def _feature_stores(config, train_dataset):
+        """{'visual': item image store, 'semantic': item text store}, as configured (``use_image``, ``use_text``)."""
+        stores = {}
+        if config["use_image"]:
+            image = item_image_features(config, train_dataset)
+            if image is None:
+                raise ValueError(
+                    "config key 'use_image' is True but no image features are configured: "
+                    "set image_feature_file (precomputed CLIP features) or poster_dir (posters to encode)"
+                )
+            stores["visual"] = image
+        if config["use_text"]:
+            stores["semantic"] = item_text_features(config, train_dataset)
+        return stores
+
+    def load_other_parameter(self, para):
+        if para is not None and para.get("feature_fingerprint") not in (None, self.feature_fingerprint):
+            raise ValueError(
+                f"this FedDMMR checkpoint was trained on other item features (fingerprint {para['feature_fingerprint']}) "
+                f"than the ones built now ({self.feature_fingerprint}): check use_text, use_image and the feature settings"
+            )
+        super().load_other_parameter(para)
+
+    def parameter_groups(self):
+        """Named parameter groups (``local_groups`` chooses among them; every parameter is in exactly one)."""
+        embeddings = {id(self.backbone.item_embedding.weight), id(self.backbone.position_embedding.weight)}
+        return {
+            "item_embedding": [self.backbone.item_embedding.weight, self.backbone.position_embedding.weight],
+            "backbone": [p for p in self.backbone.parameters() if id(p) not in embeddings],
+            "experts": list(self.experts.parameters()),
+            "router": list(self.router.parameters()),
+            "gate": [self.gate],
+        }
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+    def forward(self, item_seq, item_seq_len):
+        return self.backbone(item_seq, item_seq_len)  # [B L H]
+
+    def fuse(self, states):
+        """Scores of all items from sequence states [.. H]: (fused [.. n], router weights [.. E], backbone [.. n])."""
+        backbone = states @ self.backbone.item_embedding.weight.t()  # [.. n]
+        weights = self.router(states)  # [.. E]
+        if not self.modalities:
+            return backbone, weights, backbone
+        experts = [self.experts[name](states) for name in self.modalities]  # each [.. n]
+        if self.fusion == "competitive":
+            experts = [backbone] + experts
+        mixture = sum(weights[..., e : e + 1] * scores for e, scores in enumerate(experts))  # [.. n]
+        if self.fusion == "residual":
+            mixture = backbone + self.gate * mixture
+        return mixture, weights, backbone
+
+    def _loss(self, scores, targets, weights):
+        """CE over the real items (padding left out) + the weighted load-balance loss; ``scores`` [N n]."""
+        loss = F.cross_entropy(scores[:, 1:], targets - 1)
+        if self.load_balance_weight and self.modalities:
+            loss = loss + self.load_balance_weight * load_balance_loss(weights)
+        return loss
+
+    def calculate_loss(self, interaction):
+        hidden = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B L H]
+        states, targets, _ = supervised_positions(self, interaction, hidden)  # [N H], [N]
+        scores, weights, _ = self.fuse(states)
+        return self._loss(scores, targets, weights)
+
+    def dense_loss(self, item_seq, targets):
+        """The loss of whole-sequence rows without data-dependent shapes (for ``torch.func.vmap`` over clients).
+
+        ``item_seq`` and ``targets`` are [R L] (targets 0 at padding; rows of padding only are allowed); the mean
+        is over the real positions, as :meth:`calculate_loss` with ``loss_position: all`` computes it.
+        """
+        width = torch.full((1,), item_seq.size(1), dtype=torch.long, device=item_seq.device)  # not batched
+        states = self.backbone(item_seq, width)  # [R L H]
+        scores, weights, _ = self.fuse(states)  # [R L n]
+        mask = (targets > 0).float()  # [R L]
+        ce = F.cross_entropy(scores[..., 1:].flatten(0, 1), (targets - 1).clamp(min=0).flatten(), reduction="none")
+        loss = (ce * mask.flatten()).sum() / mask.sum().clamp(min=1)
+        if self.load_balance_weight and self.modalities:
+            importance = (weights * mask.unsqueeze(-1)).sum((0, 1)) / mask.sum().clamp(min=1)  # [E]
+            if weights.size(-1) > 1:
+                loss = loss + self.load_balance_weight * (weights.size(-1) * importance.pow(2).sum() - 1)
+        return loss
+
+    def _last_scores(self, interaction):
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        item_seq = interaction[self.ITEM_SEQ][:, : int(item_seq_len.max())]
+        if self.local_names and bool(self.local_active):
+            return self._personal_scores(item_seq, item_seq_len, interaction[self.USER_ID])
+        last = self.backbone.gather_last(self.forward(item_seq, item_seq_len), item_seq_len)  # [B H]
+        return self.fuse(last)[0]  # [B n]
+
+    def _personal_scores(self, item_seq, item_seq_len, users):
+        """Scores with each user's own copy of the local parameters: vmap over the rows of the batch."""
+        rows = {name: getattr(self, self.local_buffer(name))[users] for name in self.local_names}  # each [B ..]
+
+        def one(params, seq, length):
+            return torch.func.functional_call(MethodCall(self), params, ("_row_scores", seq, length), strict=False)
+
+        with warnings.catch_warnings():  # attention has no vmap batching rule on CPU: torch loops over rows there
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            return torch.func.vmap(one)({"model." + k: v for k, v in rows.items()}, item_seq, item_seq_len)  # [B n]
+
+    def _row_scores(self, seq, length):
+        """Scores of all items for one row ``seq`` [L] with ``length`` valid items: [n] (vmap-friendly)."""
+        width = torch.full((1,), seq.size(0), dtype=torch.long, device=seq.device)  # not batched
+        hidden = self.backbone(seq.unsqueeze(0), width)  # [1 L H]
+        return self.fuse(self.backbone.gather_last(hidden, length.view(1)))[0].squeeze(0)  # [n]
+
+    def predict(self, interaction):
+        scores = self._last_scores(interaction)  # [B n]
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)  # [B]
+
+    def full_sort_predict(self, interaction):
+        return self._last_scores(interaction)  # [B n]
+
+    @torch.no_grad()
+    def routing(self, interaction):
+        """Mean router weights and the gate at the last positions of ``interaction`` (for logs)."""
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        last = self.backbone.gather_last(self.forward(interaction[self.ITEM_SEQ], item_seq_len), item_seq_len)
+        weights = self.router(last).mean(0).tolist()
+        names = (["sequence"] if self.fusion == "competitive" else []) + self.modalities
+        return {"gate": float(self.gate), **{f"w_{name}": w for name, w in zip(names, weights)}}
+
+
+class MethodCall(nn.Module):
+    """Calls a method of ``model`` through ``forward``, so ``torch.func.functional_call`` can run any method with
+    replaced parameters (their names prefixed ``model.``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method, *args):
+        return getattr(self.model, method)(*args)

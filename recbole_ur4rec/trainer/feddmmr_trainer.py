@@ -1,0 +1,119 @@
+"""Federated training of FedDMMR on RecBole's ``fit``: one federated round = one RecBole epoch.
+
+Each round (``_train_epoch``): sample ``client_fraction`` of the clients (one per user, seeded by ``seed`` and the
+round index), train each sampled client for ``local_epochs`` on its own rows from the global weights (the engine of
+``federated_engine``), and aggregate with FedAvg weighted by sample counts (:mod:`recbole_ur4rec.federated`). RecBole's
+``fit`` then validates, stops early and checkpoints as for any model; the clients' local parameters live in the
+model's ``local__*`` buffers, so the checkpoints and ``--resume`` carry them.
+
+Partial aggregation: the parameter groups in ``local_groups`` are aggregated like the others for the first
+``partial_aggregation_warmup_rounds`` rounds; from then on every client starts from, and keeps, its own copy of them
+(initialised from the global values when the warm-up ends) and evaluation uses each user's own copy.
+``federated: False`` trains the same model centrally (RecBole's ``_train_epoch``), for comparison.
+"""
+import time
+
+import numpy as np
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.federated import ENGINES, BatchedEngine, ClientData, FedAvg, round_plan
+from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
+
+
+def _number(config, key, kind, low=None, high=None, low_open=False, none_ok=False):
+    value = config[key]
+    if value is None and none_ok:
+        return None
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        raise ValueError(f"config key {key!r} must be {'an int' if kind is int else 'a number'} in {interval}{' or ~' if none_ok else ''}, got {value!r}")
+    return value
+
+
+class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
+    """Federated rounds as RecBole epochs (see the module docstring); ``federated: False`` trains centrally."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        if config["federated"] not in (True, False):
+            raise ValueError(f"config key 'federated' must be True or False, got {config['federated']!r}")
+        self.federated = config["federated"]
+        self.client_fraction = _number(config, "client_fraction", (int, float), 0, 1, low_open=True)
+        self.local_epochs = _number(config, "local_epochs", int, 1)
+        self.client_batch_size = _number(config, "client_batch_size", int, 1)
+        self.warmup_rounds = _number(config, "partial_aggregation_warmup_rounds", int, 0)
+        self.dp_clip_norm = _number(config, "dp_clip_norm", (int, float), 0, low_open=True, none_ok=True)
+        self.dp_noise_multiplier = _number(config, "dp_noise_multiplier", (int, float), 0)
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm is None:
+            raise ValueError("config key 'dp_noise_multiplier' > 0 needs 'dp_clip_norm' (the noise is scaled by the clipping norm)")
+        if config["federated_engine"] not in ENGINES:
+            raise ValueError(f"config key 'federated_engine' must be one of {', '.join(ENGINES)}, got {config['federated_engine']!r}")
+        if self.federated and config["loss_position"] != "all":
+            raise ValueError(f"federated training needs loss_position: all (whole-sequence rows per client), got {config['loss_position']!r}")
+        self.engine_name = config["federated_engine"]
+        self.seed = int(config["seed"])
+        self.clients, self.engine, self.last_round = None, None, {}
+
+    # ---- one round -----------------------------------------------------------------------------------------------
+    def _setup(self, train_data):
+        self.clients = ClientData(train_data._dataset, target_list_field(self.config))
+        lr, batch = self.config["learning_rate"], self.config["train_batch_size"]
+        if self.engine_name == "batched":
+            self.engine = BatchedEngine(self.model, self.clients, lr, batch, self.client_batch_size)
+        else:
+            self.engine = ENGINES[self.engine_name](self.model, self.clients, lr, batch)
+
+    def local_names(self, round_idx):
+        """The parameters kept on the clients in round ``round_idx`` (none during the warm-up)."""
+        return list(self.model.local_names) if round_idx >= self.warmup_rounds else []
+
+    def run_round(self, train_data, round_idx):
+        """Run federated round ``round_idx``; return the mean local training loss of the clients that finished."""
+        if self.clients is None:
+            self._setup(train_data)
+        model = self.model
+        begin = time.time()
+        local = self.local_names(round_idx)
+        buffers = {name: getattr(model, model.local_buffer(name)) for name in local}
+        if local and not bool(model.local_active):  # the warm-up ends: every client starts from the global values
+            with torch.no_grad():
+                for name, buffer in buffers.items():
+                    buffer.copy_(model.get_parameter(name).detach().unsqueeze(0).expand_as(buffer))
+                model.local_active.fill_(True)
+        n_rows = {c: len(r) for c, r in self.clients.rows.items()}
+        sampled, orders = round_plan(self.seed, round_idx, self.clients.clients, self.client_fraction, self.local_epochs, n_rows)
+        params = dict(model.named_parameters())
+        global_params = {n: p.detach().clone() for n, p in params.items() if n not in buffers and p.requires_grad}
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round_idx, 1]).integers(2**62)))
+        aggregator = FedAvg(global_params, self.dp_clip_norm, self.dp_noise_multiplier, generator)
+        new_local, losses = self.engine.run(sampled, orders, global_params, buffers, aggregator)
+        with torch.no_grad():
+            for name, value in aggregator.result().items():
+                params[name].copy_(value)
+            for client, values in new_local.items():
+                for name, value in values.items():
+                    buffers[name][client] = value
+        seconds = time.time() - begin
+        self.last_round = {
+            "round": round_idx, "sampled": sampled, "included": aggregator.included, "excluded": aggregator.excluded,
+            "seconds": seconds, "local": local,
+        }
+        self.logger.info(
+            set_color(f"round {round_idx}", "green")
+            + f": {len(aggregator.included)}/{len(sampled)} clients aggregated"
+            + (f", {len(aggregator.excluded)} left out" if aggregator.excluded else "")
+            + f", {seconds:.1f} s, gate {model.gate.item():.4f}"
+            + (f", local: {', '.join(model.local_groups)}" if local else "")
+        )
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if not self.federated:
+            return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        self.model.train()
+        return self.run_round(train_data, epoch_idx)
