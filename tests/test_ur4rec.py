@@ -247,6 +247,18 @@ def test_progressive_unfreezing_goes_from_fusion_to_embeddings(settings):
     assert seen == [{"fusion"}, {"fusion", "retriever"}, {"fusion", "retriever", "backbone"}, ALL_GROUPS]
 
 
+def test_progressive_unfreezing_skips_a_fusion_without_parameters(settings):
+    # fixed fusion has no parameters: the first step unfreezes the retriever instead of training nothing
+    trainer, model, train_data = trainer_for(settings, stages=["end_to_end"], progressive_unfreezing=True, fusion_type="fixed")
+    trainer._enter_stage(0)
+    seen = []
+    for epoch in range(3):
+        before = snapshot(model)
+        trainer._train_epoch(train_data, epoch)
+        seen.append(changed_groups(model, before))
+    assert seen == [{"retriever"}, {"retriever", "backbone"}, ALL_GROUPS - {"fusion"}]
+
+
 def test_curriculum_ramps_auxiliary_weights_and_lr_warms_up_then_decays(settings):
     trainer, model, train_data = trainer_for(settings, stages=["joint"], warmup_ratio=0.25, min_lr_ratio=0.0)
     trainer._enter_stage(0)

@@ -67,6 +67,7 @@ def ur4rec_config(data_root, cache_dir, checkpoint_dir, **overrides):
         "hidden_dropout_prob": 0.1,
         "attn_dropout_prob": 0.1,
         "stages": ["pretrain_backbone", "pretrain_retriever", "joint", "end_to_end"],  # all four, whatever the default
+        "fusion_type": "residual",  # a fusion with parameters, whatever the default
         "stage_epochs": {"pretrain_backbone": 2, "pretrain_retriever": 2, "joint": 2, "end_to_end": 2},
         "stopping_step": 100,
         **overrides,

@@ -236,8 +236,9 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         stage = self.stage
         active = set(stage.groups)
         if stage.unfreeze:
-            unfrozen = stage.unfreeze[: 1 + epoch // stage.unfreeze_every]
-            active -= set(stage.unfreeze) - set(unfrozen)
+            order = [g for g in stage.unfreeze if self.groups[g]]  # a group without parameters takes no step
+            unfrozen = order[: 1 + epoch // stage.unfreeze_every]
+            active -= set(order) - set(unfrozen)
         if self.alternator is not None:
             inactive = {g for i, part in enumerate(stage.alternate) if i != self.alternator.current for g in part}
             active -= inactive - set(stage.alternate[self.alternator.current])
