@@ -254,7 +254,7 @@ def test_dp_clipping_bounds_the_round_update(plain):
     trainer = FedDMMRTrainer(config, model)
     before = params_of(model)
     trainer.run_round(train_data, 0)
-    norm = torch.sqrt(sum((p - before[n]).pow(2).sum() for n, p in model.named_parameters()))
+    norm = torch.sqrt(sum((p.detach() - before[n]).pow(2).sum() for n, p in model.named_parameters()))
     assert 0 < float(norm) <= 0.01 + 1e-6
 
 
