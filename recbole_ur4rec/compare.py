@@ -452,7 +452,7 @@ def _plot(path, rows, metrics, dataset, seeds):
     import matplotlib.pyplot as plt
 
     shown = [row for row in rows if row["seeds_ok"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics) * max(1, len(shown)) / 2 + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.5 * len(metrics) * max(1, len(shown)) / 2 + 2)), 5.0))
     width = 0.8 / max(1, len(shown))
     for i, row in enumerate(shown):
         means = [row.get(f"test {m} mean") or 0.0 for m in metrics]
