@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.model.duorec import DuoRec
+from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
 from recbole_ur4rec.model.layers.retrieval_memory import INDEX_TYPES, RetrievalMemory, weights_fingerprint
 from recbole_ur4rec.utils import CheckpointError, load_checkpoint
@@ -124,28 +125,6 @@ class RetrievalFusion(nn.Module):
         weight = weight * has.unsqueeze(1)
         enhanced = (1 - weight) * states + weight * knowledge
         return {"enhanced": enhanced, "knowledge": knowledge, "quality": quality, "weight": weight, "has": has}
-
-
-def _check(config, key, kind, low=None, high=None, choices=None, optional=False, low_open=False):
-    """``config[key]`` if it has the expected kind and range, else a ValueError naming the key and what was expected."""
-    value = config[key]
-    if optional and value is None:
-        return None
-    if choices is not None:
-        if value not in choices:
-            raise ValueError(f"config key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        what = "an int" if kind is int else "a number"
-        bound = f" {'>' if low_open else '>='} {low}" if low is not None else ""
-        bound += f"{' and' if bound else ''} <= {high}" if high is not None else ""
-        raise ValueError(f"config key {key!r} must be {what}{bound}{' or ~' if optional else ''}, got {value!r}")
-    return value
 
 
 class FTRagRec(DuoRec):

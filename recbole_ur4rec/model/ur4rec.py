@@ -23,6 +23,7 @@ from recbole.utils import InputType
 
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.features import load_features
+from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.model.layers import (
     RANKING_LOSSES,
     MemoryBank,
@@ -52,26 +53,6 @@ LOSS_WEIGHT_KEYS = {
     "load_balance": "load_balance_weight",
     "distillation": "distillation_weight",
 }
-
-
-def _check(config, key, kind, low=None, high=None, choices=None, low_open=False):
-    """Fail with the key, the value and what was expected unless ``config[key]`` is of ``kind`` and in range."""
-    value = config[key]
-    if choices is not None:
-        if value not in choices:
-            raise ValueError(f"config key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" if low is not None else ""
-        bound += f"{' and ' if bound else ''}< {high}" if high is not None else ""
-        what = "an int" if kind is int else "a number"
-        raise ValueError(f"config key {key!r} must be {what}{' ' + bound if bound else ''}, got {value!r}")
-    return value
 
 
 FINGERPRINT_KEYS = ("modality", "text_hash", "poster_hash", "count", "dim")
@@ -163,7 +144,7 @@ class UR4Rec(SequentialRecommender):
             _check(config, key, int, low=1)
         _check(config, "memory_size", int, low=0)
         for key in ("hidden_dropout_prob", "attn_dropout_prob", "retriever_dropout"):
-            _check(config, key, (int, float), low=0, high=1)
+            _check(config, key, (int, float), low=0, high=1, high_open=True)
         for key in ("retriever_temperature", "contrastive_temperature", "distillation_temperature"):
             _check(config, key, (int, float), low=0, low_open=True)
         for key in sorted(set(LOSS_WEIGHT_KEYS.values())):
