@@ -14,7 +14,10 @@ def _build(model, dataset, config_file_list, config_dict):
     """Config, logger, data and an initialised model, as RecBole's ``run_recbole`` builds them."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     if config["threads"]:
+        import faiss  # FTRagRec's index searches run on FAISS's OpenMP threads
+
         torch.set_num_threads(config["threads"])
+        faiss.omp_set_num_threads(config["threads"])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

@@ -1,6 +1,7 @@
 """FTRagRec and its trainer: warm start, leakage-free FAISS memory, refresh, saved index, fusion and alignment losses,
 frozen stages, dual evaluation, learning a tiny dataset."""
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -114,6 +115,19 @@ def test_warm_start_refuses_a_mismatched_or_missing_checkpoint(settings, duorec_
         build(settings, duorec_checkpoint=str(tmp_path / "none.pth"))
     with pytest.raises(CheckpointError, match=r"shape mismatch"):
         build(settings, duorec_checkpoint=duorec_file, hidden_size=8, inner_size=16)
+
+
+def test_warm_start_from_a_per_seed_folder(settings, duorec_file, tmp_path):
+    seed = settings.get("seed", 2020)
+    folder = tmp_path / f"DuoRec-seed{seed}"
+    folder.mkdir()
+    shutil.copy(duorec_file, folder / "DuoRec-best.pth")
+    shutil.copy(duorec_file, folder / "DuoRec-best-last.pth")  # the resume file is not a candidate
+    _, model, *_ = build(settings, seed=seed, duorec_checkpoint=str(tmp_path / "DuoRec-seed{seed}"))
+    assert model.warm_started == str(folder / "DuoRec-best.pth")
+    shutil.copy(duorec_file, folder / "DuoRec-other.pth")
+    with pytest.raises(CheckpointError, match=r"exactly one best checkpoint .* found 2: DuoRec-best.pth, DuoRec-other.pth"):
+        build(settings, seed=seed, duorec_checkpoint=str(folder))
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------

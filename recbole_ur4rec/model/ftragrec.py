@@ -16,6 +16,9 @@ training prefixes and their next items, small retriever encoder layers read them
 pools them, and the pooled knowledge is mixed into the sequence representation (fixed alpha, alpha from retrieval
 quality, or a per-dimension gate). Trained in stages by :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`.
 """
+import glob
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,6 +57,21 @@ def alignment_loss(retrieval_logits, recommendation_logits, kind, weights=None):
     if weights is None:
         return per_row.mean()
     return (per_row * weights).sum() / weights.sum().clamp(min=1)
+
+
+def resolve_checkpoint_path(path, seed):
+    """``path`` with ``{seed}`` replaced by ``seed``; a folder stands for the one best checkpoint in it (its ``*.pth``
+    other than ``*-last.pth``, e.g. a comparison cell's checkpoint folder)."""
+    path = path.replace("{seed}", str(seed))
+    if not os.path.isdir(path):
+        return path
+    found = sorted(f for f in glob.glob(os.path.join(path, "*.pth")) if not f.endswith("-last.pth"))
+    if len(found) != 1:
+        raise CheckpointError(
+            f"duorec_checkpoint {path} is a folder, so it must hold exactly one best checkpoint (*.pth other than "
+            f"*-last.pth); found {len(found)}: {', '.join(os.path.basename(f) for f in found) or 'none'}"
+        )
+    return found[0]
 
 
 class RetrievalFusion(nn.Module):
@@ -197,7 +215,7 @@ class FTRagRec(DuoRec):
         self._device_memory = None  # (keys, targets) on the model's device
         self.warm_started = None
         if config["duorec_checkpoint"]:
-            self.warm_start(config["duorec_checkpoint"], config["dataset"])
+            self.warm_start(resolve_checkpoint_path(config["duorec_checkpoint"], config["seed"]), config["dataset"])
 
     def _check_retrieval_config(self, config):
         _check(config, "retrieval_topk", int, low=1)
