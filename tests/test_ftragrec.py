@@ -161,8 +161,8 @@ def test_memory_never_returns_the_query_nor_its_users_target_or_future():
 
 def test_flat_and_ivf_agree_when_every_list_is_probed():
     flat, keys, users, positions = clustered_memory("flat")
-    ivf, *_ = clustered_memory("ivf", nlist=8, nprobe=8)
-    assert flat.built_type == "flat" and ivf.built_type == "ivf"
+    ivf, *_ = clustered_memory("ivf", nlist=8, nprobe=8, kmeans_iterations=3)
+    assert flat.built_type == "flat" and ivf.built_type == "ivf" and ivf.index.cp.niter == 3
     a = flat.search(keys, users, positions, k=4)
     b = ivf.search(keys, users, positions, k=4)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
@@ -291,6 +291,7 @@ def test_alignment_variants_match_a_hand_computation():
         ("fusion", "sum", r"config key 'fusion' must be one of fixed, dynamic, gate, got 'sum'"),
         ("alignment", "l2", r"config key 'alignment' must be one of kl, reverse_kl, js, none, got 'l2'"),
         ("retrieval_topk", 0, r"config key 'retrieval_topk' must be an int >= 1, got 0"),
+        ("ivf_kmeans_iterations", 0, r"config key 'ivf_kmeans_iterations' must be an int >= 1, got 0"),
         ("index_type", "hnsw", r"config key 'index_type' must be one of auto, flat, ivf, got 'hnsw'"),
         ("retriever_temperature", 0, r"config key 'retriever_temperature' must be a number > 0, got 0"),
         ("alpha", 1.5, r"config key 'alpha' must be a number >= 0 and <= 1, got 1.5"),

@@ -208,6 +208,7 @@ class FTRagRec(DuoRec):
             ivf_min_size=config["ivf_min_size"],
             normalize=config["normalize_keys"],
             seed=config["seed"] or 0,
+            kmeans_iterations=config["ivf_kmeans_iterations"],
         )
         self._memory_rows = self._prefix_rows(getattr(dataset, "training_split", dataset))
         self._memory_checked = False  # False until the memory is known to match the backbone's weights
@@ -222,6 +223,7 @@ class FTRagRec(DuoRec):
         _check(config, "retrieval_max_positions", int, low=1)
         _check(config, "retriever_layers", int, low=1)
         _check(config, "nprobe", int, low=1)
+        _check(config, "ivf_kmeans_iterations", int, low=1)
         _check(config, "nlist", int, low=1, optional=True)
         _check(config, "ivf_min_size", int, low=1)
         _check(config, "similarity_threshold", (int, float), optional=True)
