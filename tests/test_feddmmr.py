@@ -12,7 +12,7 @@ from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
-from recbole_ur4rec.federated import FedAvg, LoopEngine, round_plan
+from recbole_ur4rec.federated import FedAvg, LoopEngine, ServerOptimizer, round_plan
 from recbole_ur4rec.model import FedDMMR
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.trainer import FedDMMRTrainer
@@ -141,6 +141,30 @@ def test_dp_clipping_bounds_each_update_and_noise_follows_the_formula():
     assert noisy.result()["w"].std().item() == pytest.approx(2.0 * 0.5 * 3 / 4, rel=0.03)
 
 
+def test_server_optimizers_match_a_hand_computation():
+    theta = {"w": torch.tensor([1.0, -2.0])}
+    rounds = [torch.tensor([0.5, 0.0]), torch.tensor([-0.25, 1.0])]  # FedAvg's mean update of two rounds
+    plain = ServerOptimizer("fedavg", lr=0.5)
+    assert torch.allclose(plain.step(theta, {"w": theta["w"] + rounds[0]})["w"], torch.tensor([1.25, -2.0]))
+    momentum, adam = ServerOptimizer("fedavgm", lr=1.0, momentum=0.5), ServerOptimizer("fedadam", lr=0.1, momentum=0.9, tau=0.01)
+    t_m, t_a = dict(theta), dict(theta)
+    for delta in rounds:
+        t_m = momentum.step(t_m, {"w": t_m["w"] + delta})
+        t_a = adam.step(t_a, {"w": t_a["w"] + delta})
+    v = 0.5 * rounds[0] + rounds[1]  # momentum buffer after round 2
+    assert torch.allclose(t_m["w"], theta["w"] + rounds[0] + v)
+    m1, v1 = 0.1 * rounds[0], 0.01 * rounds[0] ** 2
+    m2, v2 = 0.9 * m1 + 0.1 * rounds[1], 0.99 * v1 + 0.01 * rounds[1] ** 2
+    expected = theta["w"] + 0.1 * m1 / (v1.sqrt() + 0.01) + 0.1 * m2 / (v2.sqrt() + 0.01)
+    assert torch.allclose(t_a["w"], expected)
+    restored = ServerOptimizer("fedadam", lr=0.1, momentum=0.9, tau=0.01)
+    restored.load_state_dict(adam.state_dict())
+    nxt = {"w": t_a["w"] + 1.0}
+    assert torch.equal(restored.step(t_a, nxt)["w"], adam.step(t_a, nxt)["w"])
+    with pytest.raises(ValueError, match="server_optimizer.*fedavg, fedavgm, fedadam"):
+        ServerOptimizer("sgd")
+
+
 def test_client_sampling_fraction_and_seeding():
     clients = np.arange(1, 101)
     n_rows = {c: 2 for c in clients}
@@ -159,7 +183,9 @@ def make_trainer(config, model):
 
 
 def test_round_aggregate_is_fedavg_of_the_clients_own_updates(plain):
-    config, model, train_data, _, _ = build(plain, dataset="tiny", client_fraction=0.1, federated_engine="loop")
+    config, model, train_data, _, _ = build(
+        plain, dataset="tiny", client_fraction=0.1, federated_engine="loop", server_optimizer="fedavg", server_learning_rate=1.0
+    )
     trainer = make_trainer(config, model)
     before = params_of(model)
     trainer.run_round(train_data, 0)
@@ -170,7 +196,7 @@ def test_round_aggregate_is_fedavg_of_the_clients_own_updates(plain):
     users = data.interaction["user_id"]
     assert all(torch.all(users[data.rows[c]] == c) for c in sampled)
     # by hand: train every sampled client alone from the same start, then average by sample counts
-    engine = LoopEngine(model, data, config["learning_rate"], config["train_batch_size"])
+    engine = LoopEngine(model, data, trainer.local_learning_rate, config["train_batch_size"], trainer.local_optimizer)
     _, orders = round_plan(config["seed"], 0, data.clients, 0.1, 1, {c: len(r) for c, r in data.rows.items()})
     counts = torch.tensor([data.counts[c] for c in sampled], dtype=torch.float64)
     expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in before.items()}
@@ -183,10 +209,12 @@ def test_round_aggregate_is_fedavg_of_the_clients_own_updates(plain):
         assert torch.allclose(p.double(), expected[n], atol=1e-6), n
 
 
-def test_batched_engine_equals_the_loop(genre_root, cache_dir, tmp_path):
+@pytest.mark.parametrize("local", [{"local_optimizer": "adam", "local_learning_rate": 0.002}, {"local_optimizer": "sgd", "local_learning_rate": 0.5}])
+def test_batched_engine_equals_the_loop(genre_root, cache_dir, tmp_path, local):
     settings = text_settings(
         genre_root, cache_dir, tmp_path, client_fraction=0.5, local_epochs=2, client_batch_size=7,
-        local_groups=["router", "gate"], partial_aggregation_warmup_rounds=1, fusion="competitive",
+        local_groups=["router", "gate"], partial_aggregation_warmup_rounds=1, fusion="competitive", **local,
+        server_optimizer="fedavg", server_learning_rate=1.0,  # the aggregate itself (fedadam divides float noise by ~0)
     )
     config, model, train_data, _, _ = build(settings)
     assert model.local_names == ["router.linear.weight", "router.linear.bias", "gate"]
@@ -250,7 +278,10 @@ def test_failing_client_is_left_out_and_the_round_completes(plain):
 
 
 def test_dp_clipping_bounds_the_round_update(plain):
-    config, model, train_data, _, _ = build(plain, dataset="tiny", dp_clip_norm=0.01, learning_rate=0.05)
+    # the bound holds for the FedAvg aggregate, applied as it is (server_optimizer fedavg at 1.0)
+    config, model, train_data, _, _ = build(
+        plain, dataset="tiny", dp_clip_norm=0.01, local_learning_rate=0.05, server_optimizer="fedavg", server_learning_rate=1.0
+    )
     trainer = FedDMMRTrainer(config, model)
     before = params_of(model)
     trainer.run_round(train_data, 0)
@@ -262,10 +293,11 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path):
+@pytest.mark.parametrize("server", [{}, {"server_optimizer": "fedadam", "server_learning_rate": 0.01}])
+def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path, server):
     settings = {
         **plain, "epochs": 5, "stopping_step": 100, "client_fraction": 0.3, "local_groups": ["backbone"],
-        "partial_aggregation_warmup_rounds": 2, "hidden_dropout_prob": 0.1,
+        "partial_aggregation_warmup_rounds": 2, "hidden_dropout_prob": 0.1, **server,
     }
     uninterrupted = run_recbole_ur4rec("FedDMMR", "tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "a")})
 

@@ -71,3 +71,48 @@ class FedAvg:
                 update = update + std * torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
             new[name] = p + update
         return new
+
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+
+
+class ServerOptimizer:
+    r"""Applies a round's aggregate to the global parameters; its state lives across rounds.
+
+    With ``delta = FedAvg result - theta`` (the sample-weighted mean client update):
+
+    - ``fedavg``: ``theta + lr * delta`` (plain FedAvg at ``lr`` 1);
+    - ``fedavgm``: ``v = momentum * v + delta``; ``theta + lr * v`` (server momentum, Hsu et al., 2019);
+    - ``fedadam``: ``m = momentum * m + (1 - momentum) * delta``, ``v = 0.99 * v + 0.01 * delta^2``;
+      ``theta + lr * m / (sqrt(v) + tau)`` (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+    """
+
+    def __init__(self, kind="fedavg", lr=1.0, momentum=0.9, tau=1e-3):
+        if kind not in SERVER_OPTIMIZERS:
+            raise ValueError(f"config key 'server_optimizer' must be one of {', '.join(SERVER_OPTIMIZERS)}, got {kind!r}")
+        self.kind, self.lr, self.momentum, self.tau = kind, lr, momentum, tau
+        self.state = {}  # name -> {"m": tensor, "v": tensor}
+
+    def step(self, global_params, aggregated):
+        """The new global parameters from the current ones and FedAvg's result (both name -> tensor)."""
+        new = {}
+        for name, theta in global_params.items():
+            delta = aggregated[name] - theta
+            if self.kind == "fedavg":
+                new[name] = theta + self.lr * delta
+                continue
+            slot = self.state.setdefault(name, {"m": torch.zeros_like(theta), "v": torch.zeros_like(theta)})
+            if self.kind == "fedavgm":
+                slot["m"] = self.momentum * slot["m"] + delta
+                new[name] = theta + self.lr * slot["m"]
+            else:
+                slot["m"] = self.momentum * slot["m"] + (1 - self.momentum) * delta
+                slot["v"] = 0.99 * slot["v"] + 0.01 * delta * delta
+                new[name] = theta + self.lr * slot["m"] / (slot["v"].sqrt() + self.tau)
+        return new
+
+    def state_dict(self):
+        return {name: dict(slot) for name, slot in self.state.items()}
+
+    def load_state_dict(self, state):
+        self.state = {name: dict(slot) for name, slot in (state or {}).items()}

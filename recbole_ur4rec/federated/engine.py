@@ -3,8 +3,9 @@
 A client is one user: it holds only that user's whole-sequence training rows. A round's :func:`round_plan` (a
 function of the seed and the round index only, so a resumed run replays it) samples the clients and the order of
 each client's rows in every local epoch. Both engines then run, for every sampled client, ``local_epochs`` passes
-of Adam (fresh per client and round) over its rows in steps of ``train_batch_size`` rows, starting from the global
-weights (and the client's own copy of the local parameters), and hand the aggregator the updates and sample counts:
+of the local optimizer (Adam, fresh per client and round, or plain SGD) over its rows in steps of ``train_batch_size``
+rows, starting from the global weights (and the client's own copy of the local parameters), and hand the aggregator
+the updates and sample counts:
 
 - :class:`LoopEngine`: the reference: one model copy, loaded and trained client after client;
 - :class:`BatchedEngine`: ``client_batch_size`` clients at once: their parameters are stacked ``[C, ...]`` and one
@@ -25,6 +26,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from recbole_ur4rec.model.feddmmr import MethodCall
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
+LOCAL_OPTIMIZERS = ("adam", "sgd")
 
 
 class ClientData:
@@ -60,9 +62,11 @@ def round_plan(seed, round_idx, clients, fraction, local_epochs, n_rows):
 class Engine:
     """Runs the client updates of a round; subclasses say how."""
 
-    def __init__(self, model, data, learning_rate, batch_size):
+    def __init__(self, model, data, learning_rate, batch_size, optimizer="adam"):
+        if optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"config key 'local_optimizer' must be one of {', '.join(LOCAL_OPTIMIZERS)}, got {optimizer!r}")
         self.model, self.data = model, data
-        self.lr, self.batch_size = learning_rate, batch_size
+        self.lr, self.batch_size, self.optimizer = learning_rate, batch_size, optimizer
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
 
     def start_params(self, clients, global_params, local_params):
@@ -96,7 +100,7 @@ class Engine:
 
 
 class LoopEngine(Engine):
-    """The reference engine: one model copy, trained client after client with ``torch.optim.Adam``."""
+    """The reference engine: one model copy, trained client after client with ``torch.optim.Adam`` (or ``SGD``)."""
 
     def run(self, clients, orders, global_params, local_params, aggregator):
         worker = copy.deepcopy(self.model)
@@ -118,7 +122,11 @@ class LoopEngine(Engine):
         with torch.no_grad():
             for name in self.names:
                 params[name].copy_(start[name][0])
-        optimizer = torch.optim.Adam([params[name] for name in self.names], lr=self.lr, betas=BETAS, eps=EPS)
+        trained = [params[name] for name in self.names]
+        if self.optimizer == "adam":
+            optimizer = torch.optim.Adam(trained, lr=self.lr, betas=BETAS, eps=EPS)
+        else:
+            optimizer = torch.optim.SGD(trained, lr=self.lr)
         rows, total, steps = self.data.rows[client], 0.0, 0
         for order in client_orders:
             for begin in range(0, len(rows), self.batch_size):
@@ -134,8 +142,8 @@ class LoopEngine(Engine):
 class BatchedEngine(Engine):
     """``client_batch_size`` clients per vectorised step (``torch.func.vmap`` over stacked parameters)."""
 
-    def __init__(self, model, data, learning_rate, batch_size, client_batch_size):
-        super().__init__(model, data, learning_rate, batch_size)
+    def __init__(self, model, data, learning_rate, batch_size, client_batch_size, optimizer="adam"):
+        super().__init__(model, data, learning_rate, batch_size, optimizer)
         self.client_batch_size = client_batch_size
         call = MethodCall(model)
 
@@ -158,7 +166,7 @@ class BatchedEngine(Engine):
                 final, chunk_losses = self._train_chunk(chunk, orders, start)
             except Exception as error:  # some client of the chunk fails: find it by training them one by one
                 getLogger().warning(f"a batched client update failed ({type(error).__name__}: {error}); retrying its clients one by one")
-                loop = LoopEngine(self.model, self.data, self.lr, self.batch_size)
+                loop = LoopEngine(self.model, self.data, self.lr, self.batch_size, self.optimizer)
                 chunk_local, chunk_losses = loop.run(chunk, orders, global_params, local_params, aggregator)
                 new_local.update(chunk_local)
                 losses += chunk_losses
@@ -194,7 +202,13 @@ class BatchedEngine(Engine):
                 total += torch.where(active, loss.detach(), torch.zeros_like(loss))
                 n_steps += active.float()
                 with torch.no_grad():
-                    self._adam(params, {n: grads["model." + n] for n in params}, exp_avg, exp_avg_sq, step, active)
+                    grads = {n: grads["model." + n] for n in params}
+                    if self.optimizer == "adam":
+                        self._adam(params, grads, exp_avg, exp_avg_sq, step, active)
+                    else:
+                        for name, p in params.items():
+                            on = active.view((-1,) + (1,) * (p.dim() - 1))
+                            params[name] = torch.where(on, p - self.lr * grads[name], p)
         return params, (total / n_steps.clamp(min=1)).tolist()
 
     def _adam(self, params, grads, exp_avg, exp_avg_sq, step, active):

@@ -19,8 +19,11 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.federated import ENGINES, BatchedEngine, ClientData, FedAvg, round_plan
+from recbole_ur4rec.federated import ENGINES, LOCAL_OPTIMIZERS, BatchedEngine, ClientData, FedAvg, ServerOptimizer, round_plan
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
+from recbole_ur4rec.utils import load_checkpoint
+
+ENGINE_NAMES = (*ENGINES, "flower")  # flower: recbole_ur4rec.federated.flower (imports flwr only when chosen)
 
 
 def _number(config, key, kind, low=None, high=None, low_open=False, none_ok=False):
@@ -51,22 +54,42 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.dp_noise_multiplier = _number(config, "dp_noise_multiplier", (int, float), 0)
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm is None:
             raise ValueError("config key 'dp_noise_multiplier' > 0 needs 'dp_clip_norm' (the noise is scaled by the clipping norm)")
-        if config["federated_engine"] not in ENGINES:
-            raise ValueError(f"config key 'federated_engine' must be one of {', '.join(ENGINES)}, got {config['federated_engine']!r}")
+        if config["federated_engine"] not in ENGINE_NAMES:
+            raise ValueError(f"config key 'federated_engine' must be one of {', '.join(ENGINE_NAMES)}, got {config['federated_engine']!r}")
         if self.federated and config["loss_position"] != "all":
             raise ValueError(f"federated training needs loss_position: all (whole-sequence rows per client), got {config['loss_position']!r}")
+        self.server_optimizer = ServerOptimizer(
+            config["server_optimizer"],
+            _number(config, "server_learning_rate", (int, float), 0, low_open=True),
+            _number(config, "server_momentum", (int, float), 0, 1),
+            _number(config, "server_adam_tau", (int, float), 0, low_open=True),
+        )
         self.engine_name = config["federated_engine"]
+        if config["local_optimizer"] not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"config key 'local_optimizer' must be one of {', '.join(LOCAL_OPTIMIZERS)}, got {config['local_optimizer']!r}")
+        self.local_optimizer = config["local_optimizer"]
+        self.local_learning_rate = _number(config, "local_learning_rate", (int, float), 0, low_open=True, none_ok=True)
+        if self.local_learning_rate is None:
+            self.local_learning_rate = config["learning_rate"]
+        if self.federated and self.engine_name == "flower":
+            from recbole_ur4rec.federated.flower import require_session
+
+            require_session()  # fail before the data is built when not inside the Flower ServerApp
         self.seed = int(config["seed"])
         self.clients, self.engine, self.last_round = None, None, {}
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def _setup(self, train_data):
         self.clients = ClientData(train_data._dataset, target_list_field(self.config))
-        lr, batch = self.config["learning_rate"], self.config["train_batch_size"]
+        lr, batch = self.local_learning_rate, self.config["train_batch_size"]
         if self.engine_name == "batched":
-            self.engine = BatchedEngine(self.model, self.clients, lr, batch, self.client_batch_size)
+            self.engine = BatchedEngine(self.model, self.clients, lr, batch, self.client_batch_size, self.local_optimizer)
+        elif self.engine_name == "flower":
+            from recbole_ur4rec.federated.flower import FlowerEngine
+
+            self.engine = FlowerEngine(self.model, self.clients, lr, batch, self.local_optimizer)
         else:
-            self.engine = ENGINES[self.engine_name](self.model, self.clients, lr, batch)
+            self.engine = ENGINES[self.engine_name](self.model, self.clients, lr, batch, self.local_optimizer)
 
     def local_names(self, round_idx):
         """The parameters kept on the clients in round ``round_idx`` (none during the warm-up)."""
@@ -93,7 +116,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         aggregator = FedAvg(global_params, self.dp_clip_norm, self.dp_noise_multiplier, generator)
         new_local, losses = self.engine.run(sampled, orders, global_params, buffers, aggregator)
         with torch.no_grad():
-            for name, value in aggregator.result().items():
+            for name, value in self.server_optimizer.step(global_params, aggregator.result()).items():
                 params[name].copy_(value)
             for client, values in new_local.items():
                 for name, value in values.items():
@@ -111,6 +134,14 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             + (f", local: {', '.join(model.local_groups)}" if local else "")
         )
         return float(np.mean(losses)) if losses else float("nan")
+
+    # ---- resume: the server optimizer's state ---------------------------------------------------------------------
+    def _extra_resume_state(self):
+        return {**super()._extra_resume_state(), "server_optimizer": self.server_optimizer.state_dict()}
+
+    def resume_checkpoint(self, resume_file):
+        super().resume_checkpoint(resume_file)
+        self.server_optimizer.load_state_dict(load_checkpoint(resume_file, self.device).get("server_optimizer"))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if not self.federated:

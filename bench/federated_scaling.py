@@ -1,0 +1,111 @@
+"""Seconds per federated round of FedDMMR as the number of clients grows (in-process engines, same machine, one run).
+
+More clients are simulated by repeating every user's training history: with ``--copies 10`` each of ml-100k's 943
+users becomes 10 clients holding the same rows (9,430 clients), and every round samples ``client_fraction`` of them,
+so the work per round grows with the number of clients. Each point is the mean over ``--rounds`` rounds (after one
+untimed warm-up round) of one engine call plus the aggregation, from the model's initial weights.
+
+    python bench/federated_scaling.py --copies 1,2,5,10 --engines loop,batched --rounds 2 --threads 1
+
+Prints a markdown table; ``--output`` also writes the numbers as JSON.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recbole_ur4rec.config import Config  # noqa: E402
+from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
+from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
+from recbole_ur4rec.federated import ENGINES, BatchedEngine, ClientData, FedAvg, round_plan  # noqa: E402
+from recbole_ur4rec.model import FedDMMR  # noqa: E402
+
+
+def repeated_clients(data, copies):
+    """``data`` with every client repeated ``copies`` times (copy k of client c is client c + k * offset)."""
+    if copies == 1:
+        return data
+    offset = int(data.clients.max()) + 1
+    more = copy.copy(data)
+    more.clients = torch.cat([torch.as_tensor(data.clients) + k * offset for k in range(copies)]).numpy()
+    more.rows = {c + k * offset: rows for k in range(copies) for c, rows in data.rows.items()}
+    more.counts = {c + k * offset: n for k in range(copies) for c, n in data.counts.items()}
+    return more
+
+
+def seconds_per_round(engine, data, config, rounds):
+    n_rows = {c: len(r) for c, r in data.rows.items()}
+    global_params = {n: p.detach().clone() for n, p in engine.model.named_parameters() if p.requires_grad}
+    times, sampled_counts = [], []
+    for round_idx in range(rounds + 1):  # round 0 warms up
+        sampled, orders = round_plan(config["seed"], round_idx, data.clients, config["client_fraction"], config["local_epochs"], n_rows)
+        begin = time.perf_counter()
+        aggregator = FedAvg(global_params)
+        engine.run(sampled, orders, global_params, {}, aggregator)
+        aggregator.result()
+        if round_idx:
+            times.append(time.perf_counter() - begin)
+            sampled_counts.append(len(sampled))
+    return sum(times) / len(times), sum(sampled_counts) / len(sampled_counts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--copies", default="1,2,5,10", help="comma-separated client multipliers (default 1,2,5,10)")
+    parser.add_argument("--engines", default="loop,batched", help=f"comma-separated, among {', '.join(ENGINES)}")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per point (default 2)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    copies = [int(c) for c in args.copies.split(",")]
+    engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or any(c < 1 for c in copies):
+        parser.error(f"--engines must be among {', '.join(ENGINES)} and --copies >= 1 (got {args.engines}, {args.copies})")
+
+    sys.argv = sys.argv[:1]  # RecBole's Config reads sys.argv
+    config = Config(model="FedDMMR", dataset=args.dataset, config_dict={"threads": args.threads, "show_progress": False})
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(config["seed"])
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = FedDMMR(config, train_data._dataset)
+    base = ClientData(train_data._dataset, target_list_field(config))
+    lr, batch = config["learning_rate"], config["train_batch_size"]
+
+    points = []
+    for c in copies:
+        data = repeated_clients(base, c)
+        point = {"copies": c, "clients": len(data.clients)}
+        for name in engines:
+            if name == "batched":
+                engine = BatchedEngine(model, data, lr, batch, config["client_batch_size"])
+            else:
+                engine = ENGINES[name](model, data, lr, batch)
+            point[f"{name}_s"], point["sampled"] = seconds_per_round(engine, data, config, args.rounds)
+        points.append(point)
+        print(json.dumps(point), flush=True)
+
+    print(
+        f"\nFedDMMR on {args.dataset}, client_fraction {config['client_fraction']}, local_epochs {config['local_epochs']}, "
+        f"threads {args.threads}; seconds per round (mean of {args.rounds}):\n"
+    )
+    print("| clients | sampled per round | " + " | ".join(f"{e} (s/round)" for e in engines) + " | " + " | ".join(f"{e} (ms/client)" for e in engines) + " |")
+    print("|---" * (2 + 2 * len(engines)) + "|")
+    for p in points:
+        per_round = " | ".join(f"{p[f'{e}_s']:.1f}" for e in engines)
+        per_client = " | ".join(f"{1000 * p[f'{e}_s'] / p['sampled']:.1f}" for e in engines)
+        print(f"| {p['clients']:,} | {p['sampled']:.0f} | {per_round} | {per_client} |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"dataset": args.dataset, "threads": args.threads, "points": points}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

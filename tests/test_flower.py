@@ -1,0 +1,135 @@
+"""FedDMMR on Flower's deployment runtime (``federated_engine: flower``): a real SuperLink and two SuperNodes on
+loopback, each its own process, ``flwr run`` of the app; the aggregate equals the in-process loop engine's, and a
+failing client or node is left out while the rounds complete."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="flwr is not installed: the Flower engine needs `pip install 'flwr==1.41.*'`")
+
+from conftest import write_sequential_dataset  # noqa: E402
+
+from recbole_ur4rec.config import Config  # noqa: E402
+from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
+from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
+from recbole_ur4rec.federated import ClientData, round_plan  # noqa: E402
+from recbole_ur4rec.federated.flower import FlowerSession, LocalFederation  # noqa: E402
+from recbole_ur4rec.model import FedDMMR  # noqa: E402
+from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
+from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
+from recbole_ur4rec.utils import load_checkpoint  # noqa: E402
+
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink and 2 SuperNodes on 127.0.0.1 (free ports); their processes end at teardown."""
+    with LocalFederation(num_nodes=2, cwd=str(tmp_path_factory.mktemp("flower"))) as fed:
+        yield fed
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    """Tiny walk dataset, no dropout, 2 rounds without validation (a checkpoint after every round), partial
+    aggregation of the backbone from round 1, so local parameters travel too."""
+    return {
+        "data_path": write_sequential_dataset(tmp_path_factory.mktemp("data")),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "state": "WARNING", "show_progress": False, "seed": 7, "threads": 1,
+        "epochs": ROUNDS, "eval_step": 0, "train_batch_size": 4, "eval_batch_size": 256,
+        "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 20,
+        "use_text": False, "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "expert_dropout": 0.0,
+        "client_fraction": 0.3, "local_groups": ["backbone"], "partial_aggregation_warmup_rounds": 1,
+    }
+
+
+def flower_run(federation, settings, checkpoint_dir, **run_config):
+    config_json = json.dumps({**settings, "checkpoint_dir": str(checkpoint_dir)})
+    return federation.run({"model": "FedDMMR", "dataset": "tiny", "config-json": config_json, **run_config}, timeout=600)
+
+
+def sampled_per_round(settings):
+    config = Config(model="FedDMMR", dataset="tiny", config_dict=settings)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    data = ClientData(train_data._dataset, target_list_field(config))
+    n_rows = {c: len(r) for c, r in data.rows.items()}
+    return [round_plan(config["seed"], r, data.clients, config["client_fraction"], 1, n_rows)[0] for r in range(ROUNDS)]
+
+
+def test_flower_engine_outside_the_server_app_is_refused(settings):
+    config = Config(model="FedDMMR", dataset="tiny", config_dict={**settings, "federated_engine": "flower"})
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    with pytest.raises(ValueError, match="'federated_engine' is 'flower'.*flwr run"):
+        FedDMMRTrainer(config, FedDMMR(config, train_data._dataset))
+
+
+class SilentGrid:
+    """A Grid of two SuperNodes: the message to the first is pushed but never answered, the second's is not pushed."""
+
+    def get_node_ids(self):
+        return [22, 11]
+
+    def push_messages(self, messages):
+        return ["to-11", None][: len(list(messages))]
+
+    def pull_messages(self, message_ids):
+        return []
+
+
+def test_nodes_without_a_reply_are_left_out_and_the_round_completes(settings, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process knows about itself
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    config = Config(model="FedDMMR", dataset="tiny", config_dict={**settings, "federated_engine": "flower", "client_fraction": 0.5})
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = FedDMMR(config, train_data._dataset)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with FlowerSession(SilentGrid(), {}, round_timeout=0.5, min_nodes=2, node_wait=0):
+        trainer = FedDMMRTrainer(config, model)
+        trainer.run_round(train_data, 0)
+    assert trainer.last_round["included"] == [] and trainer.last_round["excluded"] == trainer.last_round["sampled"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_flower_aggregate_equals_the_in_process_loop_engine(federation, settings, tmp_path):
+    flower = flower_run(federation, settings, tmp_path / "flower")
+    rounds = flower["rounds"]
+    assert len(rounds) == ROUNDS and all(r["nodes"] == 2 and r["included"] == r["sampled"] for r in rounds)
+    assert [r["sampled"] for r in rounds] == sampled_per_round(settings)
+
+    loop = run_recbole_ur4rec("FedDMMR", "tiny", config_dict={**settings, "federated_engine": "loop", "checkpoint_dir": str(tmp_path / "loop")})
+    expected = load_checkpoint(loop["model_file"])["state_dict"]
+    got = load_checkpoint(flower["result"]["model_file"])["state_dict"]
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():  # global parameters and every user's local copies
+        if value.is_floating_point():
+            assert torch.allclose(got[name], value, rtol=1e-6, atol=1e-7), name
+        else:
+            assert torch.equal(got[name], value), name
+    assert flower["result"]["test_result"] == pytest.approx(dict(loop["test_result"]))
+    # round 1 trained the sampled users' own backbones: their copies moved away from the others' (the warm-up's end)
+    trained, untrained = rounds[1]["sampled"][0], next(u for u in range(1, 61) if u not in rounds[1]["sampled"])
+    local = [name for name in got if name.startswith("local__backbone")]
+    assert bool(got["local_active"]) and local
+    assert all(not torch.equal(got[name][trained], got[name][untrained]) for name in local)
+
+
+def test_failing_client_and_failing_node_are_left_out_and_rounds_complete(federation, settings, tmp_path):
+    first, second = sampled_per_round(settings)
+    bad_client = first[0]  # its update raises on its node, in every round it is sampled
+    bad_node_user = next(u for u in second if u not in first)  # its node fails as a whole in round 1
+    flower = flower_run(federation, settings, tmp_path / "flower", **{"fail-clients": str(bad_client), "fail-node-of": str(bad_node_user)})
+    rounds = flower["rounds"]
+    assert len(rounds) == ROUNDS
+    assert rounds[0]["excluded"] == [bad_client]
+    # users go to the sorted SuperNodes by user id modulo 2: the failed node's users are those of bad_node_user's parity
+    lost = sorted({u for u in second if u % 2 == bad_node_user % 2} | ({bad_client} & set(second)))
+    assert sorted(rounds[1]["excluded"]) == lost
+    for r in rounds:
+        assert sorted(r["included"] + r["excluded"]) == sorted(r["sampled"]) and r["included"]
+    state = load_checkpoint(flower["result"]["model_file"])["state_dict"]
+    assert all(value.isfinite().all() for value in state.values() if value.is_floating_point())
+    assert flower["result"]["test_result"] is not None
