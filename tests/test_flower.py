@@ -14,7 +14,7 @@ from recbole_ur4rec.config import Config  # noqa: E402
 from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
 from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
 from recbole_ur4rec.federated import ClientData, round_plan  # noqa: E402
-from recbole_ur4rec.federated.flower import FlowerSession, LocalFederation  # noqa: E402
+from recbole_ur4rec.federated.flower import LocalFederation  # noqa: E402
 from recbole_ur4rec.model import FedDMMR  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
@@ -65,35 +65,6 @@ def test_flower_engine_outside_the_server_app_is_refused(settings):
         FedDMMRTrainer(config, FedDMMR(config, train_data._dataset))
 
 
-class SilentGrid:
-    """A Grid of two SuperNodes: the message to the first is pushed but never answered, the second's is not pushed."""
-
-    def get_node_ids(self):
-        return [22, 11]
-
-    def push_messages(self, messages):
-        return ["to-11", None][: len(list(messages))]
-
-    def pull_messages(self, message_ids):
-        return []
-
-
-def test_nodes_without_a_reply_are_left_out_and_the_round_completes(settings, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for key in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process knows about itself
-        monkeypatch.setattr(TaskIdentity, key, 1)
-    config = Config(model="FedDMMR", dataset="tiny", config_dict={**settings, "federated_engine": "flower", "client_fraction": 0.5})
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    model = FedDMMR(config, train_data._dataset)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with FlowerSession(SilentGrid(), {}, round_timeout=0.5, min_nodes=2, node_wait=0):
-        trainer = FedDMMRTrainer(config, model)
-        trainer.run_round(train_data, 0)
-    assert trainer.last_round["included"] == [] and trainer.last_round["excluded"] == trainer.last_round["sampled"]
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-
-
 def test_flower_aggregate_equals_the_in_process_loop_engine(federation, settings, tmp_path):
     flower = flower_run(federation, settings, tmp_path / "flower")
     rounds = flower["rounds"]
@@ -132,4 +103,19 @@ def test_failing_client_and_failing_node_are_left_out_and_rounds_complete(federa
         assert sorted(r["included"] + r["excluded"]) == sorted(r["sampled"]) and r["included"]
     state = load_checkpoint(flower["result"]["model_file"])["state_dict"]
     assert all(value.isfinite().all() for value in state.values() if value.is_floating_point())
+    assert flower["result"]["test_result"] is not None
+
+
+def test_a_node_without_a_reply_in_time_is_left_out_and_the_round_completes(federation, settings, tmp_path):
+    first, second = sampled_per_round(settings)
+    late_user = next(u for u in first if u not in second)  # its node stalls in round 0 only
+    flower = flower_run(
+        federation, settings, tmp_path / "flower", **{"stall-node-of": str(late_user), "stall-seconds": 40.0, "round-timeout": 20.0}
+    )
+    rounds = flower["rounds"]
+    assert len(rounds) == ROUNDS
+    assert sorted(rounds[0]["excluded"]) == sorted(u for u in first if u % 2 == late_user % 2)
+    assert rounds[0]["included"] == [u for u in first if u % 2 != late_user % 2]
+    for r in rounds:
+        assert sorted(r["included"] + r["excluded"]) == sorted(r["sampled"])
     assert flower["result"]["test_result"] is not None

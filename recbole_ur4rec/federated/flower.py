@@ -310,6 +310,8 @@ def _node_train(msg, context):
     crash = _ids(context.run_config.get("fail-node-of", "")) & set(users)
     if crash:
         raise RuntimeError(f"run config 'fail-node-of' names user {min(crash)} of this node (test failure of a whole node)")
+    if _ids(context.run_config.get("stall-node-of", "")) & set(users):  # a node too slow for the round (tests)
+        time.sleep(float(context.run_config.get("stall-seconds", 0.0)))
     _, model, data = _node_setup(json.loads(task["settings"]), context.node_config)
     problems = {}
     for user, rows in zip(users, task["rows"]):
