@@ -14,7 +14,7 @@ from recbole_ur4rec.config import Config  # noqa: E402
 from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
 from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
 from recbole_ur4rec.federated import ClientData, round_plan  # noqa: E402
-from recbole_ur4rec.federated.flower import LocalFederation  # noqa: E402
+from recbole_ur4rec.federated.flower import FlowerEngine, FlowerSession, LocalFederation  # noqa: E402
 from recbole_ur4rec.model import FedDMMR  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
@@ -63,6 +63,38 @@ def test_flower_engine_outside_the_server_app_is_refused(settings):
     train_data, _, _ = data_preparation(config, create_dataset(config))
     with pytest.raises(ValueError, match="'federated_engine' is 'flower'.*flwr run"):
         FedDMMRTrainer(config, FedDMMR(config, train_data._dataset))
+
+
+def test_a_node_receives_parameters_and_row_orders_only(settings, monkeypatch):
+    """What leaves the server for a node: the global parameters, the node's user ids, their row counts and row
+    permutations, and training settings; no interaction (item ids, targets) of any user."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):  # what the ServerApp process knows about itself
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    config = Config(model="FedDMMR", dataset="tiny", config_dict=settings)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = FedDMMR(config, train_data._dataset)
+    data = ClientData(train_data._dataset, target_list_field(config))
+    users = [int(u) for u in data.clients[:3]]
+    _, orders = round_plan(config["seed"], 0, data.clients, 1.0, 2, {c: len(r) for c, r in data.rows.items()})
+    global_params = {n: p.detach() for n, p in model.named_parameters()}
+    engine = FlowerEngine(model, data, 0.5, 4, "sgd", session=FlowerSession(None, {"model": "FedDMMR"}))
+    content = engine._message(5, users, orders, global_params, {}).content
+    assert set(content["global"]) == set(global_params)
+    assert all(tuple(content["global"][n].shape) == tuple(p.shape) for n, p in global_params.items())
+    assert len(content["local"]) == 0
+    task = content["task"]
+    assert set(task) == {
+        "settings", "clients", "rows", "epochs", "orders", "learning_rate", "batch_size", "optimizer", "local_names", "local_clients"
+    }
+    assert list(task["clients"]) == users and list(task["rows"]) == [len(data.rows[u]) for u in users]
+    at = 0
+    for user, rows in zip(users, task["rows"]):  # per user and local epoch: a permutation of 0..rows-1, no data
+        for _ in range(task["epochs"]):
+            assert sorted(task["orders"][at : at + rows]) == list(range(rows))
+            at += rows
+    assert at == len(task["orders"]) and json.loads(task["settings"]) == {"model": "FedDMMR"}
 
 
 def test_flower_aggregate_equals_the_in_process_loop_engine(federation, settings, tmp_path):
