@@ -1,10 +1,12 @@
 """Federated training of FedDMMR on RecBole's ``fit``: one federated round = one RecBole epoch.
 
 Each round (``_train_epoch``): sample ``client_fraction`` of the clients (one per user, seeded by ``seed`` and the
-round index), train each sampled client for ``local_epochs`` on its own rows from the global weights (the engine of
-``federated_engine``), and aggregate with FedAvg weighted by sample counts (:mod:`recbole_ur4rec.federated`). RecBole's
-``fit`` then validates, stops early and checkpoints as for any model; the clients' local parameters live in the
-model's ``local__*`` buffers, so the checkpoints and ``--resume`` carry them.
+round index), train each sampled client for ``local_epochs`` on its own rows from the global weights with
+``local_optimizer`` (the engine of ``federated_engine``: in-process ``loop`` or ``batched``, or ``flower``), aggregate
+with FedAvg weighted by sample counts and apply the mean update with ``server_optimizer`` (FedAvg, FedAvgM or FedAdam;
+:mod:`recbole_ur4rec.federated`). RecBole's ``fit`` then validates, stops early and checkpoints as for any model; the
+clients' local parameters live in the model's ``local__*`` buffers and the server optimizer's state in the resume
+file, so the checkpoints and ``--resume`` carry them.
 
 Partial aggregation: the parameter groups in ``local_groups`` are aggregated like the others for the first
 ``partial_aggregation_warmup_rounds`` rounds; from then on every client starts from, and keeps, its own copy of them
