@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from recbole.utils import init_seed
-from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset
+from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
@@ -99,6 +99,28 @@ def test_fusion_loss_is_finite_and_missing_text_is_masked(genre_root, cache_dir,
             assert torch.equal(fused[:, no_text], backbone[:, no_text])
         scores = model.full_sort_predict(next(iter(train_data)))
         assert scores.shape[1] == model.n_items
+
+
+@pytest.mark.parametrize("use_text", [True, False])
+def test_visual_expert_trains_and_items_without_an_image_are_masked(genre_root, cache_dir, tmp_path, use_text):
+    path, no_image_token = write_image_features(genre_root, tmp_path / "clip.pt")
+    settings = text_settings(genre_root, cache_dir, tmp_path, use_image=True, use_text=use_text, image_feature_file=path)
+    config, model, train_data, _, _ = build(settings, client_fraction=0.5)
+    assert sorted(model.modalities) == (["semantic", "visual"] if use_text else ["visual"])
+    batch = next(iter(train_data))
+    loss = model.calculate_loss(batch)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert model.experts["visual"].query.weight.grad.abs().sum() > 0
+    no_image = train_data._dataset.field2token_id["item_id"][no_image_token]
+    with torch.no_grad():
+        visual = model.experts["visual"](torch.randn(5, config["hidden_size"]))
+    assert torch.all(visual[:, no_image] == 0) and torch.all(visual[:, 0] == 0) and visual[:, 1:].abs().sum() > 0
+    model.zero_grad()
+    trainer = FedDMMRTrainer(config, model)  # a federated round with the visual expert
+    trainer.run_round(train_data, 0)
+    assert trainer.last_round["included"] == trainer.last_round["sampled"]
+    assert all(p.isfinite().all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("fusion", ["residual", "competitive"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from recbole.utils import init_seed
-from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset
+from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
@@ -146,6 +146,29 @@ def test_items_and_users_without_text_never_read_other_rows(settings):
     retriever.user_features[user] = torch.randn(retriever.user_features.size(1))
     assert torch.equal(model.full_sort_predict(batch), masked)
     assert torch.allclose(retriever.user_view(torch.tensor([user]))[0], retriever.missing_user)
+
+
+def test_image_modality_trains_and_an_item_without_an_image_keeps_its_text_score(settings, genre_root, tmp_path):
+    path, no_image_token = write_image_features(genre_root, tmp_path / "clip.pt")
+    config, model, train_data, valid_data, _ = build(
+        settings, use_image=True, image_feature_file=path, hidden_dropout_prob=0.0, attn_dropout_prob=0.0
+    )
+    retriever = model.retriever
+    assert retriever.modalities == ["text", "image"]
+    no_image = valid_data._dataset.token2id(valid_data._dataset.iid_field, no_image_token)
+    assert not retriever.image_mask[no_image] and retriever.text_mask[no_image]
+    batch = next(iter(train_data))
+    model.set_objective("fused")
+    model.calculate_loss(batch).backward()
+    assert all(p.grad is not None for p in retriever.experts["image"].parameters())
+    model.eval()
+    model.set_objective("retriever")
+    batch = next(iter(valid_data))[0]
+    scores = model.full_sort_predict(batch)
+    assert torch.isfinite(scores).all()
+    # the missing image row is never read: the item is scored by its text alone
+    retriever.image_features[no_image] = torch.randn(retriever.image_features.size(1))
+    assert torch.equal(model.full_sort_predict(batch), scores)
 
 
 def test_features_are_not_saved_and_a_checkpoint_refuses_other_features(settings):

@@ -72,3 +72,15 @@ def ur4rec_config(data_root, cache_dir, checkpoint_dir, **overrides):
         "stopping_step": 100,
         **overrides,
     }
+
+
+def write_image_features(data_root, path, name="genre", dim=8, seed=0):
+    """Precomputed "CLIP" item features (``.pt``: ``item_tokens``, ``features``) for every item of the dataset's
+    ``.inter`` file but its first token, which is left without an image. Returns (path, that token)."""
+    import torch
+
+    with open(os.path.join(data_root, name, f"{name}.inter")) as f:
+        tokens = sorted({line.split("\t")[1] for line in f.read().splitlines()[1:] if line})
+    generator = torch.Generator().manual_seed(seed)
+    torch.save({"item_tokens": tokens[1:], "features": torch.randn(len(tokens) - 1, dim, generator=generator)}, path)
+    return str(path), tokens[0]
