@@ -170,10 +170,8 @@ class FedDMMR(SequentialRecommender):
 
     def parameter_groups(self):
         """Named parameter groups (``local_groups`` chooses among them; every parameter is in exactly one)."""
-        embeddings = {id(self.backbone.item_embedding.weight), id(self.backbone.position_embedding.weight)}
         return {
-            "item_embedding": [self.backbone.item_embedding.weight, self.backbone.position_embedding.weight],
-            "backbone": [p for p in self.backbone.parameters() if id(p) not in embeddings],
+            **self.backbone.parameter_groups(),
             "experts": list(self.experts.parameters()),
             "router": list(self.router.parameters()),
             "gate": [self.gate],

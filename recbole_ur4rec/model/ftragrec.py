@@ -371,13 +371,7 @@ class FTRagRec(DuoRec):
 
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes, clips and scales separately."""
-        embeddings = [self.backbone.item_embedding.weight, self.backbone.position_embedding.weight]
-        embedding_ids = {id(p) for p in embeddings}
-        return {
-            "item_embedding": embeddings,
-            "backbone": [p for p in self.backbone.parameters() if id(p) not in embedding_ids],
-            "retriever": list(self.fusion.parameters()),
-        }
+        return {**self.backbone.parameter_groups(), "retriever": list(self.fusion.parameters())}
 
     def retrieve(self, states, users, positions):
         """Enhanced representations of ``states`` [Q H] (queries of ``users`` [Q] at ``positions`` [Q]); see

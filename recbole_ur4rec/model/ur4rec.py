@@ -178,11 +178,8 @@ class UR4Rec(SequentialRecommender):
 
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes and clips separately."""
-        embeddings = [self.backbone.item_embedding.weight, self.backbone.position_embedding.weight]
-        embedding_ids = {id(p) for p in embeddings}
         return {
-            "item_embedding": embeddings,
-            "backbone": [p for p in self.backbone.parameters() if id(p) not in embedding_ids],
+            **self.backbone.parameter_groups(),
             "retriever": list(self.retriever.parameters()),
             "fusion": list(self.fusion.parameters()),
         }

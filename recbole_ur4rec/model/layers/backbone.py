@@ -144,6 +144,13 @@ class SequenceBackbone(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 
+    def parameter_groups(self):
+        """``item_embedding`` (item and position tables) and ``backbone`` (every other parameter), the groups the
+        plugin's trainers freeze, clip, scale or keep local separately."""
+        embeddings = [self.item_embedding.weight, self.position_embedding.weight]
+        embedding_ids = {id(p) for p in embeddings}
+        return {"item_embedding": embeddings, "backbone": [p for p in self.parameters() if id(p) not in embedding_ids]}
+
     def forward(self, item_seq, item_seq_len):
         """Hidden states of ``item_seq`` [B L'] (right-padded, ``item_seq_len`` [B] valid items per row).
 
