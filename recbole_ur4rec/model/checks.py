@@ -1,4 +1,4 @@
-"""Config-value checks shared by the plugin's models: a bad value fails with the key and what was expected."""
+"""Config-value checks shared by the plugin's models and trainers: a bad value fails with the key and what was expected."""
 
 
 def check_config_value(config, key, kind, low=None, high=None, choices=None, optional=False, low_open=False, high_open=False):

@@ -22,22 +22,11 @@ from recbole.utils import set_color
 
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import ENGINES, LOCAL_OPTIMIZERS, BatchedEngine, ClientData, FedAvg, ServerOptimizer, round_plan
+from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
 from recbole_ur4rec.utils import load_checkpoint
 
 ENGINE_NAMES = (*ENGINES, "flower")  # flower: recbole_ur4rec.federated.flower (imports flwr only when chosen)
-
-
-def _number(config, key, kind, low=None, high=None, low_open=False, none_ok=False):
-    value = config[key]
-    if value is None and none_ok:
-        return None
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
-        raise ValueError(f"config key {key!r} must be {'an int' if kind is int else 'a number'} in {interval}{' or ~' if none_ok else ''}, got {value!r}")
-    return value
 
 
 class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
@@ -45,32 +34,26 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        if config["federated"] not in (True, False):
-            raise ValueError(f"config key 'federated' must be True or False, got {config['federated']!r}")
-        self.federated = config["federated"]
-        self.client_fraction = _number(config, "client_fraction", (int, float), 0, 1, low_open=True)
-        self.local_epochs = _number(config, "local_epochs", int, 1)
-        self.client_batch_size = _number(config, "client_batch_size", int, 1)
-        self.warmup_rounds = _number(config, "partial_aggregation_warmup_rounds", int, 0)
-        self.dp_clip_norm = _number(config, "dp_clip_norm", (int, float), 0, low_open=True, none_ok=True)
-        self.dp_noise_multiplier = _number(config, "dp_noise_multiplier", (int, float), 0)
+        self.federated = _check(config, "federated", None, choices=(True, False))
+        self.client_fraction = _check(config, "client_fraction", (int, float), 0, 1, low_open=True)
+        self.local_epochs = _check(config, "local_epochs", int, 1)
+        self.client_batch_size = _check(config, "client_batch_size", int, 1)
+        self.warmup_rounds = _check(config, "partial_aggregation_warmup_rounds", int, 0)
+        self.dp_clip_norm = _check(config, "dp_clip_norm", (int, float), 0, low_open=True, optional=True)
+        self.dp_noise_multiplier = _check(config, "dp_noise_multiplier", (int, float), 0)
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm is None:
             raise ValueError("config key 'dp_noise_multiplier' > 0 needs 'dp_clip_norm' (the noise is scaled by the clipping norm)")
-        if config["federated_engine"] not in ENGINE_NAMES:
-            raise ValueError(f"config key 'federated_engine' must be one of {', '.join(ENGINE_NAMES)}, got {config['federated_engine']!r}")
+        self.engine_name = _check(config, "federated_engine", None, choices=ENGINE_NAMES)
         if self.federated and config["loss_position"] != "all":
             raise ValueError(f"federated training needs loss_position: all (whole-sequence rows per client), got {config['loss_position']!r}")
         self.server_optimizer = ServerOptimizer(
             config["server_optimizer"],
-            _number(config, "server_learning_rate", (int, float), 0, low_open=True),
-            _number(config, "server_momentum", (int, float), 0, 1),
-            _number(config, "server_adam_tau", (int, float), 0, low_open=True),
+            _check(config, "server_learning_rate", (int, float), 0, low_open=True),
+            _check(config, "server_momentum", (int, float), 0, 1),
+            _check(config, "server_adam_tau", (int, float), 0, low_open=True),
         )
-        self.engine_name = config["federated_engine"]
-        if config["local_optimizer"] not in LOCAL_OPTIMIZERS:
-            raise ValueError(f"config key 'local_optimizer' must be one of {', '.join(LOCAL_OPTIMIZERS)}, got {config['local_optimizer']!r}")
-        self.local_optimizer = config["local_optimizer"]
-        self.local_learning_rate = _number(config, "local_learning_rate", (int, float), 0, low_open=True, none_ok=True)
+        self.local_optimizer = _check(config, "local_optimizer", None, choices=LOCAL_OPTIMIZERS)
+        self.local_learning_rate = _check(config, "local_learning_rate", (int, float), 0, low_open=True, optional=True)
         if self.local_learning_rate is None:
             self.local_learning_rate = config["learning_rate"]
         if self.federated and self.engine_name == "flower":
