@@ -3,10 +3,8 @@ import math
 
 import pytest
 import torch
-from recbole.utils import init_seed
+from model_fixtures import build_model
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.model import DuoRec, FastSASRec
 from recbole_ur4rec.model.duorec import CONTRASTS, info_nce, sample_in_batch_partners
 from recbole_ur4rec.model.layers import position_loss
@@ -20,10 +18,8 @@ def duo_config(quick_config):
 
 
 def build(config_dict, model="DuoRec", **overrides):
-    config = Config(model=model, dataset="tiny", config_dict={**config_dict, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    return get_model(model)(config, train_data._dataset), train_data, valid_data
+    _, net, train_data, valid_data, _ = build_model(model, "tiny", {**config_dict, **overrides})
+    return net, train_data, valid_data
 
 
 def test_registered_as_plugin_model():

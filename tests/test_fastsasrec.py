@@ -4,10 +4,8 @@ import math
 import pytest
 import torch
 from recbole.data.interaction import Interaction
-from recbole.utils import init_seed
+from model_fixtures import build_model
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.model import FastSASRec
 from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -20,10 +18,7 @@ def fast_config(quick_config):
 
 
 def build(config_dict, **overrides):
-    config = Config(model="FastSASRec", dataset="tiny", config_dict={**config_dict, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    return config, FastSASRec(config, train_data._dataset), train_data, valid_data, test_data
+    return build_model("FastSASRec", "tiny", {**config_dict, **overrides})
 
 
 def first_batch(loader):

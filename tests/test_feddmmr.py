@@ -7,11 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from recbole.utils import init_seed
+from model_fixtures import build_model, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.federated import FedAvg, LoopEngine, ServerOptimizer, round_plan
 from recbole_ur4rec.model import FedDMMR
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -55,21 +53,13 @@ def text_settings(genre_root, cache_dir, tmp_path, **overrides):
 
 
 def build(settings, dataset="genre", **overrides):
-    config = Config(model="FedDMMR", dataset=dataset, config_dict={**settings, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    model = FedDMMR(config, train_data._dataset)
-    return config, model, train_data, valid_data, test_data
+    return build_model("FedDMMR", dataset, {**settings, **overrides})
 
 
 @pytest.fixture
 def plain(quick_config):
     """Settings for the ``tiny`` walk dataset without any modality (fast: no encoder)."""
     return {**quick_config, "use_text": False, "threads": 1, "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0, "train_batch_size": 4}
-
-
-def params_of(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_registered_with_its_trainer():
@@ -209,7 +199,7 @@ def test_round_aggregate_is_fedavg_of_the_clients_own_updates(plain):
         plain, dataset="tiny", client_fraction=0.1, federated_engine="loop", server_optimizer="fedavg", server_learning_rate=1.0
     )
     trainer = make_trainer(config, model)
-    before = params_of(model)
+    before = snapshot(model)
     trainer.run_round(train_data, 0)
     sampled = trainer.last_round["sampled"]
     assert trainer.last_round["included"] == sampled
@@ -248,7 +238,7 @@ def test_batched_engine_equals_the_loop(genre_root, cache_dir, tmp_path, local):
         trainer = FedDMMRTrainer(cfg, m)
         for round_idx in range(2):
             trainer.run_round(train_data, round_idx)
-        results[engine] = {**params_of(m), **{n: b.clone() for n, b in m.named_buffers() if n.startswith("local__")}}
+        results[engine] = {**snapshot(m), **{n: b.clone() for n, b in m.named_buffers() if n.startswith("local__")}}
     assert results["loop"].keys() == results["batched"].keys()
     for name, value in results["loop"].items():
         assert torch.allclose(value, results["batched"][name], atol=2e-5, rtol=1e-4), name
@@ -305,7 +295,7 @@ def test_dp_clipping_bounds_the_round_update(plain):
         plain, dataset="tiny", dp_clip_norm=0.01, local_learning_rate=0.05, server_optimizer="fedavg", server_learning_rate=1.0
     )
     trainer = FedDMMRTrainer(config, model)
-    before = params_of(model)
+    before = snapshot(model)
     trainer.run_round(train_data, 0)
     norm = torch.sqrt(sum((p.detach() - before[n]).pow(2).sum() for n, p in model.named_parameters()))
     assert 0 < float(norm) <= 0.01 + 1e-6

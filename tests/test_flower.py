@@ -9,13 +9,13 @@ import torch
 pytest.importorskip("flwr", reason="flwr is not installed: the Flower engine needs `pip install 'flwr==1.41.*'`")
 
 from conftest import write_sequential_dataset  # noqa: E402
+from model_fixtures import build_model  # noqa: E402
 
 from recbole_ur4rec.config import Config  # noqa: E402
 from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
 from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
 from recbole_ur4rec.federated import ClientData, round_plan  # noqa: E402
 from recbole_ur4rec.federated.flower import FlowerEngine, FlowerSession, LocalFederation  # noqa: E402
-from recbole_ur4rec.model import FedDMMR  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
 from recbole_ur4rec.utils import load_checkpoint  # noqa: E402
@@ -59,10 +59,9 @@ def sampled_per_round(settings):
 
 
 def test_flower_engine_outside_the_server_app_is_refused(settings):
-    config = Config(model="FedDMMR", dataset="tiny", config_dict={**settings, "federated_engine": "flower"})
-    train_data, _, _ = data_preparation(config, create_dataset(config))
+    config, model, *_ = build_model("FedDMMR", "tiny", {**settings, "federated_engine": "flower"})
     with pytest.raises(ValueError, match="'federated_engine' is 'flower'.*flwr run"):
-        FedDMMRTrainer(config, FedDMMR(config, train_data._dataset))
+        FedDMMRTrainer(config, model)
 
 
 def test_a_node_receives_parameters_and_row_orders_only(settings, monkeypatch):
@@ -72,9 +71,7 @@ def test_a_node_receives_parameters_and_row_orders_only(settings, monkeypatch):
 
     for key in ("_run_id", "_node_id", "_task_id"):  # what the ServerApp process knows about itself
         monkeypatch.setattr(TaskIdentity, key, 1)
-    config = Config(model="FedDMMR", dataset="tiny", config_dict=settings)
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    model = FedDMMR(config, train_data._dataset)
+    config, model, train_data, _, _ = build_model("FedDMMR", "tiny", settings)
     data = ClientData(train_data._dataset, target_list_field(config))
     users = [int(u) for u in data.clients[:3]]
     _, orders = round_plan(config["seed"], 0, data.clients, 1.0, 2, {c: len(r) for c, r in data.rows.items()})

@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_sequential_dataset
-from recbole.utils import init_seed
+from model_fixtures import build_model, changed_groups, snapshot
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.data.sequence_dataset import training_histories
 from recbole_ur4rec.model import FTRagRec
 from recbole_ur4rec.model.ftragrec import ALIGNMENTS, FUSIONS, alignment_loss
@@ -61,10 +59,7 @@ def settings(data_root, tmp_path):
 
 
 def build(settings, **overrides):
-    config = Config(model="FTRagRec", dataset="tiny", config_dict={**settings, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    return config, FTRagRec(config, train_data._dataset), train_data, valid_data, test_data
+    return build_model("FTRagRec", "tiny", {**settings, **overrides})
 
 
 def trainer_for(settings, **overrides):
@@ -72,15 +67,6 @@ def trainer_for(settings, **overrides):
     trainer = FTRagRecTrainer(config, model)
     trainer.steps_per_epoch = len(train_data)
     return trainer, model, train_data, valid_data, test_data
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def changed_groups(model, before):
-    group_of = {id(p): group for group, params in model.parameter_groups().items() for p in params}
-    return {group_of[id(p)] for name, p in model.named_parameters() if not torch.equal(before[name], p)}
 
 
 def test_registered_with_its_trainer():

@@ -5,11 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from recbole.utils import init_seed
+from model_fixtures import build_model, changed_groups, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.model import UR4Rec
 from recbole_ur4rec.model.layers import info_nce
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -37,21 +35,7 @@ def settings(genre_root, cache_dir, tmp_path):
 
 
 def build(settings, **overrides):
-    config = Config(model="UR4Rec", dataset="genre", config_dict={**settings, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    model = UR4Rec(config, train_data._dataset)
-    return config, model, train_data, valid_data, test_data
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def changed_groups(model, before):
-    """Groups with at least one parameter that differs from ``before``; untouched ones are bit-identical."""
-    group_of = {id(p): group for group, params in model.parameter_groups().items() for p in params}
-    return {group_of[id(p)] for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    return build_model("UR4Rec", "genre", {**settings, **overrides})
 
 
 def test_registered_with_its_trainer():
