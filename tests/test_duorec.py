@@ -5,6 +5,7 @@ import pytest
 import torch
 from model_fixtures import build_model
 
+from recbole_ur4rec.data.sequence_dataset import prefix_item_lists
 from recbole_ur4rec.model import DuoRec, FastSASRec
 from recbole_ur4rec.model.duorec import CONTRASTS, info_nce, sample_in_batch_partners
 from recbole_ur4rec.model.layers import position_loss
@@ -99,7 +100,7 @@ def test_same_target_row_is_another_training_row_with_that_target(duo_config):
     users, targets = dataset.inter_feat["user_id"], dataset.inter_feat["item_id"]
     rows = {
         (int(u), int(t)): (seq, int(n))
-        for u, t, seq, n in zip(users, targets, dataset.inter_feat["item_id_list"], dataset.inter_feat["item_length"])
+        for u, t, seq, n in zip(users, targets, prefix_item_lists(dataset, dataset.inter_feat), dataset.inter_feat["item_length"])
     }
     drawn = set()
     for _ in range(5):
@@ -114,7 +115,8 @@ def test_same_target_row_is_another_training_row_with_that_target(duo_config):
         # the drawn row's sequence is the training prefix that precedes that target
         i = int(index[found][0])
         seq, length = rows[(int(sem_user[0]), int(sem_target[0]))]
-        assert torch.equal(model.sem_item_seq[i], seq) and int(model.sem_item_seq_len[i]) == length
+        sem_seq = model.same_target_item_seq(torch.tensor([i]), seq.numel())[0]
+        assert torch.equal(sem_seq, seq) and int(model.sem_item_seq_len[i]) == length
     assert len(drawn) > len(users) // 2, "positives are drawn at random among the candidates"
 
 

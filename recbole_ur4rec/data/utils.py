@@ -1,55 +1,152 @@
-"""Dataset creation and splitting: RecBole's pipeline, with the plugin's training-row layouts."""
+"""Dataset creation and splitting: RecBole's pipeline without its pickle caches, and a lean data path for the
+plugin's sequential models (see :mod:`recbole_ur4rec.data.sequence_dataset`)."""
+import importlib
+import os
 from logging import getLogger
 
-from recbole.data import create_dataset as recbole_create_dataset
-from recbole.data import data_preparation as recbole_data_preparation
-from recbole.data.dataloader import TrainDataLoader
+from recbole.data.utils import create_samplers, get_dataloader
+from recbole.sampler import KGSampler
 from recbole.utils import ModelType, set_color
 
 from recbole_ur4rec.data.atomic import check_dataset_files
-from recbole_ur4rec.data.sequence_dataset import build_sequence_train_dataset
+from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader
+from recbole_ur4rec.data.sequence_dataset import (
+    SequenceHistoryDataset,
+    build_prefix_train_dataset,
+    build_window_train_dataset,
+)
 
 LOSS_POSITIONS = ("all", "last")
+MODEL_TYPE_DATASETS = {
+    ModelType.GENERAL: "Dataset",
+    ModelType.SEQUENTIAL: "SequentialDataset",
+    ModelType.CONTEXT: "Dataset",
+    ModelType.KNOWLEDGE: "KnowledgeBasedDataset",
+    ModelType.TRADITIONAL: "Dataset",
+    ModelType.DECISIONTREE: "Dataset",
+}
+
+
+def uses_history_path(config):
+    """Whether ``config``'s model is one of the plugin's sequential models (they take the lean data path)."""
+    from recbole_ur4rec.utils import plugin_models
+
+    return config["MODEL_TYPE"] == ModelType.SEQUENTIAL and config["model"] in plugin_models()
+
+
+def dataset_class(config):
+    """The dataset class RecBole's ``create_dataset`` would pick, or SequenceHistoryDataset for plugin models."""
+    if uses_history_path(config):
+        if config["benchmark_filename"] is not None:
+            raise ValueError(
+                f"{config['model']} builds its splits from the interactions (eval_args.split) and does not read "
+                f"pre-split files: remove benchmark_filename ({config['benchmark_filename']})"
+            )
+        return SequenceHistoryDataset
+    module = importlib.import_module("recbole.data.dataset")
+    return getattr(module, config["model"] + "Dataset", None) or getattr(module, MODEL_TYPE_DATASETS[config["MODEL_TYPE"]])
+
+
+def refuse_pickled_caches(config, class_name):
+    """RecBole unpickles saved datasets and dataloaders (a pickle runs code when loaded); the plugin never does.
+
+    Raises:
+        ValueError: the config asks to save or to load such a file.
+    """
+    for key in ("save_dataset", "save_dataloaders", "dataset_save_path", "dataloaders_save_path"):
+        if config[key]:
+            raise ValueError(
+                f"config key {key!r} = {config[key]!r}: recbole_ur4rec does not save or load RecBole's pickled "
+                f"datasets and dataloaders (loading a pickle runs code); remove the key, the data are rebuilt from "
+                f"the atomic files"
+            )
+    caches = (f"{config['dataset']}-{class_name}.pth", f"{config['dataset']}-for-{config['model']}-dataloader.pth")
+    for name in caches:
+        path = os.path.join(config["checkpoint_dir"], name)
+        if os.path.exists(path):
+            getLogger().warning(
+                f"ignored {path}: RecBole's pickled data cache is never loaded by recbole_ur4rec (a pickle runs "
+                f"code when loaded); the data are rebuilt from the atomic files"
+            )
 
 
 def create_dataset(config):
-    """RecBole's ``create_dataset`` (filtering, id remapping) for ``config``, after checking its atomic files."""
-    check_dataset_files(config)
-    return recbole_create_dataset(config)
+    """RecBole's dataset for ``config`` (filtering, id remapping), after checking its atomic files.
 
-
-def data_preparation(config, dataset):
-    """Split ``dataset`` and build (train, valid, test) dataloaders; evaluation stays RecBole's full sort.
-
-    A sequential model whose config sets ``loss_position: all`` is trained on whole training histories
-    (one row per user, windows of ``MAX_ITEM_LIST_LENGTH``; see :mod:`recbole_ur4rec.data.sequence_dataset`);
-    ``loss_position: last`` and models without the key keep RecBole's one-row-per-prefix training data.
+    Unlike RecBole's ``create_dataset``, it never loads a pickled dataset from ``checkpoint_dir``.
     """
-    train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
+    check_dataset_files(config)
+    cls = dataset_class(config)
+    refuse_pickled_caches(config, cls.__name__)
+    return cls(config)
+
+
+def _check_history_config(config):
     loss_position = config["loss_position"]
-    if loss_position is None or loss_position == "last":
-        return train_data, valid_data, test_data
     if loss_position not in LOSS_POSITIONS:
         raise ValueError(f"loss_position must be one of {', '.join(LOSS_POSITIONS)}, got {loss_position!r}")
-    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
-        raise ValueError(f"loss_position: all needs a sequential model, but {config['model']} is {config['MODEL_TYPE'].name}")
-    if config["train_neg_sample_args"]["distribution"] != "none":
+    if loss_position == "all" and config["train_neg_sample_args"]["distribution"] != "none":
         raise ValueError(
             f"train_neg_sample_args must be ~ with loss_position: all (got {config['train_neg_sample_args']}): "
             f"whole-sequence rows are not negative-sampled by RecBole's sampler; the model samples its own "
             f"negatives (see neg_sample_num)"
         )
-    if config["benchmark_filename"] is not None:
-        raise ValueError(
-            f"loss_position: all builds its rows from RecBole's leave-one-out split and does not support "
-            f"benchmark_filename ({config['benchmark_filename']}); remove benchmark_filename or use loss_position: last"
+    return loss_position
+
+
+def data_preparation(config, dataset):
+    """Split ``dataset`` and build (train, valid, test) dataloaders; evaluation stays RecBole's.
+
+    RecBole's models get RecBole's splits and loaders. The plugin's sequential models
+    (:class:`~recbole_ur4rec.data.sequence_dataset.SequenceHistoryDataset`) are trained on whole training histories
+    (``loss_position: all``: one row per user, windows of ``MAX_ITEM_LIST_LENGTH``) or on RecBole's prefix rows
+    gathered per batch (``loss_position: last``). Saved dataloaders are never loaded (see :func:`create_dataset`).
+    """
+    logger = getLogger()
+    built_datasets = dataset.build()
+    train_dataset, valid_dataset, test_dataset = built_datasets
+    train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
+
+    train_loader = get_dataloader(config, "train")
+    if isinstance(dataset, SequenceHistoryDataset):
+        if _check_history_config(config) == "all":
+            train_dataset = build_window_train_dataset(config, train_dataset)
+            rows = f"whole-sequence rows (loss_position: all): {len(train_dataset)} rows of at most"
+        else:
+            train_dataset = build_prefix_train_dataset(config, train_dataset, dataset.user_order)
+            train_loader = PrefixTrainDataLoader
+            rows = f"prefix rows gathered per batch (loss_position: last): {len(train_dataset)} rows of at most"
+        logger.info(
+            set_color("[Training]: ", "pink") + f"{rows} {config['MAX_ITEM_LIST_LENGTH']} positions, "
+            f"{int(train_dataset.inter_feat[train_dataset.item_list_length_field].sum())} supervised positions"
         )
-    train_dataset = build_sequence_train_dataset(config, train_data._dataset)
-    train_data = TrainDataLoader(config, train_dataset, train_data._sampler, shuffle=config["shuffle"])
-    getLogger().info(
+
+    if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
+        kg_sampler = KGSampler(
+            dataset, config["train_neg_sample_args"]["distribution"], config["train_neg_sample_args"]["alpha"]
+        )
+        train_data = train_loader(config, train_dataset, train_sampler, kg_sampler, shuffle=True)
+    else:
+        train_data = train_loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
+    valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
+    test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
+
+    logger.info(
         set_color("[Training]: ", "pink")
-        + f"whole-sequence rows (loss_position: all): {len(train_dataset)} rows of at most "
-        f"{config['MAX_ITEM_LIST_LENGTH']} positions, "
-        f"{int(train_dataset.inter_feat[train_dataset.item_list_length_field].sum())} supervised positions"
+        + set_color("train_batch_size", "cyan")
+        + " = "
+        + set_color(f'[{config["train_batch_size"]}]', "yellow")
+        + set_color(" train_neg_sample_args", "cyan")
+        + ": "
+        + set_color(f'[{config["train_neg_sample_args"]}]', "yellow")
+    )
+    logger.info(
+        set_color("[Evaluation]: ", "pink")
+        + set_color("eval_batch_size", "cyan")
+        + " = "
+        + set_color(f'[{config["eval_batch_size"]}]', "yellow")
+        + set_color(" eval_args", "cyan")
+        + ": "
+        + set_color(f'[{config["eval_args"]}]', "yellow")
     )
     return train_data, valid_data, test_data

@@ -16,6 +16,7 @@ item, and the other representations of the batch are the negatives (InfoNCE with
 import torch
 from torch.nn import functional as F
 
+from recbole_ur4rec.data.sequence_dataset import PREFIX_START, gather_lists
 from recbole_ur4rec.model.fastsasrec import FastSASRec
 from recbole_ur4rec.model.layers import position_loss, supervised_positions
 
@@ -126,7 +127,10 @@ class DuoRec(FastSASRec):
             raise ValueError(f"contrast_max_anchors must be an int >= 2, got {value!r}")
 
     def _build_same_target_index(self, dataset):
-        """Training prefix rows sorted by (target, user), for drawing same-target rows (``loss_position: last``)."""
+        """Training prefix rows sorted by (target, user), for drawing same-target rows (``loss_position: last``).
+
+        ``dataset`` holds the rows of :func:`~recbole_ur4rec.data.sequence_dataset.build_prefix_train_dataset`;
+        a drawn row's item list is gathered from the flat training history when it is used."""
         feat = dataset.inter_feat
         target = feat[self.POS_ITEM_ID].long()
         user = feat[dataset.uid_field].long()
@@ -138,8 +142,9 @@ class DuoRec(FastSASRec):
         self.register_buffer("sem_key", key, persistent=False)  # [R]
         self.register_buffer("sem_start", torch.cumsum(counts, 0) - counts, persistent=False)  # [n_items]
         self.register_buffer("sem_count", counts, persistent=False)  # [n_items]
-        self.register_buffer("sem_item_seq", feat[self.ITEM_SEQ][order], persistent=False)  # [R L]
+        self.register_buffer("sem_prefix_start", feat[PREFIX_START][order], persistent=False)  # [R]
         self.register_buffer("sem_item_seq_len", feat[self.ITEM_SEQ_LEN][order], persistent=False)  # [R]
+        self.register_buffer("history_items", dataset.history_items, persistent=False)  # [N] training interactions
 
     def sample_same_target_rows(self, users, targets):
         """For prefix rows ``(users [B], targets [B])``, indices into the sorted index of a uniformly drawn other
@@ -186,6 +191,10 @@ class DuoRec(FastSASRec):
             loss = loss + self.lmd_sem * info_nce(anchor, semantic, self.tau, self.sim, negative_targets)
         return loss
 
+    def same_target_item_seq(self, index, max_len):
+        """Item lists [B, max_len] of the rows ``index`` [B] of the same-target index."""
+        return gather_lists(self.history_items, self.sem_prefix_start[index], self.sem_item_seq_len[index], max_len)
+
     def _same_target_view(self, interaction):
         """Last hidden state of a same-target training row for each prefix row (the row itself where none)."""
         item_seq = interaction[self.ITEM_SEQ]
@@ -193,6 +202,6 @@ class DuoRec(FastSASRec):
         index = self.sample_same_target_rows(interaction[self.USER_ID].long(), interaction[self.POS_ITEM_ID].long())
         found = (index >= 0).unsqueeze(1)  # [B 1]
         safe = index.clamp(min=0)
-        sem_seq = torch.where(found, self.sem_item_seq[safe], item_seq)  # [B L]
+        sem_seq = torch.where(found, self.same_target_item_seq(safe, item_seq.size(1)), item_seq)  # [B L]
         sem_len = torch.where(found.squeeze(1), self.sem_item_seq_len[safe], item_seq_len)  # [B]
         return self.backbone.gather_last(self.forward(sem_seq, sem_len), sem_len)  # [B H]

@@ -288,13 +288,7 @@ class FTRagRec(DuoRec):
     def _prefix_rows(self, train_split):
         """Windows of the training histories (as the training rows) and the history position of their first column."""
         user_ids, histories = training_histories(train_split)
-        max_len = self.max_seq_length
-        starts = []
-        for history in histories:
-            n_positions = len(history) - 1
-            starts += [max(0, end - max_len) for end in reversed(range(n_positions, 0, -max_len))]
-        user, item_seq, targets, length = window_rows(user_ids, histories, max_len)
-        return user, item_seq, targets, length, torch.as_tensor(starts, dtype=torch.int64)
+        return window_rows(user_ids, histories, self.max_seq_length)
 
     def backbone_fingerprint(self):
         return weights_fingerprint(self.backbone.state_dict())
