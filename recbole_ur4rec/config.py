@@ -10,7 +10,7 @@ import recbole
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-from recbole_ur4rec.utils import get_model
+from recbole_ur4rec.utils import get_model, plugin_models
 
 PLUGIN_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "properties")
@@ -79,6 +79,21 @@ class Config(RecBoleConfig):
             self.final_config_dict["train_neg_sample_args"] = None
         super()._set_default_parameters()
         self.final_config_dict["data_path"] = resolve_data_path(os.path.join(data_root, self.dataset), self.dataset)
+        self._load_split_fields()
+
+    def _load_split_fields(self):
+        """Load the time field a time-ordered split needs (RecBole's default load_col has only the two ids), and
+        ratings for the plugin's models (user text reads them); a load_col the user set is left as it is."""
+        config = self.final_config_dict
+        load_col = config.get("load_col")
+        if "load_col" in self.external_config_dict or not isinstance(load_col, dict) or "inter" not in load_col:
+            return
+        wanted = [config["TIME_FIELD"]] if config["eval_args"]["order"] == "TO" else []
+        if self.model in plugin_models():
+            wanted.append(config["RATING_FIELD"])
+        missing = [field for field in wanted if field and field not in load_col["inter"]]
+        if missing:
+            config["load_col"] = {**load_col, "inter": list(load_col["inter"]) + missing}
 
 
 def resolve_data_path(data_path, dataset):

@@ -41,7 +41,7 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default ml-100k)")
-    parser.add_argument("--model", "-m", default="SASRec", help="model whose yaml settings apply (default SASRec)")
+    parser.add_argument("--model", "-m", default="UR4Rec", help="model whose yaml settings apply (default UR4Rec)")
     parser.add_argument("--config_files", default=None, help="config files, separated by spaces")
     parser.add_argument("--strict", action="store_true", help="fail on feature rows for tokens the dataset lacks")
     for key, meaning in OPTIONS.items():
