@@ -10,6 +10,26 @@ from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.utils import CheckpointError, get_model, get_trainer, load_checkpoint
 
 
+_anomaly_switch_logged = False
+
+
+def set_anomaly_detection(enabled):
+    """Set torch's autograd anomaly detection to ``enabled`` (config key ``detect_anomaly``).
+
+    Importing RecBole's sequential models turns it on for the whole process
+    (``recbole/model/sequential_recommender/sine.py``), which makes training about 1.3x slower; switching it off
+    is logged once per process.
+    """
+    global _anomaly_switch_logged
+    if torch.is_anomaly_enabled() and not enabled and not _anomaly_switch_logged:
+        _anomaly_switch_logged = True
+        getLogger().info(
+            "switched off torch's autograd anomaly detection, which importing RecBole's sequential models turns on "
+            "for the whole process (set detect_anomaly: True to keep it)"
+        )
+    torch.autograd.set_detect_anomaly(bool(enabled))
+
+
 def _build(model, dataset, config_file_list, config_dict):
     """Config, logger, data and an initialised model, as RecBole's ``run_recbole`` builds them."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
@@ -20,6 +40,7 @@ def _build(model, dataset, config_file_list, config_dict):
         faiss.omp_set_num_threads(config["threads"])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
+    set_anomaly_detection(config["detect_anomaly"])
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)

@@ -45,7 +45,10 @@ def get_model(model_name):
     recbole_model_dir = os.path.dirname(importlib.util.find_spec("recbole.model").origin)
     for submodule in sorted(os.listdir(recbole_model_dir)):
         if os.path.isfile(os.path.join(recbole_model_dir, submodule, model_name.lower() + ".py")):
+            anomaly_before = torch.is_anomaly_enabled()
             module = importlib.import_module(f"recbole.model.{submodule}.{model_name.lower()}")
+            # recbole/model/sequential_recommender/sine.py turns anomaly detection on for the whole process
+            torch.autograd.set_detect_anomaly(anomaly_before)
             if hasattr(module, model_name):
                 return getattr(module, model_name)
     raise ValueError(
