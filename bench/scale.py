@@ -1,0 +1,320 @@
+"""Benchmark: cost against dataset size (1M, 5M, 20M interactions) on generated data, per model.
+
+For every (size, model) cell, one subprocess (so peak RSS is the cell's own, from ``getrusage``) measures:
+
+- ``first_batch_s``: from the start of the process to the first training batch in hand: atomic-file check,
+  RecBole's loading, filtering and remapping, the splits, the training rows and the model;
+- ``peak_rss_gb`` after loading (``load_rss_gb``) and at the end;
+- ``epoch_s``: seconds of one training epoch (FedDMMR: one round with ``client_fraction`` of the clients). An
+  epoch that does not end within ``--train_budget_s`` is stopped and extrapolated from the batches done
+  (``epoch_batches_done`` of ``epoch_batches``; ``epoch_complete`` says which);
+- ``eval_s``: one full-ranking validation (every user, every item) with RecBole's evaluator.
+
+The data come from ``bench/synthetic_data.py`` (written once into ``--data_root``): random, for speed and memory
+only, never for accuracy. Each cell is written to ``<out>/cells/<size>-<model>.json`` as soon as it ends and is
+skipped when present, so a long benchmark can be stopped and continued; ``--table`` only rebuilds the table and plot.
+
+    python bench/scale.py --sizes 1m,5m --models FastSASRec-SSM,SASRec       # some cells
+    python bench/scale.py                                                     # every cell (hours on 2 cores)
+    python bench/scale.py --table                                             # table + plot from the cells
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {  # name: (interactions, users, items), MovieLens-1M/-20M-like shapes
+    "1m": (1_000_000, 6_040, 3_700),
+    "5m": (5_000_000, 30_000, 15_000),
+    "20m": (20_000_000, 138_000, 27_000),
+}
+MODELS = {  # cell name: (model, config overrides)
+    "FastSASRec-CE": ("FastSASRec", {"loss_type": "CE"}),
+    "FastSASRec-SSM": ("FastSASRec", {"loss_type": "SSM"}),
+    "DuoRec": ("DuoRec", {"loss_type": "SSM"}),
+    "UR4Rec": ("UR4Rec", {"loss_type": "SSM", "stages": ["pretrain_retriever"], "stage_epochs": {"pretrain_retriever": 1}}),
+    "FedDMMR": ("FedDMMR", {"client_fraction": 0.2}),
+    "SASRec": ("SASRec", {"loss_type": "CE", "train_batch_size": 2048}),
+}
+COMMON = {"show_progress": False, "epochs": 1, "eval_batch_size": 4096, "state": "INFO", "seed": 2020}
+TEXT_FIELDS = {"item_title_field": "title", "item_genre_field": "genre"}  # of the generated .item file
+TEXT_MODELS = ("UR4Rec", "FedDMMR")  # their cells read feature caches built ahead (features_s)
+
+
+def rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def machine():
+    return {
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def ensure_dataset(data_root, size):
+    name = f"synth-{size}"
+    if not os.path.isfile(os.path.join(data_root, name, f"{name}.inter")):
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        from synthetic_data import generate
+
+        interactions, users, items = SIZES[size]
+        generate(data_root, name, interactions, users, items, seed=0, item_text=True)
+    return name
+
+
+def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir):
+    """Measure one cell in this process; returns a dict of plain numbers."""
+    started = time.monotonic()
+    import torch
+    from recbole.utils import init_seed
+
+    from recbole_ur4rec.config import Config
+    from recbole_ur4rec.data import create_dataset, data_preparation
+    from recbole_ur4rec.quick_start import set_anomaly_detection
+    from recbole_ur4rec.utils import get_model, get_trainer
+
+    model_name, overrides = MODELS[cell]
+    config_dict = {**COMMON, **TEXT_FIELDS, **overrides, "data_path": data_root, "threads": threads, "checkpoint_dir": saved_dir}
+    config = Config(model=model_name, dataset=f"synth-{size}", config_dict=config_dict)
+    torch.set_num_threads(threads)
+    set_anomaly_detection(False)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    out = {"interactions": len(dataset.inter_feat), "users": dataset.user_num - 1, "items": dataset.item_num - 1}
+    train_data, valid_data, _ = data_preparation(config, dataset)
+    del dataset
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(model_name)(config, train_data._dataset)
+    next(iter(train_data))
+    out["first_batch_s"] = time.monotonic() - started
+    out["load_rss_gb"] = rss_gb()
+    out["train_rows"] = len(train_data._dataset)
+
+    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    n_batches = math.ceil(len(train_data._dataset) / train_data.step)
+    timing = {"batches": 0}
+    deadline = time.monotonic() + train_budget_s
+
+    class Budgeted:
+        """The training loader, stopped at the deadline; counts its batches."""
+
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            timing["start"] = time.monotonic()
+            for batch in self.loader:
+                if time.monotonic() > deadline:
+                    break
+                timing["batches"] += 1
+                yield batch
+            timing["end"] = time.monotonic()
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+    if cell == "FedDMMR":  # a round: the trainer iterates its clients, not the loader
+        start = time.monotonic()
+        trainer._train_epoch(train_data, 0, show_progress=False)
+        out.update(epoch_s=time.monotonic() - start, epoch_complete=True, epoch_batches=None, epoch_batches_done=None)
+    else:
+        trainer.fit(Budgeted(train_data), None, saved=False, show_progress=False)  # one epoch, no validation
+        done = timing["batches"]
+        elapsed = timing.get("end", time.monotonic()) - timing["start"]
+        out.update(
+            epoch_s=elapsed * n_batches / max(done, 1),
+            epoch_complete=done >= n_batches,
+            epoch_batches=n_batches,
+            epoch_batches_done=done,
+        )
+    start = time.monotonic()
+    result = trainer.evaluate(valid_data, load_best_model=False, show_progress=False)
+    out["eval_s"] = time.monotonic() - start
+    out["eval_users"] = len(valid_data._dataset)
+    out["valid_ndcg@10"] = float(result["ndcg@10"])  # random data: a sanity check, not an accuracy claim
+    out["peak_rss_gb"] = rss_gb()
+    return out
+
+
+def cell_path(out_dir, size, cell):
+    return os.path.join(out_dir, "cells", f"{size}-{cell}.json")
+
+
+def build_features(size, data_root, out_dir):
+    """Item and user text features of a generated dataset (cached beside it), timed once per size."""
+    path = os.path.join(out_dir, "cells", f"{size}-features.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["features_s"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    overrides = [f"--{key}={value}" for key, value in TEXT_FIELDS.items()]
+    command = [sys.executable, "-m", "recbole_ur4rec.features", "-d", f"synth-{size}", f"--data_path={data_root}", *overrides]
+    started = time.monotonic()
+    with open(path.replace(".json", ".log"), "w") as f:
+        subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=True)
+    seconds = time.monotonic() - started
+    with open(path, "w") as f:
+        json.dump({"features_s": seconds, "size": size}, f)
+    return seconds
+
+
+def run_in_subprocess(size, cell, args):
+    path = cell_path(args.out, size, cell)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if MODELS[cell][0] in TEXT_MODELS:
+        build_features(size, args.data_root, args.out)
+    command = [
+        sys.executable, os.path.abspath(__file__), "--cell", size, cell, "--data_root", args.data_root,
+        "--threads", str(args.threads), "--train_budget_s", str(args.train_budget_s), "--out", args.out,
+    ]
+    log = path.replace(".json", ".log")
+    started = time.monotonic()
+    with open(log, "w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode != 0:
+        print(f"{size} {cell}: failed (rc {done.returncode}), see {log}")
+        return
+    with open(path) as f:
+        cell_result = json.load(f)
+    print(f"{size} {cell}: {cell_result} ({time.monotonic() - started:.0f} s)")
+
+
+def fit_exponent(points):
+    """Least-squares slope of log(cost) against log(interactions)."""
+    if len(points) < 2:
+        return None
+    xs, ys = zip(*[(math.log(x), math.log(y)) for x, y in points])
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def write_table(out_dir):
+    cells = {}
+    folder = os.path.join(out_dir, "cells")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and not name.endswith("-features.json"):
+            with open(os.path.join(folder, name)) as f:
+                data = json.load(f)
+            cells[(data["size"], data["cell"])] = data
+    if not cells:
+        print("no cells yet")
+        return
+    any_cell = next(iter(cells.values()))
+    lines = [
+        "# Cost against size (generated data; speed and memory only)",
+        "",
+        f"Machine: {any_cell['machine']['cpus']} CPUs, {any_cell['machine']['memory_gb']} GB, "
+        f"{any_cell['machine']['platform']}, Python {any_cell['machine']['python']}; threads {any_cell['threads']}.",
+        "Command: `python bench/scale.py` (cells in `cells/`). An epoch marked * was stopped at the training budget and "
+        "extrapolated from the batches done.",
+        "",
+        "| size | model | interactions | first batch (s) | RSS after load (GB) | peak RSS (GB) | epoch (s) | full-ranking validation (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size in SIZES:
+        for cell in MODELS:
+            c = cells.get((size, cell))
+            if c is None:
+                continue
+            epoch = f"{c['epoch_s']:.0f}" + ("" if c["epoch_complete"] else "*")
+            lines.append(
+                f"| {size} | {cell} | {c['interactions']:,} | {c['first_batch_s']:.0f} | {c['load_rss_gb']:.2f} | "
+                f"{c['peak_rss_gb']:.2f} | {epoch} | {c['eval_s']:.0f} |"
+            )
+    features = []
+    for size in SIZES:
+        path = os.path.join(folder, f"{size}-features.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                features.append(f"{size}: {json.load(f)['features_s']:.0f} s")
+    if features:
+        lines += ["", "Item and user text features (`python -m recbole_ur4rec.features`, all-MiniLM-L6-v2 on the CPU, built "
+                  "once per dataset and read from the cache by the UR4Rec and FedDMMR cells): " + ", ".join(features) + "."]
+    lines += ["", "Exponent b of cost ~ interactions^b (least squares over the sizes measured):", ""]
+    lines += ["| model | first batch | peak RSS | epoch | validation |", "|---|---:|---:|---:|---:|"]
+    for cell in MODELS:
+        row = [cell]
+        for key in ("first_batch_s", "peak_rss_gb", "epoch_s", "eval_s"):
+            points = [(c["interactions"], c[key]) for (s, m), c in cells.items() if m == cell and c[key]]
+            b = fit_exponent(points)
+            row.append("" if b is None else f"{b:.2f} ({len(points)} sizes)")
+        if any(row[1:]):
+            lines.append("| " + " | ".join(row) + " |")
+    path = os.path.join(out_dir, "scale.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(cells, os.path.join(out_dir, "scale.png"))
+
+
+def plot(cells, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("first_batch_s", "first batch (s)"), ("peak_rss_gb", "peak RSS (GB)"), ("epoch_s", "epoch (s)"), ("eval_s", "validation (s)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    for ax, (key, label) in zip(axes, keys):
+        for cell in MODELS:
+            points = sorted((c["interactions"], c[key]) for (s, m), c in cells.items() if m == cell and c[key])
+            if points:
+                ax.plot(*zip(*points), marker="o", label=cell)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("interactions")
+        ax.set_title(label)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--data_root", default=os.path.join(ROOT, "dataset"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train_budget_s", type=float, default=900, help="stop an epoch after this many seconds and extrapolate")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "scale"))
+    parser.add_argument("--cell", nargs=2, metavar=("SIZE", "MODEL"), help="(internal) measure one cell in this process")
+    parser.add_argument("--table", action="store_true", help="only rebuild the table and plot from the cells")
+    args = parser.parse_args()
+
+    if args.cell:
+        size, cell = args.cell
+        saved = os.path.join(args.out, "saved")
+        result = run_cell(size, cell, args.data_root, args.threads, args.train_budget_s, saved)
+        result.update(size=size, cell=cell, threads=args.threads, machine=machine(), date=datetime.date.today().isoformat())
+        with open(cell_path(args.out, size, cell) + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(cell_path(args.out, size, cell) + ".tmp", cell_path(args.out, size, cell))
+        return
+    if not args.table:
+        for size in args.sizes.split(","):
+            ensure_dataset(args.data_root, size)
+            for cell in args.models.split(","):
+                if os.path.exists(cell_path(args.out, size, cell)):
+                    print(f"{size} {cell}: done, skipped")
+                    continue
+                run_in_subprocess(size, cell, args)
+    write_table(args.out)
+
+
+if __name__ == "__main__":
+    main()
