@@ -130,8 +130,10 @@ def clustered_memory(index_type="flat", **kwargs):
     return memory, keys, users, positions
 
 
-def test_memory_never_returns_the_query_nor_its_users_target_or_future():
-    memory, keys, users, positions = clustered_memory()
+@pytest.mark.parametrize("index_type", ["flat", "ivfsq8"])
+def test_memory_never_returns_the_query_nor_its_users_target_or_future(index_type):
+    memory, keys, users, positions = clustered_memory(index_type)
+    assert memory.built_type == index_type
     index, similarity, mask = memory.search(keys, users, positions, k=5)
     got_user, got_pos = memory.users[index], memory.positions[index]
     leaked = mask & (got_user == users[:, None]) & (got_pos >= positions[:, None])
@@ -154,6 +156,57 @@ def test_flat_and_ivf_agree_when_every_list_is_probed():
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
     auto, *_ = clustered_memory("auto", ivf_min_size=1000)
     assert auto.built_type == "ivf"
+    auto, *_ = clustered_memory("auto", ivf_min_size=1000, compressed_min_size=1200)
+    assert auto.built_type == "ivfsq8"
+
+
+def spread_keys(n, dim=16, seed=0):
+    """Keys of a Gaussian mixture whose clusters overlap, so that the order of the neighbours is not a tie."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(30, dim))
+    return torch.tensor(centres[rng.integers(0, 30, n)] + rng.normal(size=(n, dim)) * 0.5, dtype=torch.float32) * 4
+
+
+def test_compressed_memory_agrees_with_exact_search_and_keeps_no_float_keys(tmp_path):
+    keys, queries = spread_keys(3000), spread_keys(200, seed=1)
+    targets, users, positions = torch.randint(1, 50, (3000,)), torch.arange(3000), torch.zeros(3000, dtype=torch.long)
+    exact, compressed = RetrievalMemory("flat"), RetrievalMemory("ivfsq8")
+    exact.build(keys, targets, users, positions, "fp")
+    # streamed in uneven chunks: the float keys are never gathered
+    chunks = [tuple(t[lo : lo + 700] for t in (keys, targets, users, positions)) for lo in range(0, 3000, 700)]
+    compressed.build_stream(iter(chunks), 3000, "fp")
+    assert compressed.keys is None and compressed.users.dtype == torch.int32 and compressed.index.ntotal == 3000
+    query_users, query_positions = torch.full((200,), -1), torch.zeros(200, dtype=torch.long)
+    truth = exact.search(queries, query_users, query_positions, k=10)[0]
+    found = compressed.search(queries, query_users, query_positions, k=10)[0]
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(found, truth)])
+    assert recall >= 0.9
+    # decoded keys: close to the originals, at their scale (the norms are kept)
+    decoded = compressed.neighbour_keys(torch.arange(3000).view(100, 30))  # [100 30 H]
+    assert decoded.shape == (100, 30, 16)
+    error = (decoded.reshape(3000, -1) - keys).norm(dim=1) / keys.norm(dim=1)
+    assert error.max() < 0.02
+    # saved as tensors and plain data without a float key matrix; restored without re-encoding, searches identically
+    state = compressed.state_dict()
+    assert "keys" not in state and not any(torch.is_tensor(v) and v.is_floating_point() and v.dim() > 1 for v in state.values())
+    save_checkpoint({"memory": state}, str(tmp_path / "memory.pth"))
+    restored = RetrievalMemory("flat")  # the saved type comes back whatever index_type says now
+    restored.load_state_dict(load_checkpoint(str(tmp_path / "memory.pth"))["memory"])
+    assert restored.built_type == "ivfsq8" and restored.keys is None
+    expected = compressed.search(queries, query_users, query_positions, k=10)
+    assert all(torch.equal(a, b) for a, b in zip(expected, restored.search(queries, query_users, query_positions, k=10)))
+    assert torch.equal(restored.neighbour_keys(found), compressed.neighbour_keys(found))
+
+
+def test_compressed_memory_refuses_metadata_beyond_int32():
+    keys = spread_keys(100)
+    users = torch.arange(100)
+    users[3] = 2**31
+    ones, zeros = torch.ones(100, dtype=torch.long), torch.zeros(100, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"stores the entries' users as int32, but one is 2147483648; set config key 'index_type'"):
+        RetrievalMemory("ivfsq8").build(keys, ones, users, zeros, "fp")
+    with pytest.raises(ValueError, match=r"announced 101 entries but received 100"):
+        RetrievalMemory("ivfsq8").build_stream([(keys, ones, torch.arange(100), zeros)], 101, "fp")
 
 
 def test_similarity_threshold_masks_poor_neighbours():
@@ -165,17 +218,19 @@ def test_similarity_threshold_masks_poor_neighbours():
     assert (t_similarity[~t_mask] == 0).all()
 
 
-def test_model_memory_holds_training_prefixes_only(settings):
-    _, model, train_data, _, _ = build(settings)
+@pytest.mark.parametrize("index_type", ["auto", "ivfsq8"])
+def test_model_memory_holds_training_prefixes_only(settings, index_type):
+    _, model, train_data, _, _ = build(settings, index_type=index_type)
     model.refresh_memory()
     memory = model.memory
+    assert memory.built_type == ("flat" if index_type == "auto" else "ivfsq8")
     user_ids, histories = training_histories(train_data._dataset.training_split)
     assert len(memory) == sum(len(h) - 1 for h in histories)
     for user, history in zip(user_ids[:10], histories[:10]):
         own = memory.users == user
         order = torch.argsort(memory.positions[own])
         assert torch.equal(memory.positions[own][order], torch.arange(len(history) - 1))
-        assert torch.equal(memory.targets[own][order], torch.as_tensor(history[1:])), "entry p -> next item h[p + 1]"
+        assert torch.equal(memory.targets[own][order].long(), torch.as_tensor(history[1:])), "entry p -> next item h[p + 1]"
     # training and evaluation queries never retrieve their own user (see FTRagRec's NOTE)
     batch = next(iter(train_data))
     states = model.backbone.gather_last(model(batch["item_id_list"], batch["item_length"]), batch["item_length"])
@@ -209,7 +264,7 @@ def test_refresh_schedule(settings):
 
 
 def test_memory_is_saved_restored_and_rebuilt_on_mismatch(settings, tmp_path):
-    for index_type in ("flat", "ivf"):
+    for index_type in ("flat", "ivf", "ivfsq8"):
         _, model, _, valid_data, _ = build(settings, index_type=index_type, nlist=4, nprobe=2)
         model.refresh_memory()
         path = str(tmp_path / f"{index_type}.pth")
@@ -219,7 +274,10 @@ def test_memory_is_saved_restored_and_rebuilt_on_mismatch(settings, tmp_path):
         restored.load_state_dict(state["state_dict"])
         restored.load_other_parameter(state["other"])
         assert restored.memory_restored and restored.memory.built_type == index_type
-        assert torch.equal(restored.memory.keys, model.memory.keys)
+        saved, back = model.memory.state_dict(), restored.memory.state_dict()  # ivfsq8: the same codes, no float keys
+        assert saved.keys() == back.keys() and ("keys" in saved) == (index_type != "ivfsq8")
+        for name, value in saved.items():
+            assert torch.equal(value, back[name]) if torch.is_tensor(value) else value == back[name], name
         model.eval(), restored.eval()
         interaction = next(iter(valid_data))[0]
         assert torch.allclose(model.full_sort_predict(interaction), restored.full_sort_predict(interaction), atol=1e-5)
@@ -278,7 +336,9 @@ def test_alignment_variants_match_a_hand_computation():
         ("alignment", "l2", r"config key 'alignment' must be one of kl, reverse_kl, js, none, got 'l2'"),
         ("retrieval_topk", 0, r"config key 'retrieval_topk' must be an int >= 1, got 0"),
         ("ivf_kmeans_iterations", 0, r"config key 'ivf_kmeans_iterations' must be an int >= 1, got 0"),
-        ("index_type", "hnsw", r"config key 'index_type' must be one of auto, flat, ivf, got 'hnsw'"),
+        ("index_type", "hnsw", r"config key 'index_type' must be one of auto, flat, ivf, ivfsq8, got 'hnsw'"),
+        ("compressed_min_size", 0, r"config key 'compressed_min_size' must be an int >= 1, got 0"),
+        ("compressed_nprobe", 1.5, r"config key 'compressed_nprobe' must be an int >= 1, got 1.5"),
         ("retriever_temperature", 0, r"config key 'retriever_temperature' must be a number > 0, got 0"),
         ("alpha", 1.5, r"config key 'alpha' must be a number >= 0 and <= 1, got 1.5"),
     ],
@@ -345,6 +405,24 @@ def test_full_sort_predict_shape(settings):
         model.use_retrieval = use_retrieval
         scores = model.full_sort_predict(interaction)
         assert scores.shape == (len(interaction), model.n_items) and torch.isfinite(scores).all()
+
+
+def test_trains_and_evaluates_with_a_compressed_memory(settings, duorec_file):
+    result = run_recbole_ur4rec(
+        "FTRagRec",
+        "tiny",
+        config_dict={
+            **settings,
+            "duorec_checkpoint": duorec_file,
+            "index_type": "ivfsq8",
+            "stages": ["retriever", "finetune"],
+            "stage_epochs": {"retriever": 1, "finetune": 1},
+        },
+    )
+    random_ndcg10 = sum(1 / math.log2(rank + 1) for rank in range(1, 11)) / 40  # one relevant item in ~40
+    assert result["test_result"]["ndcg@10"] > 4 * random_ndcg10
+    memory = load_checkpoint(result["model_file"])["other_parameter"]["memory"]
+    assert memory["index_type"] == "ivfsq8" and "keys" not in memory and memory["targets"].dtype == torch.int32
 
 
 def test_learns_the_sequential_pattern(settings, duorec_file):

@@ -27,7 +27,7 @@ from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.model.duorec import DuoRec
 from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
-from recbole_ur4rec.model.layers.retrieval_memory import INDEX_TYPES, RetrievalMemory, weights_fingerprint
+from recbole_ur4rec.model.layers.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
 from recbole_ur4rec.utils import CheckpointError, load_checkpoint
 
 OBJECTIVES = ("backbone", "retrieval")
@@ -209,6 +209,8 @@ class FTRagRec(DuoRec):
             normalize=config["normalize_keys"],
             seed=config["seed"] or 0,
             kmeans_iterations=config["ivf_kmeans_iterations"],
+            compressed_min_size=config["compressed_min_size"],
+            compressed_nprobe=config["compressed_nprobe"],
         )
         self._memory_rows = self._prefix_rows(getattr(dataset, "training_split", dataset))
         self._memory_checked = False  # False until the memory is known to match the backbone's weights
@@ -226,6 +228,8 @@ class FTRagRec(DuoRec):
         _check(config, "ivf_kmeans_iterations", int, low=1)
         _check(config, "nlist", int, low=1, optional=True)
         _check(config, "ivf_min_size", int, low=1)
+        _check(config, "compressed_min_size", int, low=1)
+        _check(config, "compressed_nprobe", int, low=1)
         _check(config, "similarity_threshold", (int, float), optional=True)
         _check(config, "alignment_quality_threshold", (int, float), optional=True)
         _check(config, "retriever_dropout", (int, float), low=0, high=0.99)
@@ -295,7 +299,9 @@ class FTRagRec(DuoRec):
 
     @torch.no_grad()
     def refresh_memory(self, force=False):
-        """Re-encode the training prefixes with the current backbone and rebuild the index.
+        """Re-encode the training prefixes with the current backbone and rebuild the index, batch by batch (an
+        ``ivfsq8`` memory never holds all float keys; it reads the rows in a seeded random order, so that the keys
+        it trains on are a sample of all).
 
         Returns:
             bool: whether it was rebuilt (not when the backbone is unchanged since the last build, unless ``force``).
@@ -306,23 +312,31 @@ class FTRagRec(DuoRec):
             return False
         device = self.backbone.item_embedding.weight.device
         user, item_seq, targets, length, starts = self._memory_rows
+        n = int((targets[:, : item_seq.size(1)] > 0).sum())
+        order = torch.arange(user.size(0))
+        if self.memory.resolved_type(n) == COMPRESSED:
+            order = torch.randperm(user.size(0), generator=torch.Generator().manual_seed(self.memory.seed))
+
+        def entries():
+            for lo in range(0, user.size(0), self.memory_batch_size):
+                rows = order[lo : lo + self.memory_batch_size]
+                hidden = self.backbone(item_seq[rows].to(device), length[rows].to(device)).cpu()  # [b L H]
+                row_targets = targets[rows, : hidden.size(1)]  # [b L]
+                mask = row_targets > 0
+                column = torch.arange(hidden.size(1)).unsqueeze(0)
+                yield (
+                    hidden[mask],
+                    row_targets[mask],
+                    user[rows].unsqueeze(1).expand_as(mask)[mask],
+                    (starts[rows].unsqueeze(1) + column).expand_as(mask)[mask],
+                )
+
         was_training = self.training
         self.eval()
-        keys, entry_targets, entry_users, entry_positions = [], [], [], []
-        for lo in range(0, user.size(0), self.memory_batch_size):
-            rows = slice(lo, lo + self.memory_batch_size)
-            hidden = self.backbone(item_seq[rows].to(device), length[rows].to(device)).cpu()  # [b L H]
-            row_targets = targets[rows, : hidden.size(1)]  # [b L]
-            mask = row_targets > 0
-            column = torch.arange(hidden.size(1)).unsqueeze(0)
-            keys.append(hidden[mask])
-            entry_targets.append(row_targets[mask])
-            entry_users.append(user[rows].unsqueeze(1).expand_as(mask)[mask])
-            entry_positions.append((starts[rows].unsqueeze(1) + column).expand_as(mask)[mask])
-        self.train(was_training)
-        self.memory.build(
-            torch.cat(keys), torch.cat(entry_targets), torch.cat(entry_users), torch.cat(entry_positions), fingerprint
-        )
+        try:
+            self.memory.build_stream(entries(), n, fingerprint)
+        finally:
+            self.train(was_training)
         self._device_memory, self._memory_checked = None, True
         return True
 
@@ -374,11 +388,17 @@ class FTRagRec(DuoRec):
         index, similarity, mask = self.memory.search(
             states.detach(), users, positions, self.retrieval_topk, self.similarity_threshold
         )  # [Q k] each
-        if self._device_memory is None:
-            self._device_memory = (self.memory.keys.to(states.device), self.memory.targets.to(states.device))
+        if self._device_memory is None:  # float keys (flat, ivf; None for ivfsq8) and targets on the model's device
+            keys = self.memory.keys
+            self._device_memory = (
+                None if keys is None else keys.to(states.device),
+                self.memory.targets.to(states.device, torch.int64),
+            )
         keys, targets = self._device_memory
+        # ivfsq8 keeps no float keys: the neighbours' keys are decoded from its 8-bit codes, so they are approximate
+        neighbour_keys = keys[index] if keys is not None else self.memory.neighbour_keys(index).to(states.device)  # [Q k H]
         target_emb = self.backbone.item_embedding(targets[index])  # [Q k H]
-        return self.fusion(states, keys[index], target_emb, similarity, mask, self.temperature)
+        return self.fusion(states, neighbour_keys, target_emb, similarity, mask, self.temperature)
 
     def loss_terms(self, interaction):
         """Loss terms of the current objective as {name: scalar tensor}, the weighted total under ``loss`` (plus the
