@@ -131,22 +131,12 @@ def data_preparation(config, dataset):
     valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
     test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
 
-    logger.info(
-        set_color("[Training]: ", "pink")
-        + set_color("train_batch_size", "cyan")
-        + " = "
-        + set_color(f'[{config["train_batch_size"]}]', "yellow")
-        + set_color(" train_neg_sample_args", "cyan")
-        + ": "
-        + set_color(f'[{config["train_neg_sample_args"]}]', "yellow")
-    )
-    logger.info(
-        set_color("[Evaluation]: ", "pink")
-        + set_color("eval_batch_size", "cyan")
-        + " = "
-        + set_color(f'[{config["eval_batch_size"]}]', "yellow")
-        + set_color(" eval_args", "cyan")
-        + ": "
-        + set_color(f'[{config["eval_args"]}]', "yellow")
-    )
+    for phase, batch_key, args_key in (
+        ("[Training]: ", "train_batch_size", "train_neg_sample_args"),
+        ("[Evaluation]: ", "eval_batch_size", "eval_args"),
+    ):  # RecBole's two log lines
+        logger.info(
+            set_color(phase, "pink") + set_color(batch_key, "cyan") + " = " + set_color(f"[{config[batch_key]}]", "yellow")
+            + set_color(f" {args_key}", "cyan") + ": " + set_color(f"[{config[args_key]}]", "yellow")
+        )
     return train_data, valid_data, test_data
