@@ -40,7 +40,16 @@ MODELS = {  # cell name: (model, config overrides)
     "FastSASRec-CE": ("FastSASRec", {"loss_type": "CE"}),
     "FastSASRec-SSM": ("FastSASRec", {"loss_type": "SSM"}),
     "DuoRec": ("DuoRec", {"loss_type": "SSM"}),
-    "UR4Rec": ("UR4Rec", {"loss_type": "SSM", "stages": ["pretrain_retriever"], "stage_epochs": {"pretrain_retriever": 1}}),
+    "FTRagRec": ("FTRagRec", {"loss_type": "SSM", "stages": ["retriever"], "stage_epochs": {"retriever": 1}}),
+    "UR4Rec": (  # sampled ranking losses, as the README's "Scale" section advises at this size
+        "UR4Rec",
+        {
+            "ranking_loss_type": "InfoNCE",
+            "distillation_weight": 0.0,
+            "stages": ["pretrain_retriever"],
+            "stage_epochs": {"pretrain_retriever": 1},
+        },
+    ),
     "FedDMMR": ("FedDMMR", {"client_fraction": 0.2}),
     "SASRec": ("SASRec", {"loss_type": "CE", "train_batch_size": 2048}),
 }
@@ -74,7 +83,7 @@ def ensure_dataset(data_root, size):
     return name
 
 
-def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir):
+def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_fraction=None):
     """Measure one cell in this process; returns a dict of plain numbers."""
     started = time.monotonic()
     import torch
@@ -103,6 +112,8 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir):
     out["train_rows"] = len(train_data._dataset)
 
     trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    if cell == "FTRagRec":  # the memory is built when the retrieval stage starts: timed on its own
+        out.update(measure_memory_build(model))
     n_batches = math.ceil(len(train_data._dataset) / train_data.step)
     timing = {"batches": 0}
     deadline = time.monotonic() + train_budget_s
@@ -129,9 +140,19 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir):
             return getattr(self.loader, name)
 
     if cell == "FedDMMR":  # a round: the trainer iterates its clients, not the loader
+        fraction = config["client_fraction"]
+        if fed_fraction:  # clients train one after another: a round's time is proportional to the clients sampled
+            trainer.client_fraction = fed_fraction
         start = time.monotonic()
         trainer._train_epoch(train_data, 0, show_progress=False)
-        out.update(epoch_s=time.monotonic() - start, epoch_complete=True, epoch_batches=None, epoch_batches_done=None)
+        seconds = time.monotonic() - start
+        out.update(
+            epoch_s=seconds * fraction / (fed_fraction or fraction),
+            epoch_complete=not fed_fraction,
+            epoch_batches=None,
+            epoch_batches_done=None,
+            measured_client_fraction=fed_fraction or fraction,
+        )
     else:
         trainer.fit(Budgeted(train_data), None, saved=False, show_progress=False)  # one epoch, no validation
         done = timing["batches"]
@@ -148,6 +169,48 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir):
     out["eval_users"] = len(valid_data._dataset)
     out["valid_ndcg@10"] = float(result["ndcg@10"])  # random data: a sanity check, not an accuracy claim
     out["peak_rss_gb"] = rss_gb()
+    return out
+
+
+def measure_memory_build(model, n_queries=1000, k=10):
+    """FTRagRec: seconds to encode every training prefix and build the FAISS index, its size, search time per
+    1,000 queries, and recall@10 against exact search over the same keys on a sample of entries."""
+    import faiss
+    import torch
+
+    start = time.monotonic()
+    model.refresh_memory(force=True)
+    memory = model.memory
+    out = {"memory_build_s": time.monotonic() - start, "memory_entries": len(memory), "memory_index": memory.built_type}
+    tensors = [getattr(memory, name, None) for name in ("keys", "targets", "users", "positions")]
+    metadata = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    out["memory_gb"] = (metadata + faiss.serialize_index(memory.index).nbytes) / 2**30
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randint(len(memory), (n_queries,), generator=generator)
+    keys = getattr(memory, "keys", None)
+    queries = keys[sample] if isinstance(keys, torch.Tensor) else None
+    if queries is None:
+        return out
+    users, positions = memory.users[sample], memory.positions[sample]
+    start = time.monotonic()
+    found, _, _ = memory.search(queries, users, positions, k)
+    out["memory_search_s_per_1k"] = (time.monotonic() - start) * 1000 / n_queries
+    # exact: the same leakage rule over every key, by chunks of inner products
+    q = torch.nn.functional.normalize(queries, dim=1) if memory.normalize else queries
+    best_sim, best_id = torch.full((n_queries, k), -float("inf")), torch.zeros((n_queries, k), dtype=torch.int64)
+    for lo in range(0, len(memory), 1 << 20):
+        chunk = keys[lo : lo + (1 << 20)]
+        chunk = torch.nn.functional.normalize(chunk, dim=1) if memory.normalize else chunk
+        sim = q @ chunk.t()  # [Q C]
+        ids = torch.arange(lo, lo + chunk.size(0))
+        leaked = (memory.users[ids].unsqueeze(0) == users.unsqueeze(1)) & (memory.positions[ids].unsqueeze(0) >= positions.unsqueeze(1))
+        sim = sim.masked_fill(leaked, -float("inf"))
+        merged_sim = torch.cat([best_sim, sim], 1)
+        merged_id = torch.cat([best_id, ids.expand(n_queries, -1)], 1)
+        best_sim, order = merged_sim.topk(k, dim=1)
+        best_id = merged_id.gather(1, order)
+    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, best_id)]
+    out["memory_recall@10"] = sum(hits) / (k * n_queries)
     return out
 
 
@@ -181,7 +244,7 @@ def run_in_subprocess(size, cell, args):
     command = [
         sys.executable, os.path.abspath(__file__), "--cell", size, cell, "--data_root", args.data_root,
         "--threads", str(args.threads), "--train_budget_s", str(args.train_budget_s), "--out", args.out,
-    ]
+    ] + (["--fed_fraction", str(args.fed_fraction)] if args.fed_fraction else [])
     log = path.replace(".json", ".log")
     started = time.monotonic()
     with open(log, "w") as f:
@@ -221,7 +284,8 @@ def write_table(out_dir):
         f"Machine: {any_cell['machine']['cpus']} CPUs, {any_cell['machine']['memory_gb']} GB, "
         f"{any_cell['machine']['platform']}, Python {any_cell['machine']['python']}; threads {any_cell['threads']}.",
         "Command: `python bench/scale.py` (cells in `cells/`). An epoch marked * was stopped at the training budget and "
-        "extrapolated from the batches done.",
+        "extrapolated from the batches done; for FedDMMR (epoch = one round at client_fraction 0.2), * marks a round "
+        "timed with fewer clients (`--fed_fraction`) and scaled to 0.2 (clients train one after another).",
         "",
         "| size | model | interactions | first batch (s) | RSS after load (GB) | peak RSS (GB) | epoch (s) | full-ranking validation (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -235,6 +299,23 @@ def write_table(out_dir):
             lines.append(
                 f"| {size} | {cell} | {c['interactions']:,} | {c['first_batch_s']:.0f} | {c['load_rss_gb']:.2f} | "
                 f"{c['peak_rss_gb']:.2f} | {epoch} | {c['eval_s']:.0f} |"
+            )
+    memory_rows = [c for (size, cell), c in cells.items() if "memory_build_s" in c]
+    if memory_rows:
+        lines += [
+            "",
+            "FTRagRec's memory (one entry per training position; built with a randomly initialised backbone):",
+            "",
+            "| size | entries | index | memory (GB) | build (s) | search per 1,000 queries (s) | recall@10 vs exact |",
+            "|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for c in sorted(memory_rows, key=lambda c: c["interactions"]):
+            recall = c.get("memory_recall@10")
+            search = c.get("memory_search_s_per_1k")
+            lines.append(
+                f"| {c['size']} | {c['memory_entries']:,} | {c['memory_index']} | {c['memory_gb']:.2f} | "
+                f"{c['memory_build_s']:.0f} | {'' if search is None else f'{search:.2f}'} | "
+                f"{'' if recall is None else f'{recall:.3f}'} |"
             )
     features = []
     for size in SIZES:
@@ -291,6 +372,10 @@ def main():
     parser.add_argument("--data_root", default=os.path.join(ROOT, "dataset"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train_budget_s", type=float, default=900, help="stop an epoch after this many seconds and extrapolate")
+    parser.add_argument(
+        "--fed_fraction", type=float, default=None,
+        help="FedDMMR: time a round at this client fraction and scale it to client_fraction (0.2), for sizes where a full round takes hours",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "scale"))
     parser.add_argument("--cell", nargs=2, metavar=("SIZE", "MODEL"), help="(internal) measure one cell in this process")
     parser.add_argument("--table", action="store_true", help="only rebuild the table and plot from the cells")
@@ -299,7 +384,7 @@ def main():
     if args.cell:
         size, cell = args.cell
         saved = os.path.join(args.out, "saved")
-        result = run_cell(size, cell, args.data_root, args.threads, args.train_budget_s, saved)
+        result = run_cell(size, cell, args.data_root, args.threads, args.train_budget_s, saved, args.fed_fraction)
         result.update(size=size, cell=cell, threads=args.threads, machine=machine(), date=datetime.date.today().isoformat())
         with open(cell_path(args.out, size, cell) + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
