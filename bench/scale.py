@@ -174,42 +174,52 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_frac
 
 def measure_memory_build(model, n_queries=1000, k=10):
     """FTRagRec: seconds to encode every training prefix and build the FAISS index, its size, search time per
-    1,000 queries, and recall@10 against exact search over the same keys on a sample of entries."""
+    1,000 queries, and recall@10 against exact search over the same keys: the first ``n_queries`` keys of the stream
+    are the queries (the stream is in random order for ivfsq8), and the exact top-k (with the memory's leakage rule)
+    is kept up to date chunk by chunk as the keys stream past, so no key matrix is held."""
     import faiss
     import torch
 
+    memory = model.memory
+    exact = {}
+
+    def tee(chunks):
+        offset = 0
+        for chunk in chunks:
+            keys, _, users, positions = chunk
+            if "queries" not in exact:
+                exact.update(queries=keys[:n_queries].clone(), users=users[:n_queries], positions=positions[:n_queries])
+                exact.update(sim=torch.full((n_queries, k), -float("inf")), ids=torch.zeros((n_queries, k), dtype=torch.int64))
+            q = exact["queries"]
+            q = torch.nn.functional.normalize(q, dim=1) if memory.normalize else q
+            for lo in range(0, keys.size(0), 1 << 15):
+                part = keys[lo : lo + (1 << 15)]
+                part = torch.nn.functional.normalize(part, dim=1) if memory.normalize else part
+                sim = q @ part.t()  # [Q C]
+                leaked = (users[lo : lo + part.size(0)].unsqueeze(0) == exact["users"].unsqueeze(1)) & (
+                    positions[lo : lo + part.size(0)].unsqueeze(0) >= exact["positions"].unsqueeze(1)
+                )
+                top_sim, top_id = sim.masked_fill(leaked, -float("inf")).topk(min(k, part.size(0)), dim=1)
+                merged_sim = torch.cat([exact["sim"], top_sim], 1)
+                merged_id = torch.cat([exact["ids"], top_id + offset + lo], 1)
+                exact["sim"], order = merged_sim.topk(k, dim=1)
+                exact["ids"] = merged_id.gather(1, order)
+            offset += keys.size(0)
+            yield chunk
+
+    build_stream = memory.build_stream
+    memory.build_stream = lambda chunks, n, fingerprint: build_stream(tee(chunks), n, fingerprint)
     start = time.monotonic()
     model.refresh_memory(force=True)
-    memory = model.memory
     out = {"memory_build_s": time.monotonic() - start, "memory_entries": len(memory), "memory_index": memory.built_type}
-    tensors = [getattr(memory, name, None) for name in ("keys", "targets", "users", "positions")]
+    del memory.build_stream
+    tensors = [getattr(memory, name, None) for name in ("keys", "norms", "targets", "users", "positions")]
     metadata = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     out["memory_gb"] = (metadata + faiss.serialize_index(memory.index).nbytes) / 2**30
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randint(len(memory), (n_queries,), generator=generator)
-    keys = getattr(memory, "keys", None)
-    queries = keys[sample] if isinstance(keys, torch.Tensor) else None
-    if queries is None:
-        return out
-    users, positions = memory.users[sample], memory.positions[sample]
     start = time.monotonic()
-    found, _, _ = memory.search(queries, users, positions, k)
+    found, _, mask = memory.search(exact["queries"], exact["users"], exact["positions"], k)
     out["memory_search_s_per_1k"] = (time.monotonic() - start) * 1000 / n_queries
-    # exact: the same leakage rule over every key, by chunks of inner products
-    q = torch.nn.functional.normalize(queries, dim=1) if memory.normalize else queries
-    best_sim, best_id = torch.full((n_queries, k), -float("inf")), torch.zeros((n_queries, k), dtype=torch.int64)
-    for lo in range(0, len(memory), 1 << 20):
-        chunk = keys[lo : lo + (1 << 20)]
-        chunk = torch.nn.functional.normalize(chunk, dim=1) if memory.normalize else chunk
-        sim = q @ chunk.t()  # [Q C]
-        ids = torch.arange(lo, lo + chunk.size(0))
-        leaked = (memory.users[ids].unsqueeze(0) == users.unsqueeze(1)) & (memory.positions[ids].unsqueeze(0) >= positions.unsqueeze(1))
-        sim = sim.masked_fill(leaked, -float("inf"))
-        merged_sim = torch.cat([best_sim, sim], 1)
-        merged_id = torch.cat([best_id, ids.expand(n_queries, -1)], 1)
-        best_sim, order = merged_sim.topk(k, dim=1)
-        best_id = merged_id.gather(1, order)
-    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, best_id)]
+    hits = [len(set(a[m].tolist()) & set(b.tolist())) for a, m, b in zip(found, mask, exact["ids"])]
     out["memory_recall@10"] = sum(hits) / (k * n_queries)
     return out
 

@@ -156,7 +156,7 @@ class FTRagRec(DuoRec):
     NOTE:
         Deviations from the prototype (``shared/seeds/002``):
 
-        - The memory holds one entry per training position (prefix -> next item) of RecBole's training split,
+        - The memory holds one entry per training position (prefix -> next item) of the training split,
           encoded in the windows of the whole-sequence training rows; validation and test items never enter it.
         - Leakage: the memory never returns an entry of the query's own user at or after the query's position.
           Training rows do not carry their window offset, so during training the query's user is excluded
@@ -169,7 +169,10 @@ class FTRagRec(DuoRec):
           alignment loss is the softmax of the knowledge's scores over all items.
         - During training, retrieval runs on at most ``retrieval_max_positions`` random supervised positions per
           batch (the plain loss keeps every position), which bounds the FAISS cost per step.
-        - The memory is saved in checkpoints (keys, targets, users, positions and, for IVF, the serialised index)
+        - Large memories (``index_type: ivfsq8``, chosen by ``auto`` from ``compressed_min_size`` entries) keep 8-bit
+          codes instead of float keys: retrieved keys are decoded from the codes (approximate, ~1% of their norm).
+        - The memory is saved in checkpoints (keys or, for ivfsq8, norms; targets, users, positions; for IVF
+          types, the serialised index)
           with fingerprints of the backbone weights it was encoded with and of those saved beside it (between two
           refreshes the memory lags behind the weights, as it did when that checkpoint was validated); loaded with
           weights that match neither, it is rebuilt from them before its next use.
