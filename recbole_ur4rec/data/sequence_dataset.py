@@ -142,24 +142,23 @@ class SequenceHistoryDataset(SequentialDataset):
         has_rows = counts > 1
         first_target_time = self.inter_feat[self.time_field].numpy()[starts + has_rows]
         user_order = np.argsort(np.where(has_rows, first_target_time, np.inf), kind="stable")[: int(has_rows.sum())]
-        self.user_starts = starts
         self.user_order = uid[starts[user_order]]  # user ids in RecBole's row order
 
         train_inter = np.where(n_train > 0, n_train + 1, 0)  # the first item and every training target
-        self.train_positions = _block_positions(starts, train_inter)
-        valid_positions = _block_positions(starts[user_order] + 1 + n_train[user_order], n_valid[user_order])
-        test_offset = starts[user_order] + 1 + n_train[user_order] + n_valid[user_order]
-        test_positions = _block_positions(test_offset, n_test[user_order])
+        train_positions = _block_positions(starts, train_inter)
+        starts, n_train, n_valid, n_test = starts[user_order], n_train[user_order], n_valid[user_order], n_test[user_order]
+        valid_positions = _block_positions(starts + 1 + n_train, n_valid)
+        test_positions = _block_positions(starts + 1 + n_train + n_valid, n_test)
         return [
-            self.copy(self.inter_feat[torch.as_tensor(self.train_positions)]),
-            self.copy(self.evaluation_rows(valid_positions)),
-            self.copy(self.evaluation_rows(test_positions)),
+            self.copy(self.inter_feat[torch.as_tensor(train_positions)]),
+            self.copy(self.evaluation_rows(valid_positions, np.repeat(starts, n_valid))),
+            self.copy(self.evaluation_rows(test_positions, np.repeat(starts, n_test))),
         ]
 
-    def evaluation_rows(self, positions):
-        """RecBole's prefix rows whose targets are the interactions at ``positions`` (indices of the sorted data)."""
-        positions = torch.as_tensor(positions, dtype=torch.int64)
-        user_start = self._user_start_of(positions)
+    def evaluation_rows(self, positions, user_start):
+        """RecBole's prefix rows whose targets are the interactions at ``positions`` (indices of the sorted data);
+        ``user_start`` holds the first position of each target's user."""
+        positions, user_start = torch.as_tensor(positions), torch.as_tensor(user_start)
         lengths = torch.minimum(positions - user_start, torch.tensor(self.max_item_list_len))
         rows = self.inter_feat[positions]
         new = {self.item_list_length_field: lengths}
@@ -169,11 +168,6 @@ class SequenceHistoryDataset(SequentialDataset):
                 new[getattr(self, f"{field}_list_field")] = gather_lists(values, positions - lengths, lengths, self.max_item_list_len)
         rows.update(Interaction(new))
         return rows
-
-    def _user_start_of(self, positions):
-        """First sorted position of the user of each position in ``positions`` [E]."""
-        starts = torch.as_tensor(self.user_starts)
-        return starts[torch.searchsorted(starts, positions, right=True) - 1]
 
 
 def _block_positions(starts, lengths):

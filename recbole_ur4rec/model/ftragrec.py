@@ -315,7 +315,7 @@ class FTRagRec(DuoRec):
             return False
         device = self.backbone.item_embedding.weight.device
         user, item_seq, targets, length, starts = self._memory_rows
-        n = int((targets[:, : item_seq.size(1)] > 0).sum())
+        n = int(length.sum())  # one entry per supervised position
         order = torch.arange(user.size(0))
         if self.memory.resolved_type(n) == COMPRESSED:
             order = torch.randperm(user.size(0), generator=torch.Generator().manual_seed(self.memory.seed))
