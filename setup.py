@@ -21,6 +21,8 @@ install_requires = [
     "matplotlib",
     "pyyaml",
     "flwr==1.41.*",  # federated_engine: flower (Flower's deployment runtime; its [simulation] extra needs another Ray)
+    "tomli-w",  # the loopback Flower runtime writes run configs (recbole_ur4rec/federated/flower/local.py)
+    "psutil",  # ... and stops its process trees
 ]
 
 setup(

@@ -80,7 +80,7 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
 
     from recbole_ur4rec.config import Config
     from recbole_ur4rec.data import create_dataset, data_preparation
-    from recbole_ur4rec.utils import get_model, get_trainer
+    from recbole_ur4rec.registry import get_model, get_trainer
 
     if threads:
         torch.set_num_threads(threads)

@@ -4,7 +4,7 @@ FedDMMR's defaults (item-text expert, dropout), ``client_fraction: 0.2``, ``thre
 rounds per engine, on this machine:
 
 - ``loop``: :meth:`FedDMMRTrainer.run_round` in this process (one model copy trained client after client);
-- ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.LocalFederation` (a SuperLink and
+- ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.local.LocalFederation` (a SuperLink and
   ``--nodes`` SuperNodes on 127.0.0.1, each its own process); a round is :meth:`FlowerEngine.run`: messages pushed,
   one ClientApp process started per node (import, dataset and model rebuilt), its users trained, the per-client
   updates pulled and aggregated.
@@ -63,7 +63,7 @@ def loop_rounds(work, rounds):
 
 def flower_rounds(work, rounds, nodes):
     """Seconds of each round of the Flower ServerApp (FlowerEngine.run) and of the whole ``flwr run``."""
-    from recbole_ur4rec.federated.flower import LocalFederation
+    from recbole_ur4rec.federated.flower.local import LocalFederation
 
     with LocalFederation(num_nodes=nodes, cwd=work) as federation:
         begin = time.time()

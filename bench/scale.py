@@ -50,9 +50,14 @@ MODELS = {  # cell name: (model, config overrides)
             "stage_epochs": {"pretrain_retriever": 1},
         },
     ),
-    "FedDMMR": ("FedDMMR", {"client_fraction": 0.2}),
+    "FedDMMR": ("FedDMMR", {"client_fraction": 0.2, "loss_type": "SSM"}),
     "SASRec": ("SASRec", {"loss_type": "CE", "train_batch_size": 2048}),
+    # the memory alone, its keys from the DuoRec cell's backbone (saved/<size>-DuoRec.pth, trained for that cell's
+    # budget): recall of the compressed index on keys of a trained encoder, at several nprobe
+    "FTRagRec-warm": ("FTRagRec", {"loss_type": "SSM", "stages": ["retriever"], "stage_epochs": {"retriever": 1}}),
 }
+MEMORY_ONLY = ("FTRagRec-warm",)
+NPROBES = (8, 16, 32, 64, 128, 256)  # recall@10 of the compressed memory is measured at each
 COMMON = {"show_progress": False, "epochs": 1, "eval_batch_size": 4096, "state": "INFO", "seed": 2020}
 TEXT_FIELDS = {"item_title_field": "title", "item_genre_field": "genre"}  # of the generated .item file
 TEXT_MODELS = ("UR4Rec", "FedDMMR")  # their cells read feature caches built ahead (features_s)
@@ -92,10 +97,15 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_frac
     from recbole_ur4rec.config import Config
     from recbole_ur4rec.data import create_dataset, data_preparation
     from recbole_ur4rec.quick_start import set_anomaly_detection
-    from recbole_ur4rec.utils import get_model, get_trainer
+    from recbole_ur4rec.registry import get_model, get_trainer
 
     model_name, overrides = MODELS[cell]
     config_dict = {**COMMON, **TEXT_FIELDS, **overrides, "data_path": data_root, "threads": threads, "checkpoint_dir": saved_dir}
+    warm_start = os.path.join(saved_dir, f"{size}-DuoRec.pth")
+    if cell == "FTRagRec-warm":
+        if not os.path.exists(warm_start):
+            raise SystemExit(f"{warm_start} is missing: run the {size} DuoRec cell first (it saves its backbone there)")
+        config_dict["duorec_checkpoint"] = warm_start
     config = Config(model=model_name, dataset=f"synth-{size}", config_dict=config_dict)
     torch.set_num_threads(threads)
     set_anomaly_detection(False)
@@ -112,8 +122,11 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_frac
     out["train_rows"] = len(train_data._dataset)
 
     trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-    if cell == "FTRagRec":  # the memory is built when the retrieval stage starts: timed on its own
-        out.update(measure_memory_build(model))
+    if model_name == "FTRagRec":  # the memory is built when the retrieval stage starts: timed on its own
+        out.update(measure_memory_build(model), memory_backbone="random" if cell == "FTRagRec" else "DuoRec cell")
+    if cell in MEMORY_ONLY:
+        out["peak_rss_gb"] = rss_gb()
+        return out
     n_batches = math.ceil(len(train_data._dataset) / train_data.step)
     timing = {"batches": 0}
     deadline = time.monotonic() + train_budget_s
@@ -155,6 +168,10 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_frac
         )
     else:
         trainer.fit(Budgeted(train_data), None, saved=False, show_progress=False)  # one epoch, no validation
+        if cell == "DuoRec":  # its backbone warm-starts the FTRagRec-warm cell
+            os.makedirs(saved_dir, exist_ok=True)
+            trainer.saved_model_file = warm_start
+            trainer._save_checkpoint(0, verbose=False)
         done = timing["batches"]
         elapsed = timing.get("end", time.monotonic()) - timing["start"]
         out.update(
@@ -216,11 +233,25 @@ def measure_memory_build(model, n_queries=1000, k=10):
     tensors = [getattr(memory, name, None) for name in ("keys", "norms", "targets", "users", "positions")]
     metadata = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     out["memory_gb"] = (metadata + faiss.serialize_index(memory.index).nbytes) / 2**30
-    start = time.monotonic()
-    found, _, mask = memory.search(exact["queries"], exact["users"], exact["positions"], k)
-    out["memory_search_s_per_1k"] = (time.monotonic() - start) * 1000 / n_queries
-    hits = [len(set(a[m].tolist()) & set(b.tolist())) for a, m, b in zip(found, mask, exact["ids"])]
-    out["memory_recall@10"] = sum(hits) / (k * n_queries)
+    recall = {}
+    for nprobe in NPROBES if memory.built_type != "flat" else (None,):
+        if nprobe is not None:
+            if nprobe > memory.index.nlist:
+                continue
+            memory.index.nprobe = nprobe
+        start = time.monotonic()
+        found, _, mask = memory.search(exact["queries"], exact["users"], exact["positions"], k)
+        seconds = (time.monotonic() - start) * 1000 / n_queries
+        hits = [len(set(a[m].tolist()) & set(b.tolist())) for a, m, b in zip(found, mask, exact["ids"])]
+        recall[str(nprobe)] = {"recall@10": sum(hits) / (k * n_queries), "search_s_per_1k": seconds}
+    configured = str(memory.compressed_nprobe if memory.built_type == "ivfsq8" else memory.nprobe)
+    if memory.built_type == "flat":
+        configured = "None"
+    out["memory_nlist"] = getattr(memory.index, "nlist", None)
+    out["memory_nprobe"] = None if configured == "None" else int(configured)
+    out["memory_recall_by_nprobe"] = recall
+    out["memory_search_s_per_1k"] = recall[configured]["search_s_per_1k"]
+    out["memory_recall@10"] = recall[configured]["recall@10"]
     return out
 
 
@@ -228,21 +259,22 @@ def cell_path(out_dir, size, cell):
     return os.path.join(out_dir, "cells", f"{size}-{cell}.json")
 
 
-def build_features(size, data_root, out_dir):
-    """Item and user text features of a generated dataset (cached beside it), timed once per size."""
-    path = os.path.join(out_dir, "cells", f"{size}-features.json")
+def build_features(size, data_root, out_dir, model):
+    """The text features ``model`` reads (UR4Rec: item and user text; FedDMMR: item text) of a generated dataset,
+    cached beside it, timed once per size and model."""
+    path = os.path.join(out_dir, "cells", f"{size}-features.json" if model == "UR4Rec" else f"{size}-features-{model}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["features_s"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     overrides = [f"--{key}={value}" for key, value in TEXT_FIELDS.items()]
-    command = [sys.executable, "-m", "recbole_ur4rec.features", "-d", f"synth-{size}", f"--data_path={data_root}", *overrides]
+    command = [sys.executable, "-m", "recbole_ur4rec.features", "-d", f"synth-{size}", "-m", model, f"--data_path={data_root}", *overrides]
     started = time.monotonic()
     with open(path.replace(".json", ".log"), "w") as f:
         subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=True)
     seconds = time.monotonic() - started
     with open(path, "w") as f:
-        json.dump({"features_s": seconds, "size": size}, f)
+        json.dump({"features_s": seconds, "size": size, "model": model}, f)
     return seconds
 
 
@@ -250,7 +282,7 @@ def run_in_subprocess(size, cell, args):
     path = cell_path(args.out, size, cell)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if MODELS[cell][0] in TEXT_MODELS:
-        build_features(size, args.data_root, args.out)
+        build_features(size, args.data_root, args.out, MODELS[cell][0])
     command = [
         sys.executable, os.path.abspath(__file__), "--cell", size, cell, "--data_root", args.data_root,
         "--threads", str(args.threads), "--train_budget_s", str(args.train_budget_s), "--out", args.out,
@@ -280,7 +312,7 @@ def write_table(out_dir):
     cells = {}
     folder = os.path.join(out_dir, "cells")
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json") and not name.endswith("-features.json"):
+        if name.endswith(".json") and "-features" not in name:
             with open(os.path.join(folder, name)) as f:
                 data = json.load(f)
             cells[(data["size"], data["cell"])] = data
@@ -303,7 +335,7 @@ def write_table(out_dir):
     for size in SIZES:
         for cell in MODELS:
             c = cells.get((size, cell))
-            if c is None:
+            if c is None or cell in MEMORY_ONLY:
                 continue
             epoch = f"{c['epoch_s']:.0f}" + ("" if c["epoch_complete"] else "*")
             lines.append(
@@ -314,31 +346,38 @@ def write_table(out_dir):
     if memory_rows:
         lines += [
             "",
-            "FTRagRec's memory (one entry per training position; built with a randomly initialised backbone):",
+            "FTRagRec's memory (one entry per training position), its keys from a randomly initialised backbone or from "
+            "the DuoRec cell's backbone (trained for that cell's budget); recall@10 against exact search (1,000 queries "
+            "from the memory, the leakage rule applied), at the configured nprobe and at others:",
             "",
-            "| size | entries | index | memory (GB) | build (s) | search per 1,000 queries (s) | recall@10 vs exact |",
-            "|---|---:|---|---:|---:|---:|---:|",
+            "| size | backbone | entries | index | nlist | memory (GB) | build (s) | search per 1,000 queries (s) | recall@10 vs exact | recall@10 by nprobe |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
         ]
-        for c in sorted(memory_rows, key=lambda c: c["interactions"]):
+        for c in sorted(memory_rows, key=lambda c: (c["interactions"], c["cell"])):
             recall = c.get("memory_recall@10")
             search = c.get("memory_search_s_per_1k")
+            by_nprobe = ", ".join(f"{p}: {v['recall@10']:.3f}" for p, v in c.get("memory_recall_by_nprobe", {}).items())
             lines.append(
-                f"| {c['size']} | {c['memory_entries']:,} | {c['memory_index']} | {c['memory_gb']:.2f} | "
-                f"{c['memory_build_s']:.0f} | {'' if search is None else f'{search:.2f}'} | "
-                f"{'' if recall is None else f'{recall:.3f}'} |"
+                f"| {c['size']} | {c.get('memory_backbone', 'random')} | {c['memory_entries']:,} | {c['memory_index']} | "
+                f"{c.get('memory_nlist') or ''} | {c['memory_gb']:.2f} | {c['memory_build_s']:.0f} | "
+                f"{'' if search is None else f'{search:.2f}'} | {'' if recall is None else f'{recall:.3f}'} | {by_nprobe} |"
             )
     features = []
     for size in SIZES:
-        path = os.path.join(folder, f"{size}-features.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                features.append(f"{size}: {json.load(f)['features_s']:.0f} s")
+        for model, what in (("UR4Rec", "item and user text"), ("FedDMMR", "item text")):
+            path = os.path.join(folder, f"{size}-features.json" if model == "UR4Rec" else f"{size}-features-{model}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    features.append(f"{size} {what} ({model}): {json.load(f)['features_s']:.0f} s")
     if features:
-        lines += ["", "Item and user text features (`python -m recbole_ur4rec.features`, all-MiniLM-L6-v2 on the CPU, built "
-                  "once per dataset and read from the cache by the UR4Rec and FedDMMR cells): " + ", ".join(features) + "."]
+        lines += ["", "Text features (`python -m recbole_ur4rec.features -m <model>`, all-MiniLM-L6-v2 on the CPU, built "
+                  "once per dataset and read from the cache by the UR4Rec and FedDMMR cells; a store already cached "
+                  "is read, not rebuilt): " + "; ".join(features) + "."]
     lines += ["", "Exponent b of cost ~ interactions^b (least squares over the sizes measured):", ""]
     lines += ["| model | first batch | peak RSS | epoch | validation |", "|---|---:|---:|---:|---:|"]
     for cell in MODELS:
+        if cell in MEMORY_ONLY:
+            continue
         row = [cell]
         for key in ("first_batch_s", "peak_rss_gb", "epoch_s", "eval_s"):
             points = [(c["interactions"], c[key]) for (s, m), c in cells.items() if m == cell and c[key]]
@@ -362,7 +401,7 @@ def plot(cells, path):
     keys = (("first_batch_s", "first batch (s)"), ("peak_rss_gb", "peak RSS (GB)"), ("epoch_s", "epoch (s)"), ("eval_s", "validation (s)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
     for ax, (key, label) in zip(axes, keys):
-        for cell in MODELS:
+        for cell in (c for c in MODELS if c not in MEMORY_ONLY):
             points = sorted((c["interactions"], c[key]) for (s, m), c in cells.items() if m == cell and c[key])
             if points:
                 ax.plot(*zip(*points), marker="o", label=cell)

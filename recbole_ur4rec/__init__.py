@@ -5,7 +5,7 @@ from recbole_ur4rec.quick_start import (
     objective_function,
     run_recbole_ur4rec,
 )
-from recbole_ur4rec.utils import get_model, get_trainer
+from recbole_ur4rec.registry import get_model, get_trainer
 
 __version__ = "0.1.0"
 

@@ -6,15 +6,11 @@ Layering keeps RecBole's order, lowest first: RecBole overall < plugin overall <
 """
 import os
 
-import recbole
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-from recbole_ur4rec.utils import get_model, plugin_models
-
-PLUGIN_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
-RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "properties")
-RECBOLE_EXAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "dataset_example")
+from recbole_ur4rec.paths import PLUGIN_PROPERTIES, RECBOLE_EXAMPLE_DATA, RECBOLE_PROPERTIES
+from recbole_ur4rec.registry import get_model, plugin_models
 
 
 class Config(RecBoleConfig):

@@ -7,7 +7,8 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
-from recbole_ur4rec.utils import CheckpointError, get_model, get_trainer, load_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.registry import get_model, get_trainer
 
 
 _anomaly_switch_logged = False

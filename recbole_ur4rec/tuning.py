@@ -315,7 +315,7 @@ class SearchRecorder:
 
     def finish(self, interrupted):
         """Final statuses, the valid metrics stored in each trial's checkpoint, the best trial (on validation)."""
-        from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+        from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 
         for rec in self.trials.values():
             if rec["status"] == "running":

@@ -4,7 +4,7 @@ from recbole.utils import init_seed
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
-from recbole_ur4rec.utils import get_model
+from recbole_ur4rec.registry import get_model
 
 
 def build_model(model, dataset, config_dict):

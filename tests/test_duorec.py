@@ -10,7 +10,7 @@ from recbole_ur4rec.model import DuoRec, FastSASRec
 from recbole_ur4rec.model.duorec import CONTRASTS, info_nce, sample_in_batch_partners
 from recbole_ur4rec.model.layers import position_loss
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
-from recbole_ur4rec.utils import get_model
+from recbole_ur4rec.registry import get_model
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from model_fixtures import build_model
 from recbole_ur4rec.model import FastSASRec
 from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
-from recbole_ur4rec.utils import get_model
+from recbole_ur4rec.registry import get_model
 
 
 @pytest.fixture

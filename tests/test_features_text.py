@@ -163,6 +163,19 @@ def test_command_builds_then_hits_the_cache(feat_root, tmp_path, monkeypatch, ca
     assert torch.equal(again["user_text"].features, stores["user_text"].features)
 
 
+def test_features_command_builds_only_the_stores_of_the_model(feat_root, tmp_path, monkeypatch, capsys, encoder):
+    encoder.model  # the command's encoder shares this loaded model
+    argv = [
+        "-d", "feat", "-m", "FedDMMR", f"--data_path={feat_root}", f"--feature_cache_dir={tmp_path / 'cache'}",
+        "--show_progress=False", "--load_col={'inter': ['user_id', 'item_id', 'rating', 'timestamp']}",
+    ]
+    monkeypatch.setattr(sys, "argv", ["python -m recbole_ur4rec.features", *argv])
+    stores = main(argv)
+    assert sorted(stores) == ["item_text"]  # FedDMMR's experts read item features only: no user text is encoded
+    assert "user_text" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["feat.item_text.manifest.json", "feat.item_text.pt"]
+
+
 def test_user_text_refuses_rows_it_cannot_read_as_interactions(feat_root, tmp_path):
     from recbole.data.interaction import Interaction
 

@@ -10,11 +10,13 @@ import torch
 from model_fixtures import build_model, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
+from recbole_ur4rec.model.layers import SampledCandidates
 from recbole_ur4rec.federated import FedAvg, LoopEngine, ServerOptimizer, round_plan
 from recbole_ur4rec.model import FedDMMR
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.trainer import FedDMMRTrainer
-from recbole_ur4rec.utils import get_model, get_trainer, load_checkpoint
+from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.registry import get_model, get_trainer
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,48 @@ def test_fusion_loss_is_finite_and_missing_text_is_masked(genre_root, cache_dir,
             assert torch.equal(fused[:, no_text], backbone[:, no_text])
         scores = model.full_sort_predict(next(iter(train_data)))
         assert scores.shape[1] == model.n_items
+
+
+@pytest.mark.parametrize("fusion", ["residual", "competitive"])
+def test_sampled_softmax_scores_candidates_as_the_full_scores_do(genre_root, cache_dir, tmp_path, fusion):
+    """SSM encodes only the batch's targets and negatives; their fused scores equal those of the full scoring."""
+    config, model, train_data, _, _ = build(text_settings(genre_root, cache_dir, tmp_path), fusion=fusion, loss_type="SSM", neg_sample_num=7)
+    model.eval()
+    states = torch.randn(6, config["hidden_size"])
+    targets = torch.tensor([3, 5, 5, 9, 3, 11])
+    negatives = torch.tensor([5, 2, 40, 2, 17, 9, 60])
+    with torch.no_grad():
+        candidates = SampledCandidates(targets, model.n_items, len(negatives), negatives=negatives)
+        assert torch.equal(candidates.items, torch.unique(torch.cat([targets, negatives])))
+        logits, weights = model.sampled_logits(states, targets, candidates)
+        full, full_weights, _ = model.fuse(states)
+    assert logits.shape == (6, 8) and torch.equal(weights, full_weights)
+    assert torch.allclose(logits[:, 0], full.gather(1, targets.unsqueeze(1)).squeeze(1), atol=1e-6)
+    clash = negatives.unsqueeze(0) == targets.unsqueeze(1)  # a negative equal to the target is left out
+    assert torch.all(logits[:, 1:][clash] == float("-inf"))
+    assert torch.allclose(logits[:, 1:][~clash], full[:, negatives][~clash], atol=1e-6)
+
+    model.train()
+    batch = next(iter(train_data))
+    loss = model.calculate_loss(batch)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert model.experts["semantic"].query.weight.grad.abs().sum() > 0
+    trainer = FedDMMRTrainer(config, model)  # a federated round on the loop engine
+    trainer.run_round(train_data, 0)
+    assert trainer.last_round["included"] == trainer.last_round["sampled"]
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_sampled_softmax_is_refused_by_the_batched_engine_and_checked(genre_root, cache_dir, tmp_path):
+    settings = text_settings(genre_root, cache_dir, tmp_path)
+    config, model, train_data, _, _ = build(settings, loss_type="SSM", federated_engine="batched")
+    with pytest.raises(ValueError, match="federated_engine 'batched' needs loss_type CE"):
+        FedDMMRTrainer(config, model).run_round(train_data, 0)
+    with pytest.raises(ValueError, match="loss_type"):
+        build(settings, loss_type="BPR")
+    with pytest.raises(ValueError, match="neg_sample_num"):
+        build(settings, loss_type="SSM", neg_sample_num=0)
 
 
 @pytest.mark.parametrize("use_text", [True, False])

@@ -15,10 +15,11 @@ from recbole_ur4rec.config import Config  # noqa: E402
 from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
 from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
 from recbole_ur4rec.federated import ClientData, round_plan  # noqa: E402
-from recbole_ur4rec.federated.flower import FlowerEngine, FlowerSession, LocalFederation  # noqa: E402
+from recbole_ur4rec.federated.flower.engine import FlowerEngine, FlowerSession  # noqa: E402
+from recbole_ur4rec.federated.flower.local import LocalFederation  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
-from recbole_ur4rec.utils import load_checkpoint  # noqa: E402
+from recbole_ur4rec.checkpoints import load_checkpoint  # noqa: E402
 
 ROUNDS = 2
 

@@ -17,7 +17,8 @@ from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.trainer import FTRagRecTrainer
 from recbole_ur4rec.trainer.checkpoint import plain_data
 from recbole_ur4rec.trainer.ftragrec_trainer import refresh_interval
-from recbole_ur4rec.utils import CheckpointError, get_model, get_trainer, load_checkpoint, save_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from recbole_ur4rec.registry import get_model, get_trainer
 
 SMALL = {
     "train_batch_size": 16,

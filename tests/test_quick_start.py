@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recbole_ur4rec.quick_start import evaluate_checkpoint, load_data_and_model, run_recbole_ur4rec
-from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 
 METRICS = [f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)]
 

@@ -5,7 +5,7 @@ from recbole.trainer import Trainer
 
 import recbole_ur4rec.model as plugin_model_module
 from recbole_ur4rec.trainer import SafeCheckpointMixin
-from recbole_ur4rec.utils import get_model, get_trainer, plugin_models
+from recbole_ur4rec.registry import get_model, get_trainer, plugin_models
 
 
 def test_recbole_models_are_found():

@@ -14,7 +14,7 @@ from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader
 from recbole_ur4rec.data.sequence_dataset import SequenceHistoryDataset, prefix_item_lists, window_rows
-from recbole_ur4rec.utils import get_model, get_trainer
+from recbole_ur4rec.registry import get_model, get_trainer
 
 
 def prepare(quick_config, dataset="tiny", model="FastSASRec", **overrides):

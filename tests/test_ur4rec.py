@@ -9,11 +9,12 @@ from model_fixtures import build_model, changed_groups, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.model import UR4Rec
-from recbole_ur4rec.model.layers import info_nce
+from recbole_ur4rec.model.layers import SampledCandidates, info_nce, ranking_loss, supervised_positions
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.trainer import UR4RecTrainer
 from recbole_ur4rec.trainer.staged_trainer import Alternator
-from recbole_ur4rec.utils import get_model, get_trainer, load_checkpoint
+from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.registry import get_model, get_trainer
 
 ALL_GROUPS = {"item_embedding", "backbone", "retriever", "fusion"}
 BACKBONE_PART, RETRIEVER_PART = {"item_embedding", "backbone"}, {"retriever", "fusion"}
@@ -72,6 +73,33 @@ def test_loss_terms_are_finite_and_differentiable_for_every_objective(settings, 
     if overrides.get("moe_type") == "hierarchical":
         assert terms["diversity"].item() > 0 and model.retriever.memory.count.sum() > 0
         assert int(model.memory_bank.filled) > 0
+
+
+@pytest.mark.parametrize("use_image", [False, True])
+def test_sampled_losses_score_only_the_candidates_as_the_full_scoring_does(settings, genre_root, tmp_path, use_image):
+    """InfoNCE/BPR score the batch's targets and shared negatives; those scores equal the full scores' columns."""
+    extra = {}
+    if use_image:
+        extra = {"use_image": True, "image_feature_file": write_image_features(genre_root, tmp_path / "clip.pt")[0]}
+    _, model, train_data, _, _ = build(settings, ranking_loss_type="InfoNCE", ranking_negatives=9, **extra)
+    model.eval()
+    batch = next(iter(train_data))
+    with torch.no_grad():
+        hidden = model.forward(batch["item_id_list"], batch["item_length"])
+        states, targets, users = supervised_positions(model, batch, hidden)
+        candidates = SampledCandidates(targets, model.n_items, 9)
+        full = model.retriever(states, users)
+        sampled = model.retriever(states, users, candidates.items)
+    assert sampled["scores"].shape == (len(targets), len(candidates.items)) < full["scores"].shape
+    assert torch.allclose(sampled["scores"], full["scores"][:, candidates.items], atol=1e-5)
+    for name in full["keys"]:
+        assert torch.allclose(sampled["keys"][name], full["keys"][name][:, candidates.items], atol=1e-6)
+    # the InfoNCE of the candidates equals InfoNCE computed from the full score rows
+    scores = full["scores"]
+    positive = scores.gather(1, targets.unsqueeze(1))
+    negative = scores[:, candidates.negatives].masked_fill(candidates.clash, float("-inf"))
+    expected = torch.nn.functional.cross_entropy(torch.cat([positive, negative], 1), torch.zeros_like(targets))
+    assert torch.allclose(ranking_loss(sampled["scores"], targets, "InfoNCE", candidates), expected, atol=1e-5)
 
 
 def test_full_sort_scores_every_item_and_predict_agrees(settings):

@@ -29,9 +29,8 @@ MODEL_TYPE_DATASETS = {
 
 def uses_history_path(config):
     """Whether ``config``'s model is one of the plugin's sequential models (they take the lean data path)."""
-    from recbole_ur4rec.utils import plugin_models
-
-    return config["MODEL_TYPE"] == ModelType.SEQUENTIAL and config["model"] in plugin_models()
+    plugin = config.model_class.__module__.startswith("recbole_ur4rec.model")  # the class Config resolved
+    return config["MODEL_TYPE"] == ModelType.SEQUENTIAL and plugin
 
 
 def dataset_class(config):

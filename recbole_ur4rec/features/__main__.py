@@ -34,6 +34,10 @@ OPTIONS = {
 }
 
 
+# the stores a model reads (other models: all of them); FedDMMR's experts read item features only
+MODEL_STORES = {"FedDMMR": ("item_text", "item_image")}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m recbole_ur4rec.features",
@@ -41,7 +45,7 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default ml-100k)")
-    parser.add_argument("--model", "-m", default="UR4Rec", help="model whose yaml settings apply (default UR4Rec)")
+    parser.add_argument("--model", "-m", default="UR4Rec", help="model whose yaml settings apply and whose stores are built (default UR4Rec: item text, user text, images; FedDMMR: item text, images)")
     parser.add_argument("--config_files", default=None, help="config files, separated by spaces")
     parser.add_argument("--strict", action="store_true", help="fail on feature rows for tokens the dataset lacks")
     for key, meaning in OPTIONS.items():
@@ -74,6 +78,8 @@ def main(argv=None):
     }
     stores = {}
     for modality, build in builders.items():
+        if modality not in MODEL_STORES.get(args.model, builders):
+            continue
         start = time.time()
         store = build()
         if store is None:

@@ -2,7 +2,7 @@
 
 import os
 
-from recbole_ur4rec.config import RECBOLE_EXAMPLE_DATA
+from recbole_ur4rec.paths import RECBOLE_EXAMPLE_DATA
 from recbole_ur4rec.features.errors import FeatureError
 
 DEFAULTS = {

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from recbole_ur4rec.model.feddmmr import MethodCall
+from recbole_ur4rec.federated.functional import MethodCall
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
 LOCAL_OPTIMIZERS = ("adam", "sgd")
@@ -144,6 +144,11 @@ class BatchedEngine(Engine):
 
     def __init__(self, model, data, learning_rate, batch_size, client_batch_size, optimizer="adam"):
         super().__init__(model, data, learning_rate, batch_size, optimizer)
+        if getattr(model, "loss_type", "CE") != "CE":
+            raise ValueError(
+                f"federated_engine 'batched' needs loss_type CE (got {model.loss_type!r}): SSM's candidate set has a "
+                "data-dependent shape that vmap cannot batch; use federated_engine 'loop'"
+            )
         self.client_batch_size = client_batch_size
         call = MethodCall(model)
 

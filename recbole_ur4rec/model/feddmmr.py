@@ -22,12 +22,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.federated.functional import MethodCall
 from recbole_ur4rec.features import item_image_features, item_text_features
-from recbole_ur4rec.model.layers import SequenceBackbone, load_balance_loss, supervised_positions
+from recbole_ur4rec.model.layers import SampledCandidates, SequenceBackbone, load_balance_loss, supervised_positions
 from recbole_ur4rec.model.layers.moe import Router
 from recbole_ur4rec.model.ur4rec import _check, features_fingerprint
 
 FUSIONS = ("residual", "competitive")
+FEDDMMR_LOSS_TYPES = ("CE", "SSM")
 LOSS_POSITIONS = ("all", "last")
 # parameter groups, by the first part of a parameter's name
 GROUP_OF_PREFIX = {"backbone": "backbone", "experts": "experts", "router": "router", "gate": "gate"}
@@ -49,10 +51,12 @@ class ItemExpert(nn.Module):
         self.query = nn.Linear(hidden_size, dim)
         self.key = nn.Sequential(nn.Dropout(dropout), nn.Linear(features.size(1), dim), nn.GELU(), nn.Linear(dim, dim))
 
-    def forward(self, states):
-        keys = F.normalize(self.key(self.features), dim=-1)  # [n D]
-        scores = F.normalize(self.query(states), dim=-1) @ keys.t() / self.temperature  # [.. n]
-        return scores.masked_fill(~self.mask, 0.0)
+    def forward(self, states, items=None):
+        """Scores of every item, or of the candidate ``items`` [K] only: [.. n] or [.. K]."""
+        features, mask = (self.features, self.mask) if items is None else (self.features[items], self.mask[items])
+        keys = F.normalize(self.key(features), dim=-1)  # [n D] or [K D]
+        scores = F.normalize(self.query(states), dim=-1) @ keys.t() / self.temperature  # [.. n] or [.. K]
+        return scores.masked_fill(~mask, 0.0)
 
 
 class FedDMMR(SequentialRecommender):
@@ -69,8 +73,10 @@ class FedDMMR(SequentialRecommender):
     NOTE:
         Deviations from the prototype (``shared/seeds/003``):
 
-        - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` with a CE loss (full softmax, padding
-          left out) at every position of whole-sequence rows (``loss_position: all``); the prototype sampled negatives.
+        - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` with a loss at every position of
+          whole-sequence rows (``loss_position: all``): ``CE`` (full softmax of the fused scores, padding left out) or
+          ``SSM`` (sampled softmax against ``neg_sample_num`` uniform negatives shared by the batch: the experts then
+          encode only the batch's targets and negatives, so a client step costs O(batch), not O(items)).
         - Experts are cosine scorers (query projection of the state, MLP of the frozen item features, divided by
           ``expert_temperature``); an item that lacks a modality gets 0 from that expert (no renormalisation of the
           router weights per item).
@@ -87,6 +93,8 @@ class FedDMMR(SequentialRecommender):
         self.loss_position = config["loss_position"]
         self.TARGET_SEQ = target_list_field(config)
         self.fusion = config["fusion"]
+        self.loss_type = config["loss_type"]
+        self.neg_sample_num = config["neg_sample_num"]
         self.load_balance_weight = float(config["load_balance_weight"])
         self.n_users = dataset.num(self.USER_ID)
 
@@ -136,10 +144,14 @@ class FedDMMR(SequentialRecommender):
         _check(config, "loss_position", None, choices=LOSS_POSITIONS)
         _check(config, "use_text", None, choices=(True, False))
         _check(config, "use_image", None, choices=(True, False))
-        if config["loss_type"] != "CE":
-            raise ValueError(f"config key 'loss_type' must be CE for FedDMMR (full softmax over all items), got {config['loss_type']!r}")
+        _check(config, "loss_type", None, choices=FEDDMMR_LOSS_TYPES)
+        if config["loss_type"] == "SSM":
+            _check(config, "neg_sample_num", int, low=1)
         if config["train_neg_sample_args"]["distribution"] != "none":
-            raise ValueError(f"train_neg_sample_args must be ~ for FedDMMR (got {config['train_neg_sample_args']}): it uses a full softmax")
+            raise ValueError(
+                f"train_neg_sample_args must be ~ for FedDMMR (got {config['train_neg_sample_args']}): "
+                "CE is a full softmax and SSM draws its own negatives (neg_sample_num)"
+            )
         local = config["local_groups"]
         if local is not None and (not isinstance(local, list) or not all(isinstance(g, str) for g in local)):
             raise ValueError(f"config key 'local_groups' must be a list of parameter group names, got {local!r}")
@@ -181,13 +193,15 @@ class FedDMMR(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
 
-    def fuse(self, states):
-        """Scores of all items from sequence states [.. H]: (fused [.. n], router weights [.. E], backbone [.. n])."""
-        backbone = states @ self.backbone.item_embedding.weight.t()  # [.. n]
+    def fuse(self, states, items=None):
+        """Scores from sequence states [.. H] of all items, or of the candidates ``items`` [K] only:
+        (fused [.. n|K], router weights [.. E], backbone [.. n|K])."""
+        item_weight = self.backbone.item_embedding.weight
+        backbone = states @ (item_weight if items is None else item_weight[items]).t()  # [.. n|K]
         weights = self.router(states)  # [.. E]
         if not self.modalities:
             return backbone, weights, backbone
-        experts = [self.experts[name](states) for name in self.modalities]  # each [.. n]
+        experts = [self.experts[name](states, items) for name in self.modalities]  # each [.. n|K]
         if self.fusion == "competitive":
             experts = [backbone] + experts
         mixture = sum(weights[..., e : e + 1] * scores for e, scores in enumerate(experts))  # [.. n]
@@ -195,9 +209,25 @@ class FedDMMR(SequentialRecommender):
             mixture = backbone + self.gate * mixture
         return mixture, weights, backbone
 
-    def _loss(self, scores, targets, weights):
-        """CE over the real items (padding left out) + the weighted load-balance loss; ``scores`` [N n]."""
-        loss = F.cross_entropy(scores[:, 1:], targets - 1)
+    def sampled_logits(self, states, targets, candidates):
+        """SSM logits [N 1+K] of positions ``states`` [N H]: the target's fused score, then those of the batch's shared
+        negatives (a :class:`SampledCandidates`; a negative equal to the target scores -inf); and the router
+        weights [N E]. Only the candidates are scored."""
+        scores, weights, _ = self.fuse(states, candidates.items)  # [N U]
+        positive = scores.gather(1, candidates.target_columns.unsqueeze(1))  # [N 1]
+        negative = scores[:, candidates.negative_columns].masked_fill(candidates.clash, float("-inf"))  # [N K]
+        return torch.cat([positive, negative], dim=1), weights
+
+    def _loss(self, states, targets):
+        """The loss (``loss_type``) of supervised positions ``states`` [N H] with ``targets`` [N] + the weighted
+        load-balance loss."""
+        if self.loss_type == "SSM":
+            candidates = SampledCandidates(targets, self.n_items, self.neg_sample_num)
+            logits, weights = self.sampled_logits(states, targets, candidates)
+            loss = F.cross_entropy(logits, torch.zeros_like(targets))
+        else:
+            scores, weights, _ = self.fuse(states)  # [N n]
+            loss = F.cross_entropy(scores[:, 1:], targets - 1)  # padding left out
         if self.load_balance_weight and self.modalities:
             loss = loss + self.load_balance_weight * load_balance_loss(weights)
         return loss
@@ -205,15 +235,17 @@ class FedDMMR(SequentialRecommender):
     def calculate_loss(self, interaction):
         hidden = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B L H]
         states, targets, _ = supervised_positions(self, interaction, hidden)  # [N H], [N]
-        scores, weights, _ = self.fuse(states)
-        return self._loss(scores, targets, weights)
+        return self._loss(states, targets)
 
     def dense_loss(self, item_seq, targets):
         """The loss of whole-sequence rows without data-dependent shapes (for ``torch.func.vmap`` over clients).
 
         ``item_seq`` and ``targets`` are [R L] (targets 0 at padding; rows of padding only are allowed); the mean
-        is over the real positions, as :meth:`calculate_loss` with ``loss_position: all`` computes it.
+        is over the real positions, as :meth:`calculate_loss` with ``loss_position: all`` computes it. CE only
+        (SSM's candidate set has a data-dependent shape).
         """
+        if self.loss_type != "CE":
+            raise ValueError(f"federated_engine 'batched' needs loss_type CE (got {self.loss_type!r}); use the loop engine for SSM")
         width = torch.full((1,), item_seq.size(1), dtype=torch.long, device=item_seq.device)  # not batched
         states = self.backbone(item_seq, width)  # [R L H]
         scores, weights, _ = self.fuse(states)  # [R L n]
@@ -266,15 +298,3 @@ class FedDMMR(SequentialRecommender):
         weights = self.router(last).mean(0).tolist()
         names = (["sequence"] if self.fusion == "competitive" else []) + self.modalities
         return {"gate": float(self.gate), **{f"w_{name}": w for name, w in zip(names, weights)}}
-
-
-class MethodCall(nn.Module):
-    """Calls a method of ``model`` through ``forward``, so ``torch.func.functional_call`` can run any method with
-    replaced parameters (their names prefixed ``model.``)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, method, *args):
-        return getattr(self.model, method)(*args)

@@ -28,7 +28,7 @@ from recbole_ur4rec.model.duorec import DuoRec
 from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
 from recbole_ur4rec.model.layers.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
-from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 
 OBJECTIVES = ("backbone", "retrieval")
 FUSIONS = ("fixed", "dynamic", "gate")

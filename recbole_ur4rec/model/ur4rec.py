@@ -27,6 +27,7 @@ from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.model.layers import (
     RANKING_LOSSES,
     MemoryBank,
+    SampledCandidates,
     PreferenceRetriever,
     ScoreFusion,
     SequenceBackbone,
@@ -77,7 +78,9 @@ class UR4Rec(SequentialRecommender):
         Deviations from the prototype (``shared/seeds``):
 
         - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` trained with a loss at every position
-          of whole-sequence rows (``loss_position: all``); the retriever scores every position too.
+          of whole-sequence rows (``loss_position: all``); the retriever scores every position too. The sampled
+          ranking losses (``InfoNCE``, ``BPR``) share ``ranking_negatives`` uniform negatives across the batch and
+          score only those and the targets (distillation is then over these candidates), not every item.
         - The text encoder stays frozen; its embeddings (and CLIP's) are non-persistent buffers: they are rebuilt from
           the feature cache when the model is built, so checkpoints hold only the trained weights; a checkpoint
           records a fingerprint of the features it was trained on and refuses to load on others.
@@ -187,40 +190,51 @@ class UR4Rec(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
 
-    def _rank(self, scores, targets):
-        return ranking_loss(scores, targets, self.ranking_loss_type, self.ranking_negatives)
+    def _rank(self, scores, targets, candidates):
+        return ranking_loss(scores, targets, self.ranking_loss_type, candidates)
 
     def loss_terms(self, interaction):
-        """Unweighted loss terms of the current objective (a dict of scalar tensors); see ``LOSS_WEIGHT_KEYS``."""
+        """Unweighted loss terms of the current objective (a dict of scalar tensors); see ``LOSS_WEIGHT_KEYS``.
+
+        CE scores every item at every position; InfoNCE and BPR score only the batch's targets and its
+        ``ranking_negatives`` shared negatives (:class:`SampledCandidates`), so their cost grows with the batch.
+        """
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
         hidden = self.forward(interaction[self.ITEM_SEQ], item_seq_len)  # [B L H]
         states, targets, users = supervised_positions(self, interaction, hidden)  # [N H], [N], [N]
-        backbone_scores = states @ self.backbone.item_embedding.weight.t()  # [N n]
+        candidates, items = None, None
+        if self.ranking_loss_type != "CE":
+            candidates = SampledCandidates(targets, self.n_items, self.ranking_negatives)
+            items = candidates.items  # [U]
+        item_weight = self.backbone.item_embedding.weight
+        backbone_scores = states @ (item_weight if items is None else item_weight[items]).t()  # [N n|U]
         if self.objective == "backbone":
-            return {"rank": self._rank(backbone_scores, targets)}
+            return {"rank": self._rank(backbone_scores, targets, candidates)}
 
-        retrieved = self.retriever(states, users)
-        retriever_scores = retrieved["scores"]  # [N n]
+        retrieved = self.retriever(states, users, items)
+        retriever_scores = retrieved["scores"]  # [N n|U]
         row_users = interaction[self.USER_ID]  # [B]
         last = self.backbone.gather_last(hidden, item_seq_len)  # [B H]
-        terms = self._auxiliary_terms(retrieved, last, row_users, targets)
+        target_columns = targets if candidates is None else candidates.target_columns  # [N]: targets' key columns
+        terms = self._auxiliary_terms(retrieved, last, row_users, targets, target_columns)
         if self.objective == "retriever":
-            terms["rank"] = self._rank(retriever_scores, targets)
+            terms["rank"] = self._rank(retriever_scores, targets, candidates)
         else:
             context = torch.cat([states, retrieved["query"]], dim=-1)  # [N H+D]
-            fused, _ = self.fusion(backbone_scores, retriever_scores, context)  # [N n]
-            terms["rank"] = self._rank(fused, targets)
-            terms["rank_backbone"] = self._rank(backbone_scores, targets)
-            terms["rank_retriever"] = self._rank(retriever_scores, targets)
+            fused, _ = self.fusion(backbone_scores, retriever_scores, context)  # [N n|U]
+            terms["rank"] = self._rank(fused, targets, candidates)
+            terms["rank_backbone"] = self._rank(backbone_scores, targets, candidates)
+            terms["rank_retriever"] = self._rank(retriever_scores, targets, candidates)
             terms["distillation"] = bidirectional_distillation(
-                backbone_scores, retriever_scores, self.distillation_temperature
+                backbone_scores, retriever_scores, self.distillation_temperature, padding_column=candidates is None
             )
         if self.training:
             self.retriever.remember(row_users, last)
         return terms
 
-    def _auxiliary_terms(self, retrieved, last, users, targets):
-        """Consistency, contrastive, diversity and load-balance terms."""
+    def _auxiliary_terms(self, retrieved, last, users, targets, target_columns):
+        """Consistency, contrastive, diversity and load-balance terms; ``target_columns`` [N]: the targets' columns
+        in ``retrieved['keys']``."""
         state_view = self.retriever.state_view(last)  # [B D]
         user_view = self.retriever.user_view(users)  # [B D]
         has_text = self.retriever.user_mask[users]  # [B]
@@ -240,7 +254,8 @@ class UR4Rec(SequentialRecommender):
         if len(keys) > 1:  # text and image keys of the target items that have both
             both = self.retriever.item_mask()[:, targets].all(0)  # [N]
             if both.any():
-                text, image = keys["text"][0, targets[both]], keys["image"][0, targets[both]]  # [N' D]
+                columns = target_columns[both]
+                text, image = keys["text"][0, columns], keys["image"][0, columns]  # [N' D]
                 consistency = consistency + (1 - torch.cosine_similarity(text, image, dim=-1)).mean()
         routers = [retrieved["modality_weights"], *retrieved["sub_weights"].values()]
         return {

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from recbole.utils import set_color
 
-from recbole_ur4rec.utils import CheckpointError, load_checkpoint, save_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def plain_data(value, key="config"):

@@ -24,7 +24,7 @@ from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import ENGINES, LOCAL_OPTIMIZERS, BatchedEngine, ClientData, FedAvg, ServerOptimizer, round_plan
 from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
-from recbole_ur4rec.utils import load_checkpoint
+from recbole_ur4rec.checkpoints import load_checkpoint
 
 ENGINE_NAMES = (*ENGINES, "flower")  # flower: recbole_ur4rec.federated.flower (imports flwr only when chosen)
 
@@ -57,7 +57,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         if self.local_learning_rate is None:
             self.local_learning_rate = config["learning_rate"]
         if self.federated and self.engine_name == "flower":
-            from recbole_ur4rec.federated.flower import require_session
+            from recbole_ur4rec.federated.flower.engine import require_session
 
             require_session()  # fail before the data is built when not inside the Flower ServerApp
         self.seed = int(config["seed"])
@@ -70,7 +70,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         if self.engine_name == "batched":
             self.engine = BatchedEngine(self.model, self.clients, lr, batch, self.client_batch_size, self.local_optimizer)
         elif self.engine_name == "flower":
-            from recbole_ur4rec.federated.flower import FlowerEngine
+            from recbole_ur4rec.federated.flower.engine import FlowerEngine
 
             self.engine = FlowerEngine(self.model, self.clients, lr, batch, self.local_optimizer)
         else:

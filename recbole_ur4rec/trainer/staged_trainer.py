@@ -19,7 +19,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin, plain_data
-from recbole_ur4rec.utils import CheckpointError, load_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 
 ALTERNATION_MODES = ("fixed", "adaptive")
 

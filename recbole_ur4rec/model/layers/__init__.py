@@ -1,5 +1,12 @@
 """Building blocks shared by the plugin's models."""
 from recbole_ur4rec.model.layers.backbone import LOSS_TYPES, SequenceBackbone, position_loss, supervised_positions
-from recbole_ur4rec.model.layers.fusion import FUSION_TYPES, RANKING_LOSSES, ScoreFusion, bidirectional_distillation, ranking_loss
+from recbole_ur4rec.model.layers.fusion import (
+    FUSION_TYPES,
+    RANKING_LOSSES,
+    SampledCandidates,
+    ScoreFusion,
+    bidirectional_distillation,
+    ranking_loss,
+)
 from recbole_ur4rec.model.layers.moe import ModalityExperts, ProxyAttention, Router, expert_diversity_loss, load_balance_loss
 from recbole_ur4rec.model.layers.retriever import MemoryBank, PreferenceRetriever, UserMemory, info_nce

@@ -47,11 +47,14 @@ class ScoreFusion(nn.Module):
         return (1 - w) * backbone_scores + w * retriever_scores, w  # [.. n]
 
 
-def bidirectional_distillation(scores_a, scores_b, temperature):
+def bidirectional_distillation(scores_a, scores_b, temperature, padding_column=True):
     """``T^2 * (KL(p_b || p_a) + KL(p_a || p_b)) / 2`` with softmax(scores / T); each side learns from the other's
-    detached distribution. Scores are [N n]; the padding column 0 is left out."""
-    log_a = F.log_softmax(scores_a[:, 1:] / temperature, dim=-1)
-    log_b = F.log_softmax(scores_b[:, 1:] / temperature, dim=-1)
+    detached distribution. Scores are [N n] with the padding column 0 (left out), or [N U] of sampled candidates
+    (``padding_column`` False: the KL is then over the candidates)."""
+    if padding_column:
+        scores_a, scores_b = scores_a[:, 1:], scores_b[:, 1:]
+    log_a = F.log_softmax(scores_a / temperature, dim=-1)
+    log_b = F.log_softmax(scores_b / temperature, dim=-1)
     a_from_b = F.kl_div(log_a, log_b.detach(), log_target=True, reduction="batchmean")
     b_from_a = F.kl_div(log_b, log_a.detach(), log_target=True, reduction="batchmean")
     return (a_from_b + b_from_a) / 2 * temperature**2
@@ -60,23 +63,39 @@ def bidirectional_distillation(scores_a, scores_b, temperature):
 RANKING_LOSSES = ("CE", "InfoNCE", "BPR")
 
 
-def ranking_loss(scores, targets, loss_type, n_negatives):
-    """Next-item loss on score rows ``scores`` [N n] (column 0 = padding, never a candidate), ``targets`` [N] >= 1.
+class SampledCandidates:
+    """The items a sampled loss scores: a batch's targets [N] and ``n_negatives`` uniform negatives shared by the
+    batch, so a model scores ``items`` [U] (unique ids, U <= N + K) instead of every item.
 
-    ``CE``: softmax over all items; ``InfoNCE``: softmax over the target and ``n_negatives`` uniform negatives per
-    row; ``BPR``: mean ``-log sigmoid(pos - neg)`` over them. Negatives equal to the target are left out.
+    ``target_columns`` [N] and ``negative_columns`` [K] are their columns among ``items``; ``clash`` [N K] marks a
+    negative equal to the position's target (left out of the loss).
+    """
+
+    def __init__(self, targets, n_items, n_negatives, negatives=None):
+        if negatives is None:
+            negatives = torch.randint(1, n_items, (n_negatives,), device=targets.device)  # [K]
+        self.negatives = negatives
+        self.items, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)  # [U], [N+K]
+        self.target_columns, self.negative_columns = inverse[: targets.size(0)], inverse[targets.size(0) :]
+        self.clash = negatives.unsqueeze(0) == targets.unsqueeze(1)  # [N K]
+
+
+def ranking_loss(scores, targets, loss_type, candidates=None):
+    """Next-item loss of score rows ``scores``, ``targets`` [N] >= 1.
+
+    ``CE``: softmax over all items, ``scores`` [N n] (column 0 = padding, never a candidate). ``InfoNCE`` (softmax
+    over the target and the negatives) or ``BPR`` (mean ``-log sigmoid(pos - neg)``): ``scores`` [N U] of the
+    :class:`SampledCandidates` ``candidates``; negatives equal to the target are left out.
     """
     if loss_type == "CE":
         return F.cross_entropy(scores[:, 1:], targets - 1)
-    n_items = scores.size(1)
-    negatives = torch.randint(1, n_items, (targets.size(0), n_negatives), device=scores.device)  # [N K]
-    valid = negatives != targets.unsqueeze(1)  # [N K]
-    positive = scores.gather(1, targets.unsqueeze(1))  # [N 1]
-    negative = scores.gather(1, negatives)  # [N K]
+    if loss_type not in RANKING_LOSSES:
+        raise ValueError(f"ranking_loss_type must be one of {', '.join(RANKING_LOSSES)}, got {loss_type!r}")
+    positive = scores.gather(1, candidates.target_columns.unsqueeze(1))  # [N 1]
+    negative = scores[:, candidates.negative_columns]  # [N K]
     if loss_type == "InfoNCE":
-        logits = torch.cat([positive, negative.masked_fill(~valid, float("-inf"))], dim=1)  # [N K+1]
+        logits = torch.cat([positive, negative.masked_fill(candidates.clash, float("-inf"))], dim=1)  # [N K+1]
         return F.cross_entropy(logits, torch.zeros_like(targets))
-    if loss_type == "BPR":
-        loss = -F.logsigmoid(positive - negative)  # [N K]
-        return (loss * valid).sum() / valid.sum().clamp(min=1)
-    raise ValueError(f"ranking_loss_type must be one of {', '.join(RANKING_LOSSES)}, got {loss_type!r}")
+    valid = (~candidates.clash).float()
+    loss = -F.logsigmoid(positive - negative)  # [N K]
+    return (loss * valid).sum() / valid.sum().clamp(min=1)

@@ -81,8 +81,9 @@ class PreferenceRetriever(nn.Module):
         """Which items have each modality: [M n] bool."""
         return torch.stack([getattr(self, f"{name}_mask") for name in self.modalities])
 
-    def forward(self, states, users):
-        """Retriever scores of all items for sequence states ``states`` [B L H] (or [B H]) of ``users`` [B].
+    def forward(self, states, users, items=None):
+        """Retriever scores of all items, or of the candidate ``items`` [K] only (then every ``n`` below reads ``K``),
+        for sequence states ``states`` [B L H] (or [B H]) of ``users`` [B].
 
         Returns:
             dict: ``scores`` [.. n] (cosine mixtures / temperature), ``query`` [.. D], ``user_view`` [B D],
@@ -99,9 +100,13 @@ class PreferenceRetriever(nn.Module):
 
         modality_weights = self.modality_router(query)  # [.. M]
         item_mask = self.item_mask().float()  # [M n]
+        if items is not None:
+            item_mask = item_mask[:, items]  # [M K]
         numerator, sub_weights, expert_queries, keys = 0, {}, [], {}
         for m, name in enumerate(self.modalities):
             features = getattr(self, f"{name}_features")  # [n d]
+            if items is not None:
+                features = features[items]  # [K d]
             scores, sub_weights[name], queries, keys[name] = self.experts[name](query, features)  # [.. n]
             expert_queries.append(queries)
             numerator = numerator + modality_weights[..., m : m + 1] * item_mask[m] * scores

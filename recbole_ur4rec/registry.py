@@ -1,23 +1,17 @@
-"""Model and trainer lookup (plugin first, then RecBole) and safe checkpoint I/O."""
+"""Model and trainer lookup: the plugin's first, then RecBole's (with the plugin's safe checkpointing)."""
 import importlib
 import importlib.util
 import inspect
-import io
 import os
-import pickle
-import re
 
 import torch
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_ur4rec.trainer import SafeCheckpointMixin
+
 PLUGIN_MODEL_MODULE = "recbole_ur4rec.model"
 PLUGIN_TRAINER_MODULE = "recbole_ur4rec.trainer"
-CHECKPOINT_FORMAT = "recbole_ur4rec.checkpoint/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt, unsafe or does not match the model."""
 
 
 def plugin_models():
@@ -65,8 +59,6 @@ def get_trainer(model_type, model_name):
     wrapped in :class:`~recbole_ur4rec.trainer.SafeCheckpointMixin` so that its checkpoints hold
     tensors and plain data only.
     """
-    from recbole_ur4rec.trainer import SafeCheckpointMixin
-
     module = importlib.import_module(PLUGIN_TRAINER_MODULE)
     trainer_class = getattr(module, model_name + "Trainer", None)
     if trainer_class is None:
@@ -74,45 +66,3 @@ def get_trainer(model_type, model_name):
     if issubclass(trainer_class, SafeCheckpointMixin):
         return trainer_class
     return type(trainer_class.__name__, (SafeCheckpointMixin, trainer_class), {})
-
-
-def save_checkpoint(state, path):
-    """Write ``state`` (tensors, numbers, strings, lists and dicts only) to ``path`` atomically."""
-    state = dict(state, format=CHECKPOINT_FORMAT)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a plugin checkpoint with ``torch.load(weights_only=True)``.
-
-    Raises:
-        CheckpointError: the file is missing, corrupt, holds pickled Python objects (refused, never
-            executed) or was not written by recbole_ur4rec.
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if unsafe is None:
-            raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: unreadable pickle stream") from None
-        raise CheckpointError(
-            f"checkpoint {path} holds pickled Python objects ({unsafe.group(1)}), which recbole_ur4rec refuses "
-            f"to load: only tensors and plain data are accepted (RecBole's own checkpoints pickle the Config)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is not a recbole_ur4rec checkpoint "
-            f"(expected format {CHECKPOINT_FORMAT!r}, found {found!r})"
-        )
-    return state

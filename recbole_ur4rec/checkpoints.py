@@ -1,0 +1,59 @@
+"""Safe checkpoint files: tensors and plain data only, written atomically, read with ``weights_only=True``.
+
+The bottom of the package: models, trainers, tuning and compare read and write checkpoints through this module,
+which imports nothing of the plugin.
+"""
+import io
+import os
+import pickle
+import re
+
+import torch
+
+CHECKPOINT_FORMAT = "recbole_ur4rec.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt, unsafe or does not match the model."""
+
+
+def save_checkpoint(state, path):
+    """Write ``state`` (tensors, numbers, strings, lists and dicts only) to ``path`` atomically."""
+    state = dict(state, format=CHECKPOINT_FORMAT)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a plugin checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, holds pickled Python objects (refused, never
+            executed) or was not written by recbole_ur4rec.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe is None:
+            raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: unreadable pickle stream") from None
+        raise CheckpointError(
+            f"checkpoint {path} holds pickled Python objects ({unsafe.group(1)}), which recbole_ur4rec refuses "
+            f"to load: only tensors and plain data are accepted (RecBole's own checkpoints pickle the Config)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a recbole_ur4rec checkpoint "
+            f"(expected format {CHECKPOINT_FORMAT!r}, found {found!r})"
+        )
+    return state

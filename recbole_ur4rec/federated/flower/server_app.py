@@ -1,0 +1,61 @@
+"""The ServerApp: the whole RecBole run (:func:`~recbole_ur4rec.quick_start.run_recbole_ur4rec` with
+``federated_engine: flower``) inside a :class:`~recbole_ur4rec.federated.flower.engine.FlowerSession`."""
+import json
+import os
+import traceback
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from recbole_ur4rec.federated.flower.engine import FlowerSession
+
+
+def _settings(run_config):
+    """RecBole settings from the run config (keys of flower_app/pyproject.toml)."""
+    text = str(run_config.get("config-json", "{}"))
+    try:
+        config_dict = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"run config key 'config-json' must be a JSON object of RecBole settings, got {text!r} ({err})") from None
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"run config key 'config-json' must be a JSON object of RecBole settings, got {text!r}")
+    return {
+        "model": str(run_config.get("model", "FedDMMR")),
+        "dataset": str(run_config.get("dataset", "ml-100k")),
+        "config_file_list": str(run_config.get("config-files", "")).split() or None,
+        "config_dict": {**config_dict, "federated_engine": "flower"},
+    }
+
+
+def _server_main(grid: Grid, context: Context) -> None:
+    """Run the whole RecBole training with ``federated_engine: flower``; write the result to run config ``output``."""
+    from recbole_ur4rec.quick_start import run_recbole_ur4rec
+
+    run_config = context.run_config
+    output = str(run_config.get("output", ""))
+    session = None
+    try:
+        session = FlowerSession(
+            grid, _settings(run_config), round_timeout=float(run_config.get("round-timeout", 600.0)),
+            min_nodes=int(run_config.get("min-nodes", 1)), node_wait=float(run_config.get("node-wait", 60.0)),
+        )
+        with session:
+            settings = session.settings
+            result = run_recbole_ur4rec(settings["model"], settings["dataset"], settings["config_file_list"], settings["config_dict"])
+    except Exception:
+        if output:
+            _write_json(output, {"error": traceback.format_exc(), "rounds": session.rounds if session else []})
+        raise
+    if output:
+        _write_json(output, {"result": result, "rounds": session.rounds})
+
+
+def _write_json(path, value):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, default=float)
+    os.replace(tmp, path)  # readers never see a partial file
+
+
+server_app = ServerApp()
+server_app.main()(_server_main)

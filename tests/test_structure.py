@@ -1,0 +1,96 @@
+"""The package's structure: no import cycle among its modules (function-level imports included)."""
+import ast
+import os
+
+import recbole_ur4rec
+
+PACKAGE_DIR = os.path.dirname(recbole_ur4rec.__file__)
+
+
+def package_modules():
+    """Module name -> file of every module of the package (a package is its ``__init__``)."""
+    modules = {}
+    for folder, _, files in os.walk(PACKAGE_DIR):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))[:-3].replace(os.sep, ".")
+                modules[dotted.removesuffix(".__init__")] = path
+    return modules
+
+
+def imported_modules(path, module, modules):
+    """The package modules ``path`` imports anywhere (module level or inside functions)."""
+
+    def resolve(name):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the importing module's package
+                parts = module.split(".") if path.endswith("__init__.py") else module.split(".")[:-1]
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        found |= {resolve(name) for name in names if name.startswith("recbole_ur4rec")} - {None, module}
+    return found
+
+
+def import_cycles(graph):
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def package_graph():
+    modules = package_modules()
+    graph = {module: imported_modules(path, module, modules) for module, path in modules.items()}
+    for module in graph:  # a package re-exporting its own children is not a cycle by itself
+        graph[module] = {m for m in graph[module] if not module.startswith(m + ".")}
+    return graph
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_graph()
+    assert "recbole_ur4rec.registry" in graph and "recbole_ur4rec.trainer" in graph["recbole_ur4rec.registry"]
+    # function-level imports count: the feddmmr trainer imports the Flower engine only when it is chosen
+    assert "recbole_ur4rec.federated.flower.engine" in graph["recbole_ur4rec.trainer.feddmmr_trainer"]
+    cycles = import_cycles(graph)
+    assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
