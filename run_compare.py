@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from recbole_ur4rec.compare import DEFAULT_MODELS, parse_seeds, run_compare
-from recbole_ur4rec.tuning import parse_override
+from recbole_ur4rec.cli import parse_overrides
 
 
 def parse_args(argv):
@@ -32,17 +32,7 @@ def parse_args(argv):
     parser.add_argument("--output_dir", default=None, help="default results/<dataset>")
     parser.add_argument("--report_only", action="store_true", help="run nothing: write the tables from the finished cells")
     args, unknown = parser.parse_known_args(argv)
-    extras = list(args.extra)
-    for arg in unknown:
-        if not (arg.startswith("--") and arg.count("=") == 1):
-            parser.error(f"unrecognized argument {arg!r}: settings are written --key=value or --extra key=value")
-        extras.append(arg[2:])
-    overrides = {}
-    for item in extras:
-        if "=" not in item:
-            parser.error(f"--extra {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_override(value.strip())
+    overrides = parse_overrides(parser, unknown, extra=args.extra)
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     model_configs = {}

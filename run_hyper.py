@@ -12,7 +12,8 @@ shared by every trial (e.g. --epochs=20 --train_batch_size=512).
 import argparse
 import sys
 
-from recbole_ur4rec.tuning import parse_override, run_search
+from recbole_ur4rec.cli import parse_overrides
+from recbole_ur4rec.tuning import run_search
 
 
 def parse_args(argv):
@@ -32,13 +33,7 @@ def parse_args(argv):
     parser.add_argument("--grace_period", type=int, default=None, help="ASHA: validations before a trial may be stopped (default: max(1, epochs/10))")
     parser.add_argument("--reduction_factor", type=float, default=2, help="ASHA: keep 1/reduction_factor of the trials per rung")
     args, unknown = parser.parse_known_args(argv)
-    overrides = {}
-    for arg in unknown:
-        if not (arg.startswith("--") and arg.count("=") == 1):
-            parser.error(f"unrecognized argument {arg!r}: RecBole settings are written --key=value")
-        key, value = arg[2:].split("=")
-        overrides[key] = parse_override(value)
-    return args, overrides
+    return args, parse_overrides(parser, unknown)
 
 
 def main(argv=None):

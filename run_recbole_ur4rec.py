@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from recbole_ur4rec.cli import isolated_argv, parse_overrides
 from recbole_ur4rec.quick_start import evaluate_checkpoint, run_recbole_ur4rec
 
 
@@ -19,17 +20,16 @@ def parse_args(argv):
     parser.add_argument("--resume", type=str, default=None, help="continue the run that wrote this checkpoint")
     parser.add_argument("--nosave", action="store_true", help="neither save checkpoints nor reload the best model")
     args, unknown = parser.parse_known_args(argv)
-    # RecBole passes --key=value overrides through; the Config reads them from sys.argv itself.
-    malformed = [arg for arg in unknown if not (arg.startswith("--") and arg.count("=") == 1)]
-    if malformed:
-        parser.error(f"unrecognized arguments {malformed}: overrides are written --key=value")
-    return args
+    return args, parse_overrides(parser, unknown)
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.checkpoint:
-        result = evaluate_checkpoint(args.checkpoint)
+        if overrides:
+            raise SystemExit(f"--checkpoint evaluates with the settings stored in the checkpoint; drop {sorted(overrides)}")
+        with isolated_argv():
+            result = evaluate_checkpoint(args.checkpoint)
         print(f"valid: {dict(result['valid_result'])}")
         print(f"test: {dict(result['test_result'])}")
         return result
@@ -37,13 +37,15 @@ def main(argv=None):
     model, dataset = args.model, args.dataset
     if args.resume is None:
         model, dataset = model or "SASRec", dataset or "ml-100k"
-    result = run_recbole_ur4rec(
-        model=model,
-        dataset=dataset,
-        config_file_list=config_file_list,
-        saved=not args.nosave,
-        resume_file=args.resume,
-    )
+    with isolated_argv():  # the overrides travel as config_dict (above the config files), not through sys.argv
+        result = run_recbole_ur4rec(
+            model=model,
+            dataset=dataset,
+            config_file_list=config_file_list,
+            config_dict=overrides or None,
+            saved=not args.nosave,
+            resume_file=args.resume,
+        )
     print(f"best valid: {dict(result['best_valid_result'] or {})}")
     print(f"test: {dict(result['test_result'] or {})}")
     if result["model_file"]:

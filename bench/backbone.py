@@ -76,25 +76,16 @@ def budgeted(trainer_class, deadline, epoch_seconds):
 def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
     """Train and test one (model, seed) in this process; returns a dict of plain numbers."""
     import torch
-    from recbole.utils import init_seed
 
-    from recbole_ur4rec.config import Config
-    from recbole_ur4rec.data import create_dataset, data_preparation
-    from recbole_ur4rec.registry import get_model, get_trainer
+    from recbole_ur4rec.build import build
+    from recbole_ur4rec.registry import get_trainer
 
-    if threads:
-        torch.set_num_threads(threads)
-    config = Config(
-        model=model_name,
-        dataset=dataset,
-        config_dict={"seed": seed, "state": "WARNING", "show_progress": False, **config_dict},
-    )
-    init_seed(config["seed"], config["reproducibility"])
     data_start = time.monotonic()
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    data_seconds = time.monotonic() - data_start
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(model_name)(config, train_data._dataset).to(config["device"])
+    settings = {"seed": seed, "state": "WARNING", "show_progress": False, **config_dict}
+    if threads:
+        settings["threads"] = threads
+    config, model, _, train_data, valid_data, test_data = build(model_name, dataset, config_dict=settings, log=False)
+    data_seconds = time.monotonic() - data_start  # config, data and model (the model takes milliseconds)
 
     start = time.monotonic()
     deadline = start + budget_minutes * 60 if budget_minutes > 0 else float("inf")

@@ -12,19 +12,14 @@ Prints a markdown table; ``--output`` also writes the numbers as JSON.
 import argparse
 import copy
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_ur4rec.config import Config  # noqa: E402
-from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
-from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
-from recbole_ur4rec.federated import ENGINES, BatchedEngine, ClientData, FedAvg, round_plan  # noqa: E402
-from recbole_ur4rec.model import FedDMMR  # noqa: E402
+from recbole_ur4rec.build import build
+from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.federated import ENGINES, BatchedEngine, ClientData, FedAvg, round_plan
 
 
 def repeated_clients(data, copies):
@@ -70,12 +65,8 @@ def main(argv=None):
     if unknown or any(c < 1 for c in copies):
         parser.error(f"--engines must be among {', '.join(ENGINES)} and --copies >= 1 (got {args.engines}, {args.copies})")
 
-    sys.argv = sys.argv[:1]  # RecBole's Config reads sys.argv
-    config = Config(model="FedDMMR", dataset=args.dataset, config_dict={"threads": args.threads, "show_progress": False})
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(config["seed"])
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    model = FedDMMR(config, train_data._dataset)
+    with isolated_argv():  # RecBole's Config reads --key=value from sys.argv
+        config, model, _, train_data, _, _ = build("FedDMMR", args.dataset, config_dict={"threads": args.threads, "show_progress": False}, log=False)
     base = ClientData(train_data._dataset, target_list_field(config))
     lr, batch = config["learning_rate"], config["train_batch_size"]
 

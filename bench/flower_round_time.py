@@ -39,20 +39,12 @@ def settings(work, rounds):
 
 def loop_rounds(work, rounds):
     """Seconds of each in-process round (the trainer's own timing)."""
-    import torch
-    from recbole.utils import init_seed
-
-    from recbole_ur4rec.config import Config
-    from recbole_ur4rec.data import create_dataset, data_preparation
-    from recbole_ur4rec.model import FedDMMR
+    from recbole_ur4rec.build import build
     from recbole_ur4rec.trainer import FedDMMRTrainer
 
-    config = Config(model="FedDMMR", dataset="ml-100k", config_dict={**settings(work, rounds), "federated_engine": "loop"})
-    torch.set_num_threads(1)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"], config["reproducibility"])
-    trainer = FedDMMRTrainer(config, FedDMMR(config, train_data._dataset))
+    run = build("FedDMMR", "ml-100k", config_dict={**settings(work, rounds), "federated_engine": "loop"}, log=False)
+    train_data = run.train_data
+    trainer = FedDMMRTrainer(run.config, run.model)
     seconds = []
     for round_idx in range(rounds):
         trainer.model.train()

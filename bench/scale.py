@@ -91,13 +91,8 @@ def ensure_dataset(data_root, size):
 def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_fraction=None):
     """Measure one cell in this process; returns a dict of plain numbers."""
     started = time.monotonic()
-    import torch
-    from recbole.utils import init_seed
-
-    from recbole_ur4rec.config import Config
-    from recbole_ur4rec.data import create_dataset, data_preparation
-    from recbole_ur4rec.quick_start import set_anomaly_detection
-    from recbole_ur4rec.registry import get_model, get_trainer
+    from recbole_ur4rec.build import build
+    from recbole_ur4rec.registry import get_trainer
 
     model_name, overrides = MODELS[cell]
     config_dict = {**COMMON, **TEXT_FIELDS, **overrides, "data_path": data_root, "threads": threads, "checkpoint_dir": saved_dir}
@@ -106,16 +101,9 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_frac
         if not os.path.exists(warm_start):
             raise SystemExit(f"{warm_start} is missing: run the {size} DuoRec cell first (it saves its backbone there)")
         config_dict["duorec_checkpoint"] = warm_start
-    config = Config(model=model_name, dataset=f"synth-{size}", config_dict=config_dict)
-    torch.set_num_threads(threads)
-    set_anomaly_detection(False)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
+    config, model, dataset, train_data, valid_data, _ = build(model_name, f"synth-{size}", config_dict=config_dict, log=False)
     out = {"interactions": len(dataset.inter_feat), "users": dataset.user_num - 1, "items": dataset.item_num - 1}
-    train_data, valid_data, _ = data_preparation(config, dataset)
     del dataset
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(model_name)(config, train_data._dataset)
     next(iter(train_data))
     out["first_batch_s"] = time.monotonic() - started
     out["load_rss_gb"] = rss_gb()

@@ -19,7 +19,8 @@ import sys
 import time
 import traceback
 
-from recbole_ur4rec.tuning import describe, isolated_argv, markdown_table, plain, write_csv, write_text
+from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.report import describe, markdown_table, plain, write_csv, write_text
 
 DEFAULT_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec", "FEARec")
 DEFAULT_SEED = 2020  # RecBole's default seed; --seeds N runs 2020 .. 2020+N-1

@@ -1,59 +1,11 @@
 """Quick start for recbole_ur4rec: RecBole's run/tune/load entry points, with plugin models and safe checkpoints."""
-import sys
 from logging import getLogger
 
-import torch
-from recbole.utils import init_logger, init_seed, set_color
+from recbole.utils import set_color
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.build import build
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
-from recbole_ur4rec.registry import get_model, get_trainer
-
-
-_anomaly_switch_logged = False
-
-
-def set_anomaly_detection(enabled):
-    """Set torch's autograd anomaly detection to ``enabled`` (config key ``detect_anomaly``).
-
-    Importing RecBole's sequential models turns it on for the whole process
-    (``recbole/model/sequential_recommender/sine.py``), which makes training about 1.3x slower; switching it off
-    is logged once per process.
-    """
-    global _anomaly_switch_logged
-    if torch.is_anomaly_enabled() and not enabled and not _anomaly_switch_logged:
-        _anomaly_switch_logged = True
-        getLogger().info(
-            "switched off torch's autograd anomaly detection, which importing RecBole's sequential models turns on "
-            "for the whole process (set detect_anomaly: True to keep it)"
-        )
-    torch.autograd.set_detect_anomaly(bool(enabled))
-
-
-def _build(model, dataset, config_file_list, config_dict):
-    """Config, logger, data and an initialised model, as RecBole's ``run_recbole`` builds them."""
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    if config["threads"]:
-        import faiss  # FTRagRec's index searches run on FAISS's OpenMP threads
-
-        torch.set_num_threads(config["threads"])
-        faiss.omp_set_num_threads(config["threads"])
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    set_anomaly_detection(config["detect_anomaly"])
-    logger = getLogger()
-    logger.info(sys.argv)
-    logger.info(config)
-
-    dataset = create_dataset(config)
-    logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    logger.info(model)
-    return config, model, dataset, train_data, valid_data, test_data
+from recbole_ur4rec.registry import get_trainer
 
 
 def _resume_settings(resume_file, model, dataset, config_dict):
@@ -94,7 +46,7 @@ def run_recbole_ur4rec(
     """
     if resume_file is not None:
         model, dataset, config_dict = _resume_settings(resume_file, model, dataset, config_dict)
-    config, model, dataset, train_data, valid_data, test_data = _build(model, dataset, config_file_list, config_dict)
+    config, model, dataset, train_data, valid_data, test_data = build(model, dataset, config_file_list, config_dict)
     logger = getLogger()
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -142,9 +94,7 @@ def load_data_and_model(model_file):
         tuple: (config, model, dataset, train_data, valid_data, test_data), as RecBole's function does.
     """
     state = load_checkpoint(model_file)
-    config, model, dataset, train_data, valid_data, test_data = _build(
-        state["model"], state["dataset"], None, state["config"]
-    )
+    config, model, dataset, train_data, valid_data, test_data = build(state["model"], state["dataset"], None, state["config"])
     model.load_state_dict(state["state_dict"])
     model.load_other_parameter(state.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -17,16 +17,16 @@ As in RecBole (hyperopt's ``hp.loguniform``), ``loguniform a,b`` bounds are natu
 is ``exp(U(a, b))``, log-uniform between ``e**a`` and ``e**b``.
 """
 import ast
-import contextlib
-import csv
 import glob
 import math
 import os
-import sys
 import time
 import traceback
 
 import yaml
+
+from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.report import describe, markdown_table, plain, write_csv, write_text
 
 SEARCH_TYPES = ("choice", "uniform", "quniform", "loguniform")
 TRIAL_METRIC = "valid_score"  # the key every trial reports after each validation; ASHA watches it
@@ -37,16 +37,6 @@ class SearchSpaceError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- search space
-
-
-def parse_override(text):
-    """Value of a ``key=value`` override, converted as RecBole converts command-line values."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        lowered = text.lower()
-        return {"true": True, "false": False, "none": None}.get(lowered, text)
-    return value
 
 
 def _check_param(where, name, kind, value):
@@ -152,28 +142,6 @@ def to_tune_space(space, grid=False):
 # ----------------------------------------------------------------------------------------- trial
 
 
-@contextlib.contextmanager
-def isolated_argv():
-    """RecBole's Config reads ``--key=value`` from ``sys.argv``: hide the caller's (or Ray worker's) arguments."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def plain(value):
-    """``value`` with numpy scalars and tuples made plain Python (for yaml, json and csv)."""
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
 def trial_checkpoint_dir(checkpoint_root, trial_id):
     return os.path.join(checkpoint_root, trial_id)
 
@@ -210,43 +178,6 @@ def run_trial(config, setup):
 
 
 # ----------------------------------------------------------------------------------------- results
-
-
-def markdown_table(headers, rows):
-    def cell(value):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if isinstance(value, float):
-            return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3g}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    lines += ["| " + " | ".join(cell(row.get(h)) for h in headers) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def describe(value):
-    """``{'valid': 'full', 'test': 'full'}`` as ``valid full, test full`` (for table headers)."""
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {describe(v)}" for k, v in value.items())
-    return str(value)
-
-
-def write_csv(path, headers, rows):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=headers, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({h: plain(row.get(h)) for h in headers})
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def last_error_line(error_file):

@@ -1,18 +1,13 @@
 """Building a model the way the quick start does, and comparing its parameters, for the model tests."""
 import torch
-from recbole.utils import init_seed
 
-from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
-from recbole_ur4rec.registry import get_model
+from recbole_ur4rec.build import build
 
 
 def build_model(model, dataset, config_dict):
-    """(config, model, train_data, valid_data, test_data): seeded, data split, model initialised on the train split."""
-    config = Config(model=model, dataset=dataset, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    return config, get_model(model)(config, train_data._dataset), train_data, valid_data, test_data
+    """(config, model, train_data, valid_data, test_data), built as every entry point builds a run."""
+    run = build(model, dataset, config_dict=config_dict, log=False)
+    return run.config, run.model, run.train_data, run.valid_data, run.test_data
 
 
 def snapshot(model):

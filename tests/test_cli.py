@@ -46,7 +46,7 @@ def test_cli_unknown_dataset(tmp_path):
 
 def test_cli_rejects_malformed_overrides(tmp_path):
     done = run_cli("-m", "SASRec", "--epochs", "3", cwd=tmp_path)
-    assert done.returncode == 2 and "overrides are written --key=value" in done.stderr
+    assert done.returncode == 2 and "settings are written --key=value" in done.stderr
 
 
 def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path):
@@ -74,3 +74,26 @@ def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path):
     assert "Resume training from epoch" in resumed.stderr + resumed.stdout
     test_line = lambda out: re.search(r"^test: .*$", out, re.M).group(0)
     assert test_line(resumed.stdout) == test_line(uninterrupted.stdout)
+
+
+def test_overrides_are_parsed_one_way_for_every_cli():
+    import argparse
+
+    import pytest
+
+    from recbole_ur4rec.cli import parse_overrides
+
+    parser = argparse.ArgumentParser(prog="x")
+    overrides = parse_overrides(
+        parser,
+        ["--epochs=3", "--use_text=false", "--nlist=None", "--load_col={'inter': ['user_id']}", "--note=a=b", "--lr=1e-3"],
+        extra=["seed=7"],
+    )
+    assert overrides == {
+        "epochs": 3, "use_text": False, "nlist": None, "load_col": {"inter": ["user_id"]}, "note": "a=b", "lr": 0.001, "seed": 7,
+    }
+    for bad in (["-q"], ["--epochs"], ["epochs=3"]):
+        with pytest.raises(SystemExit):
+            parse_overrides(parser, bad)
+    with pytest.raises(SystemExit):
+        parse_overrides(parser, [], extra=["seed"])

@@ -146,7 +146,7 @@ def test_command_builds_then_hits_the_cache(feat_root, tmp_path, monkeypatch, ca
         "--show_progress=False",
         "--load_col={'inter': ['user_id', 'item_id', 'rating', 'timestamp']}",
     ]
-    monkeypatch.setattr(sys, "argv", ["python -m recbole_ur4rec.features", *argv])
+    monkeypatch.setattr(sys, "argv", ["pytest", "--data_path=/nonexistent"])  # main(argv) never reads sys.argv
     stores = main(argv)
     out = capsys.readouterr().out
     assert "item_text: 29/30 item_ids with a feature, dim 384" in out
@@ -169,7 +169,7 @@ def test_features_command_builds_only_the_stores_of_the_model(feat_root, tmp_pat
         "-d", "feat", "-m", "FedDMMR", f"--data_path={feat_root}", f"--feature_cache_dir={tmp_path / 'cache'}",
         "--show_progress=False", "--load_col={'inter': ['user_id', 'item_id', 'rating', 'timestamp']}",
     ]
-    monkeypatch.setattr(sys, "argv", ["python -m recbole_ur4rec.features", *argv])
+    monkeypatch.setattr(sys, "argv", ["pytest", "--data_path=/nonexistent"])  # main(argv) never reads sys.argv
     stores = main(argv)
     assert sorted(stores) == ["item_text"]  # FedDMMR's experts read item features only: no user text is encoded
     assert "user_text" not in capsys.readouterr().out

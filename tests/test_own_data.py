@@ -107,7 +107,7 @@ def test_cli_and_features_command_run_on_defaults(own_root, cache_dir, tmp_path,
     assert "test: {'hit@5': " in done.stdout
 
     argv = ["-d", "own", f"--data_path={own_root}", f"--feature_cache_dir={cache_dir}", "--show_progress=False"]
-    monkeypatch.setattr(sys, "argv", ["python -m recbole_ur4rec.features", *argv])
+    monkeypatch.setattr(sys, "argv", ["pytest", "--data_path=/nonexistent"])  # main(argv) never reads sys.argv
     stores = features_main(argv)
     assert "item_text: 60/60 item_ids with a feature" in capsys.readouterr().out
     assert int(stores["user_text"].mask.sum()) == 40

@@ -15,6 +15,7 @@ import time
 
 from recbole.utils import init_logger
 
+from recbole_ur4rec.cli import isolated_argv, parse_overrides
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset
 from recbole_ur4rec.features.pipeline import item_image_features, item_text_features, text_encoder, user_text_features
@@ -51,19 +52,17 @@ def parse_args(argv):
     for key, meaning in OPTIONS.items():
         parser.add_argument(f"--{key}", default=None, help=meaning)
     args, unknown = parser.parse_known_args(argv)
-    malformed = [arg for arg in unknown if not (arg.startswith("--") and arg.count("=") == 1)]
-    if malformed:
-        parser.error(f"unrecognized arguments {malformed}: overrides are written --key=value")
-    return args
+    return args, parse_overrides(parser, unknown)
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    config_dict = {key: getattr(args, key) for key in OPTIONS if getattr(args, key) is not None}
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    config_dict = {**overrides, **{key: getattr(args, key) for key in OPTIONS if getattr(args, key) is not None}}
     if args.strict:
         config_dict["strict_features"] = True
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
-    config = Config(model=args.model, dataset=args.dataset, config_file_list=config_file_list, config_dict=config_dict)
+    with isolated_argv():  # the overrides travel in config_dict
+        config = Config(model=args.model, dataset=args.dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_logger(config)
     start = time.time()
     dataset = create_dataset(config)

@@ -55,24 +55,15 @@ def _ids(text):
 
 
 def _node_setup(settings, node_config):
-    """RecBole config, model and clients of the node, built from the server's settings as the trainer builds them."""
-    from recbole.utils import init_seed
-
-    from recbole_ur4rec.config import Config
-    from recbole_ur4rec.data import create_dataset, data_preparation
+    """RecBole config, model and clients of the node, built from the server's settings as the server builds them."""
+    from recbole_ur4rec.build import build
     from recbole_ur4rec.data.sequence_dataset import target_list_field
-    from recbole_ur4rec.registry import get_model
 
     config_dict = dict(settings["config_dict"])
     if node_config.get("data-path"):
         config_dict["data_path"] = str(node_config["data-path"])
-    config = Config(model=settings["model"], dataset=settings["dataset"], config_file_list=settings["config_file_list"], config_dict=config_dict)
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    model = get_model(config["model"])(config, train_data._dataset)
-    return config, model, ClientData(train_data._dataset, target_list_field(config))
+    run = build(settings["model"], settings["dataset"], settings["config_file_list"], config_dict, log=False)
+    return run.config, run.model, ClientData(run.train_data._dataset, target_list_field(run.config))
 
 
 def _node_train(msg, context):

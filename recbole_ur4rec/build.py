@@ -1,0 +1,80 @@
+"""The one recipe every entry point builds a run with (quick start, the Flower node, bench and tests).
+
+Config -> threads -> seed -> logger -> anomaly mode -> dataset and splits -> reseed (``seed + local_rank``) -> model,
+as RecBole's ``run_recbole`` orders it, so a model's initial weights depend on the seed only, not on how much
+randomness building the data consumed.
+"""
+import sys
+from logging import getLogger
+from typing import NamedTuple
+
+import torch
+from recbole.utils import init_logger, init_seed
+
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.registry import get_model
+
+_anomaly_switch_logged = False
+
+
+def set_anomaly_detection(enabled):
+    """Set torch's autograd anomaly detection to ``enabled`` (config key ``detect_anomaly``).
+
+    Importing RecBole's sequential models turns it on for the whole process
+    (``recbole/model/sequential_recommender/sine.py``), which makes training about 1.3x slower; switching it off
+    is logged once per process.
+    """
+    global _anomaly_switch_logged
+    if torch.is_anomaly_enabled() and not enabled and not _anomaly_switch_logged:
+        _anomaly_switch_logged = True
+        getLogger().info(
+            "switched off torch's autograd anomaly detection, which importing RecBole's sequential models turns on "
+            "for the whole process (set detect_anomaly: True to keep it)"
+        )
+    torch.autograd.set_detect_anomaly(bool(enabled))
+
+
+class Run(NamedTuple):
+    """What :func:`build` returns (in RecBole's order of ``load_data_and_model``, model second)."""
+
+    config: Config
+    model: torch.nn.Module
+    dataset: object
+    train_data: object
+    valid_data: object
+    test_data: object
+
+
+def build(model, dataset, config_file_list=None, config_dict=None, log=True):
+    """Config, data and an initialised model of ``model`` on ``dataset``.
+
+    Args:
+        log (bool): start RecBole's logger (a log file per run) and log the config, dataset and model; bench and
+            tests pass False.
+    """
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    if config["threads"]:
+        import faiss  # FTRagRec's index searches run on FAISS's OpenMP threads
+
+        torch.set_num_threads(config["threads"])
+        faiss.omp_set_num_threads(config["threads"])
+    init_seed(config["seed"], config["reproducibility"])
+    if log:
+        init_logger(config)
+    set_anomaly_detection(config["detect_anomaly"])
+    logger = getLogger()
+    if log:
+        logger.info(sys.argv)
+        logger.info(config)
+
+    dataset = create_dataset(config)
+    if log:
+        logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    if log:
+        logger.info(model)
+    return Run(config, model, dataset, train_data, valid_data, test_data)
