@@ -14,8 +14,8 @@ or else <config_dir>/<MODEL>.yaml when --config_dir is given; then --epochs and 
 import argparse
 import sys
 
-from recbole_ur4rec.compare import DEFAULT_MODELS, parse_seeds, run_compare
 from recbole_ur4rec.cli import parse_overrides
+from recbole_ur4rec.compare import DEFAULT_MODELS, parse_seeds, run_compare
 
 
 def parse_args(argv):

@@ -89,9 +89,9 @@ def _tail(path, lines=15):
 
 def run_cell(spec):
     """Train and test one (model, seed) cell; runs in the child process and writes ``spec['child_json']``."""
+    from recbole_ur4rec.checkpoints import load_checkpoint
     from recbole_ur4rec.config import Config
     from recbole_ur4rec.quick_start import run_recbole_ur4rec
-    from recbole_ur4rec.checkpoints import load_checkpoint
 
     out = {"status": "failed", "error": None}
     try:

@@ -4,9 +4,9 @@ import os
 import statistics
 
 import pytest
+from tune_fixtures import quick_settings, read_csv
 
 from recbole_ur4rec.compare import parse_seeds, run_compare
-from tune_fixtures import quick_settings, read_csv
 
 
 def cell_json(output_dir, model, seed):

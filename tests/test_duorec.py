@@ -7,7 +7,7 @@ from model_fixtures import build_model
 
 from recbole_ur4rec.data.sequence_dataset import prefix_item_lists
 from recbole_ur4rec.model import DuoRec, FastSASRec
-from recbole_ur4rec.model.duorec import CONTRASTS, info_nce, sample_in_batch_partners
+from recbole_ur4rec.model.duorec import CONTRASTS, sample_in_batch_partners, simclr_info_nce
 from recbole_ur4rec.model.layers import position_loss
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_model
@@ -74,13 +74,13 @@ def test_info_nce_matches_the_authors_formulation():
         j = (i + 5) % 10
         rows.append(torch.cat([sim[i, j : j + 1], sim[i, [k for k in range(10) if k not in (i, j)]]]))
     expected = torch.nn.functional.cross_entropy(torch.stack(rows), torch.zeros(10, dtype=torch.long))
-    assert torch.allclose(info_nce(z1, z2, 0.5), expected, atol=1e-6)
+    assert torch.allclose(simclr_info_nce(z1, z2, 0.5), expected, atol=1e-6)
 
     # same-target views leave the negatives; without any, the masked loss is the same
     targets = torch.tensor([1, 2, 3, 4, 1])
-    masked = info_nce(z1, z2, 0.5, targets=targets)
-    assert masked < info_nce(z1, z2, 0.5)
-    assert torch.allclose(info_nce(z1, z2, 0.5, targets=torch.arange(5)), expected, atol=1e-6)
+    masked = simclr_info_nce(z1, z2, 0.5, targets=targets)
+    assert masked < simclr_info_nce(z1, z2, 0.5)
+    assert torch.allclose(simclr_info_nce(z1, z2, 0.5, targets=torch.arange(5)), expected, atol=1e-6)
 
 
 def test_in_batch_partner_has_the_same_target_and_is_another_position():
@@ -123,13 +123,13 @@ def test_same_target_row_is_another_training_row_with_that_target(duo_config):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("contrast", "both", r"contrast must be one of us_x, us, un, su, none, got 'both'"),
-        ("tau", -0.5, r"tau must be a number > 0, got -0.5"),
-        ("tau", 0, r"tau must be a number > 0, got 0"),
-        ("lmd", -1, r"lmd must be a number >= 0, got -1"),
-        ("lmd_sem", "x", r"lmd_sem must be a number >= 0, got 'x'"),
-        ("sim", "l2", r"sim must be one of dot, cos, got 'l2'"),
-        ("contrast_max_anchors", 1, r"contrast_max_anchors must be an int >= 2, got 1"),
+        ("contrast", "both", r"config key 'contrast' must be one of us_x, us, un, su, none, got 'both'"),
+        ("tau", -0.5, r"config key 'tau' must be a number > 0, got -0.5"),
+        ("tau", 0, r"config key 'tau' must be a number > 0, got 0"),
+        ("lmd", -1, r"config key 'lmd' must be a number >= 0, got -1"),
+        ("lmd_sem", "x", r"config key 'lmd_sem' must be a number >= 0, got 'x'"),
+        ("sim", "l2", r"config key 'sim' must be one of dot, cos, got 'l2'"),
+        ("contrast_max_anchors", 1, r"config key 'contrast_max_anchors' must be an int >= 2, got 1"),
     ],
 )
 def test_bad_config_values_are_named(duo_config, key, value, message):

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from recbole.data.interaction import Interaction
 from model_fixtures import build_model
+from recbole.data.interaction import Interaction
 
 from recbole_ur4rec.model import FastSASRec
 from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss
@@ -103,10 +103,12 @@ def test_backbone_returns_every_position():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("loss_type", "MSE", r"loss_type must be one of CE, SSM, BPR, BCE for FastSASRec, got 'MSE'"),
-        ("neg_sample_num", 0, r"neg_sample_num must be a positive int, got 0"),
+        ("loss_type", "MSE", r"config key 'loss_type' must be one of CE, SSM, BPR, BCE, got 'MSE'"),
+        ("neg_sample_num", 0, r"config key 'neg_sample_num' must be an int >= 1, got 0"),
+        ("MAX_ITEM_LIST_LENGTH", 0, r"config key 'MAX_ITEM_LIST_LENGTH' must be an int >= 1, got 0"),
+        ("loss_position", "first", r"config key 'loss_position' must be one of all, last, got 'first'"),
         ("n_heads", 3, r"hidden_size \(16\) must be a multiple of n_heads \(3\)"),
-        ("hidden_dropout_prob", 1.5, r"hidden_dropout_prob must be a number in \[0, 1\), got 1.5"),
+        ("hidden_dropout_prob", 1.5, r"config key 'hidden_dropout_prob' must be a number >= 0 and < 1, got 1.5"),
         ("hidden_act", "elu", r"hidden_act must be one of gelu, relu, swish, tanh, sigmoid, got 'elu'"),
     ],
 )

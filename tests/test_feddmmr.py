@@ -10,13 +10,13 @@ import torch
 from model_fixtures import build_model, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
-from recbole_ur4rec.model.layers import SampledCandidates
+from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.federated import FedAvg, LoopEngine, ServerOptimizer, round_plan
 from recbole_ur4rec.model import FedDMMR
+from recbole_ur4rec.model.layers import SampledCandidates
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
-from recbole_ur4rec.trainer import FedDMMRTrainer
-from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.registry import get_model, get_trainer
+from recbole_ur4rec.trainer import FedDMMRTrainer
 
 
 @pytest.fixture(scope="module")

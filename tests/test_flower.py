@@ -11,6 +11,7 @@ pytest.importorskip("flwr", reason="flwr is not installed: the Flower engine nee
 from conftest import write_sequential_dataset  # noqa: E402
 from model_fixtures import build_model  # noqa: E402
 
+from recbole_ur4rec.checkpoints import load_checkpoint  # noqa: E402
 from recbole_ur4rec.config import Config  # noqa: E402
 from recbole_ur4rec.data import create_dataset, data_preparation  # noqa: E402
 from recbole_ur4rec.data.sequence_dataset import target_list_field  # noqa: E402
@@ -19,7 +20,6 @@ from recbole_ur4rec.federated.flower.engine import FlowerEngine, FlowerSession  
 from recbole_ur4rec.federated.flower.local import LocalFederation  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
-from recbole_ur4rec.checkpoints import load_checkpoint  # noqa: E402
 
 ROUNDS = 2
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from recbole_ur4rec.quick_start import evaluate_checkpoint, load_data_and_model, run_recbole_ur4rec
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.quick_start import evaluate_checkpoint, load_data_and_model, run_recbole_ur4rec
 
 METRICS = [f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)]
 

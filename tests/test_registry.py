@@ -4,8 +4,8 @@ from recbole.model.sequential_recommender import GRU4Rec, SASRec
 from recbole.trainer import Trainer
 
 import recbole_ur4rec.model as plugin_model_module
-from recbole_ur4rec.trainer import SafeCheckpointMixin
 from recbole_ur4rec.registry import get_model, get_trainer, plugin_models
+from recbole_ur4rec.trainer import SafeCheckpointMixin
 
 
 def test_recbole_models_are_found():

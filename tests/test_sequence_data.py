@@ -253,7 +253,7 @@ def test_training_split_is_the_training_interactions(quick_config, tiny_data_roo
 
 
 def test_bad_loss_position_names_the_key(quick_config):
-    with pytest.raises(ValueError, match=r"loss_position must be one of all, last, got 'every'"):
+    with pytest.raises(ValueError, match=r"config key 'loss_position' must be one of all, last, got 'every'"):
         prepare(quick_config, loss_position="every")
 
 

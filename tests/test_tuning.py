@@ -5,10 +5,10 @@ import os
 
 import pytest
 import yaml
+from tune_fixtures import quick_settings, read_csv
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.tuning import SearchSpaceError, parse_params_file, run_search, to_tune_space
-from tune_fixtures import quick_settings, read_csv
 
 
 def write(path, text):

@@ -8,13 +8,13 @@ import torch
 from model_fixtures import build_model, changed_groups, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
+from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.model import UR4Rec
-from recbole_ur4rec.model.layers import SampledCandidates, info_nce, ranking_loss, supervised_positions
+from recbole_ur4rec.model.layers import SampledCandidates, ranking_loss, supervised_positions, view_info_nce
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
+from recbole_ur4rec.registry import get_model, get_trainer
 from recbole_ur4rec.trainer import UR4RecTrainer
 from recbole_ur4rec.trainer.staged_trainer import Alternator
-from recbole_ur4rec.checkpoints import load_checkpoint
-from recbole_ur4rec.registry import get_model, get_trainer
 
 ALL_GROUPS = {"item_embedding", "backbone", "retriever", "fusion"}
 BACKBONE_PART, RETRIEVER_PART = {"item_embedding", "backbone"}, {"retriever", "fusion"}
@@ -127,8 +127,8 @@ def test_contrastive_other_windows_of_the_same_user_are_not_negatives():
         torch.nn.functional.cross_entropy(logits[i, keep].unsqueeze(0), torch.tensor([keep.index(i)]))
         for i, keep in enumerate([[0, 2, 3], [1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
     ]).mean()
-    assert torch.allclose(info_nce(anchors, positives, temperature=0.1, groups=groups), expected, atol=1e-6)
-    assert not torch.allclose(info_nce(anchors, positives, temperature=0.1), expected, atol=1e-3)
+    assert torch.allclose(view_info_nce(anchors, positives, temperature=0.1, groups=groups), expected, atol=1e-6)
+    assert not torch.allclose(view_info_nce(anchors, positives, temperature=0.1), expected, atol=1e-3)
 
 
 def test_items_and_users_without_text_never_read_other_rows(settings):

@@ -28,6 +28,12 @@ from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
+from recbole_ur4rec.checks import check_config_value
+
+# the training rows of each loss_position (checked by SequenceBackbone's config check): 'all' = one row per user
+# (windows of MAX_ITEM_LIST_LENGTH), a loss at every position; 'last' = RecBole's one row per prefix, a loss at its end
+LOSS_POSITIONS = ("all", "last")
+
 TARGET_PREFIX = "target_"
 PREFIX_START = "prefix_start"  # first history position of a prefix row's item list (flat index)
 LEAVE_ONE_OUT = {"valid_and_test": (1, 1), "valid_only": (1, 0), "test_only": (0, 1)}  # held-out (valid, test)
@@ -235,10 +241,7 @@ def window_rows(user_ids, histories, max_len):
 
 
 def _check_max_len(config):
-    max_len = config["MAX_ITEM_LIST_LENGTH"]
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
-        raise ValueError(f"MAX_ITEM_LIST_LENGTH must be a positive int, got {max_len!r}")
-    return max_len
+    return check_config_value(config, "MAX_ITEM_LIST_LENGTH", int, low=1)
 
 
 def _rows_dataset(train_split, columns, properties):

@@ -8,15 +8,16 @@ from recbole.data.utils import create_samplers, get_dataloader
 from recbole.sampler import KGSampler
 from recbole.utils import ModelType, set_color
 
+from recbole_ur4rec.checks import check_config_value
 from recbole_ur4rec.data.atomic import check_dataset_files
 from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader
 from recbole_ur4rec.data.sequence_dataset import (
+    LOSS_POSITIONS,
     SequenceHistoryDataset,
     build_prefix_train_dataset,
     build_window_train_dataset,
 )
 
-LOSS_POSITIONS = ("all", "last")
 MODEL_TYPE_DATASETS = {
     ModelType.GENERAL: "Dataset",
     ModelType.SEQUENTIAL: "SequentialDataset",
@@ -81,9 +82,7 @@ def create_dataset(config):
 
 
 def _check_history_config(config):
-    loss_position = config["loss_position"]
-    if loss_position not in LOSS_POSITIONS:
-        raise ValueError(f"loss_position must be one of {', '.join(LOSS_POSITIONS)}, got {loss_position!r}")
+    loss_position = check_config_value(config, "loss_position", None, choices=LOSS_POSITIONS)
     if loss_position == "all" and config["train_neg_sample_args"]["distribution"] != "none":
         raise ValueError(
             f"train_neg_sample_args must be ~ with loss_position: all (got {config['train_neg_sample_args']}): "

@@ -27,3 +27,16 @@ def files_fingerprint(path):
         stat = os.stat(full)
         digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8"))
     return digest.hexdigest()
+
+
+STORE_FINGERPRINT_KEYS = ("modality", "text_hash", "poster_hash", "count", "dim")
+
+
+def stores_fingerprint(stores):
+    """A short hash of what feature stores hold (``{name: AlignedFeatures}``: texts' hashes, sizes), independent of
+    where files live; a model checkpoint records it and refuses to load on other features."""
+    manifests = {
+        name: {key: store.manifest.get(key) for key in STORE_FINGERPRINT_KEYS} | {"shape": list(store.features.shape)}
+        for name, store in sorted(stores.items())
+    }
+    return hashlib.sha1(json.dumps(manifests, sort_keys=True, default=str).encode()).hexdigest()[:16]

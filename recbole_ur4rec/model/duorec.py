@@ -16,6 +16,7 @@ item, and the other representations of the batch are the negatives (InfoNCE with
 import torch
 from torch.nn import functional as F
 
+from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import PREFIX_START, gather_lists
 from recbole_ur4rec.model.fastsasrec import FastSASRec
 from recbole_ur4rec.model.layers import position_loss, supervised_positions
@@ -24,7 +25,7 @@ CONTRASTS = ("us_x", "us", "un", "su", "none")
 SIMILARITIES = ("dot", "cos")
 
 
-def info_nce(anchor, positive, tau, sim="dot", targets=None):
+def simclr_info_nce(anchor, positive, tau, sim="dot", targets=None):
     r"""InfoNCE over ``2N`` views: each of ``anchor`` [N H] and ``positive`` [N H] has its pair as positive and
     the other ``2N - 2`` views of the batch as negatives (the authors' ``info_nce``, as in SimCLR).
 
@@ -105,26 +106,18 @@ class DuoRec(FastSASRec):
         self.sim = config["sim"]
         self.mask_same_target = config["mask_same_target"]
         self.contrast_max_anchors = config["contrast_max_anchors"]
-        self._check_contrast_config()
+        self._check_contrast_config(config)
         if self.loss_position == "last" and self.contrast in ("us_x", "us", "su"):
             self._build_same_target_index(dataset)
 
-    def _check_contrast_config(self):
-        if self.contrast not in CONTRASTS:
-            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}")
-        if self.sim not in SIMILARITIES:
-            raise ValueError(f"sim must be one of {', '.join(SIMILARITIES)}, got {self.sim!r}")
-        for key in ("lmd", "lmd_sem"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"{key} must be a number >= 0, got {value!r}")
-        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not self.tau > 0:
-            raise ValueError(f"tau must be a number > 0, got {self.tau!r}")
-        if not isinstance(self.mask_same_target, bool):
-            raise ValueError(f"mask_same_target must be True or False, got {self.mask_same_target!r}")
-        value = self.contrast_max_anchors
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ValueError(f"contrast_max_anchors must be an int >= 2, got {value!r}")
+    def _check_contrast_config(self, config):
+        _check(config, "contrast", None, choices=CONTRASTS)
+        _check(config, "sim", None, choices=SIMILARITIES)
+        _check(config, "lmd", (int, float), low=0)
+        _check(config, "lmd_sem", (int, float), low=0)
+        _check(config, "tau", (int, float), low=0, low_open=True)
+        _check(config, "mask_same_target", None, choices=(True, False))
+        _check(config, "contrast_max_anchors", int, low=2)
 
     def _build_same_target_index(self, dataset):
         """Training prefix rows sorted by (target, user), for drawing same-target rows (``loss_position: last``).
@@ -185,10 +178,10 @@ class DuoRec(FastSASRec):
                 semantic = view[partner] if self.contrast != "us_x" else rec[partner]  # [M H]
         negative_targets = targets if self.mask_same_target else None
         if use_un:
-            loss = loss + self.lmd * info_nce(rec, view, self.tau, self.sim, negative_targets)
+            loss = loss + self.lmd * simclr_info_nce(rec, view, self.tau, self.sim, negative_targets)
         if use_su:
             anchor = view if self.contrast == "us_x" else rec
-            loss = loss + self.lmd_sem * info_nce(anchor, semantic, self.tau, self.sim, negative_targets)
+            loss = loss + self.lmd_sem * simclr_info_nce(anchor, semantic, self.tau, self.sim, negative_targets)
         return loss
 
     def same_target_item_seq(self, index, max_len):

@@ -9,10 +9,9 @@ on :class:`~recbole_ur4rec.model.layers.SequenceBackbone`.
 """
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss, supervised_positions
-
-LOSS_POSITIONS = ("all", "last")
 
 
 class FastSASRec(SequentialRecommender):
@@ -42,24 +41,9 @@ class FastSASRec(SequentialRecommender):
 
         self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
 
-    def _check_config(self, config):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} for {type(self).__name__}, got {self.loss_type!r}")
-        if self.loss_position not in LOSS_POSITIONS:
-            raise ValueError(f"loss_position must be one of {', '.join(LOSS_POSITIONS)}, got {self.loss_position!r}")
-        if not isinstance(self.neg_sample_num, int) or isinstance(self.neg_sample_num, bool) or self.neg_sample_num < 1:
-            raise ValueError(f"neg_sample_num must be a positive int, got {self.neg_sample_num!r}")
-        for key in ("hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH"):
-            if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
-                raise ValueError(f"{key} must be a positive int, got {config[key]!r}")
-        for key in ("hidden_dropout_prob", "attn_dropout_prob"):
-            if not isinstance(config[key], (int, float)) or not 0 <= config[key] < 1:
-                raise ValueError(f"{key} must be a number in [0, 1), got {config[key]!r}")
-        if config["train_neg_sample_args"]["distribution"] != "none":
-            raise ValueError(
-                f"train_neg_sample_args must be ~ for {type(self).__name__} (got {config['train_neg_sample_args']}): "
-                f"it samples its own negatives, neg_sample_num per position"
-            )
+    def _check_config(self, config):  # the backbone's keys: SequenceBackbone.from_config
+        _check(config, "loss_type", None, choices=LOSS_TYPES)
+        _check(config, "neg_sample_num", int, low=1)
 
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]

@@ -21,19 +21,15 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.features import item_image_features, item_text_features, stores_fingerprint
 from recbole_ur4rec.federated.functional import MethodCall
-from recbole_ur4rec.features import item_image_features, item_text_features
 from recbole_ur4rec.model.layers import SampledCandidates, SequenceBackbone, load_balance_loss, supervised_positions
 from recbole_ur4rec.model.layers.moe import Router
-from recbole_ur4rec.model.ur4rec import _check, features_fingerprint
 
 FUSIONS = ("residual", "competitive")
 FEDDMMR_LOSS_TYPES = ("CE", "SSM")
-LOSS_POSITIONS = ("all", "last")
-# parameter groups, by the first part of a parameter's name
-GROUP_OF_PREFIX = {"backbone": "backbone", "experts": "experts", "router": "router", "gate": "gate"}
-PARAMETER_GROUPS = ("item_embedding", "backbone", "experts", "router", "gate")
 
 
 class ItemExpert(nn.Module):
@@ -101,7 +97,7 @@ class FedDMMR(SequentialRecommender):
         self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
         stores = self._feature_stores(config, getattr(dataset, "training_split", dataset))
         self.modalities = list(stores)  # subset of ["visual", "semantic"], in that order
-        self.feature_fingerprint = features_fingerprint(stores) if stores else ""
+        self.feature_fingerprint = stores_fingerprint(stores) if stores else ""
         self.other_parameter_name = ["feature_fingerprint"]
         self.experts = nn.ModuleDict(
             {
@@ -133,25 +129,18 @@ class FedDMMR(SequentialRecommender):
         return "local__" + name.replace(".", "__")
 
     def _check_config(self, config):
-        for key in ("hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH", "expert_dim"):
-            _check(config, key, int, low=1)
-        for key in ("hidden_dropout_prob", "attn_dropout_prob", "expert_dropout"):
-            _check(config, key, (int, float), low=0, high=1)
+        # the backbone's keys, loss_position and train_neg_sample_args: SequenceBackbone.from_config
+        _check(config, "expert_dim", int, low=1)
+        _check(config, "expert_dropout", (int, float), low=0, high=1, high_open=True)
         _check(config, "expert_temperature", (int, float), low=0, low_open=True)
         _check(config, "load_balance_weight", (int, float), low=0)
         _check(config, "gating_init", (int, float))
         _check(config, "fusion", None, choices=FUSIONS)
-        _check(config, "loss_position", None, choices=LOSS_POSITIONS)
         _check(config, "use_text", None, choices=(True, False))
         _check(config, "use_image", None, choices=(True, False))
         _check(config, "loss_type", None, choices=FEDDMMR_LOSS_TYPES)
         if config["loss_type"] == "SSM":
             _check(config, "neg_sample_num", int, low=1)
-        if config["train_neg_sample_args"]["distribution"] != "none":
-            raise ValueError(
-                f"train_neg_sample_args must be ~ for FedDMMR (got {config['train_neg_sample_args']}): "
-                "CE is a full softmax and SSM draws its own negatives (neg_sample_num)"
-            )
         local = config["local_groups"]
         if local is not None and (not isinstance(local, list) or not all(isinstance(g, str) for g in local)):
             raise ValueError(f"config key 'local_groups' must be a list of parameter group names, got {local!r}")

@@ -20,15 +20,15 @@ import glob
 import os
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.model.duorec import DuoRec
-from recbole_ur4rec.model.checks import check_config_value as _check
 from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
+from recbole_ur4rec.model.layers.fusion import RetrievalFusion
 from recbole_ur4rec.model.layers.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 
 OBJECTIVES = ("backbone", "retrieval")
 FUSIONS = ("fixed", "dynamic", "gate")
@@ -72,77 +72,6 @@ def resolve_checkpoint_path(path, seed):
             f"*-last.pth); found {len(found)}: {', '.join(os.path.basename(f) for f in found) or 'none'}"
         )
     return found[0]
-
-
-class RetrievalFusion(nn.Module):
-    """Reads retrieved neighbours (their representation and their target item), pools them by attention with a
-    temperature, and mixes the result into the sequence representation."""
-
-    def __init__(self, hidden_size, n_heads, inner_size, n_layers, encoder, dropout, fusion, alpha, layer_norm_eps):
-        super().__init__()
-        self.fusion, self.alpha, self.encoder_type = fusion, alpha, encoder
-        self.neighbour_proj = nn.Linear(2 * hidden_size, hidden_size)
-        if encoder == "transformer":
-            layer = nn.TransformerEncoderLayer(
-                hidden_size, n_heads, inner_size, dropout, activation="gelu", batch_first=True, layer_norm_eps=layer_norm_eps
-            )
-            self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        else:
-            self.encoder = nn.ModuleList(
-                nn.Sequential(nn.Linear(hidden_size, inner_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner_size, hidden_size))
-                for _ in range(n_layers)
-            )
-            self.norms = nn.ModuleList(nn.LayerNorm(hidden_size, eps=layer_norm_eps) for _ in range(n_layers))
-        self.query_proj = nn.Linear(hidden_size, hidden_size)
-        self.value_proj = nn.Linear(hidden_size, hidden_size)
-        if fusion == "gate":
-            self.gate = nn.Linear(2 * hidden_size, hidden_size)
-            nn.init.zeros_(self.gate.weight)
-            nn.init.constant_(self.gate.bias, float(torch.logit(torch.tensor(alpha))))  # starts at alpha
-        elif fusion == "dynamic":
-            self.quality_scale = nn.Parameter(torch.tensor(5.0))
-            self.quality_center = nn.Parameter(torch.tensor(0.5))
-
-    def encode(self, x, mask):
-        """Neighbour encodings [Q k H] from inputs [Q k H]; ``mask`` [Q k] True for real neighbours."""
-        if self.encoder_type == "transformer":
-            padding = ~mask
-            padding[~mask.any(1)] = False  # a row without neighbours attends to all (its output is dropped)
-            return self.encoder(x, src_key_padding_mask=padding)
-        for block, norm in zip(self.encoder, self.norms):
-            x = norm(x + block(x))
-        return x
-
-    def forward(self, states, keys, target_emb, similarity, mask, temperature):
-        """Mix retrieved knowledge into ``states`` [Q H].
-
-        Args:
-            keys (torch.Tensor): [Q k H] representations of the retrieved prefixes.
-            target_emb (torch.Tensor): [Q k H] embeddings of their next items.
-            similarity (torch.Tensor): [Q k] FAISS similarities; mask (torch.Tensor): [Q k] real neighbours.
-
-        Returns:
-            dict: ``enhanced`` [Q H], ``knowledge`` [Q H], ``quality`` [Q] (mean similarity of the neighbours),
-            ``weight`` [Q 1] or [Q H] (the mixing weight), ``has`` [Q] (rows with at least one neighbour).
-        """
-        has = mask.any(1)  # [Q]
-        x = self.encode(self.neighbour_proj(torch.cat([keys, target_emb], dim=-1)), mask)  # [Q k H]
-        query = self.query_proj(states)  # [Q H]
-        logits = F.cosine_similarity(query.unsqueeze(1), x, dim=-1) / temperature  # [Q k]
-        logits = logits.masked_fill(~mask, float("-inf")).masked_fill(~has.unsqueeze(1), 0.0)
-        attention = torch.softmax(logits, dim=-1) * has.unsqueeze(1)  # [Q k]
-        # the neighbours' target embeddings enter the knowledge directly as well as through the encoder
-        knowledge = (attention.unsqueeze(-1) * (self.value_proj(x) + target_emb)).sum(1)  # [Q H]
-        quality = (similarity * mask).sum(1) / mask.sum(1).clamp(min=1)  # [Q]
-        if self.fusion == "fixed":
-            weight = states.new_full((states.size(0), 1), self.alpha)
-        elif self.fusion == "dynamic":
-            weight = self.alpha * torch.sigmoid(self.quality_scale * (quality - self.quality_center)).unsqueeze(1)
-        else:
-            weight = torch.sigmoid(self.gate(torch.cat([states, knowledge], dim=-1)))  # [Q H]
-        weight = weight * has.unsqueeze(1)
-        enhanced = (1 - weight) * states + weight * knowledge
-        return {"enhanced": enhanced, "knowledge": knowledge, "quality": quality, "weight": weight, "has": has}
 
 
 class FTRagRec(DuoRec):

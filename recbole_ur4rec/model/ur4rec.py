@@ -14,35 +14,31 @@ that scores every item by matching the user's preference text and sequence state
 (and optionally CLIP image) embeddings through a mixture of experts, fused with the backbone's scores.
 Trained in stages by :class:`~recbole_ur4rec.trainer.UR4RecTrainer`.
 """
-import hashlib
-import json
-
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.features import load_features
-from recbole_ur4rec.model.checks import check_config_value as _check
+from recbole_ur4rec.features import load_features, stores_fingerprint
 from recbole_ur4rec.model.layers import (
     RANKING_LOSSES,
     MemoryBank,
-    SampledCandidates,
     PreferenceRetriever,
+    SampledCandidates,
     ScoreFusion,
     SequenceBackbone,
     bidirectional_distillation,
     expert_diversity_loss,
-    info_nce,
     load_balance_loss,
     ranking_loss,
     supervised_positions,
+    view_info_nce,
 )
 
 OBJECTIVES = ("backbone", "retriever", "fused")
 MOE_TYPES = ("flat", "hierarchical")
 CONTRASTIVE_TYPES = ("in_batch", "memory_bank")
-LOSS_POSITIONS = ("all", "last")
 # every loss term and the config key of its weight
 LOSS_WEIGHT_KEYS = {
     "rank": "ranking_weight",
@@ -54,18 +50,6 @@ LOSS_WEIGHT_KEYS = {
     "load_balance": "load_balance_weight",
     "distillation": "distillation_weight",
 }
-
-
-FINGERPRINT_KEYS = ("modality", "text_hash", "poster_hash", "count", "dim")
-
-
-def features_fingerprint(stores):
-    """A short hash of what the feature stores hold (texts' hashes, sizes), independent of where files live."""
-    manifests = {
-        name: {key: store.manifest.get(key) for key in FINGERPRINT_KEYS} | {"shape": list(store.features.shape)}
-        for name, store in sorted(stores.items())
-    }
-    return hashlib.sha1(json.dumps(manifests, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class UR4Rec(SequentialRecommender):
@@ -121,7 +105,7 @@ class UR4Rec(SequentialRecommender):
                     "set image_feature_file (precomputed CLIP features) or poster_dir (posters to encode)"
                 )
             item_modalities["image"] = stores["item_image"]
-        self.feature_fingerprint = features_fingerprint({"user_text": stores["user_text"], **item_modalities})
+        self.feature_fingerprint = stores_fingerprint({"user_text": stores["user_text"], **item_modalities})
         self.other_parameter_name = ["objective", "feature_fingerprint"]
         dim = config["retriever_dim"]
         self.retriever = PreferenceRetriever(
@@ -141,28 +125,20 @@ class UR4Rec(SequentialRecommender):
         self.memory_bank = MemoryBank(config["memory_bank_size"], dim) if use_bank else None
 
     def _check_config(self, config):
-        for key in ("hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH", "retriever_dim"):
-            _check(config, key, int, low=1)
-        for key in ("moe_heads", "moe_proxies", "num_sub_experts", "ranking_negatives", "memory_bank_size"):
+        # the backbone's keys, loss_position and train_neg_sample_args: SequenceBackbone.from_config
+        for key in ("retriever_dim", "moe_heads", "moe_proxies", "num_sub_experts", "ranking_negatives", "memory_bank_size"):
             _check(config, key, int, low=1)
         _check(config, "memory_size", int, low=0)
-        for key in ("hidden_dropout_prob", "attn_dropout_prob", "retriever_dropout"):
-            _check(config, key, (int, float), low=0, high=1, high_open=True)
+        _check(config, "retriever_dropout", (int, float), low=0, high=1, high_open=True)
         for key in ("retriever_temperature", "contrastive_temperature", "distillation_temperature"):
             _check(config, key, (int, float), low=0, low_open=True)
         for key in sorted(set(LOSS_WEIGHT_KEYS.values())):
             _check(config, key, (int, float), low=0)
         _check(config, "fusion_weight", (int, float), low=0)
-        _check(config, "loss_position", None, choices=LOSS_POSITIONS)
         _check(config, "ranking_loss_type", None, choices=RANKING_LOSSES)
         _check(config, "moe_type", None, choices=MOE_TYPES)
         _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
         _check(config, "use_image", None, choices=(True, False))
-        if config["train_neg_sample_args"]["distribution"] != "none":
-            raise ValueError(
-                f"train_neg_sample_args must be ~ for UR4Rec (got {config['train_neg_sample_args']}): "
-                f"it samples its own negatives (ranking_negatives)"
-            )
 
     def set_objective(self, objective):
         """What to train and predict with: ``backbone``, ``retriever`` or ``fused``."""
@@ -245,7 +221,7 @@ class UR4Rec(SequentialRecommender):
             consistency = (1 - cosine).mean()
         if has_text.sum() > 1:
             queue = self.memory_bank.negatives() if self.memory_bank is not None else None
-            contrastive = info_nce(
+            contrastive = view_info_nce(
                 state_view[has_text], user_view[has_text], queue, self.contrastive_temperature, groups=users[has_text]
             )
             if self.memory_bank is not None and self.training:

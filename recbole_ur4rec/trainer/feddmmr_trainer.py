@@ -20,11 +20,19 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.federated import ENGINES, LOCAL_OPTIMIZERS, BatchedEngine, ClientData, FedAvg, ServerOptimizer, round_plan
-from recbole_ur4rec.model.checks import check_config_value as _check
-from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
 from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.federated import (
+    ENGINES,
+    LOCAL_OPTIMIZERS,
+    BatchedEngine,
+    ClientData,
+    FedAvg,
+    ServerOptimizer,
+    round_plan,
+)
+from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
 
 ENGINE_NAMES = (*ENGINES, "flower")  # flower: recbole_ur4rec.federated.flower (imports flwr only when chosen)
 

@@ -14,8 +14,8 @@ validation score.
 import torch
 from recbole.utils import dict2str, set_color
 
-from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 
 STAGE_NAMES = ("pretrain_backbone", "retriever", "finetune")
 BACKBONE_GROUPS = ("item_embedding", "backbone")

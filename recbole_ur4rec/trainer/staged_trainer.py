@@ -18,8 +18,8 @@ from recbole.utils import early_stopping, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin, plain_data
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin, plain_data
 
 ALTERNATION_MODES = ("fixed", "adaptive")
 

@@ -15,7 +15,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_ur4rec.checks import check_config_value
+from recbole_ur4rec.data.sequence_dataset import LOSS_POSITIONS
+
 LOSS_TYPES = ("CE", "SSM", "BPR", "BCE")
+
+
+def check_sequence_config(config, model_name):
+    """The keys every model on :class:`SequenceBackbone` reads: sizes, dropouts, ``loss_position``, and
+    ``train_neg_sample_args: ~`` (these models draw their own negatives). A bad value fails naming the key."""
+    for key in ("hidden_size", "n_layers", "n_heads", "inner_size", "MAX_ITEM_LIST_LENGTH"):
+        check_config_value(config, key, int, low=1)
+    for key in ("hidden_dropout_prob", "attn_dropout_prob"):
+        check_config_value(config, key, (int, float), low=0, high=1, high_open=True)
+    check_config_value(config, "loss_position", None, choices=LOSS_POSITIONS)
+    if config["train_neg_sample_args"]["distribution"] != "none":
+        raise ValueError(
+            f"train_neg_sample_args must be ~ for {model_name} (got {config['train_neg_sample_args']}): "
+            f"it samples its own negatives, not RecBole's sampler"
+        )
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
@@ -106,7 +124,8 @@ class SequenceBackbone(nn.Module):
 
     @classmethod
     def from_config(cls, config, n_items, max_seq_length):
-        """The backbone a RecBole config describes (keys ``CONFIG_KEYS``)."""
+        """The backbone a RecBole config describes (keys ``CONFIG_KEYS``, checked by :func:`check_sequence_config`)."""
+        check_sequence_config(config, config["model"])
         return cls(n_items=n_items, max_seq_length=max_seq_length, **{key: config[key] for key in cls.CONFIG_KEYS})
 
     def __init__(

@@ -133,7 +133,7 @@ class PreferenceRetriever(nn.Module):
             self.memory.write(users, states)
 
 
-def info_nce(anchors, positives, queue=None, temperature=0.1, groups=None):
+def view_info_nce(anchors, positives, queue=None, temperature=0.1, groups=None):
     """InfoNCE of ``anchors`` [B D] against ``positives`` [B D]: in-batch negatives plus an optional ``queue`` [K D].
 
     Both sides are L2-normalised here; the queue is expected normalised already. ``groups`` [B] (e.g. user ids):
