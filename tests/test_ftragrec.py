@@ -306,8 +306,12 @@ def test_losses_are_finite_and_reach_the_retriever(settings, overrides):
     _, model, train_data, _, _ = build(settings, **overrides)
     terms = model.loss_terms(next(iter(train_data)))
     assert all(torch.isfinite(v) for v in terms.values())
-    assert ("alignment" in terms) == (model.alignment != "none")
-    terms["loss"].backward()
+    assert set(terms) == {"rec", "enhanced"} | ({"alignment"} if model.alignment != "none" else set())
+    # diagnostics are logged apart from the losses, never trained on
+    assert set(model.loss_diagnostics) == {"quality", "fusion_weight"}
+    assert all(isinstance(v, float) for v in model.loss_diagnostics.values())
+    assert 0 <= model.loss_diagnostics["fusion_weight"] <= 1
+    sum(model.loss_weights[name] * value for name, value in terms.items()).backward()
     grads = [p.grad for p in model.parameter_groups()["retriever"] if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
 

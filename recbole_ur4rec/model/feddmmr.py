@@ -27,6 +27,7 @@ from recbole_ur4rec.features import item_image_features, item_text_features, sto
 from recbole_ur4rec.federated.functional import MethodCall
 from recbole_ur4rec.model.layers import SampledCandidates, SequenceBackbone, load_balance_loss, supervised_positions
 from recbole_ur4rec.model.layers.moe import Router
+from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin
 
 FUSIONS = ("residual", "competitive")
 FEDDMMR_LOSS_TYPES = ("CE", "SSM")
@@ -55,7 +56,7 @@ class ItemExpert(nn.Module):
         return scores.masked_fill(~mask, 0.0)
 
 
-class FedDMMR(SequentialRecommender):
+class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
     r"""SASRec backbone + visual and semantic item experts with a router; residual or competitive fusion.
 
     - ``residual``: ``score = backbone + g * (w_vis * visual + w_sem * semantic)``, ``g`` a learnable scalar
@@ -82,6 +83,7 @@ class FedDMMR(SequentialRecommender):
     """
 
     input_type = InputType.POINTWISE  # no negatives from RecBole's sampler
+    FEATURE_HINT = "use_text, use_image and the feature settings"
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -160,14 +162,6 @@ class FedDMMR(SequentialRecommender):
         if config["use_text"]:
             stores["semantic"] = item_text_features(config, train_dataset)
         return stores
-
-    def load_other_parameter(self, para):
-        if para is not None and para.get("feature_fingerprint") not in (None, self.feature_fingerprint):
-            raise ValueError(
-                f"this FedDMMR checkpoint was trained on other item features (fingerprint {para['feature_fingerprint']}) "
-                f"than the ones built now ({self.feature_fingerprint}): check use_text, use_image and the feature settings"
-            )
-        super().load_other_parameter(para)
 
     def parameter_groups(self):
         """Named parameter groups (``local_groups`` chooses among them; every parameter is in exactly one)."""

@@ -29,6 +29,7 @@ from recbole_ur4rec.model.duorec import DuoRec
 from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
 from recbole_ur4rec.model.layers.fusion import RetrievalFusion
 from recbole_ur4rec.model.layers.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
+from recbole_ur4rec.model.layers.staged import StagedModelMixin
 
 OBJECTIVES = ("backbone", "retrieval")
 FUSIONS = ("fixed", "dynamic", "gate")
@@ -74,7 +75,7 @@ def resolve_checkpoint_path(path, seed):
     return found[0]
 
 
-class FTRagRec(DuoRec):
+class FTRagRec(StagedModelMixin, DuoRec):
     r"""DuoRec encoder + retrieval of similar training prefixes from a FAISS memory, fused into the representation.
 
     ``set_objective('backbone')`` trains and predicts with the DuoRec encoder alone (its own loss, contrastive terms
@@ -107,6 +108,8 @@ class FTRagRec(DuoRec):
           weights that match neither, it is rebuilt from them before its next use.
     """
 
+    OBJECTIVES = OBJECTIVES
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self._check_retrieval_config(config)
@@ -115,6 +118,8 @@ class FTRagRec(DuoRec):
         self.retrieval_max_positions = config["retrieval_max_positions"]
         self.retrieve_own_history = config["retrieve_own_history"]
         self.enhanced_rec_weight = float(config["enhanced_rec_weight"])
+        # "backbone": DuoRec's own loss (objective backbone); the others: the retrieval objective
+        self.loss_weights = {"backbone": 1.0, "rec": 1.0, "enhanced": self.enhanced_rec_weight, "alignment": float(config["alignment_weight"])}
         self.alignment = config["alignment"]
         self.alignment_weight = float(config["alignment_weight"])
         self.alignment_quality_threshold = config["alignment_quality_threshold"]
@@ -303,12 +308,6 @@ class FTRagRec(DuoRec):
             self._memory_checked = False
 
     # ---- retrieval ---------------------------------------------------------------------------------------------
-    def set_objective(self, objective):
-        """What to train and predict with: the ``backbone`` alone, or ``retrieval``-enhanced representations."""
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        self.objective = objective
-
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes, clips and scales separately."""
         return {**self.backbone.parameter_groups(), "retriever": list(self.fusion.parameters())}
@@ -333,10 +332,11 @@ class FTRagRec(DuoRec):
         return self.fusion(states, neighbour_keys, target_emb, similarity, mask, self.temperature)
 
     def loss_terms(self, interaction):
-        """Loss terms of the current objective as {name: scalar tensor}, the weighted total under ``loss`` (plus the
-        mean retrieval ``quality`` and ``fusion_weight``, for the logs)."""
+        """Unweighted loss terms of the current objective (weights: ``loss_weights``); the mean retrieval ``quality``
+        and ``fusion_weight`` of the batch go to ``loss_diagnostics``."""
         if self.objective == "backbone":
-            return {"loss": DuoRec.calculate_loss(self, interaction)}
+            self._loss_diagnostics = {}
+            return {"backbone": DuoRec.calculate_loss(self, interaction)}
         hidden = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B L H]
         states, targets, users = supervised_positions(self, interaction, hidden)  # [N H], [N], [N]
         item_weight = self.backbone.item_embedding.weight
@@ -346,7 +346,6 @@ class FTRagRec(DuoRec):
         # the user is excluded entirely: a training row does not say where its window starts in the history
         out = self.retrieve(states, users, torch.zeros_like(users))
         terms["enhanced"] = position_loss(out["enhanced"], targets, item_weight, self.loss_type, self.neg_sample_num)
-        loss = terms["rec"] + self.enhanced_rec_weight * terms["enhanced"]
         if self.alignment != "none":
             weights = None
             if self.alignment_quality_threshold is not None:
@@ -354,14 +353,9 @@ class FTRagRec(DuoRec):
             terms["alignment"] = alignment_loss(
                 out["knowledge"] @ item_weight[1:].t(), states @ item_weight[1:].t(), self.alignment, weights
             )
-            loss = loss + self.alignment_weight * terms["alignment"]
-        terms["quality"] = out["quality"][out["has"]].mean() if out["has"].any() else states.new_zeros(())
-        terms["fusion_weight"] = out["weight"].detach().mean()
-        terms["loss"] = loss
+        quality = out["quality"][out["has"]].mean().item() if out["has"].any() else 0.0
+        self._loss_diagnostics = {"quality": quality, "fusion_weight": out["weight"].detach().mean().item()}
         return terms
-
-    def calculate_loss(self, interaction):
-        return self.loss_terms(interaction)["loss"]
 
     def _last_hidden(self, interaction):
         last = super()._last_hidden(interaction)  # [B H]

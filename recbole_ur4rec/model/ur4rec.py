@@ -35,6 +35,7 @@ from recbole_ur4rec.model.layers import (
     supervised_positions,
     view_info_nce,
 )
+from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin, StagedModelMixin
 
 OBJECTIVES = ("backbone", "retriever", "fused")
 MOE_TYPES = ("flat", "hierarchical")
@@ -52,7 +53,7 @@ LOSS_WEIGHT_KEYS = {
 }
 
 
-class UR4Rec(SequentialRecommender):
+class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
     r"""SASRec backbone + multi-modal mixture-of-experts preference retriever, fused.
 
     ``set_objective`` chooses what :meth:`calculate_loss` trains and what the predictions use: the backbone
@@ -81,6 +82,8 @@ class UR4Rec(SequentialRecommender):
     """
 
     input_type = InputType.POINTWISE  # negatives are sampled inside the model, not by RecBole
+    OBJECTIVES = OBJECTIVES
+    FEATURE_HINT = "item_text_template, user text and image settings, and the text encoder"
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -139,21 +142,6 @@ class UR4Rec(SequentialRecommender):
         _check(config, "moe_type", None, choices=MOE_TYPES)
         _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
         _check(config, "use_image", None, choices=(True, False))
-
-    def set_objective(self, objective):
-        """What to train and predict with: ``backbone``, ``retriever`` or ``fused``."""
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        self.objective = objective
-
-    def load_other_parameter(self, para):
-        if para is not None and para.get("feature_fingerprint") not in (None, self.feature_fingerprint):
-            raise ValueError(
-                f"this UR4Rec checkpoint was trained on other features (fingerprint {para['feature_fingerprint']}) "
-                f"than the ones built now ({self.feature_fingerprint}): check item_text_template, user text and "
-                f"image settings, and the text encoder"
-            )
-        super().load_other_parameter(para)
 
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes and clips separately."""
@@ -240,10 +228,6 @@ class UR4Rec(SequentialRecommender):
             "diversity": expert_diversity_loss(retrieved["expert_queries"]),
             "load_balance": sum(load_balance_loss(weights) for weights in routers) / len(routers),
         }
-
-    def calculate_loss(self, interaction):
-        terms = self.loss_terms(interaction)
-        return sum(self.loss_weights[name] * value for name, value in terms.items())
 
     def _scores(self, interaction):
         """Scores of all items at each row's last position, by the current objective: [B n]."""

@@ -88,9 +88,6 @@ class FTRagRecTrainer(StagedTrainer):
                     stage.epochs = 0  # the backbone comes from duorec_checkpoint
         return stages
 
-    def _begin_stage(self, stage):
-        self.model.set_objective(stage.objective)
-
     # ---- training ----------------------------------------------------------------------------------------------
     def refresh_if_due(self):
         """At the start of a retrieval epoch: refresh the memory when the schedule says so (or build a missing one)."""
@@ -122,7 +119,7 @@ class FTRagRecTrainer(StagedTrainer):
     def _loss_terms(self, interaction):
         if self.model.objective == "retrieval":
             self.model.temperature = self._temperature()
-        return self.model.loss_terms(interaction)
+        return super()._loss_terms(interaction)
 
     def _epoch_logs(self, interaction):
         return {"retrieval/temperature": self.model.temperature} if self.model.objective == "retrieval" else {}

@@ -94,8 +94,9 @@ class Alternator:
 class StagedTrainer(SafeCheckpointMixin, Trainer):
     r"""Base of trainers that train a model in stages; subclasses give the stages and the loss of a batch.
 
-    Subclasses implement :meth:`build_stages` and :meth:`_loss_terms`, and may override :meth:`_begin_stage`,
-    :meth:`_part_losses` and :meth:`_epoch_logs`. Config keys: ``warmup_ratio`` (share of a stage's steps with a
+    Subclasses implement :meth:`build_stages`, and may override :meth:`loss_weights`, :meth:`_begin_stage`,
+    :meth:`_part_losses` and :meth:`_epoch_logs`; the model follows the loss contract of
+    :mod:`recbole_ur4rec.model.layers.staged`. Config keys: ``warmup_ratio`` (share of a stage's steps with a
     linear warm-up), ``min_lr_ratio`` (cosine floor, relative to the peak), ``max_grad_norm`` (number or
     {group: number}; each group's gradient norm is clipped on its own; ~ disables), ``alternation`` (fixed or
     adaptive), ``alternation_steps`` and ``alternation_threshold``, and RecBole's ``stopping_step`` and ``eval_step``
@@ -206,7 +207,9 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         return self.stages[self.stage_index]
 
     def _begin_stage(self, stage):
-        """Hook: prepare the model for ``stage`` (e.g. set its objective)."""
+        """Prepare the model for ``stage``: its objective (subclasses may do more)."""
+        if stage.objective:
+            self.model.set_objective(stage.objective)
 
     def _enter_stage(self, index):
         self.stage_index = index
@@ -276,9 +279,17 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         return self.run_best_score, self.run_best_result
 
     # ---- one epoch -----------------------------------------------------------------------------------------
+    def loss_weights(self):
+        """The weight of every loss term at this step (the model's ``loss_weights``; subclasses may ramp them)."""
+        return self.model.loss_weights
+
     def _loss_terms(self, interaction):
-        """Loss terms of one batch as {name: scalar tensor}, with the total to minimise under ``loss``."""
-        raise NotImplementedError
+        """The model's unweighted loss terms of one batch ({name: scalar tensor}, see
+        :mod:`recbole_ur4rec.model.layers.staged`), with their weighted total under ``loss``."""
+        terms = self.model.loss_terms(interaction)
+        weights = self.loss_weights()
+        terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+        return terms
 
     def _part_losses(self, terms):
         """Loss of each alternating part at this step (for adaptive alternation): one number per part."""
@@ -304,7 +315,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         self.model.train()
         self._set_trainable(epoch_idx)
         self._epoch_idx, stage = epoch_idx, self.stage
-        totals, batches, interaction = defaultdict(float), 0, None
+        totals, diagnostics, batches, interaction = defaultdict(float), defaultdict(float), 0, None
         iter_data = tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {stage.name} {epoch_idx:>3}", "pink")) if show_progress else train_data
         for interaction in iter_data:
             interaction = interaction.to(self.device)
@@ -323,19 +334,27 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
                 self._set_trainable(epoch_idx)
             for name, value in terms.items():
                 totals[name] += value.item()
+            for name, value in getattr(self.model, "loss_diagnostics", {}).items():
+                diagnostics[name] += value
             batches += 1
         means = {name: total / max(batches, 1) for name, total in totals.items()}
+        diagnostics = {name: total / max(batches, 1) for name, total in diagnostics.items()}
         step = self.epoch_offset + epoch_idx
         self.tensorboard.add_scalar("stage", self.stage_index, step)
         self.tensorboard.add_scalar("learning_rate", self.optimizer.param_groups[0]["lr"], step)
         for name, value in means.items():
             self.tensorboard.add_scalar(f"loss/{name}", value, step)
+        for name, value in diagnostics.items():
+            self.tensorboard.add_scalar(f"diagnostics/{name}", value, step)
         if self.alternator is not None:
             self.tensorboard.add_scalar("alternation/switches", self.alternator.switches, step)
         if interaction is not None:
             for name, value in self._epoch_logs(interaction).items():
                 self.tensorboard.add_scalar(name, value, step)
-        self.logger.info(f"stage {stage.name} epoch {epoch_idx}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        self.logger.info(
+            f"stage {stage.name} epoch {epoch_idx}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + ("; " + ", ".join(f"{k} {v:.4f}" for k, v in diagnostics.items()) if diagnostics else "")
+        )
         return means.get("loss", 0.0)
 
     def _add_train_loss_to_tensorboard(self, epoch_idx, losses, tag="Loss/Train"):

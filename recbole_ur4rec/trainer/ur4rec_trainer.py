@@ -59,9 +59,6 @@ class UR4RecTrainer(StagedTrainer):
                 )
         return {name: tuple(ramp) for name, ramp in ramps.items()}
 
-    def _begin_stage(self, stage):
-        self.model.set_objective(stage.objective)
-
     def loss_weights(self):
         """The weight of every loss term at this step: configured weights times their curriculum ramps."""
         progress = self.stage_progress()
@@ -69,12 +66,6 @@ class UR4RecTrainer(StagedTrainer):
         for name, (start, end) in self.curriculum_ramps.items():
             weights[name] *= min(max((progress - start) / (end - start), 0.0), 1.0)
         return weights
-
-    def _loss_terms(self, interaction):
-        terms = self.model.loss_terms(interaction)
-        weights = self.loss_weights()
-        terms["loss"] = sum(weights[name] * value for name, value in terms.items())
-        return terms
 
     def _part_losses(self, terms):
         # in the order of the joint stage's parts: backbone, retriever
