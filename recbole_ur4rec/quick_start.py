@@ -9,12 +9,13 @@ from recbole_ur4rec.registry import get_trainer
 
 
 def _resume_settings(resume_file, model, dataset, config_dict):
-    """Model, dataset and settings of the run that wrote ``resume_file``, updated by ``config_dict``."""
+    """Model, dataset and settings of the run that wrote ``resume_file``, updated by ``config_dict``; and the
+    checkpoint itself (read once: the trainer resumes from it)."""
     state = load_checkpoint(resume_file)
     for given, stored, what in ((model, state["model"], "model"), (dataset, state["dataset"], "dataset")):
         if given is not None and given != stored:
             raise CheckpointError(f"--resume {resume_file} was written for {what} {stored!r}, but {what} {given!r} was asked for")
-    return state["model"], state["dataset"], {**state["config"], **(config_dict or {})}
+    return state["model"], state["dataset"], {**state["config"], **(config_dict or {})}, state
 
 
 def run_recbole_ur4rec(
@@ -44,14 +45,15 @@ def run_recbole_ur4rec(
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (None when
         not evaluated) and ``model_file`` (the best-model checkpoint, None when not saved).
     """
+    resume_state = None
     if resume_file is not None:
-        model, dataset, config_dict = _resume_settings(resume_file, model, dataset, config_dict)
+        model, dataset, config_dict, resume_state = _resume_settings(resume_file, model, dataset, config_dict)
     config, model, dataset, train_data, valid_data, test_data = build(model, dataset, config_file_list, config_dict)
     logger = getLogger()
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if resume_file is not None:
-        trainer.resume_checkpoint(resume_file)
+        trainer.resume_checkpoint(resume_file, resume_state)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
     )

@@ -19,3 +19,19 @@ def changed_groups(model, before):
     """Groups with at least one parameter that differs from ``before``; untouched ones are bit-identical."""
     group_of = {id(p): group for group, params in model.parameter_groups().items() for p in params}
     return {group_of[id(p)] for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def count_checkpoint_reads(monkeypatch):
+    """The list of paths ``load_checkpoint`` reads from now on (it grows as checkpoints are read)."""
+    import builtins
+
+    import recbole_ur4rec.checkpoints as checkpoints
+
+    paths = []
+
+    def counting_open(path, *args, **kwargs):
+        paths.append(str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "open", counting_open, raising=False)
+    return paths

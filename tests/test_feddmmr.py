@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from model_fixtures import build_model, snapshot
+from model_fixtures import build_model, count_checkpoint_reads, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.checkpoints import load_checkpoint
@@ -350,7 +350,7 @@ class Interrupted(Exception):
 
 
 @pytest.mark.parametrize("server", [{}, {"server_optimizer": "fedadam", "server_learning_rate": 0.01}])
-def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path, server):
+def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path, server, monkeypatch):
     settings = {
         **plain, "epochs": 5, "stopping_step": 100, "client_fraction": 0.3, "local_groups": ["backbone"],
         "partial_aggregation_warmup_rounds": 2, "hidden_dropout_prob": 0.1, **server,
@@ -366,9 +366,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path, se
     (last_file,) = [f for f in os.listdir(tmp_path / "b") if f.endswith("-last.pth")]
     state = load_checkpoint(tmp_path / "b" / last_file)
     assert state["epoch"] == 2 and bool(state["state_dict"]["local_active"])
-    epochs_run = []
+    epochs_run, reads = [], count_checkpoint_reads(monkeypatch)
     resumed = run_recbole_ur4rec(resume_file=str(tmp_path / "b" / last_file), callback_fn=lambda e, s: epochs_run.append(e))
     assert epochs_run == [3, 4]
+    assert reads.count(str(tmp_path / "b" / last_file)) == 1, "the resume state is read once"
     assert resumed["test_result"] == uninterrupted["test_result"]
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
 

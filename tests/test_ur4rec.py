@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from model_fixtures import build_model, changed_groups, snapshot
+from model_fixtures import build_model, changed_groups, count_checkpoint_reads, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.checkpoints import load_checkpoint
@@ -316,7 +316,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path):
+def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monkeypatch):
     run_settings = {
         **settings,
         "stage_epochs": {"pretrain_backbone": 2, "pretrain_retriever": 2, "joint": 3, "end_to_end": 2},
@@ -337,9 +337,10 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path):
     state = load_checkpoint(tmp_path / "b" / last_file)
     assert state["staged"]["stage_index"] == 2 and state["epoch"] == 1 and state["staged"]["alternator"]["switches"] > 0
 
-    epochs_run = []
+    epochs_run, reads = [], count_checkpoint_reads(monkeypatch)
     resumed = run_recbole_ur4rec(resume_file=str(tmp_path / "b" / last_file), callback_fn=lambda epoch, score: epochs_run.append(epoch))
     assert epochs_run == [6, 7, 8], "training continues after the last saved epoch, through the last stage"
+    assert reads.count(str(tmp_path / "b" / last_file)) == 1, "the resume state is read once"
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
     assert resumed["test_result"] == uninterrupted["test_result"]
 

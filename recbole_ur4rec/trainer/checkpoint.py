@@ -127,9 +127,13 @@ class SafeCheckpointMixin:
 
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn=after_validation)
 
-    def resume_checkpoint(self, resume_file):
-        """Continue a run from a ``-last.pth`` (or best) checkpoint written by this mixin."""
-        state = load_checkpoint(resume_file, self.device)
+    def resume_checkpoint(self, resume_file, state=None):
+        """Continue a run from a ``-last.pth`` (or best) checkpoint written by this mixin; ``state``: the checkpoint
+        already read (the quick start reads it once for the run's settings), else it is read here, once."""
+        self._restore(load_checkpoint(resume_file, self.device) if state is None else state, resume_file)
+
+    def _restore(self, state, resume_file):
+        """Restore the training state from ``state`` (read from ``resume_file``); subclasses extend it."""
         if state["model"] != self.config["model"]:
             raise CheckpointError(
                 f"checkpoint {resume_file} was written by model {state['model']}, not {self.config['model']}"

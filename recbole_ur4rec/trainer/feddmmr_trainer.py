@@ -20,7 +20,6 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import (
@@ -132,9 +131,9 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
     def _extra_resume_state(self):
         return {**super()._extra_resume_state(), "server_optimizer": self.server_optimizer.state_dict()}
 
-    def resume_checkpoint(self, resume_file):
-        super().resume_checkpoint(resume_file)
-        self.server_optimizer.load_state_dict(load_checkpoint(resume_file, self.device).get("server_optimizer"))
+    def _restore(self, state, resume_file):
+        super()._restore(state, resume_file)
+        self.server_optimizer.load_state_dict(state.get("server_optimizer"))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if not self.federated:

@@ -14,7 +14,6 @@ validation score.
 import torch
 from recbole.utils import dict2str, set_color
 
-from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 
 STAGE_NAMES = ("pretrain_backbone", "retriever", "finetune")
@@ -153,8 +152,8 @@ class FTRagRecTrainer(StagedTrainer):
         state["ftragrec"] = {"retrieval_epoch": self.retrieval_epoch, "last_refresh": self.last_refresh}
         return state
 
-    def resume_checkpoint(self, resume_file):
-        saved = load_checkpoint(resume_file, self.device).get("ftragrec") or {}
-        super().resume_checkpoint(resume_file)
+    def _restore(self, state, resume_file):
+        saved = state.get("ftragrec") or {}
+        super()._restore(state, resume_file)
         self.retrieval_epoch = saved.get("retrieval_epoch", 0)
         self.last_refresh = saved.get("last_refresh")

@@ -18,7 +18,7 @@ from recbole.utils import early_stopping, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.checkpoints import CheckpointError
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin, plain_data
 
 ALTERNATION_MODES = ("fixed", "adaptive")
@@ -395,14 +395,14 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             }
         }
 
-    def resume_checkpoint(self, resume_file):
-        staged = load_checkpoint(resume_file, self.device).get("staged")
+    def _restore(self, state, resume_file):
+        staged = state.get("staged")
         if staged is None:
             raise CheckpointError(f"checkpoint {resume_file} was not written by a staged trainer (no stage state); it cannot resume {type(self).__name__}")
         if not 0 <= staged["stage_index"] < len(self.stages):
             raise CheckpointError(f"checkpoint {resume_file} is at stage {staged['stage_index']}, but this run has {len(self.stages)} stages")
         self._enter_stage(staged["stage_index"])
-        super().resume_checkpoint(resume_file)
+        super()._restore(state, resume_file)
         self.stage_step = staged["stage_step"]
         if self.alternator is not None:
             self.alternator.load_state_dict(staged["alternator"])
