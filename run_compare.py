@@ -12,6 +12,7 @@ to run it again with other config files under its own name. Config files of a mo
 or else <config_dir>/<MODEL>.yaml when --config_dir is given; then --epochs and --extra / --key=value settings.
 """
 import argparse
+import logging
 import sys
 
 from recbole_ur4rec.cli import parse_overrides
@@ -45,6 +46,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the comparison's progress lines
     args, overrides, model_configs = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = run_compare(

@@ -18,10 +18,12 @@ import subprocess
 import sys
 import time
 import traceback
+from logging import getLogger
 
 from recbole_ur4rec.cli import isolated_argv
 from recbole_ur4rec.report import describe, markdown_table, plain, write_csv, write_text
 
+logger = getLogger(__name__)
 DEFAULT_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec", "FEARec")
 DEFAULT_SEED = 2020  # RecBole's default seed; --seeds N runs 2020 .. 2020+N-1
 
@@ -46,6 +48,12 @@ def cell_name(model, seed):
     return f"{model.replace(':', '_')}-seed{seed}"
 
 
+def shown_path(path):
+    """``path`` relative to the working directory when it lies inside it (results hold no machine paths)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def _file_digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -58,7 +66,7 @@ def cell_settings(model, dataset, seed, config_files, overrides):
             "model": model,
             "dataset": dataset,
             "seed": seed,
-            "config_files": [[path, _file_digest(path)] for path in config_files],
+            "config_files": [[shown_path(path), _file_digest(path)] for path in config_files],
             "overrides": overrides,
         }
     )
@@ -132,7 +140,7 @@ def run_cell(spec):
             status="ok",
             valid_result=dict(result["best_valid_result"]),
             test_result=dict(result["test_result"]),
-            model_file=result["model_file"],
+            model_file=shown_path(result["model_file"]),
             num_parameters=sum(t.numel() for t in best["state_dict"].values() if t.is_floating_point()),
             best_epoch=best["epoch"] + 1,
             epochs_trained=last["epoch"] + 1,
@@ -275,7 +283,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir)
     }
     if os.path.exists(child_json):
         os.remove(child_json)
-    print(f"[compare] {name}: running (log {log_path})", flush=True)
+    logger.info(f"[compare] {name}: running (log {shown_path(log_path)})")
     try:
         returncode, elapsed, peak = _run_cell_process(spec, log_path)
     except CellInterrupted as stop:
@@ -286,7 +294,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir)
             peak_rss_mb=max(partial["peak_rss_mb"], stop.peak_rss_mb),
         )
         write_json(partial_path, partial)
-        print(f"[compare] {name}: interrupted; run the same command again to continue it", flush=True)
+        logger.info(f"[compare] {name}: interrupted; run the same command again to continue it")
         raise
     result = read_json(child_json) or {
         "status": "failed",
@@ -303,14 +311,14 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir)
         wall_time_s=partial["elapsed_s"] + elapsed,
         peak_rss_mb=max(partial["peak_rss_mb"], peak),
         segments=partial["segments"] + 1,
-        log=log_path,
+        log=shown_path(log_path),
     )
     write_json(json_path, result)
     for path in (child_json, partial_path):
         if os.path.exists(path):
             os.remove(path)
     status = "ok" if result["status"] == "ok" else f"FAILED: {result['error'].splitlines()[0]}"
-    print(f"[compare] {name}: {status} ({result['wall_time_s']:.0f} s, {result['peak_rss_mb']:.0f} MB)", flush=True)
+    logger.info(f"[compare] {name}: {status} ({result['wall_time_s']:.0f} s, {result['peak_rss_mb']:.0f} MB)")
     return result
 
 
@@ -387,7 +395,7 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
     lines.append(f"- overrides for every cell: {overrides or 'none'}")
     for model in models:
         if files_of.get(model):
-            lines.append(f"- {model} config files: {', '.join(files_of[model])}")
+            lines.append(f"- {model} config files: {', '.join(shown_path(f) for f in files_of[model])}")
     lines.append(
         "- values: test metrics, mean ± sample std over the finished seeds; wall time per cell (data, training, "
         "test); epochs: trained, best epoch: the one kept (mean over seeds; equal to the cap means the model was still "
