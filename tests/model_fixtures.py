@@ -35,3 +35,12 @@ def count_checkpoint_reads(monkeypatch):
 
     monkeypatch.setattr(checkpoints, "open", counting_open, raising=False)
     return paths
+
+
+def untrained_test_ndcg10(model, dataset, config_dict):
+    """Test NDCG@10 of ``model`` as built, before any training: the baseline a trained model must beat."""
+    from recbole_ur4rec.registry import get_trainer
+
+    run = build(model, dataset, config_dict=config_dict, log=False)
+    trainer = get_trainer(run.config["MODEL_TYPE"], model)(run.config, run.model)
+    return trainer.evaluate(run.test_data, load_best_model=False)["ndcg@10"]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_ur4rec.py")
 
 
@@ -49,27 +51,46 @@ def test_cli_rejects_malformed_overrides(tmp_path):
     assert done.returncode == 2 and "settings are written --key=value" in done.stderr
 
 
-def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path):
-    args = ["-m", "SASRec", "-d", "tiny", "--epochs=8", "--stopping_step=100", *cli_args(quick_config)]
-    uninterrupted = run_cli(*args, f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path)
+KILL_CASES = {
+    # model: (extra arguments, the resume state after which the run is killed)
+    "SASRec": (["--epochs=8"], 1),
+    # staged: killed in its second stage (after the third epoch's resume state)
+    "FTRagRec": (["--stages=['pretrain_backbone', 'retriever']", "--stage_epochs={'pretrain_backbone': 2, 'retriever': 3}",
+                  "--train_batch_size=16", "--threads=1"], 3),
+    # federated rounds with per-user local parameters after a warm-up
+    "FedDMMR": (["--epochs=6", "--use_text=False", "--client_fraction=0.5", "--local_groups=['backbone']",
+                 "--partial_aggregation_warmup_rounds=2", "--train_batch_size=4", "--threads=1"], 3),
+}
+
+
+@pytest.mark.parametrize("model", list(KILL_CASES))
+def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path, model):
+    extra, kill_after = KILL_CASES[model]
+    args = ["-m", model, "-d", "tiny", "--stopping_step=100", *cli_args(quick_config), *extra]
+    uninterrupted = run_cli(*args, f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path, timeout=600)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
-    # kill -9 as soon as the first resume state is on disk (it is written atomically)
+    # kill -9 as soon as the kill_after-th resume state is on disk (each is written atomically)
     saved = tmp_path / "b"
     process = subprocess.Popen(
         [sys.executable, SCRIPT, *args, f"--checkpoint_dir={saved}"], cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 240
-    last = []
-    while not last and process.poll() is None and time.time() < deadline:
+    deadline, states, last = time.time() + 480, set(), None
+    while len(states) < kill_after and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-        last = [name for name in os.listdir(saved) if name.endswith("-last.pth")] if saved.exists() else []
+        files = [name for name in os.listdir(saved) if name.endswith("-last.pth")] if saved.exists() else []
+        if files:
+            last = files[0]
+            try:
+                states.add(os.stat(saved / last).st_mtime_ns)
+            except FileNotFoundError:  # replaced between listdir and stat
+                pass
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert last and process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
+    assert len(states) >= kill_after and process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
 
-    resumed = run_cli("--resume", str(saved / last[0]), cwd=tmp_path)
+    resumed = run_cli("--resume", str(saved / last), cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resume training from epoch" in resumed.stderr + resumed.stdout
     test_line = lambda out: re.search(r"^test: .*$", out, re.M).group(0)
@@ -78,8 +99,6 @@ def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path):
 
 def test_overrides_are_parsed_one_way_for_every_cli():
     import argparse
-
-    import pytest
 
     from recbole_ur4rec.cli import parse_overrides
 

@@ -100,7 +100,10 @@ def test_search_reports_every_epoch_and_picks_best_on_validation(local_ray, walk
         # ASHA saw one report per epoch: training_iteration counts the epochs' validations
         assert [int(r["training_iteration"]) for r in rows] == list(range(1, len(rows) + 1))
         assert [int(r["epoch"]) for r in rows] == list(range(len(rows)))
-        assert len(rows) == (4 if rec["status"] == "completed" else len(rows)) and len(rows) <= 4
+        if rec["status"] == "completed":
+            assert len(rows) == 4
+        else:  # ASHA stops a trial at a rung, before its last epoch
+            assert 1 <= len(rows) < 4
         scores = [float(r["valid_score"]) for r in rows]
         assert all(0.0 <= s <= 1.0 for s in scores)
         if max(scores) > best_score:
