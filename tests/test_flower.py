@@ -95,6 +95,51 @@ def test_a_node_receives_parameters_and_row_orders_only(settings, monkeypatch):
     assert at == len(task["orders"]) and json.loads(task["settings"]) == {"model": "FedDMMR"}
 
 
+def test_a_node_replies_each_users_update_as_the_loop_engine_computes_it(settings, monkeypatch):
+    """What a node sends back: per user the delta, sample count and loss that LoopEngine computes in process
+    from the same global parameters and row orders, and the users' new local parameters (kept in its node state)."""
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from recbole_ur4rec.federated import FedAvg, LoopEngine
+    from recbole_ur4rec.federated.flower.client_app import _node_train
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    config, model, train_data, _, _ = build_model("FedDMMR", "tiny", settings)
+    data = ClientData(train_data._dataset, target_list_field(config))
+    users = [int(u) for u in data.clients[:3]]
+    _, orders = round_plan(config["seed"], 0, data.clients, 1.0, 1, {c: len(r) for c, r in data.rows.items()})
+    names = [n for n, p in model.named_parameters()]
+    local_names = [n for n in names if n.startswith("backbone.")]
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters() if n not in local_names}
+    local_params = {n: model.get_parameter(n).detach().unsqueeze(0).repeat(model.n_users, *[1] * model.get_parameter(n).dim()) for n in local_names}
+    session = FlowerSession(None, {"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": settings})
+    engine = FlowerEngine(model, data, 0.5, 4, "sgd", session=session)
+    message = engine._message(5, users, orders, global_params, local_params)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+    reply = _node_train(message, context)
+    got, failed, local, held = FlowerEngine._parse(reply.content, users, global_params, local_names)
+    assert not failed and sorted(got) == sorted(users) and sorted(local) == sorted(users) and sorted(held) == sorted(users)
+    assert all(f"local:{name}" in context.state for name in local_names), "the node keeps the users' local parameters"
+
+    expected = FedAvg({n: p.clone() for n, p in global_params.items()})
+    loop_local, loop_losses = LoopEngine(model, data, 0.5, 4, "sgd").run(users, orders, global_params, local_params, expected)
+    for i, user in enumerate(users):
+        deltas, count, loss = got[user]
+        assert count == data.counts[user] and loss == pytest.approx(loop_losses[i], rel=1e-5)
+        for name in local_names:
+            assert torch.allclose(local[user][name], loop_local[user][name], atol=1e-6), name
+    # the aggregate of the node's deltas equals the loop engine's aggregate
+    replied = FedAvg({n: p.clone() for n, p in global_params.items()})
+    for user in users:
+        deltas, count, _ = got[user]
+        replied.add([user], {n: d.unsqueeze(0) for n, d in deltas.items()}, [count])
+    for name, value in expected.result().items():
+        assert torch.allclose(replied.result()[name], value, atol=1e-6), name
+
+
 def test_flower_aggregate_equals_the_in_process_loop_engine(federation, settings, tmp_path):
     flower = flower_run(federation, settings, tmp_path / "flower")
     rounds = flower["rounds"]

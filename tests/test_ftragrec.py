@@ -118,6 +118,39 @@ def test_warm_start_from_a_per_seed_folder(settings, duorec_file, tmp_path):
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("own_history", [False, True])
+def test_full_sort_retrieves_no_entry_of_the_ranked_user_unless_asked(settings, duorec_file, own_history):
+    """Through the model's evaluation path: the neighbours of a ranked user's sequence are other users' entries
+    (``retrieve_own_history: False``), or also the user's own training entries (all in its past) when asked."""
+    _, model, _, _, test_data = build(settings, duorec_checkpoint=duorec_file, retrieve_own_history=own_history, index_type="flat")
+    model.set_objective("retrieval")
+    model.eval()
+    model.refresh_memory(force=True)
+    seen = []
+    search = model.memory.search
+
+    def spy(queries, users, positions, k, threshold=None):
+        found = search(queries, users, positions, k, threshold)
+        seen.append((users.cpu(), positions.cpu(), found[0].cpu(), found[2].cpu()))
+        return found
+
+    model.memory.search = spy
+    with torch.no_grad():
+        for batch in test_data:
+            model.full_sort_predict(batch[0])
+    assert seen, "full ranking must go through the memory"
+    assert all(mask.any(1).all() for *_, mask in seen), "every ranked sequence gets neighbours"
+    if own_history:  # every training entry of the user lies before its evaluation position: all are allowed
+        assert all((positions > model.memory.positions.max()).all() for _, positions, _, _ in seen)
+    else:  # position 0: every entry of the user is excluded
+        assert all((positions == 0).all() for _, positions, _, _ in seen)
+        own = torch.cat([(model.memory.users[index].long() == users[:, None]) & mask for users, _, index, mask in seen])
+        assert not own.any()
+        # the memory does hold the ranked users' entries: they were excluded, not absent
+        ranked = torch.unique(torch.cat([users for users, *_ in seen]))
+        assert torch.isin(model.memory.users.long(), ranked).any()
+
+
 def clustered_memory(index_type="flat", **kwargs):
     """Entries whose nearest neighbours are the same user's other entries (the hardest case for exclusion)."""
     rng = np.random.default_rng(0)

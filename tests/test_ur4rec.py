@@ -1,6 +1,7 @@
 """UR4Rec and its staged trainer: losses, masks, what each stage trains, alternation, resume, learning from text."""
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,41 @@ def test_sampled_losses_score_only_the_candidates_as_the_full_scoring_does(setti
     negative = scores[:, candidates.negatives].masked_fill(candidates.clash, float("-inf"))
     expected = torch.nn.functional.cross_entropy(torch.cat([positive, negative], 1), torch.zeros_like(targets))
     assert torch.allclose(ranking_loss(sampled["scores"], targets, "InfoNCE", candidates), expected, atol=1e-5)
+
+
+def test_the_model_reads_user_text_written_from_training_interactions_only(settings):
+    """Through the model: its user-text features are the encodings of texts that name the user's training items
+    and none of its validation or test targets (unless also in its training history)."""
+    from recbole_ur4rec.features.item_text import item_titles_and_genres
+    from recbole_ur4rec.features.pipeline import text_encoder, user_texts_of
+
+    def names(text, title):
+        return re.search(re.escape(title) + r"\b", text) is not None
+
+    config, model, train_data, valid_data, test_data = build(settings, user_text_recent_items=8)
+    train_split = train_data._dataset.training_split
+    _, tokens, texts, _ = user_texts_of(config, train_split)
+    text_of = dict(zip(tokens, texts))
+    titles, _ = item_titles_and_genres(config)
+    users, items = train_split.field2id_token["user_id"], train_split.field2id_token["item_id"]
+    trained = {}
+    for u, i in zip(train_split.inter_feat["user_id"].tolist(), train_split.inter_feat["item_id"].tolist()):
+        trained.setdefault(users[u], set()).add(items[i])
+    checked = 0
+    for split in (valid_data, test_data):
+        feat = split._dataset.inter_feat
+        for u, i in zip(feat["user_id"].tolist(), feat["item_id"].tolist()):
+            user, item = users[u], items[i]
+            if item in titles and item not in trained[user]:
+                assert not names(text_of[user], titles[item]), f"user {user}'s text names its held-out item {item}"
+                checked += 1
+    assert checked > 50
+    assert all(any(names(text_of[u], titles[i]) for i in trained[u] if i in titles) for u in list(trained)[:20])
+    # the model's user features are these texts' encodings
+    sample = [u for u in tokens[:10]]
+    encoded = text_encoder(config).encode([text_of[u] for u in sample])
+    ids = torch.tensor([train_split.field2token_id["user_id"][u] for u in sample])
+    assert torch.allclose(model.retriever.user_features[ids].float(), torch.as_tensor(encoded).float(), atol=1e-4)
 
 
 def test_full_sort_scores_every_item_and_predict_agrees(settings):
