@@ -8,7 +8,8 @@ import yaml
 from tune_fixtures import quick_settings, read_csv
 
 from recbole_ur4rec.config import Config
-from recbole_ur4rec.tuning import SearchSpaceError, parse_params_file, run_search, to_tune_space
+from recbole_ur4rec.search_space import SearchSpaceError, parse_params_file, to_tune_space
+from recbole_ur4rec.tuning import run_search
 
 
 def write(path, text):

@@ -1,0 +1,178 @@
+"""The tables and chart of a comparison (:mod:`recbole_ur4rec.compare`): ``compare.md`` (mean ± std over seeds,
+with the protocol in its header), ``compare.csv``, ``compare_cells.csv`` and ``compare.png``."""
+import json
+import os
+import statistics
+
+from recbole_ur4rec.report import markdown_table, write_csv, write_text
+
+
+def cell_name(model, seed):
+    return f"{model.replace(':', '_')}-seed{seed}"
+
+
+def shown_path(path):
+    """``path`` relative to the working directory when it lies inside it (results hold no machine paths)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(mean, std, digits=4):
+    if mean is None:
+        return ""
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def summarize(cells, models, seeds):
+    """One row per model: mean and std over its finished seeds, and its failures."""
+    rows = []
+    for model in models:
+        mine = [cells[cell_name(model, s)] for s in seeds if cell_name(model, s) in cells]
+        ok = [c for c in mine if c.get("status") == "ok"]
+        failed = [c for c in mine if c.get("status") != "ok"]
+        row = {"model": model, "seeds_ok": len(ok), "seeds_failed": len(failed), "seeds_missing": len(seeds) - len(mine)}
+        metrics = []
+        for c in ok:
+            metrics += [m for m in c["test_result"] if m not in metrics]
+        for split in ("test", "valid"):
+            for metric in metrics:
+                mean, std = _mean_std([c[f"{split}_result"].get(metric) for c in ok])
+                row[f"{split} {metric} mean"], row[f"{split} {metric} std"] = mean, std
+        for key in ("wall_time_s", "peak_rss_mb", "epochs_trained", "best_epoch"):
+            row[f"{key} mean"], row[f"{key} std"] = _mean_std([c.get(key) for c in ok])
+        row["num_parameters"] = ok[0]["num_parameters"] if ok else None
+        row["errors"] = "; ".join(f"seed {c['seed']}: {c['error'].splitlines()[0]}" for c in failed)
+        row["_metrics"] = metrics
+        rows.append(row)
+    return rows
+
+
+BUDGET_KEYS = ("epochs", "stopping_step", "stage_epochs")  # training budget: may differ per model, shown per model
+
+
+def _budget(protocol):
+    if protocol.get("stage_epochs"):
+        cap = "staged, at most " + ", ".join(f"{stage} {n}" for stage, n in protocol["stage_epochs"].items())
+        cap += " epochs (the epochs columns count within the last stage)"
+    else:
+        cap = f"at most {protocol['epochs']} epochs"
+    return f"{cap}, early stopping after {protocol['stopping_step']} validations without improvement"
+
+
+def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
+    protocols, budgets = {}, {}
+    for cell in cells.values():
+        if cell.get("protocol"):
+            evaluation = {k: v for k, v in cell["protocol"].items() if k not in BUDGET_KEYS}
+            protocols.setdefault(json.dumps(evaluation, sort_keys=True), set()).add(cell["model"])
+            budgets.setdefault(cell["model"], _budget(cell["protocol"]))
+    lines = [f"# {dataset}: {', '.join(models)} over seeds {', '.join(str(s) for s in seeds)}", ""]
+    for key, users in protocols.items():
+        p = json.loads(key)
+        who = "" if len(protocols) == 1 else f" ({', '.join(sorted(users))})"
+        lines.append(
+            f"- protocol{who}: split {p['split']}, order {p['order']}, grouped by {p['group_by']}, {p['ranking']} ranking; "
+            f"metrics {p['metrics']} @ {p['topk']}; best epoch chosen on validation {p['valid_metric']}"
+        )
+    if len(protocols) > 1:
+        lines.append("- WARNING: the models ran under different protocols (above); their numbers are not comparable.")
+    for model in models:
+        if model in budgets:
+            lines.append(f"- {model} training budget: {budgets[model]}")
+    lines.append(f"- overrides for every cell: {overrides or 'none'}")
+    for model in models:
+        if files_of.get(model):
+            lines.append(f"- {model} config files: {', '.join(shown_path(f) for f in files_of[model])}")
+    lines.append(
+        "- values: test metrics, mean ± sample std over the finished seeds; wall time per cell (data, training, "
+        "test); epochs: trained, best epoch: the one kept (mean over seeds; equal to the cap means the model was still "
+        "improving); peak memory: the cell process's max RSS; params: values in the model's state_dict"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cells, output_dir, models, seeds, dataset, files_of, overrides):
+    """Write compare.md, compare.csv, compare_cells.csv and compare.png; returns their paths."""
+    rows = summarize(cells, models, seeds)
+    metrics = []
+    for row in rows:
+        metrics += [m for m in row["_metrics"] if m not in metrics]
+    paths = {name: os.path.join(output_dir, f"compare{suffix}") for name, suffix in
+             (("md", ".md"), ("csv", ".csv"), ("cells_csv", "_cells.csv"), ("png", ".png"))}
+
+    valid_metric = next((c["protocol"]["valid_metric"].lower() for c in cells.values() if c.get("protocol")), "ndcg@10")
+    md_rows = []
+    for row in rows:
+        md = {"model": row["model"], "seeds": f"{row['seeds_ok']}/{len(seeds)}"}
+        for metric in metrics:
+            md[metric] = _fmt(row.get(f"test {metric} mean"), row.get(f"test {metric} std"))
+        md[f"valid {valid_metric}"] = _fmt(row.get(f"valid {valid_metric} mean"), row.get(f"valid {valid_metric} std"))
+        md["epochs"] = _fmt(row["epochs_trained mean"], None, 1)
+        md["best epoch"] = _fmt(row["best_epoch mean"], None, 1)
+        md["time (s)"] = _fmt(row["wall_time_s mean"], row["wall_time_s std"], 0)
+        md["peak RSS (MB)"] = _fmt(row["peak_rss_mb mean"], None, 0)
+        md["params"] = f"{row['num_parameters']:,}" if row["num_parameters"] else ""
+        md["status"] = "ok" if not row["seeds_failed"] and not row["seeds_missing"] else (
+            (f"failed: {row['errors']}" if row["seeds_failed"] else "") + (f" {row['seeds_missing']} seed(s) not finished" if row["seeds_missing"] else "")
+        ).strip()
+        md_rows.append(md)
+    headers = ["model", "seeds"] + metrics + [f"valid {valid_metric}", "epochs", "best epoch", "time (s)", "peak RSS (MB)", "params", "status"]
+    write_text(paths["md"], _protocol_header(cells, models, seeds, dataset, files_of, overrides) + "\n" + markdown_table(headers, md_rows))
+
+    csv_headers = []
+    for row in rows:
+        csv_headers += [h for h in row if h not in csv_headers and not h.startswith("_")]
+    write_csv(paths["csv"], csv_headers, rows)
+
+    cell_rows = []
+    for name, cell in sorted(cells.items()):
+        r = {k: cell.get(k) for k in ("model", "seed", "status", "wall_time_s", "peak_rss_mb", "num_parameters", "epochs_trained", "best_epoch")}
+        for split in ("test", "valid"):
+            for metric, value in (cell.get(f"{split}_result") or {}).items():
+                r[f"{split} {metric}"] = value
+        r["error"] = (cell.get("error") or "").splitlines()[0] if cell.get("error") else ""
+        cell_rows.append(r)
+    cell_headers = []
+    for r in cell_rows:
+        cell_headers += [h for h in r if h not in cell_headers]
+    write_csv(paths["cells_csv"], cell_headers or ["model", "seed", "status"], cell_rows)
+
+    _plot(paths["png"], rows, metrics, dataset, seeds)
+    return paths
+
+
+def _plot(path, rows, metrics, dataset, seeds):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if row["seeds_ok"]]
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.5 * len(metrics) * max(1, len(shown)) / 2 + 2)), 5.0))
+    width = 0.8 / max(1, len(shown))
+    for i, row in enumerate(shown):
+        means = [row.get(f"test {m} mean") or 0.0 for m in metrics]
+        stds = [row.get(f"test {m} std") or 0.0 for m in metrics]
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(metrics))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=f"{row['model']} (n={row['seeds_ok']})")
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics, rotation=30)
+    ax.set_ylabel("test metric (mean ± std over seeds)")
+    failed = [row["model"] for row in rows if not row["seeds_ok"]]
+    title = f"{dataset}, {len(seeds)} seed(s)" + (f"; no result: {', '.join(failed)}" if failed else "")
+    ax.set_title(title)
+    if shown:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
