@@ -30,9 +30,7 @@ import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_ur4rec.model.layers.retrieval_memory import RetrievalMemory  # noqa: E402
+from recbole_ur4rec.model.layers.retrieval_memory import RetrievalMemory
 
 DIM, CLUSTERS, NOISE, CHUNK, QUERIES, K = 64, 5000, 0.5, 65536, 1000, 10
 HERE = os.path.dirname(os.path.abspath(__file__))

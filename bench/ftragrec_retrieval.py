@@ -12,18 +12,15 @@ without retrieval. Prints markdown tables; ``--output`` also writes the numbers 
 """
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recbole_ur4rec.model.ftragrec import resolve_checkpoint_path  # noqa: E402
-from recbole_ur4rec.quick_start import load_data_and_model  # noqa: E402
-from recbole_ur4rec.trainer import FTRagRecTrainer  # noqa: E402
+from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.model.ftragrec import resolve_checkpoint_path
+from recbole_ur4rec.quick_start import load_data_and_model
+from recbole_ur4rec.trainer import FTRagRecTrainer
 
 
 class Clock:
@@ -56,8 +53,8 @@ def evaluate(trainer, model, data, use_retrieval, search):
 
 
 def measure(path, epochs):
-    sys.argv = sys.argv[:1]  # RecBole's Config reads sys.argv
-    config, model, _, train_data, valid_data, test_data = load_data_and_model(path)
+    with isolated_argv():  # RecBole's Config reads --key=value from sys.argv
+        config, model, _, train_data, valid_data, test_data = load_data_and_model(path)
     if config["model"] != "FTRagRec":
         raise SystemExit(f"{path} holds a {config['model']} model, not FTRagRec")
     model.set_objective("retrieval")
