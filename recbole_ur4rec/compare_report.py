@@ -109,6 +109,8 @@ def write_report(cells, output_dir, models, seeds, dataset, files_of, overrides)
              (("md", ".md"), ("csv", ".csv"), ("cells_csv", "_cells.csv"), ("png", ".png"))}
 
     valid_metric = next((c["protocol"]["valid_metric"].lower() for c in cells.values() if c.get("protocol")), "ndcg@10")
+    slices = [m for m in metrics if m.startswith(valid_metric + "/")]  # the evaluation slices of the valid metric
+    metrics = [m for m in metrics if "/" not in m]  # overall metrics; every slice metric is in the CSV files
     md_rows = []
     for row in rows:
         md = {"model": row["model"], "seeds": f"{row['seeds_ok']}/{len(seeds)}"}
@@ -125,7 +127,25 @@ def write_report(cells, output_dir, models, seeds, dataset, files_of, overrides)
         ).strip()
         md_rows.append(md)
     headers = ["model", "seeds"] + metrics + [f"valid {valid_metric}", "epochs", "best epoch", "time (s)", "peak RSS (MB)", "params", "status"]
-    write_text(paths["md"], _protocol_header(cells, models, seeds, dataset, files_of, overrides) + "\n" + markdown_table(headers, md_rows))
+    text = _protocol_header(cells, models, seeds, dataset, files_of, overrides) + "\n" + markdown_table(headers, md_rows)
+    if slices:
+        slice_rows = []
+        for row in rows:
+            r = {"model": row["model"]}
+            for metric in slices:
+                group = metric.split("/", 1)[1]
+                users = row.get(f"test users/{group} mean")
+                r[f"{group}"] = _fmt(row.get(f"test {metric} mean"), row.get(f"test {metric} std"))
+                r[f"users {group}"] = _fmt(users, None, 0)
+            slice_rows.append(r)
+        groups = [m.split("/", 1)[1] for m in slices]
+        text += (
+            f"\nTest {valid_metric} per slice (recbole_ur4rec/slices.py: head = the target is among the slice_head_share (default 20%) most-interacted "
+            "training items, tail = the others; short / long = the user's training history at most / above the evaluated "
+            "users' median; users = evaluated users in the group, mean over seeds):\n\n"
+            + markdown_table(["model"] + groups + [f"users {g}" for g in groups], slice_rows)
+        )
+    write_text(paths["md"], text)
 
     csv_headers = []
     for row in rows:
@@ -145,7 +165,7 @@ def write_report(cells, output_dir, models, seeds, dataset, files_of, overrides)
         cell_headers += [h for h in r if h not in cell_headers]
     write_csv(paths["cells_csv"], cell_headers or ["model", "seed", "status"], cell_rows)
 
-    _plot(paths["png"], rows, metrics, dataset, seeds)
+    _plot(paths["png"], rows, metrics + slices, dataset, seeds)
     return paths
 
 

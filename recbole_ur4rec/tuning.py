@@ -45,12 +45,14 @@ def run_trial(config, setup):
     config_dict.setdefault("threads", setup["threads"])
     best = None
 
-    def report(epoch_idx, valid_score):
+    def report(epoch_idx, valid_score, valid_result=None):
         nonlocal best
         valid_score = float(valid_score)
         if best is None or (valid_score > best if setup["bigger"] else valid_score < best):
             best = valid_score
-        session.report({TRIAL_METRIC: valid_score, "best_valid_score": best, "epoch": epoch_idx})
+        # every validation metric and evaluation slice as an extra column, e.g. "valid ndcg@10 tail"
+        extra = {f"valid {key.replace('/', ' ')}": float(value) for key, value in (valid_result or {}).items()}
+        session.report({**extra, TRIAL_METRIC: valid_score, "best_valid_score": best, "epoch": epoch_idx})
 
     with isolated_argv():
         objective_function(config_dict=config_dict, config_file_list=setup["config_file_list"], saved=True, callback_fn=report)

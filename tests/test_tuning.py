@@ -106,6 +106,9 @@ def test_search_reports_every_epoch_and_picks_best_on_validation(local_ray, walk
         else:  # ASHA stops a trial at a rung, before its last epoch
             assert 1 <= len(rows) < 4
         scores = [float(r["valid_score"]) for r in rows]
+        # every validation metric and evaluation slice is a column of the trial's progress
+        assert all(float(r["valid ndcg@10"]) == float(r["valid_score"]) for r in rows)
+        assert all(0 < int(float(r["valid users tail"])) < 60 and 0.0 <= float(r["valid ndcg@10 tail"]) <= 1.0 for r in rows)
         assert all(0.0 <= s <= 1.0 for s in scores)
         if max(scores) > best_score:
             best_by_progress, best_score = trial_id, max(scores)

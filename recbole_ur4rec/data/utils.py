@@ -17,6 +17,7 @@ from recbole_ur4rec.data.sequence_dataset import (
     build_prefix_train_dataset,
     build_window_train_dataset,
 )
+from recbole_ur4rec.slices import training_counts
 
 MODEL_TYPE_DATASETS = {
     ModelType.GENERAL: "Dataset",
@@ -128,6 +129,8 @@ def data_preparation(config, dataset):
         train_data = train_loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
     test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
+    counts = training_counts(built_datasets[0])  # the evaluation slices' popularity and history lengths
+    valid_data.training_counts = test_data.training_counts = counts
 
     for phase, batch_key, args_key in (
         ("[Training]: ", "train_batch_size", "train_neg_sample_args"),

@@ -7,15 +7,19 @@ refuses. This mixin writes two files per run:
 - ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights and
   every random number generator, so ``--resume`` continues exactly where the run stopped.
 """
+import inspect
 import os
 import random
 from collections.abc import Mapping
 
 import numpy as np
 import torch
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import set_color
 
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from recbole_ur4rec.checks import check_config_value
+from recbole_ur4rec.slices import batch_rows, slice_masks, slice_results
 
 
 def plain_data(value, key="config"):
@@ -110,6 +114,11 @@ class SafeCheckpointMixin:
         )
         save_checkpoint(state, self.last_checkpoint_file)
 
+    def _valid_epoch(self, valid_data, show_progress=False):
+        score, result = super()._valid_epoch(valid_data, show_progress)
+        self.last_valid_result = result
+        return score, result
+
     def _extra_resume_state(self):
         """More resume state (plain data and tensors) for the ``-last.pth`` file; trainers with state of their own add it."""
         return {}
@@ -119,10 +128,14 @@ class SafeCheckpointMixin:
             restore_rng_state(self._pending_rng_state, train_data)
             self._pending_rng_state = None
 
+        wants_result = callback_fn is not None and "valid_result" in inspect.signature(callback_fn).parameters
+
         def after_validation(epoch_idx, valid_score):
             if saved:
                 self._save_last_checkpoint(epoch_idx, train_data)
-            if callback_fn is not None:
+            if wants_result:  # e.g. Ray Tune's report: every metric and slice of this validation
+                callback_fn(epoch_idx, valid_score, valid_result=self.last_valid_result)
+            elif callback_fn is not None:
                 callback_fn(epoch_idx, valid_score)
 
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn=after_validation)
@@ -168,4 +181,30 @@ class SafeCheckpointMixin:
             self.model.load_state_dict(state["state_dict"])
             self.model.load_other_parameter(state.get("other_parameter"))
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        counts = getattr(eval_data, "training_counts", None)
+        if not (eval_data and counts is not None and self.config["eval_slices"] and isinstance(eval_data, FullSortEvalDataLoader)):
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        # RecBole's evaluation, with each batch's users and targets and the collected rows kept for the slices
+        collector, rows, captured = self.eval_collector, [], {}
+        collect, get_struct = collector.eval_batch_collect, collector.get_data_struct
+        uid_field = self.config["USER_ID_FIELD"]
+
+        def collect_rows(scores, interaction, positive_u, positive_i):
+            rows.append(batch_rows(interaction, positive_u, positive_i, uid_field))
+            return collect(scores, interaction, positive_u, positive_i)
+
+        def keep_struct():
+            captured["struct"] = get_struct()
+            return captured["struct"]
+
+        collector.eval_batch_collect, collector.get_data_struct = collect_rows, keep_struct
+        try:
+            result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        finally:
+            del collector.eval_batch_collect, collector.get_data_struct  # back to the class's methods
+        users = torch.cat([u for u, _ in rows])
+        targets = None if any(t is None for _, t in rows) else torch.cat([t for _, t in rows])
+        head_share = check_config_value(self.config, "slice_head_share", (int, float), low=0, high=1, low_open=True, high_open=True)
+        masks = slice_masks(counts, users, targets, head_share)
+        result.update(slice_results(self.evaluator, captured["struct"], masks))
+        return result

@@ -1,0 +1,93 @@
+"""Evaluation slices: metrics per group of evaluated users, computed by RecBole's own metric code.
+
+Groups (config ``eval_slices: True``, the default):
+
+- ``head`` / ``tail``: the target item is among the ``slice_head_share`` (default 0.2) most-interacted items of the
+  training split (ties broken by item id), or not; only when every evaluated row has one target (sequential
+  leave-one-out);
+- ``short`` / ``long``: the user's number of training interactions is at most the median of the evaluated users',
+  or above it.
+
+RecBole's full-sort evaluation collects one row per evaluated user (``rec.topk``: the hits in the top k and the
+number of positives); a group's metrics are RecBole's evaluator run on that group's rows. Each group's metric
+``m`` is reported as ``m/<group>`` beside the overall ``m``, with ``users/<group>`` its number of evaluated rows.
+"""
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+
+GROUPS = ("head", "tail", "short", "long")
+
+
+class TrainingCounts(NamedTuple):
+    """Training interactions per item id ``[n_items]`` and per user id ``[n_users]``."""
+
+    items: torch.Tensor
+    users: torch.Tensor
+
+
+def training_counts(train_dataset):
+    """Counts of the training split's rows (one per training interaction on the plugin's data path; one per
+    target of a prefix row on RecBole's) by item and by user."""
+    feat = train_dataset.inter_feat
+    items = torch.bincount(feat[train_dataset.iid_field].long(), minlength=train_dataset.item_num)
+    users = torch.bincount(feat[train_dataset.uid_field].long(), minlength=train_dataset.user_num)
+    return TrainingCounts(items, users)
+
+
+def head_items(item_counts, head_share):
+    """Bool ``[n_items]``: the ``ceil(head_share * (n_items - 1))`` most-interacted items (padding 0 excluded)."""
+    n_head = math.ceil(head_share * (len(item_counts) - 1))
+    order = torch.argsort(-item_counts[1:], stable=True)[:n_head] + 1  # stable: ties by item id
+    head = torch.zeros(len(item_counts), dtype=torch.bool)
+    head[order] = True
+    return head
+
+
+def batch_rows(interaction, positive_u, positive_i, uid_field):
+    """(users [B], targets [B] or None) of one full-sort evaluation batch; targets only when each row has one."""
+    users = interaction[uid_field].cpu()
+    counts = torch.bincount(positive_u.cpu(), minlength=len(users))
+    if not bool((counts == 1).all()):
+        return users, None
+    targets = torch.zeros(len(users), dtype=torch.long)
+    targets[positive_u.cpu()] = positive_i.cpu().long()
+    return users, targets
+
+
+def slice_masks(counts, users, targets, head_share):
+    """{group: bool [N]} for evaluated rows of ``users`` [N] with ``targets`` [N] (None: no popularity groups)."""
+    masks = {}
+    if targets is not None:
+        head = head_items(counts.items, head_share)[targets]
+        masks["head"], masks["tail"] = head, ~head
+    history = counts.users[users]
+    median = history.double().median()
+    masks["short"], masks["long"] = history <= median, history > median
+    return masks
+
+
+def subset_struct(struct, mask):
+    """A copy of RecBole's DataStruct with only the rows ``mask`` of its per-row entries (``rec.*``)."""
+    sub = copy.copy(struct)
+    sub._data_dict = dict(struct._data_dict)
+    for key, value in struct._data_dict.items():
+        if key.startswith("rec.") and isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(mask):
+            sub._data_dict[key] = value[mask]
+    return sub
+
+
+def slice_results(evaluator, struct, masks):
+    """``{metric/group: value, users/group: size}`` from RecBole's ``evaluator`` on each group's rows."""
+    out = {}
+    for group in GROUPS:
+        if group not in masks:
+            continue
+        mask = masks[group]
+        out[f"users/{group}"] = int(mask.sum())
+        if mask.any():
+            for metric, value in evaluator.evaluate(subset_struct(struct, mask)).items():
+                out[f"{metric}/{group}"] = value
+    return out
