@@ -6,7 +6,9 @@ Groups (config ``eval_slices: True``, the default):
   training split (ties broken by item id), or not; only when every evaluated row has one target (sequential
   leave-one-out);
 - ``short`` / ``long``: the user's number of training interactions is at most the median of the evaluated users',
-  or above it.
+  or above it;
+- ``cold``: the target is a cold item of the cold-item protocol (``cold_items: True``,
+  :mod:`recbole_ur4rec.data.cold_items`).
 
 RecBole's full-sort evaluation collects one row per evaluated user (``rec.topk``: the hits in the top k and the
 number of positives); a group's metrics are RecBole's evaluator run on that group's rows. Each group's metric
@@ -18,23 +20,25 @@ from typing import NamedTuple
 
 import torch
 
-GROUPS = ("head", "tail", "short", "long")
+GROUPS = ("head", "tail", "short", "long", "cold")
 
 
 class TrainingCounts(NamedTuple):
-    """Training interactions per item id ``[n_items]`` and per user id ``[n_users]``."""
+    """Training interactions per item id ``[n_items]`` and per user id ``[n_users]``; the cold items (ids) of the
+    cold-item protocol, or None."""
 
     items: torch.Tensor
     users: torch.Tensor
+    cold: torch.Tensor = None
 
 
-def training_counts(train_dataset):
+def training_counts(train_dataset, cold_items=None):
     """Counts of the training split's rows (one per training interaction on the plugin's data path; one per
     target of a prefix row on RecBole's) by item and by user."""
     feat = train_dataset.inter_feat
     items = torch.bincount(feat[train_dataset.iid_field].long(), minlength=train_dataset.item_num)
     users = torch.bincount(feat[train_dataset.uid_field].long(), minlength=train_dataset.user_num)
-    return TrainingCounts(items, users)
+    return TrainingCounts(items, users, cold_items)
 
 
 def head_items(item_counts, head_share):
@@ -63,6 +67,8 @@ def slice_masks(counts, users, targets, head_share):
     if targets is not None:
         head = head_items(counts.items, head_share)[targets]
         masks["head"], masks["tail"] = head, ~head
+        if counts.cold is not None:
+            masks["cold"] = torch.isin(targets, counts.cold)
     history = counts.users[users]
     median = history.double().median()
     masks["short"], masks["long"] = history <= median, history > median

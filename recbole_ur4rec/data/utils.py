@@ -10,6 +10,7 @@ from recbole.utils import ModelType, set_color
 
 from recbole_ur4rec.checks import check_config_value
 from recbole_ur4rec.data.atomic import check_dataset_files
+from recbole_ur4rec.data.cold_items import withhold_cold_items
 from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader
 from recbole_ur4rec.data.sequence_dataset import (
     LOSS_POSITIONS,
@@ -74,12 +75,16 @@ def refuse_pickled_caches(config, class_name):
 def create_dataset(config):
     """RecBole's dataset for ``config`` (filtering, id remapping), after checking its atomic files.
 
-    Unlike RecBole's ``create_dataset``, it never loads a pickled dataset from ``checkpoint_dir``.
+    Unlike RecBole's ``create_dataset``, it never loads a pickled dataset from ``checkpoint_dir``. With
+    ``cold_items: True`` the cold items' interactions are withheld (:mod:`recbole_ur4rec.data.cold_items`).
     """
     check_dataset_files(config)
     cls = dataset_class(config)
     refuse_pickled_caches(config, cls.__name__)
-    return cls(config)
+    dataset = cls(config)
+    if check_config_value(config, "cold_items", None, choices=(True, False)):
+        withhold_cold_items(dataset, config)
+    return dataset
 
 
 def _check_history_config(config):
@@ -129,7 +134,7 @@ def data_preparation(config, dataset):
         train_data = train_loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
     test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
-    counts = training_counts(built_datasets[0])  # the evaluation slices' popularity and history lengths
+    counts = training_counts(built_datasets[0], getattr(dataset, "cold_items", None))  # for the evaluation slices
     valid_data.training_counts = test_data.training_counts = counts
 
     for phase, batch_key, args_key in (
