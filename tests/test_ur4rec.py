@@ -138,6 +138,40 @@ def test_the_model_reads_user_text_written_from_training_interactions_only(setti
     assert torch.allclose(model.retriever.user_features[ids].float(), torch.as_tensor(encoded).float(), atol=1e-4)
 
 
+@pytest.mark.parametrize("calibration", ["affine", "standardize"])
+@pytest.mark.parametrize("fusion_type", ["fixed", "residual"])
+def test_calibrated_fusions_train_and_put_the_branches_on_one_scale(settings, calibration, fusion_type):
+    _, model, train_data, _, _ = build(settings, fusion_type=fusion_type, fusion_calibration=calibration)
+    model.set_objective("fused")
+    batch = next(iter(train_data))
+    loss = model.calculate_loss(batch)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    if calibration == "affine":
+        assert model.fusion.log_scale.grad is not None and model.fusion.log_scale.grad.abs().sum() > 0
+    backbone, retriever = torch.randn(4, 50) * 8 + 3, torch.rand(4, 50) / 0.1
+    with torch.no_grad():
+        if calibration == "affine":
+            model.fusion.log_scale.fill_(0.7)
+        b, r = model.fusion.calibrate(backbone, retriever)
+    if calibration == "standardize":
+        for x in (b, r):
+            assert torch.allclose(x.mean(-1), torch.zeros(4), atol=1e-5) and torch.allclose(x.std(-1), torch.ones(4), atol=1e-5)
+    else:
+        assert torch.allclose(b, backbone * math.exp(0.7)) and torch.allclose(r, retriever * math.exp(0.7))
+    # rankings inside each branch are unchanged by the calibration
+    assert torch.equal(b.argsort(-1), backbone.argsort(-1)) and torch.equal(r.argsort(-1), retriever.argsort(-1))
+
+
+def test_uncalibrated_fusion_is_todays(settings):
+    _, model, _, _, _ = build(settings, fusion_type="fixed")
+    backbone, retriever, context = torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 32)
+    fused, w = model.fusion(backbone, retriever, context)
+    assert torch.equal(fused, (1 - w) * backbone + w * retriever) and not list(model.fusion.parameters())
+    with pytest.raises(ValueError, match="config key 'fusion_calibration' must be one of none, affine, standardize"):
+        build(settings, fusion_calibration="zscore")
+
+
 def test_full_sort_scores_every_item_and_predict_agrees(settings):
     _, model, _, valid_data, _ = build(settings)
     model.eval()

@@ -123,7 +123,9 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             memory_size=config["memory_size"],
             dropout=config["retriever_dropout"],
         )
-        self.fusion = ScoreFusion(config["fusion_type"], config["fusion_weight"], config["hidden_size"] + dim)
+        self.fusion = ScoreFusion(
+            config["fusion_type"], config["fusion_weight"], config["hidden_size"] + dim, config["fusion_calibration"]
+        )
         use_bank = config["contrastive_type"] == "memory_bank"
         self.memory_bank = MemoryBank(config["memory_bank_size"], dim) if use_bank else None
 

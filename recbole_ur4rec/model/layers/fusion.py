@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 FUSION_TYPES = ("fixed", "gate", "residual")
+CALIBRATIONS = ("none", "affine", "standardize")
 
 
 class ScoreFusion(nn.Module):
@@ -16,14 +17,24 @@ class ScoreFusion(nn.Module):
     - ``gate``: the same with ``w = sigmoid(linear([h; q]))`` per position, from the backbone state ``h`` and the
       retriever query ``q``, initialised so that ``w`` starts near ``fusion_weight``;
     - ``residual``: ``b + g * r`` with a learned scalar ``g`` starting at ``fusion_weight``.
+
+    The two branches are on different scales (logits against cosines / temperature); ``calibration`` puts them on
+    one before mixing: ``none`` (as they are), ``affine`` (each branch times a learned positive scale ``exp(s)``,
+    starting at 1; a per-branch bias would shift every item of a row alike, so it changes no ranking and no softmax)
+    or ``standardize`` (each branch's row standardised over the scored items: zero mean, unit variance).
     """
 
-    def __init__(self, fusion_type, fusion_weight, context_dim):
+    def __init__(self, fusion_type, fusion_weight, context_dim, calibration="none"):
         super().__init__()
         if fusion_type not in FUSION_TYPES:
             raise ValueError(f"fusion_type must be one of {', '.join(FUSION_TYPES)}, got {fusion_type!r}")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"config key 'fusion_calibration' must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
         self.fusion_type = fusion_type
         self.fusion_weight = fusion_weight
+        self.calibration = calibration
+        if calibration == "affine":
+            self.log_scale = nn.Parameter(torch.zeros(2))  # backbone, retriever
         if fusion_type == "gate":
             if not 0 < fusion_weight < 1:
                 raise ValueError(f"fusion_weight must be in (0, 1) with fusion_type: gate, got {fusion_weight!r}")
@@ -41,7 +52,19 @@ class ScoreFusion(nn.Module):
             return self.g
         return context.new_tensor(self.fusion_weight)
 
+    def calibrate(self, backbone_scores, retriever_scores):
+        """Both branches' scores [.. n] on one scale (see ``calibration``)."""
+        if self.calibration == "affine":
+            scale = self.log_scale.exp()
+            return backbone_scores * scale[0], retriever_scores * scale[1]
+        if self.calibration == "standardize":
+            return tuple(
+                (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp(min=1e-6) for s in (backbone_scores, retriever_scores)
+            )
+        return backbone_scores, retriever_scores
+
     def forward(self, backbone_scores, retriever_scores, context):
+        backbone_scores, retriever_scores = self.calibrate(backbone_scores, retriever_scores)
         w = self.weight(context)
         if self.fusion_type == "residual":
             return backbone_scores + w * retriever_scores, w
