@@ -32,6 +32,7 @@ OPTIONS = {
     "clip_checkpoint": "open_clip weights file",
     "image_feature_file": "precomputed image features (.pt or .npy + .tokens.txt) to check and align",
     "feature_cache_dir": "where caches go (default: dataset/<name>/)",
+    "llm_path": "local causal-LM folder: item descriptions and user preference texts written by it (also --llm)",
 }
 
 
@@ -49,6 +50,7 @@ def parse_args(argv):
     parser.add_argument("--model", "-m", default="UR4Rec", help="model whose yaml settings apply and whose stores are built (default UR4Rec: item text, user text, images; FedDMMR: item text, images)")
     parser.add_argument("--config_files", default=None, help="config files, separated by spaces")
     parser.add_argument("--strict", action="store_true", help="fail on feature rows for tokens the dataset lacks")
+    parser.add_argument("--llm", dest="llm_path", default=None, help=argparse.SUPPRESS)  # alias of --llm_path
     for key, meaning in OPTIONS.items():
         parser.add_argument(f"--{key}", default=None, help=meaning)
     args, unknown = parser.parse_known_args(argv)

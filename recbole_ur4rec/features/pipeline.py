@@ -17,6 +17,7 @@ from recbole_ur4rec.features.errors import FeatureError
 from recbole_ur4rec.features.files import read_feature_file, read_text_file, rows_message
 from recbole_ur4rec.features.fingerprint import files_fingerprint, pairs_hash
 from recbole_ur4rec.features.item_text import item_texts, item_titles_and_genres
+from recbole_ur4rec.features.llm import LLMWriter
 from recbole_ur4rec.features.settings import cache_dir, setting
 from recbole_ur4rec.features.store import align, check_dimension, match_tokens
 from recbole_ur4rec.features.user_text import user_texts
@@ -31,6 +32,27 @@ def text_encoder(config):
         batch_size=setting(config, "text_encoder_batch_size"),
         show_progress=bool(config["show_progress"]),
     )
+
+
+def llm_writer(config):
+    """The LLM writer of ``llm_path``, or None (template texts)."""
+    path = setting(config, "llm_path")
+    if path is None:
+        return None
+    return LLMWriter(
+        path, os.path.join(cache_dir(config), f"{config['dataset']}.llm.jsonl"),
+        max_new_tokens=setting(config, "llm_max_new_tokens"), batch_size=setting(config, "llm_batch_size"),
+        max_chars=setting(config, "llm_max_chars"), show_progress=bool(config["show_progress"]),
+    )
+
+
+def _llm_texts(config, kind, source, tokens, texts):
+    """(source, texts): rewritten by the LLM of ``llm_path`` from the template texts, or unchanged."""
+    writer = llm_writer(config)
+    if writer is None:
+        return source, texts
+    texts, _ = writer.write(kind, tokens, texts)
+    return f"{source} + {writer.identity}", texts
 
 
 def _known_rows(config, dataset, field, source, tokens, where):
@@ -68,6 +90,8 @@ def item_text_features(config, dataset, encoder=None):
         encoder (TextEncoder): reuse a loaded encoder; None builds one from ``config``.
     """
     source, tokens, texts, where = item_texts(config)
+    if setting(config, "item_text_file") is None:  # descriptions given in a file are used as they are
+        source, texts = _llm_texts(config, "item", source, tokens, texts)
     return _text_store(config, dataset, "item", source, tokens, texts, where, encoder)
 
 
@@ -83,7 +107,8 @@ def user_texts_of(config, train_dataset):
     titles, genres = item_titles_and_genres(config)
     top_genres, recent_items = setting(config, "user_text_top_genres"), setting(config, "user_text_recent_items")
     tokens, texts = user_texts(train_dataset, titles, genres, top_genres, recent_items)
-    return f"{USER_TEXT_VERSION}: training split of {config['dataset']}", tokens, texts, [f"user {t}" for t in tokens]
+    source, texts = _llm_texts(config, "user", f"{USER_TEXT_VERSION}: training split of {config['dataset']}", tokens, texts)
+    return source, tokens, texts, [f"user {t}" for t in tokens]
 
 
 def user_text_features(config, train_dataset, encoder=None):

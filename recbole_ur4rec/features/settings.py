@@ -25,6 +25,10 @@ DEFAULTS = {
     "image_feature_dim": None,
     "feature_cache_dir": None,  # None: dataset/<name>/ (see cache_dir)
     "strict_features": False,
+    "llm_path": None,  # None: template texts; a local causal-LM folder: texts written by it (features/llm.py)
+    "llm_max_new_tokens": 96,
+    "llm_batch_size": 8,
+    "llm_max_chars": 600,
 }
 
 # item text of the datasets whose .item fields are known; token_seq fields are joined by the text after ':'
@@ -33,7 +37,7 @@ DATASET_ITEM_TEMPLATES = {
 }
 
 CLIP_BACKENDS = ("transformers", "open_clip")
-_POSITIVE_INTS = ("text_encoder_batch_size", "clip_batch_size")
+_POSITIVE_INTS = ("text_encoder_batch_size", "clip_batch_size", "llm_max_new_tokens", "llm_batch_size", "llm_max_chars")
 _NON_NEGATIVE_INTS = ("user_text_top_genres", "user_text_recent_items")
 _DIMENSIONS = ("text_feature_dim", "image_feature_dim")
 

@@ -1,0 +1,164 @@
+"""Item descriptions and user preference texts written by a local causal language model (``llm_path``).
+
+The prototype's step that the template texts stand in for: a language model reads what is known of an item (its
+template text: title, year, genres) or of a user (the template text written from the training split only: genres,
+recent titles, rating habits) and writes a multi-aspect text: for items their themes, mood, era and audience; for
+users their preferred genres, themes, mood and era, what they avoid and how their taste moved recently.
+
+- The model is a local Hugging Face folder (``AutoModelForCausalLM`` and its tokenizer); nothing is downloaded.
+- Decoding is greedy (deterministic) with ``llm_max_new_tokens`` new tokens, ``llm_batch_size`` prompts per batch
+  (left-padded), on the GPU when there is one, with a progress bar.
+- Every output is cached in ``<feature cache>/<dataset>.llm.jsonl``, one JSON line per (model, prompt version,
+  input) written as soon as its batch ends: a rerun is free and an interrupted run continues where it stopped.
+- Output policy: the text after the prompt, whitespace collapsed. An empty output is replaced by its input (the
+  template text); one longer than ``llm_max_chars`` is cut at the last sentence end before the limit (else at the
+  limit). Both are listed (logged with the token, and counted in the returned report).
+"""
+import hashlib
+import json
+import os
+import re
+from logging import getLogger
+
+import torch
+
+from recbole_ur4rec.features.errors import FeatureError
+from recbole_ur4rec.features.fingerprint import files_fingerprint
+
+PROMPT_VERSION = "ur4rec-llm/1"
+PROMPTS = {
+    "item": (
+        "Item: {text}\n"
+        "Describe this item for a recommender system in two or three sentences: its themes, mood, era and the "
+        "audience it suits.\nDescription:"
+    ),
+    "user": (
+        "A user's history (training interactions only): {text}\n"
+        "Summarise this user's preferences for a recommender system in two or three sentences: preferred genres, "
+        "themes, mood and era; what they avoid; how their taste moved recently.\nPreferences:"
+    ),
+}
+
+
+class LLMWriter:
+    """Writes texts with the causal LM in the local folder ``path`` (loaded on first use; a full cache hit never
+    loads it).
+
+    Args:
+        path (str): a local folder with a causal LM and its tokenizer (``save_pretrained`` layout).
+        cache_file (str): the JSONL cache of outputs.
+        max_new_tokens (int), batch_size (int), max_chars (int): see the module docstring.
+        device (str): torch device; None = cuda when available, else cpu.
+        show_progress (bool): a tqdm progress bar over the batches.
+    """
+
+    def __init__(self, path, cache_file, max_new_tokens=96, batch_size=8, max_chars=600, device=None, show_progress=True):
+        self.path = os.path.realpath(str(path))
+        if not os.path.isdir(self.path):
+            raise FeatureError(
+                f"config key 'llm_path' = {path}: not a local folder; give a folder with a causal language model and "
+                f"its tokenizer (saved with save_pretrained; recbole_ur4rec never downloads models)"
+            )
+        self.identity = f"llm:{self.path}:{files_fingerprint(self.path)[:16]}"
+        self.cache_file = cache_file
+        self.max_new_tokens, self.batch_size, self.max_chars = max_new_tokens, batch_size, max_chars
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.show_progress = show_progress
+        self._model, self._tokenizer = None, None
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    def _load(self):
+        if self._model is None:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise FeatureError(f"llm_path {self.path}: not a loadable causal language model folder ({err})") from None
+            tokenizer.padding_side = "left"  # generation continues every row at its end
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._model, self._tokenizer = model.to(self.device).eval(), tokenizer
+        return self._model, self._tokenizer
+
+    def generate(self, prompts):
+        """The decoded continuations of ``prompts`` (greedy), one string each."""
+        model, tokenizer = self._load()
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # ---- cache -------------------------------------------------------------------------------------------------
+    def _key(self, kind, text):
+        return hashlib.sha256(json.dumps([self.identity, PROMPT_VERSION, kind, text]).encode("utf-8")).hexdigest()
+
+    def _read_cache(self):
+        cached = {}
+        if os.path.exists(self.cache_file):
+            with open(self.cache_file, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        row = json.loads(line)
+                        cached[row["key"]] = row["output"]
+                    except (ValueError, KeyError, TypeError):  # a line cut by an interruption: written again
+                        getLogger().warning(f"{self.cache_file} line {number} is unreadable; its text is written again")
+        return cached
+
+    # ---- texts -------------------------------------------------------------------------------------------------
+    def clean(self, output, fallback):
+        """(text, problem or None) by the output policy."""
+        text = re.sub(r"\s+", " ", output or "").strip()
+        if not text:
+            return fallback, "empty"
+        if len(text) > self.max_chars:
+            cut = text[: self.max_chars]
+            end = max(cut.rfind(". "), cut.rfind("! "), cut.rfind("? "))
+            return (cut[: end + 1] if end > 0 else cut).strip(), "too long"
+        return text, None
+
+    def write(self, kind, tokens, texts):
+        """LLM texts for ``tokens`` whose known facts are ``texts`` (template texts); ``kind`` is item or user.
+
+        Returns:
+            tuple: (texts, report) with ``report`` {"generated", "cached", "empty": [tokens], "too long": [tokens]}.
+        """
+        if kind not in PROMPTS:
+            raise ValueError(f"kind must be one of {', '.join(PROMPTS)}, got {kind!r}")
+        cached = self._read_cache()
+        keys = [self._key(kind, text) for text in texts]
+        todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cached}.values())
+        report = {"generated": len(todo), "cached": len(texts) - len(todo), "empty": [], "too long": []}
+        if todo:
+            os.makedirs(os.path.dirname(os.path.abspath(self.cache_file)), exist_ok=True)
+            starts = range(0, len(todo), self.batch_size)
+            if self.show_progress:
+                from tqdm import tqdm
+
+                starts = tqdm(starts, desc=f"LLM {kind} texts", total=len(starts))
+            with open(self.cache_file, "a", encoding="utf-8") as f:
+                for start in starts:
+                    rows = todo[start : start + self.batch_size]
+                    outputs = self.generate([PROMPTS[kind].format(text=texts[i]) for i in rows])
+                    for i, output in zip(rows, outputs):
+                        cached[keys[i]] = output
+                        f.write(json.dumps({"key": keys[i], "kind": kind, "token": tokens[i], "output": output}) + "\n")
+                    f.flush()  # an interrupted run keeps every finished batch
+        written = []
+        for token, text, key in zip(tokens, texts, keys):
+            clean, problem = self.clean(cached[key], text)
+            if problem:
+                report[problem].append(token)
+            written.append(clean)
+        for problem in ("empty", "too long"):
+            if report[problem]:
+                shown = ", ".join(map(str, report[problem][:10])) + (" ..." if len(report[problem]) > 10 else "")
+                getLogger().warning(
+                    f"LLM {kind} texts: {len(report[problem])} {problem} output(s) "
+                    f"({'replaced by the template text' if problem == 'empty' else f'cut to {self.max_chars} characters'}): {shown}"
+                )
+        return written, report

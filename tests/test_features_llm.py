@@ -1,0 +1,115 @@
+"""LLM-written texts with a tiny randomly initialised causal LM built here (no weights ship, nothing downloads):
+generation, the cache (a rerun is free, an interrupted run continues), the output policy and the features command."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from features_fixtures import encoder, feat_root  # noqa: F401 (fixtures)
+
+from recbole_ur4rec.features.__main__ import main
+from recbole_ur4rec.features.errors import FeatureError
+from recbole_ur4rec.features.llm import LLMWriter
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A 1-layer GPT-2 with a byte-level BPE tokenizer trained on a few sentences, saved like a real model."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    corpus = ["A user watched Film one and Film two. Genres: drama, comedy.", "Describe this item: themes, mood, era."] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def writer(tiny_llm, tmp_path, **kwargs):
+    return LLMWriter(tiny_llm, str(tmp_path / "cache" / "x.llm.jsonl"), max_new_tokens=6, show_progress=False, **kwargs)
+
+
+TOKENS = [f"i{k}" for k in range(7)]
+TEXTS = [f"Film {k} ({1990 + k}). Genres: drama." for k in range(7)]
+
+
+def test_writes_deterministic_texts_and_a_rerun_reads_the_cache(tiny_llm, tmp_path, monkeypatch):
+    texts, report = writer(tiny_llm, tmp_path, batch_size=3).write("item", TOKENS, TEXTS)
+    assert len(texts) == 7 and all(isinstance(t, str) and t for t in texts)
+    assert report["generated"] == 7 and report["cached"] == 0
+    fresh = LLMWriter(tiny_llm, str(tmp_path / "other.jsonl"), max_new_tokens=6, show_progress=False)
+    assert fresh.write("item", TOKENS, TEXTS)[0] == texts, "greedy decoding: the same texts again"
+
+    again = writer(tiny_llm, tmp_path, batch_size=3)
+    monkeypatch.setattr(again, "generate", lambda prompts: pytest.fail("a cached text was generated again"))
+    cached, report = again.write("item", TOKENS, TEXTS)
+    assert cached == texts and report == {"generated": 0, "cached": 7, "empty": [], "too long": []}
+    # another kind, prompt input or model is another cache entry
+    assert writer(tiny_llm, tmp_path).write("user", TOKENS[:1], TEXTS[:1])[1]["generated"] == 1
+
+
+def test_an_interrupted_run_continues_where_it_stopped(tiny_llm, tmp_path, monkeypatch):
+    first = writer(tiny_llm, tmp_path, batch_size=3)
+    generate, calls = first.generate, []
+
+    def crash_on_second_batch(prompts):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(prompts)
+
+    monkeypatch.setattr(first, "generate", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        first.write("item", TOKENS, TEXTS)
+    with open(tmp_path / "cache" / "x.llm.jsonl") as f:
+        assert len(f.readlines()) == 3, "the finished batch is on disk"
+    with open(tmp_path / "cache" / "x.llm.jsonl", "a") as f:
+        f.write('{"key": "cut off')  # a line cut by the interruption is ignored and written again
+    texts, report = writer(tiny_llm, tmp_path, batch_size=3).write("item", TOKENS, TEXTS)
+    assert report["cached"] == 3 and report["generated"] == 4 and len(texts) == 7
+
+
+def test_empty_and_over_long_outputs_follow_the_stated_policy(tiny_llm, tmp_path, monkeypatch, caplog):
+    w = writer(tiny_llm, tmp_path, max_chars=40)
+    outputs = ["   \n ", "Short and fine.", "First sentence here. Second one is far too long to keep in forty chars", "x" * 90]
+    monkeypatch.setattr(w, "generate", lambda prompts: outputs[: len(prompts)])
+    texts, report = w.write("item", TOKENS[:4], TEXTS[:4])
+    assert texts[0] == TEXTS[0], "an empty output falls back to the template text"
+    assert texts[1] == "Short and fine."
+    assert texts[2] == "First sentence here.", "cut at the last sentence end before the limit"
+    assert texts[3] == "x" * 40
+    assert report["empty"] == ["i0"] and report["too long"] == ["i2", "i3"]
+    assert "1 empty output(s)" in caplog.text and "2 too long output(s)" in caplog.text
+
+
+def test_a_folder_that_is_not_a_model_is_named(tmp_path):
+    with pytest.raises(FeatureError, match="llm_path.*not a local folder"):
+        LLMWriter(str(tmp_path / "missing"), str(tmp_path / "c.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FeatureError, match="not a loadable causal language model folder"):
+        LLMWriter(str(tmp_path / "empty"), str(tmp_path / "c.jsonl")).generate(["x"])
+
+
+def test_the_features_command_writes_item_and_user_texts_with_the_llm(feat_root, tiny_llm, tmp_path, monkeypatch, encoder):  # noqa: F811
+    encoder.model  # the command's encoder shares this loaded model
+    argv = [
+        "-d", "feat", f"--data_path={feat_root}", f"--feature_cache_dir={tmp_path / 'cache'}", f"--llm={tiny_llm}",
+        "--llm_max_new_tokens=5", "--show_progress=False", "--load_col={'inter': ['user_id', 'item_id', 'rating', 'timestamp']}",
+    ]
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    stores = main(argv)
+    assert {"item_text", "user_text"} <= set(stores)
+    with open(tmp_path / "cache" / "feat.llm.jsonl") as f:
+        kinds = [json.loads(line)["kind"] for line in f]
+    assert kinds.count("item") > 0 and kinds.count("user") > 0
+    with open(tmp_path / "cache" / "feat.user_text.manifest.json") as f:
+        assert "llm:" in json.load(f)["source"], "the text store records that an LLM wrote its texts"
+    plain = main([a for a in argv if not a.startswith("--llm")] + [f"--feature_cache_dir={tmp_path / 'plain'}"])
+    assert not torch.equal(plain["user_text"].features, stores["user_text"].features)
+    assert os.path.getsize(tmp_path / "cache" / "feat.llm.jsonl") > 0
