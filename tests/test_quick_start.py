@@ -109,3 +109,19 @@ def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_p
 def test_resume_refuses_a_checkpoint_of_another_model(sasrec_run):
     with pytest.raises(CheckpointError, match="was written for model 'SASRec', but model 'GRU4Rec'"):
         run_recbole_ur4rec(model="GRU4Rec", resume_file=sasrec_run["model_file"])
+
+
+def test_recboles_feature_aware_sasrecf_saves_a_safe_checkpoint_and_reloads(tmp_path):
+    """SASRecF names a submodule in other_parameter: its weights travel in the state_dict, not as a pickled module."""
+    from ur4rec_fixtures import write_genre_dataset
+
+    root = write_genre_dataset(tmp_path / "data", n_users=60, n_items=120)
+    settings = {
+        "data_path": root, "epochs": 2, "state": "WARNING", "show_progress": False, "checkpoint_dir": str(tmp_path / "saved"),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "class"]}, "selected_features": ["class"],
+        "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "train_batch_size": 64,
+    }
+    result = run_recbole_ur4rec("SASRecF", "genre", config_dict=settings)
+    state = load_checkpoint(result["model_file"])
+    assert any(name.startswith("feature_embed_layer.") for name in state["state_dict"])
+    assert evaluate_checkpoint(result["model_file"])["test_result"] == result["test_result"]

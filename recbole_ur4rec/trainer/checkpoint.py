@@ -81,6 +81,8 @@ class SafeCheckpointMixin:
 
     def _model_state(self, epoch):
         other = self.model.other_parameter()
+        if other is not None:  # a submodule named there (SASRecF's feature_embed_layer) is in the state_dict already
+            other = {key: value for key, value in other.items() if not isinstance(value, torch.nn.Module)}
         return {
             "model": self.config["model"],
             "dataset": self.config["dataset"],
