@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The slice comparison of issue 15 on ml-100k, 3 seeds, both protocols (resumable per cell: run it again to continue).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+A=bench/ur4rec_ablation; F=bench/feddmmr; S=bench/slices; C=bench/compare_cpu_cap.yaml
+MODELS=FastSASRec,SASRecF,UR4Rec:backbone,UR4Rec:text,FedDMMR:central,FedDMMR:federated,DuoRec,FTRagRec
+common=(--models "$MODELS" -d ml-100k --seeds 3 --extra threads=1
+        --model_config SASRecF=$C,$S/sasrecf.yaml
+        --model_config UR4Rec:backbone=$A/backbone.yaml --model_config UR4Rec:text=$A/fixed.yaml
+        --model_config FedDMMR:central=$F/central.yaml --model_config FedDMMR:federated=$F/federated.yaml)
+python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start.yaml --output_dir results/ml-100k-slices
+python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start_cold.yaml --extra cold_items=True \
+    --output_dir results/ml-100k-cold
