@@ -102,6 +102,8 @@ def test_ml100k_fastsasrec_metrics_equal_on_both_paths(ml100k):
         FullSortEvalDataLoader(config, recbole_valid, None),
         FullSortEvalDataLoader(config, recbole_test, None),
     )
+    for loader in recbole_loaders[1:]:  # the same training counts: the evaluation slices are compared too
+        loader.training_counts = valid_data.training_counts
     results = []
     for train, valid, test in ((train_data, valid_data, test_data), recbole_loaders):
         init_seed(config["seed"], config["reproducibility"])
