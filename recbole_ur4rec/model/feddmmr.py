@@ -197,9 +197,7 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
         negatives (a :class:`SampledCandidates`; a negative equal to the target scores -inf); and the router
         weights [N E]. Only the candidates are scored."""
         scores, weights, _ = self.fuse(states, candidates.items)  # [N U]
-        positive = scores.gather(1, candidates.target_columns.unsqueeze(1))  # [N 1]
-        negative = scores[:, candidates.negative_columns].masked_fill(candidates.clash, float("-inf"))  # [N K]
-        return torch.cat([positive, negative], dim=1), weights
+        return candidates.logits(scores), weights
 
     def _loss(self, states, targets):
         """The loss (``loss_type``) of supervised positions ``states`` [N H] with ``targets`` [N] + the weighted
@@ -225,10 +223,8 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
 
         ``item_seq`` and ``targets`` are [R L] (targets 0 at padding; rows of padding only are allowed); the mean
         is over the real positions, as :meth:`calculate_loss` with ``loss_position: all`` computes it. CE only
-        (SSM's candidate set has a data-dependent shape).
+        (SSM's candidate set has a data-dependent shape): the batched engine, its caller, refuses SSM when it is built.
         """
-        if self.loss_type != "CE":
-            raise ValueError(f"federated_engine 'batched' needs loss_type CE (got {self.loss_type!r}); use the loop engine for SSM")
         width = torch.full((1,), item_seq.size(1), dtype=torch.long, device=item_seq.device)  # not batched
         states = self.backbone(item_seq, width)  # [R L H]
         scores, weights, _ = self.fuse(states)  # [R L n]

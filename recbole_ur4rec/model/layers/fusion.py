@@ -174,6 +174,16 @@ class SampledCandidates:
         self.target_columns, self.negative_columns = inverse[: targets.size(0)], inverse[targets.size(0) :]
         self.clash = negatives.unsqueeze(0) == targets.unsqueeze(1)  # [N K]
 
+    def split(self, scores):
+        """The target's and the negatives' columns of candidate scores [N U]: ([N 1], [N K])."""
+        return scores.gather(1, self.target_columns.unsqueeze(1)), scores[:, self.negative_columns]
+
+    def logits(self, scores):
+        """Sampled-softmax logits [N 1+K] from candidate scores [N U]: the target first, then the negatives (a
+        negative equal to the target scores -inf)."""
+        positive, negative = self.split(scores)
+        return torch.cat([positive, negative.masked_fill(self.clash, float("-inf"))], dim=1)
+
 
 def ranking_loss(scores, targets, loss_type, candidates=None):
     """Next-item loss of score rows ``scores``, ``targets`` [N] >= 1.
@@ -186,11 +196,9 @@ def ranking_loss(scores, targets, loss_type, candidates=None):
         return F.cross_entropy(scores[:, 1:], targets - 1)
     if loss_type not in RANKING_LOSSES:
         raise ValueError(f"ranking_loss_type must be one of {', '.join(RANKING_LOSSES)}, got {loss_type!r}")
-    positive = scores.gather(1, candidates.target_columns.unsqueeze(1))  # [N 1]
-    negative = scores[:, candidates.negative_columns]  # [N K]
     if loss_type == "InfoNCE":
-        logits = torch.cat([positive, negative.masked_fill(candidates.clash, float("-inf"))], dim=1)  # [N K+1]
-        return F.cross_entropy(logits, torch.zeros_like(targets))
+        return F.cross_entropy(candidates.logits(scores), torch.zeros_like(targets))
+    positive, negative = candidates.split(scores)  # [N 1], [N K]
     valid = (~candidates.clash).float()
     loss = -F.logsigmoid(positive - negative)  # [N K]
     return (loss * valid).sum() / valid.sum().clamp(min=1)
