@@ -117,11 +117,14 @@ class FTRagRec(StagedModelMixin, DuoRec):
         self.similarity_threshold = config["similarity_threshold"]
         self.retrieval_max_positions = config["retrieval_max_positions"]
         self.retrieve_own_history = config["retrieve_own_history"]
-        self.enhanced_rec_weight = float(config["enhanced_rec_weight"])
         # "backbone": DuoRec's own loss (objective backbone); the others: the retrieval objective
-        self.loss_weights = {"backbone": 1.0, "rec": 1.0, "enhanced": self.enhanced_rec_weight, "alignment": float(config["alignment_weight"])}
+        self.loss_weights = {
+            "backbone": 1.0,
+            "rec": 1.0,
+            "enhanced": float(config["enhanced_rec_weight"]),
+            "alignment": float(config["alignment_weight"]),
+        }
         self.alignment = config["alignment"]
-        self.alignment_weight = float(config["alignment_weight"])
         self.alignment_quality_threshold = config["alignment_quality_threshold"]
         self.temperature = float(config["retriever_temperature"])
         self.memory_batch_size = config["eval_batch_size"]
