@@ -19,6 +19,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_ur4rec.checkpoints import CheckpointError
+from recbole_ur4rec.model.layers.staged import weighted_loss
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin, plain_data
 
 ALTERNATION_MODES = ("fixed", "adaptive")
@@ -287,8 +288,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         """The model's unweighted loss terms of one batch ({name: scalar tensor}, see
         :mod:`recbole_ur4rec.model.layers.staged`), with their weighted total under ``loss``."""
         terms = self.model.loss_terms(interaction)
-        weights = self.loss_weights()
-        terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+        terms["loss"] = weighted_loss(terms, self.loss_weights())
         return terms
 
     def _part_losses(self, terms):

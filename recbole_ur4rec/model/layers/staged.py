@@ -8,6 +8,11 @@ weight) go to ``loss_diagnostics`` ({name: float}, of the last batch), which the
 """
 
 
+def weighted_loss(terms, weights):
+    """The total to minimise: the loss terms ``{name: scalar tensor}`` weighed by ``weights`` ``{name: float}``."""
+    return sum(weights[name] * value for name, value in terms.items())
+
+
 class StagedModelMixin:
     """``OBJECTIVES``, ``set_objective`` (the trainer calls it as each stage begins) and the loss contract."""
 
@@ -29,7 +34,7 @@ class StagedModelMixin:
         return getattr(self, "_loss_diagnostics", {})
 
     def calculate_loss(self, interaction):
-        return sum(self.loss_weights[name] * value for name, value in self.loss_terms(interaction).items())
+        return weighted_loss(self.loss_terms(interaction), self.loss_weights)
 
 
 class FeatureFingerprintMixin:
