@@ -54,11 +54,11 @@ def main():
     work = tempfile.mkdtemp()
     model = args.model or gpt2_small_sized(os.path.join(work, "model"), texts)
     writer = LLMWriter(model, os.path.join(work, "cache.jsonl"), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    writer._load()  # loading is timed apart
+    model_loaded, _ = writer._load()  # loading is timed apart
     begin = time.perf_counter()
     written, report = writer.write("item", tokens[: args.items], texts[: args.items])
     seconds = time.perf_counter() - begin
-    parameters = sum(p.numel() for p in writer._model.parameters())
+    parameters = sum(p.numel() for p in model_loaded.parameters())
     result = {
         "model": args.model or "GPT-2-small-sized (124M, random weights)", "parameters": parameters, "device": writer.device,
         "threads": args.threads, "items": args.items, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,

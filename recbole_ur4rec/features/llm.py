@@ -14,6 +14,7 @@ users their preferred genres, themes, mood and era, what they avoid and how thei
   template text); one longer than ``llm_max_chars`` is cut at the last sentence end before the limit (else at the
   limit). Both are listed (logged with the token, and counted in the returned report).
 """
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,24 @@ PROMPTS = {
 }
 
 
+@functools.lru_cache(maxsize=2)
+def _load_model(path, identity, device):
+    """(model, tokenizer) of the folder ``path``, loaded once per (folder, its files, device) and process: the item
+    and the user texts of one features run share it (as the sentence encoders share theirs)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FeatureError(f"llm_path {path}: not a loadable causal language model folder ({err})") from None
+    tokenizer.padding_side = "left"  # generation continues every row at its end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
 class LLMWriter:
     """Writes texts with the causal LM in the local folder ``path`` (loaded on first use; a full cache hit never
     loads it).
@@ -64,24 +83,11 @@ class LLMWriter:
         self.max_new_tokens, self.batch_size, self.max_chars = max_new_tokens, batch_size, max_chars
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.show_progress = show_progress
-        self._model, self._tokenizer = None, None
 
     # ---- model -------------------------------------------------------------------------------------------------
     def _load(self):
-        if self._model is None:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-                model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True)
-            except (OSError, ValueError) as err:
-                raise FeatureError(f"llm_path {self.path}: not a loadable causal language model folder ({err})") from None
-            tokenizer.padding_side = "left"  # generation continues every row at its end
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            self._model, self._tokenizer = model.to(self.device).eval(), tokenizer
-        return self._model, self._tokenizer
+        """(model, tokenizer), loaded on first use."""
+        return _load_model(self.path, self.identity, self.device)
 
     def generate(self, prompts):
         """The decoded continuations of ``prompts`` (greedy), one string each."""
@@ -131,7 +137,11 @@ class LLMWriter:
             raise ValueError(f"kind must be one of {', '.join(PROMPTS)}, got {kind!r}")
         cached = self._read_cache()
         keys = [self._key(kind, text) for text in texts]
-        todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cached}.values())
+        first = {}  # key -> the first text that needs it written (equal texts are written once)
+        for i, key in enumerate(keys):
+            if key not in cached:
+                first.setdefault(key, i)
+        todo = list(first.values())
         report = {"generated": len(todo), "cached": len(texts) - len(todo), "empty": [], "too long": []}
         if todo:
             os.makedirs(os.path.dirname(os.path.abspath(self.cache_file)), exist_ok=True)
