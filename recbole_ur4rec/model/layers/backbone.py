@@ -19,6 +19,7 @@ from recbole_ur4rec.checks import check_config_value
 from recbole_ur4rec.data.sequence_dataset import LOSS_POSITIONS
 
 LOSS_TYPES = ("CE", "SSM", "BPR", "BCE")
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
 def check_sequence_config(config, model_name):
@@ -34,7 +35,6 @@ def check_sequence_config(config, model_name):
             f"train_neg_sample_args must be ~ for {model_name} (got {config['train_neg_sample_args']}): "
             f"it samples its own negatives, not RecBole's sampler"
         )
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
 class CausalSelfAttention(nn.Module):
