@@ -222,7 +222,8 @@ def measure_memory_build(model, n_queries=1000, k=10):
     metadata = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     out["memory_gb"] = (metadata + faiss.serialize_index(memory.index).nbytes) / 2**30
     recall = {}
-    for nprobe in NPROBES if memory.built_type != "flat" else (None,):
+    configured = getattr(memory.index, "nprobe", None)  # the built memory's (None: flat, exact)
+    for nprobe in sorted(set(NPROBES) | {configured}) if configured is not None else (None,):
         if nprobe is not None:
             if nprobe > memory.index.nlist:
                 continue
@@ -232,14 +233,13 @@ def measure_memory_build(model, n_queries=1000, k=10):
         seconds = (time.monotonic() - start) * 1000 / n_queries
         hits = [len(set(a[m].tolist()) & set(b.tolist())) for a, m, b in zip(found, mask, exact["ids"])]
         recall[str(nprobe)] = {"recall@10": sum(hits) / (k * n_queries), "search_s_per_1k": seconds}
-    configured = str(memory.compressed_nprobe if memory.built_type == "ivfsq8" else memory.nprobe)
-    if memory.built_type == "flat":
-        configured = "None"
+    if configured is not None:
+        memory.index.nprobe = configured  # the cell goes on training with the memory as configured
     out["memory_nlist"] = getattr(memory.index, "nlist", None)
-    out["memory_nprobe"] = None if configured == "None" else int(configured)
+    out["memory_nprobe"] = configured
     out["memory_recall_by_nprobe"] = recall
-    out["memory_search_s_per_1k"] = recall[configured]["search_s_per_1k"]
-    out["memory_recall@10"] = recall[configured]["recall@10"]
+    out["memory_search_s_per_1k"] = recall[str(configured)]["search_s_per_1k"]
+    out["memory_recall@10"] = recall[str(configured)]["recall@10"]
     return out
 
 
@@ -247,10 +247,15 @@ def cell_path(out_dir, size, cell):
     return os.path.join(out_dir, "cells", f"{size}-{cell}.json")
 
 
+def features_path(folder, size, model):
+    """The timing file of a size's text features for ``model`` in the cells folder ``folder``."""
+    return os.path.join(folder, f"{size}-features.json" if model == "UR4Rec" else f"{size}-features-{model}.json")
+
+
 def build_features(size, data_root, out_dir, model):
     """The text features ``model`` reads (UR4Rec: item and user text; FedDMMR: item text) of a generated dataset,
     cached beside it, timed once per size and model."""
-    path = os.path.join(out_dir, "cells", f"{size}-features.json" if model == "UR4Rec" else f"{size}-features-{model}.json")
+    path = features_path(os.path.join(out_dir, "cells"), size, model)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["features_s"]
@@ -353,7 +358,7 @@ def write_table(out_dir):
     features = []
     for size in SIZES:
         for model, what in (("UR4Rec", "item and user text"), ("FedDMMR", "item text")):
-            path = os.path.join(folder, f"{size}-features.json" if model == "UR4Rec" else f"{size}-features-{model}.json")
+            path = features_path(folder, size, model)
             if os.path.exists(path):
                 with open(path) as f:
                     features.append(f"{size} {what} ({model}): {json.load(f)['features_s']:.0f} s")
