@@ -289,7 +289,9 @@ def main(argv=None):
     with open(stem, "w") as f:
         f.write(text)
     with open(os.path.splitext(stem)[0] + ".json", "w") as f:
-        json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
+        # the arguments without the run folder (a temporary folder by default: a machine path, not a setting)
+        args_kept = {key: value for key, value in vars(args).items() if key != "workdir"}
+        json.dump({"machine": info, "args": args_kept, "results": results}, f, indent=1)
     print(text)
     print(f"[bench] wrote {stem}")
 
