@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The slice comparison of issue 15 on ml-100k, 3 seeds, both protocols (resumable per cell: run it again to continue).
+# The slice comparison of issue 15 on ml-100k, 3 seeds, both protocols, with the fusion ablation (UR4Rec:text with
+# today's fusion, UR4Rec:text_affine and UR4Rec:text_standardize). Resumable per cell: run it again to continue.
+#   bash bench/slices/run.sh [standard|cold|both]     (default both; the two protocols can run side by side)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 A=bench/ur4rec_ablation; F=bench/feddmmr; S=bench/slices; C=bench/compare_cpu_cap.yaml
-MODELS=FastSASRec,SASRecF,UR4Rec:backbone,UR4Rec:text,FedDMMR:central,FedDMMR:federated,DuoRec,FTRagRec
+MODELS=FastSASRec,SASRecF,UR4Rec:backbone,UR4Rec:text,UR4Rec:text_affine,UR4Rec:text_standardize
+MODELS=$MODELS,FedDMMR:central,FedDMMR:federated,DuoRec,FTRagRec
 common=(--models "$MODELS" -d ml-100k --seeds 3 --extra threads=1
         --model_config SASRecF=$C,$S/sasrecf.yaml
         --model_config UR4Rec:backbone=$A/backbone.yaml --model_config UR4Rec:text=$A/fixed.yaml
+        --model_config UR4Rec:text_affine=$A/fixed.yaml,$S/affine.yaml
+        --model_config UR4Rec:text_standardize=$A/fixed.yaml,$S/standardize.yaml
         --model_config FedDMMR:central=$F/central.yaml --model_config FedDMMR:federated=$F/federated.yaml)
-python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start.yaml --output_dir results/ml-100k-slices
-python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start_cold.yaml --extra cold_items=True \
-    --output_dir results/ml-100k-cold
+protocol=${1:-both}
+if [[ $protocol == standard || $protocol == both ]]; then
+    python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start.yaml --output_dir results/ml-100k-slices
+fi
+if [[ $protocol == cold || $protocol == both ]]; then
+    python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start_cold.yaml --extra cold_items=True \
+        --output_dir results/ml-100k-cold
+fi
