@@ -1,6 +1,8 @@
 """FTRagRec and its trainer: warm start, leakage-free FAISS memory, refresh, saved index, fusion and alignment losses,
 frozen stages, dual evaluation, learning a tiny dataset."""
+import glob
 import math
+import os
 import shutil
 
 import numpy as np
@@ -232,6 +234,67 @@ def test_compressed_memory_agrees_with_exact_search_and_keeps_no_float_keys(tmp_
     assert torch.equal(restored.neighbour_keys(found), compressed.neighbour_keys(found))
 
 
+def crowded_keys(n, dim=32, seed=0, spread=0.2):
+    """Keys of a trained encoder's kind: tight clusters whose members differ near SQ8's resolution, which a
+    ``spread`` fraction of far-off keys sets (its per-dimension ranges); queries come from the clusters."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(size=(4, dim))
+    scale = np.where(rng.random(n) < spread, 1.0, 0.2)[:, None]
+    return torch.tensor(centres[rng.integers(0, 4, n)] + rng.normal(size=(n, dim)) * scale, dtype=torch.float32)
+
+
+def test_compressed_memory_reranks_a_shortlist_with_exact_keys_on_disk(tmp_path):
+    n = 6000
+    keys, queries = crowded_keys(n), crowded_keys(300, seed=1, spread=0.0)
+    targets, users, positions = torch.randint(1, 50, (n,)), torch.arange(n), torch.zeros(n, dtype=torch.long)
+    chunks = [tuple(t[lo : lo + 1000] for t in (keys, targets, users, positions)) for lo in range(0, n, 1000)]
+    exact = RetrievalMemory("flat")
+    exact.build(keys, targets, users, positions, "fp")
+    plain = RetrievalMemory("ivfsq8", nlist=4, compressed_nprobe=4)  # every list probed: SQ8's codes are the limit
+    reranked = RetrievalMemory("ivfsq8", nlist=4, compressed_nprobe=4, rerank=50, exact_keys_dir=str(tmp_path))
+    plain.build_stream(iter(chunks), n, "fp")
+    reranked.build_stream(iter(chunks), n, "fp")
+    query_users, query_positions = torch.full((300,), -1), torch.zeros(300, dtype=torch.long)
+    truth, truth_sim, _ = exact.search(queries, query_users, query_positions, k=10)
+
+    def recall(memory):
+        found = memory.search(queries, query_users, query_positions, k=10)[0]
+        return np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(found, truth)])
+
+    assert recall(plain) < 0.85 and recall(reranked) > 0.98 and plain.exact is None
+    index, sim, mask = reranked.search(queries, query_users, query_positions, k=10)
+    assert mask.all() and torch.allclose(sim, truth_sim, atol=1e-4)  # exact similarities, in order
+    assert (sim[:, :-1] >= sim[:, 1:]).all()
+    # the keys are on disk (float32), not in memory; the neighbours' keys are read from there
+    files = list(tmp_path.glob("ftragrec-keys-*.npy"))
+    assert files == [tmp_path / reranked.exact.path.split("/")[-1]] and reranked.keys is None
+    assert np.load(files[0], mmap_mode="r").shape == (n, 32) and files[0].stat().st_size < n * 32 * 4 + 200
+    read = reranked.neighbour_keys(index)  # [Q k H]
+    assert torch.allclose(read, keys[index], atol=1e-5)
+    # a rebuild deletes the file nobody saved; a saved one stays and comes back with the checkpoint
+    reranked.build_stream(iter(chunks), n, "fp")
+    assert not files[0].exists() and len(list(tmp_path.glob("ftragrec-keys-*.npy"))) == 1
+    state = reranked.state_dict()
+    save_checkpoint({"memory": state}, str(tmp_path / "memory.pth"))
+    reranked.build_stream(iter(chunks), n, "fp")
+    assert (tmp_path / state["exact_keys"]).exists() and len(list(tmp_path.glob("ftragrec-keys-*.npy"))) == 2
+    restored = RetrievalMemory("flat", rerank=50, exact_keys_dir=str(tmp_path))
+    restored.load_state_dict(load_checkpoint(str(tmp_path / "memory.pth"))["memory"])
+    expected = reranked.search(queries, query_users, query_positions, k=10)
+    assert all(torch.equal(a, b) for a, b in zip(expected, restored.search(queries, query_users, query_positions, k=10)))
+    # the current, unsaved file goes with its memory
+    current = tmp_path / reranked.exact.path.split("/")[-1]
+    del reranked
+    assert not current.exists()
+    # a missing or different file is named
+    (tmp_path / state["exact_keys"]).unlink()
+    with pytest.raises(ValueError, match=r"exact keys file .*ftragrec-keys-.*\.npy is missing"):
+        RetrievalMemory(rerank=50, exact_keys_dir=str(tmp_path)).load_state_dict(state)
+    np.save(tmp_path / state["exact_keys"], np.zeros((n, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"holds float32 \(6000, 16\) .* expected float32 \(6000, 32\)"):
+        RetrievalMemory(rerank=50, exact_keys_dir=str(tmp_path)).load_state_dict(state)
+
+
 def test_compressed_memory_refuses_metadata_beyond_int32():
     keys = spread_keys(100)
     users = torch.arange(100)
@@ -315,6 +378,18 @@ def test_memory_is_saved_restored_and_rebuilt_on_mismatch(settings, tmp_path):
         model.eval(), restored.eval()
         interaction = next(iter(valid_data))[0]
         assert torch.allclose(model.full_sort_predict(interaction), restored.full_sort_predict(interaction), atol=1e-5)
+
+    # ivfsq8 re-ranks by default, with its exact keys in a file beside the checkpoints; when that file is gone the
+    # saved memory is encoded again from the loaded weights
+    assert restored.memory.exact is not None and restored.memory.exact.path.startswith(settings["checkpoint_dir"])
+    for path in glob.glob(os.path.join(settings["checkpoint_dir"], "ftragrec-keys-*.npy")):
+        os.remove(path)
+    _, again, _, _, _ = build(settings, index_type="ivfsq8", nlist=4, nprobe=2, seed=8)
+    again.load_state_dict(state["state_dict"])
+    again.load_other_parameter(state["other"])
+    assert not again.memory_restored and not again.memory.built
+    again.eval()
+    assert torch.allclose(model.full_sort_predict(interaction), again.full_sort_predict(interaction), atol=1e-5)
 
     # other weights: the saved memory is not trusted, and is rebuilt from the current backbone before its next use
     _, other, _, _, _ = build(settings, seed=9)

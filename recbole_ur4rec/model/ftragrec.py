@@ -18,6 +18,7 @@ quality, or a per-dimension gate). Trained in stages by :class:`~recbole_ur4rec.
 """
 import glob
 import os
+from logging import getLogger
 
 import torch
 from torch.nn import functional as F
@@ -100,7 +101,9 @@ class FTRagRec(StagedModelMixin, DuoRec):
         - During training, retrieval runs on at most ``retrieval_max_positions`` random supervised positions per
           batch (the plain loss keeps every position), which bounds the FAISS cost per step.
         - Large memories (``index_type: ivfsq8``, chosen by ``auto`` from ``compressed_min_size`` entries) keep 8-bit
-          codes instead of float keys: retrieved keys are decoded from the codes (approximate, ~1% of their norm).
+          codes instead of float keys; with ``rerank`` > 0 (default) a shortlist from the codes is re-ranked by
+          exact similarity, and the neighbours' keys are read, from float32 keys in a file on disk (``memory_dir``);
+          with ``rerank: 0`` the keys are decoded from the codes (approximate, ~1% of their norm).
         - The memory is saved in checkpoints (keys or, for ivfsq8, norms; targets, users, positions; for IVF
           types, the serialised index)
           with fingerprints of the backbone weights it was encoded with and of those saved beside it (between two
@@ -151,6 +154,8 @@ class FTRagRec(StagedModelMixin, DuoRec):
             kmeans_iterations=config["ivf_kmeans_iterations"],
             compressed_min_size=config["compressed_min_size"],
             compressed_nprobe=config["compressed_nprobe"],
+            rerank=config["rerank"],
+            exact_keys_dir=config["memory_dir"] or config["checkpoint_dir"],
         )
         self._memory_rows = self._prefix_rows(getattr(dataset, "training_split", dataset))
         self._memory_checked = False  # False until the memory is known to match the backbone's weights
@@ -165,6 +170,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         _check(config, "retrieval_max_positions", int, low=1)
         _check(config, "retriever_layers", int, low=1)
         _check(config, "nprobe", int, low=1)
+        _check(config, "rerank", int, low=0)
         _check(config, "ivf_kmeans_iterations", int, low=1)
         _check(config, "nlist", int, low=1, optional=True)
         _check(config, "ivf_min_size", int, low=1)
@@ -305,7 +311,12 @@ class FTRagRec(StagedModelMixin, DuoRec):
         self.set_objective(para.get("objective", self.objective))
         saved = para.get("memory")
         if saved is not None and self.backbone_fingerprint() in (saved["fingerprint"], saved.get("saved_with")):
-            self.memory.load_state_dict(saved)
+            try:
+                self.memory.load_state_dict(saved)
+            except ValueError as error:  # e.g. its exact keys file is gone: the same memory is encoded again
+                getLogger().warning(f"the saved retrieval memory is rebuilt from the loaded weights: {error}")
+                self._memory_checked = False
+                return
             self._device_memory, self._memory_checked, self.memory_restored = None, True, True
         else:
             self._memory_checked = False
