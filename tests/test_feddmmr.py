@@ -333,6 +333,53 @@ def test_failing_client_is_left_out_and_the_round_completes(plain):
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+def test_a_round_without_enough_clients_fails_visibly_and_stops_the_run(plain, caplog):
+    config, model, train_data, _, _ = build(
+        plain, dataset="tiny", client_fraction=0.5, server_optimizer="fedavgm", min_round_clients=2, max_failed_rounds=2
+    )
+    trainer = FedDMMRTrainer(config, model)
+    trainer._setup(train_data)
+    n_rows = {c: len(r) for c, r in trainer.clients.rows.items()}
+    targets = trainer.clients.targets.clone()
+    trainer.clients.targets[:, 0] = model.n_items + 5  # every client's update raises
+    before, momentum = snapshot(model), trainer.server_optimizer.state_dict()
+    trainer.run_round(train_data, 0)
+    assert trainer.last_round["failed"] and trainer.failed_rounds == 1 and trainer.last_round["included"] == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a failed round leaves the model as it was"
+    assert trainer.server_optimizer.state_dict() == momentum
+    assert "round 0 failed: 0 of" in caplog.text and "'max_failed_rounds' = 2" in caplog.text
+    # a round that succeeds resets the count
+    trainer.clients.targets.copy_(targets)
+    trainer.run_round(train_data, 1)
+    assert not trainer.last_round["failed"] and trainer.failed_rounds == 0
+    # fewer clients aggregated than min_round_clients is a failed round too (here one of the sampled clients is left)
+    sampled, _ = round_plan(config["seed"], 2, trainer.clients.clients, 0.5, 1, n_rows)
+    for client in sampled[1:]:
+        trainer.clients.targets[trainer.clients.rows[client], 0] = model.n_items + 5
+    trainer.run_round(train_data, 2)
+    assert trainer.last_round["failed"] and trainer.last_round["included"] == sampled[:1] and trainer.failed_rounds == 1
+    # max_failed_rounds failed rounds in a row stop the run with the reason
+    trainer.clients.targets[:, 0] = model.n_items + 5
+    with pytest.raises(RuntimeError, match=r"federated training stopped: round 3 failed: 0 of \d+ sampled clients aggregated"):
+        trainer.run_round(train_data, 3)
+
+
+def test_failed_rounds_stop_a_whole_run_and_resume_with_their_count(plain, tmp_path, monkeypatch):
+    settings = {**plain, "epochs": 6, "client_fraction": 0.3, "max_failed_rounds": 2, "checkpoint_dir": str(tmp_path)}
+    run_round = FedDMMRTrainer.run_round
+
+    def broken_from_round_2(self, train_data, round_idx):
+        if round_idx >= 2:
+            self.clients.targets[:, 0] = self.model.n_items + 5
+        return run_round(self, train_data, round_idx)
+
+    monkeypatch.setattr(FedDMMRTrainer, "run_round", broken_from_round_2)
+    with pytest.raises(RuntimeError, match=r"round 3 failed"):
+        run_recbole_ur4rec("FedDMMR", "tiny", config_dict=settings)
+    (last_file,) = [f for f in os.listdir(tmp_path) if f.endswith("-last.pth")]
+    assert load_checkpoint(tmp_path / last_file)["failed_rounds"] == 1  # round 2 failed; saved after it
+
+
 def test_dp_clipping_bounds_the_round_update(plain):
     # the bound holds for the FedAvg aggregate, applied as it is (server_optimizer fedavg at 1.0)
     config, model, train_data, _, _ = build(

@@ -11,6 +11,10 @@ file, so the checkpoints and ``--resume`` carry them.
 Partial aggregation: the parameter groups in ``local_groups`` are aggregated like the others for the first
 ``partial_aggregation_warmup_rounds`` rounds; from then on every client starts from, and keeps, its own copy of them
 (initialised from the global values when the warm-up ends) and evaluation uses each user's own copy.
+Failed rounds: a round in which fewer than ``min_round_clients`` sampled clients are aggregated (all failed, or no
+node replied) leaves the global model and the server optimizer's state unchanged, is logged and counted; after
+``max_failed_rounds`` consecutive failed rounds the run stops with a RuntimeError. The count is resumed with the run.
+
 ``federated: False`` trains the same model centrally (RecBole's ``_train_epoch``), for comparison.
 """
 import time
@@ -67,8 +71,11 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             from recbole_ur4rec.federated.flower.engine import require_session
 
             require_session()  # fail before the data is built when not inside the Flower ServerApp
+        self.min_round_clients = _check(config, "min_round_clients", int, 1)
+        self.max_failed_rounds = _check(config, "max_failed_rounds", int, 1)
         self.seed = int(config["seed"])
         self.clients, self.engine, self.last_round = None, None, {}
+        self.failed_rounds = 0  # consecutive rounds with fewer than min_round_clients aggregated
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def _setup(self, train_data):
@@ -107,16 +114,21 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round_idx, 1]).integers(2**62)))
         aggregator = FedAvg(global_params, self.dp_clip_norm, self.dp_noise_multiplier, generator)
         new_local, losses = self.engine.run(sampled, orders, global_params, buffers, aggregator)
-        with torch.no_grad():
-            for name, value in self.server_optimizer.step(global_params, aggregator.result()).items():
-                params[name].copy_(value)
-            for client, values in new_local.items():
-                for name, value in values.items():
-                    buffers[name][client] = value
+        failed = len(aggregator.included) < min(self.min_round_clients, len(sampled))
+        if failed:
+            self._fail_round(round_idx, aggregator, sampled)
+        else:
+            self.failed_rounds = 0
+            with torch.no_grad():
+                for name, value in self.server_optimizer.step(global_params, aggregator.result()).items():
+                    params[name].copy_(value)
+                for client, values in new_local.items():
+                    for name, value in values.items():
+                        buffers[name][client] = value
         seconds = time.time() - begin
         self.last_round = {
             "round": round_idx, "sampled": sampled, "included": aggregator.included, "excluded": aggregator.excluded,
-            "seconds": seconds, "local": local,
+            "seconds": seconds, "local": local, "failed": failed,
         }
         self.logger.info(
             set_color(f"round {round_idx}", "green")
@@ -127,13 +139,30 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         )
         return float(np.mean(losses)) if losses else float("nan")
 
+    def _fail_round(self, round_idx, aggregator, sampled):
+        """Count a failed round (the global model stays as it was); stop after ``max_failed_rounds`` in a row."""
+        self.failed_rounds += 1
+        message = (
+            f"round {round_idx} failed: {len(aggregator.included)} of {len(sampled)} sampled clients aggregated, "
+            f"config key 'min_round_clients' asks for {min(self.min_round_clients, len(sampled))}; the global model is "
+            f"unchanged ({self.failed_rounds} failed round(s) in a row, config key 'max_failed_rounds' = {self.max_failed_rounds})"
+        )
+        if self.failed_rounds >= self.max_failed_rounds:
+            raise RuntimeError(f"federated training stopped: {message}")
+        self.logger.warning(message)
+
     # ---- resume: the server optimizer's state ---------------------------------------------------------------------
     def _extra_resume_state(self):
-        return {**super()._extra_resume_state(), "server_optimizer": self.server_optimizer.state_dict()}
+        return {
+            **super()._extra_resume_state(),
+            "server_optimizer": self.server_optimizer.state_dict(),
+            "failed_rounds": self.failed_rounds,
+        }
 
     def _restore(self, state, resume_file):
         super()._restore(state, resume_file)
         self.server_optimizer.load_state_dict(state.get("server_optimizer"))
+        self.failed_rounds = int(state.get("failed_rounds", 0))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if not self.federated:
