@@ -68,13 +68,18 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
         logger.info(sys.argv)
         logger.info(config)
 
-    dataset = create_dataset(config)
-    if log:
-        logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    if config["federation_dir"]:  # a federated server: the interactions stay on the nodes
+        from recbole_ur4rec.federated.partition import federation_data
+
+        dataset, train_data, valid_data, test_data = federation_data(config)
+    else:
+        dataset = create_dataset(config)
+        if log:
+            logger.info(dataset)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = get_model(config["model"])(config, getattr(train_data, "_dataset", dataset)).to(config["device"])
     if log:
         logger.info(model)
     return Run(config, model, dataset, train_data, valid_data, test_data)

@@ -74,7 +74,14 @@ class Config(RecBoleConfig):
         ):
             self.final_config_dict["train_neg_sample_args"] = None
         super()._set_default_parameters()
-        self.final_config_dict["data_path"] = resolve_data_path(os.path.join(data_root, self.dataset), self.dataset)
+        items = self.final_config_dict.get("item_info_dir")
+        if not items and self.final_config_dict.get("federation_dir"):
+            items = os.path.join(self.final_config_dict["federation_dir"], "items")
+        if items:  # a federated server or node: item side information here, the interactions in a partition
+            items = os.path.join(os.path.abspath(items), self.dataset)
+            self.final_config_dict["data_path"] = self.final_config_dict["feature_cache_dir"] = items
+        else:
+            self.final_config_dict["data_path"] = resolve_data_path(os.path.join(data_root, self.dataset), self.dataset)
         self._load_split_fields()
 
     def _load_split_fields(self):

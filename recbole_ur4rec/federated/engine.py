@@ -36,11 +36,20 @@ class ClientData:
     """
 
     def __init__(self, dataset, target_field):
-        feat = dataset.inter_feat
-        self.item_seq = feat[dataset.item_id_list_field]  # [R L]
+        self._index(dataset.inter_feat, dataset.item_id_list_field, target_field, dataset.uid_field)
+
+    @classmethod
+    def from_rows(cls, feat, item_seq_field, target_field, uid_field):
+        """The clients of whole-sequence training rows ``feat`` (an Interaction), e.g. a node's partition."""
+        data = cls.__new__(cls)
+        data._index(feat, item_seq_field, target_field, uid_field)
+        return data
+
+    def _index(self, feat, item_seq_field, target_field, uid_field):
+        self.item_seq = feat[item_seq_field]  # [R L]
         self.targets = feat[target_field]  # [R L]
         self.interaction = feat
-        users = feat[dataset.uid_field].numpy()
+        users = feat[uid_field].numpy()
         order = np.argsort(users, kind="stable")
         ids, starts = np.unique(users[order], return_index=True)
         bounds = np.r_[starts, len(users)]
@@ -48,6 +57,7 @@ class ClientData:
         self.rows = {int(u): torch.as_tensor(order[bounds[i] : bounds[i + 1]]) for i, u in enumerate(ids)}
         positions = (self.targets > 0).sum(1)
         self.counts = {u: int(positions[rows].sum()) for u, rows in self.rows.items()}
+        self.n_rows = {u: len(rows) for u, rows in self.rows.items()}
 
 
 def round_plan(seed, round_idx, clients, fraction, local_epochs, n_rows):

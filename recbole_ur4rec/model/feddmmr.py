@@ -122,8 +122,8 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
         name_of = {id(p): n for n, p in self.named_parameters()}
         self.local_names = [name_of[id(p)] for g in self.local_groups for p in groups[g]]
         self.register_buffer("local_active", torch.tensor(False))
-        for name in self.local_names:  # per-user copies, filled by the trainer when partial aggregation starts
-            param = self.get_parameter(name)
+        for name in self.local_names if self.n_users else []:  # per-user copies, filled by the trainer when partial
+            param = self.get_parameter(name)  # aggregation starts (none on a federated server: they stay on the nodes)
             self.register_buffer(self.local_buffer(name), param.detach().unsqueeze(0).repeat(self.n_users, *[1] * param.dim()))
 
     @staticmethod

@@ -15,8 +15,16 @@ Failed rounds: a round in which fewer than ``min_round_clients`` sampled clients
 node replied) leaves the global model and the server optimizer's state unchanged, is logged and counted; after
 ``max_failed_rounds`` consecutive failed rounds the run stops with a RuntimeError. The count is resumed with the run.
 
+Partitioned data (``federation_dir``, :mod:`recbole_ur4rec.federated.partition`): this process is the server and
+holds no interaction. The nodes (in this process with ``federated_engine: loop``, or Flower SuperNodes) train their
+sampled users, keep the users' local parameters, and evaluate their users' validation and test rows with RecBole's
+metric code, replying only metric sums (:mod:`recbole_ur4rec.federated.node`); the server's checkpoints hold the
+global parameters and the server optimizer's state. The best checkpoint's round tells the nodes which version of
+the local parameters the test evaluation uses.
+
 ``federated: False`` trains the same model centrally (RecBole's ``_train_epoch``), for comparison.
 """
+import os
 import time
 
 import numpy as np
@@ -24,6 +32,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import (
@@ -35,6 +44,7 @@ from recbole_ur4rec.federated import (
     ServerOptimizer,
     round_plan,
 )
+from recbole_ur4rec.federated.node import merge_metric_sums
 from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
 
 ENGINE_NAMES = (*ENGINES, "flower")  # flower: recbole_ur4rec.federated.flower (imports flwr only when chosen)
@@ -74,13 +84,35 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.min_round_clients = _check(config, "min_round_clients", int, 1)
         self.max_failed_rounds = _check(config, "max_failed_rounds", int, 1)
         self.seed = int(config["seed"])
+        self.partitioned = bool(config["federation_dir"])
+        if self.partitioned and not (self.federated and self.engine_name in ("loop", "flower")):
+            raise ValueError(
+                "config key 'federation_dir' (a partitioned dataset) trains federated on its nodes: it needs federated: True "
+                f"and federated_engine 'loop' (nodes in this process) or 'flower', got federated: {self.federated}, "
+                f"federated_engine: {self.engine_name!r}"
+            )
         self.clients, self.engine, self.last_round = None, None, {}
+        self.round_idx, self.best_round = -1, -1  # the last round run; the round of the best checkpoint
         self.failed_rounds = 0  # consecutive rounds with fewer than min_round_clients aggregated
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def _setup(self, train_data):
-        self.clients = ClientData(train_data._dataset, target_list_field(self.config))
         lr, batch = self.local_learning_rate, self.config["train_batch_size"]
+        if self.partitioned:
+            from recbole_ur4rec.federated.node import LocalNodes
+            from recbole_ur4rec.federated.partition import FederationClients, read_federation
+
+            self.clients = FederationClients(read_federation(self.config["federation_dir"]))
+            self.task = {"learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer}
+            if self.engine_name == "flower":
+                from recbole_ur4rec.federated.flower.engine import FlowerNodes
+
+                self.engine = FlowerNodes(self.clients)
+            else:
+                state = self.config["node_state_dir"] or os.path.join(self.config["checkpoint_dir"], "node-state")
+                self.engine = LocalNodes(self.config, self.clients, state)
+            return
+        self.clients = ClientData(train_data._dataset, target_list_field(self.config))
         if self.engine_name == "batched":
             self.engine = BatchedEngine(self.model, self.clients, lr, batch, self.client_batch_size, self.local_optimizer)
         elif self.engine_name == "flower":
@@ -100,20 +132,33 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             self._setup(train_data)
         model = self.model
         begin = time.time()
+        self.round_idx = round_idx
         local = self.local_names(round_idx)
-        buffers = {name: getattr(model, model.local_buffer(name)) for name in local}
-        if local and not bool(model.local_active):  # the warm-up ends: every client starts from the global values
-            with torch.no_grad():
-                for name, buffer in buffers.items():
-                    buffer.copy_(model.get_parameter(name).detach().unsqueeze(0).expand_as(buffer))
+        local_init = None
+        if self.partitioned:  # the local parameters live on the nodes
+            buffers = dict.fromkeys(local)
+            if local and not bool(model.local_active):  # the warm-up ends: every client starts from these values
+                local_init = {name: model.get_parameter(name).detach().clone() for name in local}
                 model.local_active.fill_(True)
-        n_rows = {c: len(r) for c, r in self.clients.rows.items()}
+        else:
+            buffers = {name: getattr(model, model.local_buffer(name)) for name in local}
+            if local and not bool(model.local_active):  # the warm-up ends: every client starts from the global values
+                with torch.no_grad():
+                    for name, buffer in buffers.items():
+                        buffer.copy_(model.get_parameter(name).detach().unsqueeze(0).expand_as(buffer))
+                    model.local_active.fill_(True)
+        n_rows = self.clients.n_rows
         sampled, orders = round_plan(self.seed, round_idx, self.clients.clients, self.client_fraction, self.local_epochs, n_rows)
         params = dict(model.named_parameters())
         global_params = {n: p.detach().clone() for n, p in params.items() if n not in buffers and p.requires_grad}
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round_idx, 1]).integers(2**62)))
         aggregator = FedAvg(global_params, self.dp_clip_norm, self.dp_noise_multiplier, generator)
-        new_local, losses = self.engine.run(sampled, orders, global_params, buffers, aggregator)
+        if self.partitioned:
+            new_local = {}
+            losses = self.engine.train_round(round_idx, sampled, orders, global_params, local, local_init, self.task, aggregator)
+            self.engine.prune(self.best_round)
+        else:
+            new_local, losses = self.engine.run(sampled, orders, global_params, buffers, aggregator)
         failed = len(aggregator.included) < min(self.min_round_clients, len(sampled))
         if failed:
             self._fail_round(round_idx, aggregator, sampled)
@@ -151,18 +196,47 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             raise RuntimeError(f"federated training stopped: {message}")
         self.logger.warning(message)
 
+    # ---- partitioned data: evaluation on the nodes ---------------------------------------------------------------
+    def _save_checkpoint(self, epoch, *args, **kwargs):
+        self.best_round = epoch  # RecBole saves the best model here: its round's local parameters go with it
+        return super()._save_checkpoint(epoch, *args, **kwargs)
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        from recbole_ur4rec.federated.partition import NodeSplit
+
+        if not isinstance(eval_data, NodeSplit):
+            return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        local_round = self.round_idx
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            state = load_checkpoint(checkpoint_file, self.device)
+            self.model.load_state_dict(state["state_dict"])
+            self.model.load_other_parameter(state.get("other_parameter"))
+            local_round = state["epoch"]
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        if self.clients is None:
+            self._setup(None)
+        local = self.local_names(local_round) if local_round >= 0 else []
+        global_params = {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in local and p.requires_grad}
+        replies = self.engine.evaluate(eval_data.name, global_params, local, local_round)
+        return merge_metric_sums(replies, self.config["metric_decimal_place"])
+
     # ---- resume: the server optimizer's state ---------------------------------------------------------------------
     def _extra_resume_state(self):
         return {
             **super()._extra_resume_state(),
             "server_optimizer": self.server_optimizer.state_dict(),
             "failed_rounds": self.failed_rounds,
+            "best_round": self.best_round,
         }
 
     def _restore(self, state, resume_file):
         super()._restore(state, resume_file)
         self.server_optimizer.load_state_dict(state.get("server_optimizer"))
         self.failed_rounds = int(state.get("failed_rounds", 0))
+        self.best_round = int(state.get("best_round", -1))
+        self.round_idx = self.start_epoch - 1
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if not self.federated:

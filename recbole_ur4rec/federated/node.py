@@ -1,0 +1,345 @@
+"""A node of a partitioned federation: its users' rows, the model, and its users' personal (local) parameters.
+
+A :class:`Node` reads only its partition (:class:`~recbole_ur4rec.federated.partition.NodePartition`) and the shared
+item side information. It answers two requests, whatever carries them (in process, or a Flower message):
+
+- :meth:`Node.train`: the round's client updates of its sampled users (:class:`~recbole_ur4rec.federated.LoopEngine`'s
+  update, from the global parameters and each user's own local parameters); it replies each client's update,
+  sample count and loss. Local parameters never leave the node: they are kept in :class:`LocalStore`, on disk
+  under the node's state folder, one version per round;
+- :meth:`Node.evaluate`: its users' validation or test rows, ranked over all items with the global parameters and
+  each user's local parameters as of a given round, scored by RecBole's own metric code; it replies only the metric
+  sums over its users and their number (:func:`metric_sums`), which the server adds up (:func:`merge_metric_sums`).
+"""
+import glob
+import os
+import re
+
+import numpy as np
+import torch
+
+from recbole_ur4rec.federated.aggregation import FedAvg
+from recbole_ur4rec.federated.engine import ClientData, LoopEngine
+from recbole_ur4rec.federated.partition import ItemCatalog, NodePartition, PartitionError, read_items
+
+
+def default_items(partition):
+    """The shared item information folder of a partition folder: ``items`` beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(partition)), "items")
+
+
+def metric_sums(evaluator, struct):
+    """``{metric@k: sum over the evaluated users}`` from RecBole's ``evaluator`` on ``struct`` (its own per-user
+    values, summed instead of averaged), for top-k metrics."""
+    sums = {}
+    for name, metric in evaluator.metric_class.items():
+        if not hasattr(metric, "topk"):
+            raise ValueError(f"node-side evaluation adds up top-k metrics only; config key 'metrics' names {name!r}")
+        metric.topk_result = lambda label, value, m=metric: {f"{label}@{k}": float(value[:, k - 1].sum()) for k in m.topk}
+        try:
+            sums.update(metric.calculate_metric(struct))
+        finally:
+            del metric.topk_result  # back to the class's averaging
+    return sums
+
+
+def merge_metric_sums(replies, decimal_place):
+    """RecBole's result dict (means rounded as RecBole rounds them) from the nodes' ``(sums, users)`` replies."""
+    total = sum(users for _, users in replies)
+    if total == 0:
+        raise ValueError("no node evaluated any user")
+    keys = list(replies[0][0])
+    return {key: round(sum(sums[key] for sums, _ in replies) / total, decimal_place) for key in keys}
+
+
+class LocalStore:
+    """A node's local parameters per user and round, in ``<folder>/local-<round>.npz`` files (no pickle).
+
+    ``init`` holds the values every user starts from when partial aggregation begins (the global values then).
+    """
+
+    PATTERN = re.compile(r"local-(\d+)\.npz$")
+
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.versions = {}  # user -> sorted rounds with a saved version
+        for path in glob.glob(os.path.join(folder, "local-*.npz")):
+            match = self.PATTERN.search(path)
+            if match:
+                with np.load(path, allow_pickle=False) as arrays:
+                    for user in arrays["users"].tolist():
+                        self.versions.setdefault(int(user), []).append(int(match.group(1)))
+        for rounds in self.versions.values():
+            rounds.sort()
+
+    def _path(self, round_idx):
+        return os.path.join(self.folder, "init.npz" if round_idx is None else f"local-{round_idx}.npz")
+
+    def save_init(self, values):
+        np.savez(self._path(None), **{name: v.detach().cpu().numpy() for name, v in values.items()})
+
+    def has_init(self):
+        return os.path.isfile(self._path(None))
+
+    def save(self, round_idx, values):
+        """Store ``values`` (user -> {name: tensor}) as the users' version of ``round_idx``."""
+        if not values:
+            return
+        users = sorted(values)
+        names = list(values[users[0]])
+        arrays = {name: np.stack([values[u][name].detach().cpu().numpy() for u in users]) for name in names}
+        tmp = self._path(round_idx) + ".tmp.npz"
+        np.savez(tmp, users=np.asarray(users, dtype=np.int64), **arrays)
+        os.replace(tmp, self._path(round_idx))
+        for user in users:
+            rounds = self.versions.setdefault(user, [])
+            if round_idx not in rounds:
+                rounds.append(round_idx)
+                rounds.sort()
+
+    def load(self, users, names, up_to_round):
+        """{name: [U ..]} of ``users``' latest versions at or before ``up_to_round`` (``init`` where none)."""
+        if not self.has_init():
+            raise LookupError(f"node state {self.folder} holds no local parameters (init.npz): was the node state lost?")
+        with np.load(self._path(None), allow_pickle=False) as arrays:
+            init = {name: torch.from_numpy(arrays[name]) for name in names}
+        out = {name: init[name].unsqueeze(0).repeat(len(users), *[1] * init[name].dim()) for name in names}
+        wanted = {}
+        for i, user in enumerate(users):
+            rounds = [r for r in self.versions.get(int(user), []) if r <= up_to_round]
+            if rounds:
+                wanted.setdefault(rounds[-1], []).append((i, int(user)))
+        for round_idx, entries in wanted.items():
+            with np.load(self._path(round_idx), allow_pickle=False) as arrays:
+                row_of = {int(u): j for j, u in enumerate(arrays["users"].tolist())}
+                for name in names:
+                    values = arrays[name]
+                    for i, user in entries:
+                        out[name][i] = torch.as_tensor(values[row_of[user]])
+        return out
+
+    def prune(self, keep_round):
+        """Delete round files that no user needs: a user keeps its latest version at or before ``keep_round`` (the
+        best round so far) and every later one."""
+        needed = set()
+        for rounds in self.versions.values():
+            older = [r for r in rounds if r <= keep_round]
+            needed.update(older[-1:] + [r for r in rounds if r > keep_round])
+        for path in glob.glob(os.path.join(self.folder, "local-*.npz")):
+            match = self.PATTERN.search(path)
+            if match and int(match.group(1)) not in needed:
+                os.remove(path)
+        for user, rounds in self.versions.items():
+            self.versions[user] = [r for r in rounds if r in needed]
+
+
+class _Collect(FedAvg):
+    """A FedAvg that also keeps every client's update and failure, for the node's reply."""
+
+    def __init__(self, global_params):
+        super().__init__(global_params)
+        self.updates, self.failed = {}, {}
+
+    def add(self, clients, deltas, counts):
+        for i, client in enumerate(clients):
+            self.updates[client] = ({name: d[i] for name, d in deltas.items()}, int(counts[i]))
+        return super().add(clients, deltas, counts)
+
+    def fail(self, client, error):
+        self.failed[client] = f"{type(error).__name__}: {error}"
+        super().fail(client, error)
+
+
+class Node:
+    """See the module docstring.
+
+    Args:
+        config: the run's RecBole Config, with ``data_path`` and ``feature_cache_dir`` at the shared item
+            information (config ``item_info_dir`` or ``federation_dir``; :meth:`from_settings` builds it).
+        partition (str): the node's partition folder (``<root>/node-<k>``).
+        state_dir (str): where the node keeps its users' local parameters (survives a node restart).
+        items (str or None): the shared item side information folder (default: ``items`` beside the partition).
+    """
+
+    def __init__(self, config, partition, state_dir, items=None):
+        from recbole.evaluator import Collector, Evaluator
+        from recbole.utils import init_seed
+
+        from recbole_ur4rec.data.sequence_dataset import target_list_field
+        from recbole_ur4rec.registry import get_model
+
+        catalog = read_items(items or default_items(partition), config["dataset"])
+        self.config = config
+        self.partition = NodePartition(partition, config["dataset"], len(catalog["item_tokens"]))
+        init_seed(config["seed"], config["reproducibility"])
+        dataset = ItemCatalog(config, catalog["item_tokens"], self.partition.meta["n_users"])
+        self.model = get_model(config["model"])(config, dataset)
+        self.model.eval()
+        train = self.partition.rows["train"]
+        self.clients = ClientData.from_rows(train, self.model.ITEM_SEQ, target_list_field(self.config), self.config["USER_ID_FIELD"])
+        self.store = LocalStore(state_dir)
+        self.collector, self.evaluator = Collector(self.config), Evaluator(self.config)
+
+    @classmethod
+    def from_settings(cls, settings, partition, state_dir, items=None):
+        """A node of the run ``settings`` (``model``, ``dataset``, ``config_file_list``, ``config_dict``: the
+        server's), e.g. from a Flower message."""
+        from recbole_ur4rec.config import Config
+
+        items = items or default_items(partition)
+        config_dict = {**settings["config_dict"], "item_info_dir": os.path.abspath(items), "federation_dir": None}
+        config = Config(model=settings["model"], dataset=settings["dataset"], config_file_list=settings["config_file_list"], config_dict=config_dict)
+        return cls(config, partition, state_dir, items)
+
+    # ---- parameters ------------------------------------------------------------------------------------------
+    def _load_global(self, global_params):
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in global_params.items():
+                params[name].copy_(value)
+
+    def _local_rows(self, users, names, up_to_round):
+        return self.store.load(users, names, up_to_round) if names else {}
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def train(self, round_idx, users, orders, global_params, local_names, local_init, learning_rate, batch_size, optimizer):
+        """Train ``users`` (this node's) for round ``round_idx``; keep their new local parameters here.
+
+        Args:
+            orders (dict): user -> one row permutation per local epoch (the server's round plan).
+            local_names (list): the parameters kept on the clients this round (empty during the warm-up).
+            local_init (dict or None): the values of ``local_names`` every user starts from, sent in the first
+                round that keeps them local.
+
+        Returns:
+            tuple: ``updates`` (user -> (deltas, count, loss)) and ``failed`` (user -> error text).
+        """
+        self.partition.check_users(users)
+        if local_init:
+            self.store.save_init(local_init)
+        self._load_global(global_params)
+        problems = {}
+        local = {}
+        if local_names:
+            try:
+                rows = self._local_rows(users, local_names, round_idx - 1)
+                local = {name: _Rows({u: rows[name][i] for i, u in enumerate(users)}) for name in local_names}
+            except LookupError as error:
+                problems = dict.fromkeys(users, error)
+        for user in users:
+            if user not in self.clients.rows:
+                problems.setdefault(user, PartitionError(f"user {user} has no training rows on node {self.partition.node}"))
+            elif len(orders[user][0]) != len(self.clients.rows[user]):
+                problems.setdefault(user, PartitionError(
+                    f"user {user}: node {self.partition.node} holds {len(self.clients.rows[user])} training rows, the "
+                    f"server's plan {len(orders[user][0])}: the server's federation.json and this partition differ"
+                ))
+        engine = _NodeEngine(self.model, self.clients, learning_rate, batch_size, optimizer, problems)
+        collect = _Collect(global_params)
+        new_local, losses = engine.run(users, orders, global_params, local, collect)
+        if local_names:
+            self.store.save(round_idx, {u: new_local[u] for u in new_local})
+        loss_of = dict(zip([u for u in users if u in collect.updates], losses))
+        updates = {u: (deltas, count, float(loss_of.get(u, float("nan")))) for u, (deltas, count) in collect.updates.items()}
+        return updates, collect.failed
+
+    @torch.no_grad()
+    def evaluate(self, split, global_params, local_names, local_round, batch_size=None):
+        """Metric sums over this node's users' ``split`` rows and their number (see :func:`metric_sums`).
+
+        Args:
+            local_names (list): local parameters in use (empty: none); each user's version of ``local_round``
+                (its latest at or before it) is used.
+        """
+        self._load_global(global_params)
+        model, rows = self.model, self.partition.rows[split]
+        uid, iid = self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]
+        users = rows[uid].tolist()
+        if local_names:
+            values = self._local_rows(users, local_names, local_round)
+            for name in local_names:
+                getattr(model, model.local_buffer(name))[rows[uid]] = values[name]
+            model.local_active.fill_(True)
+        else:
+            model.local_active.fill_(False)
+        model.eval()
+        batch_size = batch_size or self.config["eval_batch_size"]
+        for begin in range(0, len(rows), batch_size):
+            batch = rows[begin : begin + batch_size]
+            scores = model.full_sort_predict(batch).view(len(batch), -1)
+            scores[:, 0] = -np.inf  # RecBole's full-sort evaluation never ranks the padding item
+            self.collector.eval_batch_collect(scores, batch, torch.arange(len(batch)), batch[iid])
+        struct = self.collector.get_data_struct()
+        return metric_sums(self.evaluator, struct), len(rows)
+
+
+class _Rows(dict):
+    """user -> one local parameter's value, indexed by a list of users like the [n_users ..] buffers."""
+
+    def __getitem__(self, users):
+        return torch.stack([dict.__getitem__(self, u) for u in users])
+
+
+class _NodeEngine(LoopEngine):
+    """The loop engine on a node; a client with a known problem (``problems``: user -> error) fails at its start."""
+
+    def __init__(self, model, data, learning_rate, batch_size, optimizer, problems):
+        super().__init__(model, data, learning_rate, batch_size, optimizer)
+        self.problems = problems
+
+    def start_params(self, clients, global_params, local_params):
+        for client in clients:
+            if client in self.problems:
+                raise self.problems[client]
+        return super().start_params(clients, global_params, local_params)
+
+
+
+class LocalNodes:
+    """Every node of a partition in this process, each reading only its own partition and state folder: the
+    in-process counterpart of the Flower deployment (same requests, same replies).
+
+    Args:
+        config: the server's Config (``federation_dir`` set; ``data_path`` and ``feature_cache_dir`` at the items).
+        federation (FederationClients): the server's clients and their nodes.
+        state_root (str): ``<state_root>/node-<k>`` is node ``k``'s state folder.
+    """
+
+    def __init__(self, config, federation, state_root):
+        root = config["federation_dir"]
+        self.federation = federation
+        self.nodes = [Node(config, os.path.join(root, f"node-{k}"), os.path.join(state_root, f"node-{k}")) for k in range(federation.nodes)]
+
+    def train_round(self, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
+        """Train ``clients`` on their nodes; add their updates to ``aggregator`` in the sampled order; return their losses."""
+        by_node = {}
+        for client in clients:
+            by_node.setdefault(self.federation.node_of[client], []).append(client)
+        updates, failed = {}, {}
+        for k, users in by_node.items():
+            got, bad = self.nodes[k].train(round_idx, users, {u: orders[u] for u in users}, global_params, local_names, local_init, **task)
+            updates.update(got)
+            failed.update(bad)
+        return add_updates(clients, updates, failed, aggregator)
+
+    def evaluate(self, split, global_params, local_names, local_round):
+        return [node.evaluate(split, global_params, local_names, local_round) for node in self.nodes]
+
+    def prune(self, keep_round):
+        for node in self.nodes:
+            node.store.prune(keep_round)
+
+
+def add_updates(clients, updates, failed, aggregator):
+    """Add the nodes' ``updates`` (client -> (deltas, count, loss)) to ``aggregator`` in the sampled order, as the
+    in-process engines do; clients without one fail with their node's reason. Returns the losses."""
+    losses = []
+    for client in clients:
+        if client not in updates:
+            aggregator.fail(client, RuntimeError(failed.get(client, "no update from its node")))
+            continue
+        deltas, count, loss = updates[client]
+        if not aggregator.add([client], {name: delta.unsqueeze(0) for name, delta in deltas.items()}, [count]):
+            losses.append(loss)
+    return losses
