@@ -56,6 +56,23 @@ class FedAvg:
         getLogger().warning(f"client {client}: update failed ({type(error).__name__}: {error}), left out of this round's aggregate")
         self.excluded.append(client)
 
+    def partial(self):
+        """The running sums (a node's share of the round), for :meth:`merge` on the server: the server learns the
+        node's weighted sum of its clients' updates, not the updates themselves."""
+        return {
+            "sums": {name: value.clone() for name, value in self.sums.items()}, "total": self.total,
+            "max_count": self.max_count, "included": list(self.included), "excluded": list(self.excluded),
+        }
+
+    def merge(self, partial):
+        """Add another aggregator's :meth:`partial` (clipping was applied there, per client)."""
+        for name, value in self.sums.items():
+            value += partial["sums"][name].to(value.dtype)
+        self.total += float(partial["total"])
+        self.max_count = max(self.max_count, float(partial["max_count"]))
+        self.included += [int(c) for c in partial["included"]]
+        self.excluded += [int(c) for c in partial["excluded"]]
+
     def result(self):
         """The new global parameters: unchanged when no client contributed."""
         if self.total == 0:

@@ -14,6 +14,7 @@ item side information. It answers two requests, whatever carries them (in proces
 import glob
 import os
 import re
+from logging import getLogger
 
 import numpy as np
 import torch
@@ -135,15 +136,15 @@ class LocalStore:
 
 
 class _Collect(FedAvg):
-    """A FedAvg that also keeps every client's update and failure, for the node's reply."""
+    """The node's FedAvg (per-client clipping as on the server, no noise), keeping which clients were counted
+    (they returned a loss) and why the others failed."""
 
-    def __init__(self, global_params):
-        super().__init__(global_params)
-        self.updates, self.failed = {}, {}
+    def __init__(self, global_params, clip_norm=None):
+        super().__init__(global_params, clip_norm)
+        self.counted, self.failed = [], {}
 
     def add(self, clients, deltas, counts):
-        for i, client in enumerate(clients):
-            self.updates[client] = ({name: d[i] for name, d in deltas.items()}, int(counts[i]))
+        self.counted += list(clients)
         return super().add(clients, deltas, counts)
 
     def fail(self, client, error):
@@ -203,7 +204,7 @@ class Node:
         return self.store.load(users, names, up_to_round) if names else {}
 
     # ---- requests --------------------------------------------------------------------------------------------
-    def train(self, round_idx, users, orders, global_params, local_names, local_init, learning_rate, batch_size, optimizer):
+    def train(self, round_idx, users, orders, global_params, local_names, local_init, task):
         """Train ``users`` (this node's) for round ``round_idx``; keep their new local parameters here.
 
         Args:
@@ -211,9 +212,12 @@ class Node:
             local_names (list): the parameters kept on the clients this round (empty during the warm-up).
             local_init (dict or None): the values of ``local_names`` every user starts from, sent in the first
                 round that keeps them local.
+            task (dict): ``learning_rate``, ``batch_size``, ``optimizer`` (local) and ``dp_clip_norm`` (or None).
 
         Returns:
-            tuple: ``updates`` (user -> (deltas, count, loss)) and ``failed`` (user -> error text).
+            tuple: the node's partial aggregate (:meth:`FedAvg.partial`: the weighted sum of its clients' clipped
+            updates, their total weight, the included and excluded clients), ``losses`` (user -> mean local loss)
+            and ``failed`` (user -> error text).
         """
         self.partition.check_users(users)
         if local_init:
@@ -235,14 +239,13 @@ class Node:
                     f"user {user}: node {self.partition.node} holds {len(self.clients.rows[user])} training rows, the "
                     f"server's plan {len(orders[user][0])}: the server's federation.json and this partition differ"
                 ))
-        engine = _NodeEngine(self.model, self.clients, learning_rate, batch_size, optimizer, problems)
-        collect = _Collect(global_params)
+        engine = _NodeEngine(self.model, self.clients, task["learning_rate"], task["batch_size"], task["optimizer"], problems)
+        collect = _Collect(global_params, task.get("dp_clip_norm"))
         new_local, losses = engine.run(users, orders, global_params, local, collect)
         if local_names:
             self.store.save(round_idx, {u: new_local[u] for u in new_local})
-        loss_of = dict(zip([u for u in users if u in collect.updates], losses))
-        updates = {u: (deltas, count, float(loss_of.get(u, float("nan")))) for u, (deltas, count) in collect.updates.items()}
-        return updates, collect.failed
+        trained = [u for u in users if u in collect.counted]
+        return collect.partial(), dict(zip(trained, losses)), collect.failed
 
     @torch.no_grad()
     def evaluate(self, split, global_params, local_names, local_round, batch_size=None):
@@ -304,24 +307,21 @@ class LocalNodes:
         config: the server's Config (``federation_dir`` set; ``data_path`` and ``feature_cache_dir`` at the items).
         federation (FederationClients): the server's clients and their nodes.
         state_root (str): ``<state_root>/node-<k>`` is node ``k``'s state folder.
+        root (str or None): the partition (default: config ``federation_dir``).
     """
 
-    def __init__(self, config, federation, state_root):
-        root = config["federation_dir"]
+    def __init__(self, config, federation, state_root, root=None):
+        root = root or config["federation_dir"]
         self.federation = federation
         self.nodes = [Node(config, os.path.join(root, f"node-{k}"), os.path.join(state_root, f"node-{k}")) for k in range(federation.nodes)]
 
     def train_round(self, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
-        """Train ``clients`` on their nodes; add their updates to ``aggregator`` in the sampled order; return their losses."""
-        by_node = {}
-        for client in clients:
-            by_node.setdefault(self.federation.node_of[client], []).append(client)
-        updates, failed = {}, {}
-        for k, users in by_node.items():
-            got, bad = self.nodes[k].train(round_idx, users, {u: orders[u] for u in users}, global_params, local_names, local_init, **task)
-            updates.update(got)
-            failed.update(bad)
-        return add_updates(clients, updates, failed, aggregator)
+        """Train ``clients`` on their nodes; merge the nodes' partial aggregates into ``aggregator``; return the
+        clients' losses."""
+        replies = {}
+        for k, users in assign(clients, self.federation).items():
+            replies[k] = self.nodes[k].train(round_idx, users, {u: orders[u] for u in users}, global_params, local_names, local_init, task)
+        return merge_replies(clients, self.federation, replies, aggregator)
 
     def evaluate(self, split, global_params, local_names, local_round):
         return [node.evaluate(split, global_params, local_names, local_round) for node in self.nodes]
@@ -331,15 +331,29 @@ class LocalNodes:
             node.store.prune(keep_round)
 
 
-def add_updates(clients, updates, failed, aggregator):
-    """Add the nodes' ``updates`` (client -> (deltas, count, loss)) to ``aggregator`` in the sampled order, as the
-    in-process engines do; clients without one fail with their node's reason. Returns the losses."""
-    losses = []
+def assign(clients, federation):
+    """node -> its sampled clients, in the sampled order."""
+    by_node = {}
     for client in clients:
-        if client not in updates:
-            aggregator.fail(client, RuntimeError(failed.get(client, "no update from its node")))
+        by_node.setdefault(federation.node_of[client], []).append(client)
+    return by_node
+
+
+def merge_replies(clients, federation, replies, aggregator):
+    """Merge the nodes' replies (node -> (partial, losses, failed), or an Exception for a node without a reply) into
+    ``aggregator``; every client of a node without a reply fails with the node's reason. Returns the losses of
+    the included clients, in the sampled order."""
+    losses = {}
+    for node, users in assign(clients, federation).items():
+        reply = replies.get(node, RuntimeError(f"node {node} was not asked"))
+        if isinstance(reply, Exception):
+            for user in users:
+                aggregator.fail(user, reply)
             continue
-        deltas, count, loss = updates[client]
-        if not aggregator.add([client], {name: delta.unsqueeze(0) for name, delta in deltas.items()}, [count]):
-            losses.append(loss)
-    return losses
+        partial, node_losses, failed = reply
+        for user, error in failed.items():
+            getLogger().warning(f"client {user}: update failed on node {node} ({error}), left out of this round's aggregate")
+        aggregator.merge(partial)
+        losses.update(node_losses)
+    included = set(aggregator.included)
+    return [losses[c] for c in clients if c in included and c in losses]

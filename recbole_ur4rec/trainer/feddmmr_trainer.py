@@ -103,7 +103,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             from recbole_ur4rec.federated.partition import FederationClients, read_federation
 
             self.clients = FederationClients(read_federation(self.config["federation_dir"]))
-            self.task = {"learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer}
+            self.task = {"learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer, "dp_clip_norm": self.dp_clip_norm}
             if self.engine_name == "flower":
                 from recbole_ur4rec.federated.flower.engine import FlowerNodes
 
