@@ -98,7 +98,7 @@ class NodePartition:
 
     def __init__(self, folder, dataset, n_items=None):
         self.folder = folder
-        meta = _read_json(os.path.join(folder, "node.json"), "the node's partition (python -m recbole_ur4rec.federated.partition)")
+        meta = self.read_meta(folder)
         if meta["dataset"] != dataset:
             raise PartitionError(f"{folder} holds a partition of dataset {meta['dataset']!r}, the run is on {dataset!r}")
         if n_items is not None and meta["n_items"] != n_items:
@@ -124,6 +124,11 @@ class NodePartition:
             strangers = sorted(set(rows[uid].tolist()) - own)
             if strangers:
                 raise PartitionError(f"{path}: {split} rows of users {strangers[:5]} that node.json does not assign to this node")
+
+    @staticmethod
+    def read_meta(folder):
+        """The partition's ``node.json`` (its node index, users, dataset and sizes)."""
+        return _read_json(os.path.join(folder, "node.json"), "the node's partition (python -m recbole_ur4rec.federated.partition)")
 
     def check_users(self, users):
         """Raise when ``users`` are not this node's (a server that assigns a user to the wrong node)."""

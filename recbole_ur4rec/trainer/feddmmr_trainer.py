@@ -77,6 +77,19 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.local_learning_rate = _check(config, "local_learning_rate", (int, float), 0, low_open=True, optional=True)
         if self.local_learning_rate is None:
             self.local_learning_rate = config["learning_rate"]
+        self.partitioned = bool(config["federation_dir"])
+        if self.federated and self.engine_name == "flower" and not self.partitioned:
+            raise ValueError(
+                "federated_engine 'flower' trains on SuperNodes that each hold one partition of the data: write the "
+                "partitions with python -m recbole_ur4rec.federated.partition and set config key 'federation_dir' (the "
+                "server's copy: server/ and items/ only)"
+            )
+        if self.partitioned and not (self.federated and self.engine_name in ("loop", "flower")):
+            raise ValueError(
+                "config key 'federation_dir' (a partitioned dataset) trains federated on its nodes: it needs federated: True "
+                f"and federated_engine 'loop' (nodes in this process) or 'flower', got federated: {self.federated}, "
+                f"federated_engine: {self.engine_name!r}"
+            )
         if self.federated and self.engine_name == "flower":
             from recbole_ur4rec.federated.flower.engine import require_session
 
@@ -84,13 +97,6 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.min_round_clients = _check(config, "min_round_clients", int, 1)
         self.max_failed_rounds = _check(config, "max_failed_rounds", int, 1)
         self.seed = int(config["seed"])
-        self.partitioned = bool(config["federation_dir"])
-        if self.partitioned and not (self.federated and self.engine_name in ("loop", "flower")):
-            raise ValueError(
-                "config key 'federation_dir' (a partitioned dataset) trains federated on its nodes: it needs federated: True "
-                f"and federated_engine 'loop' (nodes in this process) or 'flower', got federated: {self.federated}, "
-                f"federated_engine: {self.engine_name!r}"
-            )
         self.clients, self.engine, self.last_round = None, None, {}
         self.round_idx, self.best_round = -1, -1  # the last round run; the round of the best checkpoint
         self.failed_rounds = 0  # consecutive rounds with fewer than min_round_clients aggregated
@@ -115,10 +121,6 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.clients = ClientData(train_data._dataset, target_list_field(self.config))
         if self.engine_name == "batched":
             self.engine = BatchedEngine(self.model, self.clients, lr, batch, self.client_batch_size, self.local_optimizer)
-        elif self.engine_name == "flower":
-            from recbole_ur4rec.federated.flower.engine import FlowerEngine
-
-            self.engine = FlowerEngine(self.model, self.clients, lr, batch, self.local_optimizer)
         else:
             self.engine = ENGINES[self.engine_name](self.model, self.clients, lr, batch, self.local_optimizer)
 

@@ -1,5 +1,5 @@
-"""The trainer's side of a Flower round: :class:`FlowerEngine` sends the round's client updates to the SuperNodes
-of the running ServerApp's :class:`FlowerSession` and adds their replies to the aggregate."""
+"""The trainer's side of a Flower round: :class:`FlowerNodes` sends the round's requests to the SuperNodes of the
+running ServerApp's :class:`FlowerSession` and merges their replies into the aggregate."""
 import json
 import time
 from logging import getLogger
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from recbole_ur4rec.federated.engine import Engine
+from recbole_ur4rec.federated.node import assign, merge_replies
 
 APP_DIR = Path(__file__).parent.parent / "flower_app"
 _ACTIVE = None  # the FlowerSession of the running ServerApp
@@ -83,110 +83,122 @@ def require_session():
     return _ACTIVE
 
 
-class FlowerEngine(Engine):
-    """Client updates on Flower SuperNodes (see the module docstring); ``run`` as the in-process engines."""
+def _arrays(tensors):
+    return ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in tensors.items()})
 
-    def __init__(self, model, data, learning_rate, batch_size, optimizer="adam", session=None):
-        super().__init__(model, data, learning_rate, batch_size, optimizer)
+
+def _tensors(record):
+    return {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
+
+
+class FlowerNodes:
+    """The nodes of a partitioned federation on Flower SuperNodes (see the package docstring): the same requests
+    and replies as :class:`~recbole_ur4rec.federated.node.LocalNodes`, carried by Flower messages.
+
+    Each SuperNode holds one partition (node config ``partition``); the first request of a run asks every connected
+    SuperNode which one (a ``query`` message), and asks again when a known SuperNode has left.
+    """
+
+    def __init__(self, federation, session=None):
         self.session = session or require_session()
-        self.held = {}  # user -> the node whose node state holds the user's current local parameters
+        self.federation = federation
+        self.node_of_partition = {}  # partition index -> Flower node id
+        self.keep_round = -1
         self.calls = 0
 
-    def run(self, clients, orders, global_params, local_params, aggregator):
-        """Train ``clients`` on the SuperNodes; add their updates to ``aggregator``; return ({client: new local
-        params}, [losses]) as :class:`~recbole_ur4rec.federated.LoopEngine` does."""
-        begin, self.calls = time.time(), self.calls + 1
-        nodes = self.session.nodes()
-        assigned = {node: [] for node in nodes}
-        for client in clients:
-            if nodes:
-                assigned[nodes[client % len(nodes)]].append(client)
-        messages = {node: self._message(node, users, orders, global_params, local_params) for node, users in assigned.items() if users}
-        replies = self.session.exchange(messages) if messages else {}  # node -> reply or error
-        updates, errors, node_local = {}, {}, {}
-        if not nodes:
-            errors = dict.fromkeys(clients, RuntimeError("no SuperNode is connected to the SuperLink"))
-        for node, users in assigned.items():
-            if users:
-                self._read(node, users, replies[node], global_params, list(local_params), updates, errors, node_local)
-        new_local, losses = {}, []
-        for client in clients:  # in the sampled order, as the loop engine adds them
-            if client not in updates:
-                aggregator.fail(client, errors.get(client) or RuntimeError("no update"))
+    def _message(self, node, content, kind):
+        return Message(content, dst_node_id=node, message_type=kind, ttl=self.session.round_timeout, group_id=str(self.calls))
+
+    def _nodes(self):
+        """partition index -> Flower node id of the connected SuperNodes (asking the new ones which they hold)."""
+        connected = set(self.session.nodes())
+        if self.node_of_partition and set(self.node_of_partition.values()) <= connected:
+            return self.node_of_partition
+        settings = json.dumps(self.session.settings)
+        query = {n: self._message(n, RecordDict({"task": ConfigRecord({"settings": settings})}), MessageType.QUERY) for n in sorted(connected)}
+        mapping = {}
+        for node, reply in self.session.exchange(query).items():
+            if isinstance(reply, Exception) or reply.has_error():
+                getLogger().warning(f"SuperNode {node} did not say which partition it holds: {reply if isinstance(reply, Exception) else reply.error.reason}")
                 continue
-            deltas, count, loss = updates[client]
-            left_out = aggregator.add([client], {name: delta.unsqueeze(0) for name, delta in deltas.items()}, [count])
-            losses.append(loss)
-            if client not in left_out and client in node_local:
-                new_local[client] = node_local[client]
+            partition = int(reply.content["result"]["partition"])
+            if partition in mapping:
+                raise ValueError(f"SuperNodes {mapping[partition]} and {node} both hold partition {partition}: give each its own node config 'partition'")
+            mapping[partition] = node
+        missing = sorted(set(range(self.federation.nodes)) - set(mapping))
+        if missing:
+            getLogger().warning(f"no connected SuperNode holds partitions {missing}: their clients are left out")
+        self.node_of_partition = mapping
+        return mapping
+
+    def train_round(self, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
+        """Train ``clients`` on their SuperNodes; merge the replies into ``aggregator``; return the clients' losses."""
+        begin, self.calls = time.time(), self.calls + 1
+        nodes = self._nodes()
+        messages, replies = {}, {}
+        for partition, users in assign(clients, self.federation).items():
+            if partition not in nodes:
+                replies[partition] = RuntimeError(f"no SuperNode holds partition {partition}")
+                continue
+            spec = ConfigRecord({
+                "settings": json.dumps(self.session.settings), "round": int(round_idx), "clients": list(users),
+                "rows": [self.federation.n_rows[u] for u in users], "epochs": len(orders[users[0]]),
+                "orders": [int(i) for u in users for order in orders[u] for i in order.tolist()],
+                "local_names": list(local_names), "keep_round": int(self.keep_round),
+                "task": json.dumps({k: v for k, v in task.items()}),
+            })
+            content = RecordDict({"task": spec, "global": _arrays(global_params), "local_init": _arrays(local_init or {})})
+            messages[partition] = self._message(nodes[partition], content, MessageType.TRAIN)
+        by_node = self.session.exchange({nodes[p]: m for p, m in messages.items()}) if messages else {}
+        for partition in messages:
+            replies[partition] = self._partial(partition, by_node[nodes[partition]], global_params)
+        losses = merge_replies(clients, self.federation, replies, aggregator)
         self.session.rounds.append({
-            "call": self.calls, "nodes": len(nodes), "sampled": list(clients), "included": list(aggregator.included),
-            "excluded": list(aggregator.excluded), "seconds": time.time() - begin,
+            "call": self.calls, "round": int(round_idx), "nodes": len(nodes), "sampled": list(clients),
+            "included": sorted(aggregator.included), "excluded": sorted(aggregator.excluded), "seconds": time.time() - begin,
         })
-        return new_local, losses
+        return losses
 
-    def _message(self, node, users, orders, global_params, local_params):
-        send = [u for u in users if self.held.get(u) != node] if local_params else []
-        task = ConfigRecord({
-            "settings": json.dumps(self.session.settings),
-            "clients": list(users),
-            "rows": [len(self.data.rows[u]) for u in users],
-            "epochs": len(orders[users[0]]),
-            "orders": [int(i) for u in users for order in orders[u] for i in order.tolist()],
-            "learning_rate": float(self.lr),
-            "batch_size": int(self.batch_size),
-            "optimizer": self.optimizer,
-            "local_names": list(local_params),
-            "local_clients": send,
-        })
-        content = RecordDict({
-            "task": task,
-            "global": ArrayRecord({name: Array(p.detach().cpu().numpy()) for name, p in global_params.items()}),
-            "local": ArrayRecord({name: Array(local_params[name][send].cpu().numpy()) for name in local_params} if send else {}),
-        })
-        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.session.round_timeout, group_id=str(self.calls))
-
-    def _read(self, node, users, reply, global_params, local_names, updates, errors, node_local):
-        """Fill ``updates`` (user -> (deltas, count, loss)), ``errors`` and ``node_local`` from one node's reply."""
-        for user in users:  # the node's state may be ahead of the server's copy until it replies
-            if self.held.get(user) == node:
-                del self.held[user]
+    def _partial(self, partition, reply, global_params):
+        """A node's reply as ``(partial, losses, failed)``, or the Exception that stands for it."""
         if isinstance(reply, Exception):
-            errors.update(dict.fromkeys(users, reply))
-            return
+            return reply
         if reply.has_error():
-            errors.update(dict.fromkeys(users, RuntimeError(f"SuperNode {node} failed: {reply.error.reason}")))
-            return
+            return RuntimeError(f"the SuperNode of partition {partition} failed: {reply.error.reason}")
         try:
-            got, failed, local, held = self._parse(reply.content, users, global_params, local_names)
-        except Exception as error:  # a reply that does not fit the request: none of its updates is used
-            errors.update(dict.fromkeys(users, ValueError(f"SuperNode {node} sent a malformed reply ({type(error).__name__}: {error})")))
-            return
-        updates.update(got)
-        node_local.update(local)
-        self.held.update(dict.fromkeys(held, node))
-        for user in users:
-            if user in failed:
-                errors[user] = RuntimeError(f"on SuperNode {node}: {failed[user]}")
-            elif user not in got:
-                errors[user] = RuntimeError(f"SuperNode {node} replied without this client's update")
+            result = reply.content["result"]
+            sums = _tensors(reply.content["sums"])
+            if set(sums) != set(global_params) or any(sums[n].shape != global_params[n].shape for n in sums):
+                raise ValueError("its sums do not match the global parameters")
+            partial = {
+                "sums": sums, "total": float(result["total"]), "max_count": float(result["max_count"]),
+                "included": [int(u) for u in result["included"]], "excluded": [int(u) for u in result["excluded"]],
+            }
+            losses = dict(zip([int(u) for u in result["loss_clients"]], [float(x) for x in result["losses"]]))
+            failed = dict(zip([int(u) for u in result["failed"]], [str(e) for e in result["errors"]]))
+        except Exception as error:  # a reply that does not fit the request: none of it is used
+            return ValueError(f"the SuperNode of partition {partition} sent a malformed reply ({type(error).__name__}: {error})")
+        return partial, losses, failed
 
-    @staticmethod
-    def _parse(content, users, global_params, local_names):
-        result, asked = content["result"], set(users)
-        trained = [int(u) for u in result["clients"]]
-        counts, losses = list(result["counts"]), list(result["losses"])
-        if not set(trained) <= asked or len(counts) != len(trained) or len(losses) != len(trained):
-            raise ValueError("its clients, counts and losses do not match the users sent")
-        deltas = {name: torch.from_numpy(content["deltas"][name].numpy()) for name in global_params} if trained else {}
-        for name, d in deltas.items():
-            if d.shape != (len(trained), *global_params[name].shape):
-                raise ValueError(f"the update of {name} has shape {tuple(d.shape)}")
-        got = {u: ({name: d[i] for name, d in deltas.items()}, int(counts[i]), float(losses[i])) for i, u in enumerate(trained)}
-        local_clients = [int(u) for u in result["local_clients"]]
-        rows = {name: torch.from_numpy(content["local"][name].numpy()) for name in local_names} if local_clients else {}
-        if not set(local_clients) <= set(trained) or any(len(r) != len(local_clients) for r in rows.values()):
-            raise ValueError("its local parameters do not match its clients")
-        local = {u: {name: r[i] for name, r in rows.items()} for i, u in enumerate(local_clients)}
-        failed = {int(u): str(e) for u, e in zip(result["failed"], result["errors"])}
-        return got, failed, local, [int(u) for u in result["held"] if int(u) in asked]
+    def evaluate(self, split, global_params, local_names, local_round):
+        """Every partition's ``(metric sums, users)`` for ``split``; a partition without a reply is an error."""
+        self.calls += 1
+        nodes = self._nodes()
+        spec = ConfigRecord({
+            "settings": json.dumps(self.session.settings), "split": split, "local_names": list(local_names),
+            "local_round": int(local_round),
+        })
+        messages = {nodes[p]: self._message(nodes[p], RecordDict({"task": spec, "global": _arrays(global_params)}), MessageType.EVALUATE) for p in nodes}
+        replies = self.session.exchange(messages)
+        out = []
+        for partition in range(self.federation.nodes):
+            reply = replies.get(nodes.get(partition), RuntimeError("no SuperNode holds it"))
+            if isinstance(reply, Exception) or reply.has_error():
+                reason = reply if isinstance(reply, Exception) else reply.error.reason
+                raise RuntimeError(f"the {split} evaluation needs every partition; partition {partition} failed: {reason}")
+            result = reply.content["result"]
+            out.append((dict(zip(list(result["keys"]), [float(x) for x in result["sums"]])), int(result["users"])))
+        return out
+
+    def prune(self, keep_round):
+        self.keep_round = keep_round  # sent with the next round: the nodes drop local versions no round needs

@@ -26,8 +26,9 @@ class LocalFederation:
     relative paths).
     """
 
-    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0):
+    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None):
         self.num_nodes, self.cwd, self.startup_timeout = num_nodes, cwd, startup_timeout
+        self.partition_root = partition_root
         self.processes, self.logs = [], []
         self.home = Path(tempfile.mkdtemp(prefix="ur4rec-flower-"))
         self.port = None
@@ -66,10 +67,21 @@ class LocalFederation:
                     raise RuntimeError(f"flower-superlink did not start: {self.log_tail('superlink')}") from None
                 time.sleep(0.2)
         for i in range(self.num_nodes):
-            self._spawn(f"supernode{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-                "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
-            ])
+            self.start_node(i)
+
+    def node_config(self, i):
+        """Node ``i``'s ``--node-config``: its partition folder and a state folder of its own."""
+        if self.partition_root is None:
+            return f"partition-id={i} num-partitions={self.num_nodes}"
+        partition = os.path.join(os.path.abspath(self.partition_root), f"node-{i}")
+        return f'partition="{partition}" state-dir="{self.home / f"state-{i}"}"'
+
+    def start_node(self, i):
+        """Start SuperNode ``i`` (again, after :meth:`stop_node`: the same partition and state folder)."""
+        self._spawn(f"supernode{i}", [
+            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+            "--port", str(_free_port()), "--node-config", self.node_config(i),
+        ])
 
     def log_tail(self, name, chars=3000):
         path = self.home / f"{name}.log"
