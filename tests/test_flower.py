@@ -108,7 +108,7 @@ class LoopbackSession(FlowerSession):
     def exchange(self, messages):
         from recbole_ur4rec.federated.flower import client_app
 
-        handlers = {"query": client_app._node_query, "train": client_app._node_train, "evaluate": client_app._node_evaluate}
+        handlers = {"query": client_app._node_query, "train.plain": client_app._node_train, "evaluate": client_app._node_evaluate}
         replies = {}
         for node, message in messages.items():
             self.sent.append(message)
@@ -139,7 +139,7 @@ def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_
         assert torch.equal(a.result()[name], value), name
     # what crossed: to a node the global parameters (no personal ones), its users' ids, row counts and orders;
     # from a node one weighted sum of its users' updates of the global parameters
-    train = [m for m in session.sent if m.metadata.message_type == "train"]
+    train = [m for m in session.sent if m.metadata.message_type == "train.plain"]
     assert len(train) == 2
     for message in train:
         spec = message.content["task"]
@@ -203,3 +203,88 @@ def test_a_node_without_a_reply_in_time_is_left_out_and_the_round_completes(fede
     for r in rounds:
         assert sorted(r["included"] + r["excluded"]) == sorted(r["sampled"])
     assert flower["result"]["test_result"] is not None
+
+
+def test_the_superlink_speaks_tls_and_refuses_an_unregistered_node(federation):
+    superlink = federation.processes[0].args
+    assert "--insecure" not in superlink and "--enable-supernode-auth" in superlink and "--ssl-certfile" in superlink
+    intruder = federation.start_node(0, key=False, name="intruder")  # no authentication key
+    try:
+        intruder.wait(timeout=120)
+    finally:
+        if intruder.poll() is None:
+            intruder.kill()
+    assert intruder.returncode != 0
+    assert "SuperNode authentication is enabled. All SuperNodes must be registered" in federation.log_tail("intruder")
+
+
+class LoopbackGrid:
+    """The Grid SecAgg+'s workflow talks to, delivering each message to the ClientApp of its node in this process."""
+
+    def __init__(self, contexts):
+        from types import SimpleNamespace
+
+        self.contexts, self.run, self.calls = contexts, SimpleNamespace(run_id=1), 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import copy
+
+        from flwr.app import Error, Message
+
+        from recbole_ur4rec.federated.flower.client_app import client_app
+
+        replies = []
+        for message in messages:
+            self.calls += 1
+            message.metadata.__dict__["_message_id"] = f"m{self.calls}"
+            message.metadata.__dict__["_src_node_id"] = 0
+            try:
+                replies.append(client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
+            except Exception as error:  # as the SuperNode does: an error reply (ClientApp raised)
+                replies.append(Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def three_partitions(settings, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed3")
+    write_partitions(build("FedDMMR", "tiny", config_dict=settings, log=False), str(root), 3)
+    return root
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three_partitions, tmp_path, monkeypatch, dropout):
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    server = server_settings(settings, three_partitions, tmp_path / "saved")
+    config, model, *_ = build_model("FedDMMR", "tiny", server)
+    clients = FederationClients(read_federation(str(three_partitions)))
+    sampled, orders = round_plan(7, 0, clients.clients, 0.5, 1, clients.n_rows)
+    dropped = sampled[0] % 3 if dropout else None  # this partition's node fails inside SecAgg+ (stage 2)
+    run_config = {"fail-node-of": str(sampled[0])} if dropout else {}
+    contexts = {
+        10 + k: Context(run_id=1, node_id=10 + k, state=RecordDict(), run_config=run_config,
+                        node_config={"partition": str(three_partitions / f"node-{k}"), "state-dir": str(tmp_path / f"secure-{k}")})
+        for k in range(3)
+    }
+    session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, three_partitions, tmp_path)
+    session.contexts = contexts
+    session.grid = LoopbackGrid(contexts)
+    session.secagg = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 2**22, "timeout": None}
+    secure, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "plain"))
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam", "dp_clip_norm": None}
+    a, b = FedAvg(global_params), FedAvg(global_params)
+    secure.train_round(0, sampled, orders, global_params, [], None, task, a)
+    kept = [c for c in sampled if c % 3 != dropped]
+    local.train_round(0, kept, orders, global_params, [], None, task, b)
+    assert sorted(a.included) == sorted(kept) and sorted(a.excluded) == sorted(set(sampled) - set(kept))
+    assert a.total == pytest.approx(b.total, rel=1e-5)
+    step = 2 * 8.0 / 2**22 * sum(clients.counts[c] for c in sampled)  # quantisation step, times the weight scale
+    for name, value in b.result().items():
+        assert torch.allclose(a.result()[name], value, atol=3 * step / b.total), name
+    # the server saw only the sum: no reply carried a node's update in the clear
+    assert session.grid.calls >= 4 * (3 - dropout)

@@ -210,8 +210,8 @@ class Node:
         Args:
             orders (dict): user -> one row permutation per local epoch (the server's round plan).
             local_names (list): the parameters kept on the clients this round (empty during the warm-up).
-            local_init (dict or None): the values of ``local_names`` every user starts from, sent in the first
-                round that keeps them local.
+            local_init (dict or None): the values of ``local_names`` every user starts from (the server's copy,
+                frozen since the warm-up ended), kept by a node that does not hold them yet.
             task (dict): ``learning_rate``, ``batch_size``, ``optimizer`` (local) and ``dp_clip_norm`` (or None).
 
         Returns:
@@ -220,7 +220,7 @@ class Node:
             and ``failed`` (user -> error text).
         """
         self.partition.check_users(users)
-        if local_init:
+        if local_init and not self.store.has_init():
             self.store.save_init(local_init)
         self._load_global(global_params)
         problems = {}
@@ -248,13 +248,15 @@ class Node:
         return collect.partial(), dict(zip(trained, losses)), collect.failed
 
     @torch.no_grad()
-    def evaluate(self, split, global_params, local_names, local_round, batch_size=None):
+    def evaluate(self, split, global_params, local_names, local_round, local_init=None, batch_size=None):
         """Metric sums over this node's users' ``split`` rows and their number (see :func:`metric_sums`).
 
         Args:
             local_names (list): local parameters in use (empty: none); each user's version of ``local_round``
-                (its latest at or before it) is used.
+                (its latest at or before it) is used, ``local_init`` for users never trained since the warm-up.
         """
+        if local_init and not self.store.has_init():
+            self.store.save_init(local_init)
         self._load_global(global_params)
         model, rows = self.model, self.partition.rows[split]
         uid, iid = self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]
@@ -323,8 +325,8 @@ class LocalNodes:
             replies[k] = self.nodes[k].train(round_idx, users, {u: orders[u] for u in users}, global_params, local_names, local_init, task)
         return merge_replies(clients, self.federation, replies, aggregator)
 
-    def evaluate(self, split, global_params, local_names, local_round):
-        return [node.evaluate(split, global_params, local_names, local_round) for node in self.nodes]
+    def evaluate(self, split, global_params, local_names, local_round, local_init=None):
+        return [node.evaluate(split, global_params, local_names, local_round, local_init) for node in self.nodes]
 
     def prune(self, keep_round):
         for node in self.nodes:

@@ -137,9 +137,9 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.round_idx = round_idx
         local = self.local_names(round_idx)
         local_init = None
-        if self.partitioned:  # the local parameters live on the nodes
-            buffers = dict.fromkeys(local)
-            if local and not bool(model.local_active):  # the warm-up ends: every client starts from these values
+        if self.partitioned:  # the local parameters live on the nodes; the server's copy (frozen since the warm-up
+            buffers = dict.fromkeys(local)  # ended) is what every user starts from, sent to nodes that lack it
+            if local:
                 local_init = {name: model.get_parameter(name).detach().clone() for name in local}
                 model.local_active.fill_(True)
         else:
@@ -221,7 +221,8 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             self._setup(None)
         local = self.local_names(local_round) if local_round >= 0 else []
         global_params = {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in local and p.requires_grad}
-        replies = self.engine.evaluate(eval_data.name, global_params, local, local_round)
+        local_init = {name: self.model.get_parameter(name).detach().clone() for name in local}
+        replies = self.engine.evaluate(eval_data.name, global_params, local, local_round, local_init)
         return merge_metric_sums(replies, self.config["metric_decimal_place"])
 
     # ---- resume: the server optimizer's state ---------------------------------------------------------------------

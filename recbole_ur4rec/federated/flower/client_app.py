@@ -1,6 +1,7 @@
 """The ClientApp of every SuperNode: one partition's node (:class:`~recbole_ur4rec.federated.node.Node`) answering the
-server's ``query`` (which partition it holds), ``train`` (its sampled users' round; reply: one partial aggregate)
-and ``evaluate`` (its users' validation or test rows; reply: metric sums) messages.
+server's ``query`` (which partition it holds), ``train.plain`` (its sampled users' round; reply: one partial
+aggregate), ``train`` (the same inside SecAgg+'s protocol, :mod:`.secagg`: reply masked) and ``evaluate`` (its
+users' validation or test rows; reply: metric sums) messages.
 
 Node config (``flower-supernode --node-config``): ``partition`` (the node's partition folder, required),
 ``state-dir`` (its users' local parameters; default ``<partition>/state``: it survives a SuperNode restart) and
@@ -12,8 +13,10 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from recbole_ur4rec.federated.node import Node
@@ -76,16 +79,60 @@ def _node_train(msg, context):
     return Message(RecordDict({"result": result, "sums": sums}), reply_to=msg)
 
 
+def _node_train_secure(msg, context):
+    """A SecAgg+ round's training (stage 2 of ``secaggplus_mod``): the task in ``fitins.config``, the global
+    parameters in ``fitins.parameters``; reply the node's partial aggregate as one vector for the masked sum."""
+    from flwr.app import MetricRecord
+
+    from recbole_ur4rec.federated.flower.secagg import ordered_names
+
+    config = msg.content["fitins.config"]
+    settings = json.loads(config["settings"])
+    partition = NodePartition.read_meta(_partition(context))["node"]
+    users = [int(u) for u in config[f"clients.{partition}"]]
+    if _ids(context.run_config.get("fail-node-of", "")) & set(users):
+        raise RuntimeError("run config 'fail-node-of' names a user of this node (test failure of a whole node)")
+    state = str(context.node_config.get("state-dir") or os.path.join(_partition(context), "state"))
+    node = Node.from_settings(settings, _partition(context), state, context.node_config.get("items") or None)
+    flat, epochs, orders, at = list(config[f"orders.{partition}"]), int(config["epochs"]), {}, 0
+    for user, rows in zip(users, config[f"rows.{partition}"]):
+        orders[user] = [torch.tensor(flat[at + e * rows : at + (e + 1) * rows], dtype=torch.long) for e in range(epochs)]
+        at += epochs * rows
+    local_names = list(config["local_names"])
+    names = ordered_names([n for n, p in node.model.named_parameters() if p.requires_grad and n not in local_names])
+    arrays = [a.numpy() for a in msg.content["fitins.parameters"].values()]
+    global_params = {n: torch.from_numpy(np.asarray(arrays[i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(names)}
+    local_init = None
+    if config["local_init"]:
+        local_init = {n: torch.from_numpy(np.asarray(arrays[len(names) + i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(local_names)}
+    partial, losses, failed = node.train(int(config["round"]), users, orders, global_params, local_names, local_init, json.loads(config["task"]))
+    node.store.prune(int(config["keep_round"]))
+    scale = float(config["weight_scale"])
+    vector = [(partial["sums"][n] / scale).numpy() for n in names] + [np.asarray([partial["total"] / scale], dtype=np.float32)]
+    metrics = ConfigRecord({  # legacy fit metrics hold scalars only: the lists travel as JSON text
+        "max_count": float(partial["max_count"]), "included": json.dumps(list(partial["included"])),
+        "excluded": json.dumps(list(partial["excluded"])), "losses": json.dumps({int(u): float(x) for u, x in losses.items()}),
+    })
+    return Message(RecordDict({
+        "fitres.parameters": ArrayRecord({str(i): Array(np.ascontiguousarray(v)) for i, v in enumerate(vector)}),
+        "fitres.num_examples": MetricRecord({"num_examples": 1}),
+        "fitres.metrics": metrics,
+        "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+    }), reply_to=msg)
+
+
 def _node_evaluate(msg, context):
     task = msg.content["task"]
     node = _node(msg, context)
     global_params = {name: torch.from_numpy(a.numpy()) for name, a in msg.content["global"].items()}
-    sums, users = node.evaluate(str(task["split"]), global_params, list(task["local_names"]), int(task["local_round"]))
+    local_init = {name: torch.from_numpy(a.numpy()) for name, a in msg.content["local_init"].items()} or None
+    sums, users = node.evaluate(str(task["split"]), global_params, list(task["local_names"]), int(task["local_round"]), local_init)
     result = ConfigRecord({"keys": list(sums), "sums": [float(v) for v in sums.values()], "users": int(users)})
     return Message(RecordDict({"result": result}), reply_to=msg)
 
 
 client_app = ClientApp()
 client_app.query()(_node_query)
-client_app.train()(_node_train)
+client_app.train("plain")(_node_train)
+client_app.train(mods=[secaggplus_mod])(_node_train_secure)  # SecAgg+'s four stages; the mod calls it in stage 2
 client_app.evaluate()(_node_evaluate)

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from recbole_ur4rec.federated.node import assign, merge_replies
 
 APP_DIR = Path(__file__).parent.parent / "flower_app"
+PLAIN_TRAIN = f"{MessageType.TRAIN}.plain"  # a round without SecAgg+ (whose messages are plain "train" ones)
 _ACTIVE = None  # the FlowerSession of the running ServerApp
 
 
@@ -25,10 +26,11 @@ class FlowerSession:
         min_nodes (int): SuperNodes to wait for (at most ``node_wait`` seconds) before sending a round.
         node_wait (float): see ``min_nodes``.
         poll_interval (float): seconds between two pulls of replies (``Grid.send_and_receive`` waits 3 s).
+        secagg (dict or None): aggregate each round with SecAgg+ (:mod:`.secagg`; its workflow's settings), or not.
     """
 
-    def __init__(self, grid, settings, round_timeout=600.0, min_nodes=1, node_wait=60.0, poll_interval=0.2):
-        self.grid, self.settings = grid, settings
+    def __init__(self, grid, settings, round_timeout=600.0, min_nodes=1, node_wait=60.0, poll_interval=0.2, secagg=None):
+        self.grid, self.settings, self.secagg = grid, settings, secagg
         self.round_timeout, self.min_nodes, self.node_wait, self.poll_interval = round_timeout, min_nodes, node_wait, poll_interval
         self.rounds = []  # one record per round, written to the run's output
 
@@ -135,6 +137,10 @@ class FlowerNodes:
         """Train ``clients`` on their SuperNodes; merge the replies into ``aggregator``; return the clients' losses."""
         begin, self.calls = time.time(), self.calls + 1
         nodes = self._nodes()
+        if self.session.secagg:
+            losses = self._secure_round(nodes, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator)
+            self._record(round_idx, nodes, clients, aggregator, begin)
+            return losses
         messages, replies = {}, {}
         for partition, users in assign(clients, self.federation).items():
             if partition not in nodes:
@@ -148,16 +154,66 @@ class FlowerNodes:
                 "task": json.dumps({k: v for k, v in task.items()}),
             })
             content = RecordDict({"task": spec, "global": _arrays(global_params), "local_init": _arrays(local_init or {})})
-            messages[partition] = self._message(nodes[partition], content, MessageType.TRAIN)
+            messages[partition] = self._message(nodes[partition], content, PLAIN_TRAIN)
         by_node = self.session.exchange({nodes[p]: m for p, m in messages.items()}) if messages else {}
         for partition in messages:
             replies[partition] = self._partial(partition, by_node[nodes[partition]], global_params)
         losses = merge_replies(clients, self.federation, replies, aggregator)
+        self._record(round_idx, nodes, clients, aggregator, begin)
+        return losses
+
+    def _record(self, round_idx, nodes, clients, aggregator, begin):
         self.session.rounds.append({
             "call": self.calls, "round": int(round_idx), "nodes": len(nodes), "sampled": list(clients),
             "included": sorted(aggregator.included), "excluded": sorted(aggregator.excluded), "seconds": time.time() - begin,
+            "secagg": bool(self.session.secagg),
         })
-        return losses
+
+    def _secure_round(self, nodes, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
+        """The round with SecAgg+: every node with sampled clients takes part; the server gets only their sum."""
+        from recbole_ur4rec.federated.flower.secagg import ordered_names, secure_sum
+
+        by_partition = assign(clients, self.federation)
+        taking_part = {p: users for p, users in by_partition.items() if p in nodes}
+        for partition, users in by_partition.items():
+            if partition not in nodes:
+                for user in users:
+                    aggregator.fail(user, RuntimeError(f"no SuperNode holds partition {partition}"))
+        scale = float(sum(self.federation.counts[c] for c in clients))
+        config = {
+            "settings": json.dumps(self.session.settings), "round": int(round_idx), "local_names": list(local_names),
+            "keep_round": int(self.keep_round), "task": json.dumps(dict(task)), "weight_scale": scale,
+            "local_init": bool(local_init),
+        }
+        for partition, users in taking_part.items():
+            config[f"clients.{partition}"] = list(users)
+            config[f"rows.{partition}"] = [self.federation.n_rows[u] for u in users]
+            config[f"orders.{partition}"] = [int(i) for u in users for order in orders[u] for i in order.tolist()]
+            config["epochs"] = len(orders[users[0]])
+        names = ordered_names(global_params)
+        arrays = [global_params[n].detach().cpu().numpy() for n in names]
+        arrays += [local_init[n].detach().cpu().numpy() for n in local_names] if local_init else []
+        summed, contributions = secure_sum(self.session.grid, [nodes[p] for p in taking_part], arrays, config, self.session.secagg)
+        losses = {}
+        contributions = {node: {key: json.loads(v) if isinstance(v, str) else v for key, v in m.items()} for node, m in contributions.items()}
+        for metrics in contributions.values():
+            losses.update({int(u): float(x) for u, x in metrics["losses"].items()})
+        if summed is not None:
+            merged = {
+                "sums": {n: torch.from_numpy(summed[i] * scale).to(global_params[n].dtype).reshape(global_params[n].shape) for i, n in enumerate(names)},
+                "total": float(summed[len(names)].reshape(-1)[0] * scale),
+                "max_count": max(float(m["max_count"]) for m in contributions.values()),
+                "included": [int(u) for m in contributions.values() for u in m["included"]],
+                "excluded": [int(u) for m in contributions.values() for u in m["excluded"]],
+            }
+            aggregator.merge(merged)
+        for partition, users in taking_part.items():
+            if summed is None or nodes[partition] not in contributions:
+                reason = "SecAgg+ halted (too few nodes left for its threshold)" if summed is None else "its node dropped out of SecAgg+"
+                for user in users:
+                    aggregator.fail(user, RuntimeError(f"partition {partition}: {reason}"))
+        included = set(aggregator.included)
+        return [losses[c] for c in clients if c in included and c in losses]
 
     def _partial(self, partition, reply, global_params):
         """A node's reply as ``(partial, losses, failed)``, or the Exception that stands for it."""
@@ -180,7 +236,7 @@ class FlowerNodes:
             return ValueError(f"the SuperNode of partition {partition} sent a malformed reply ({type(error).__name__}: {error})")
         return partial, losses, failed
 
-    def evaluate(self, split, global_params, local_names, local_round):
+    def evaluate(self, split, global_params, local_names, local_round, local_init=None):
         """Every partition's ``(metric sums, users)`` for ``split``; a partition without a reply is an error."""
         self.calls += 1
         nodes = self._nodes()
@@ -188,7 +244,8 @@ class FlowerNodes:
             "settings": json.dumps(self.session.settings), "split": split, "local_names": list(local_names),
             "local_round": int(local_round),
         })
-        messages = {nodes[p]: self._message(nodes[p], RecordDict({"task": spec, "global": _arrays(global_params)}), MessageType.EVALUATE) for p in nodes}
+        content = RecordDict({"task": spec, "global": _arrays(global_params), "local_init": _arrays(local_init or {})})
+        messages = {nodes[p]: self._message(nodes[p], content, MessageType.EVALUATE) for p in nodes}
         replies = self.session.exchange(messages)
         out = []
         for partition in range(self.federation.nodes):

@@ -1,4 +1,5 @@
-"""A loopback Flower runtime (a SuperLink and SuperNodes as local processes) for tests and benchmarks."""
+"""A loopback Flower runtime (a SuperLink and SuperNodes as local processes) for tests and benchmarks, with TLS and
+SuperNode authentication (certificates and keys generated for it) or, for comparison, without (``--insecure``)."""
 import json
 import os
 import shutil
@@ -12,6 +13,55 @@ from pathlib import Path
 from recbole_ur4rec.federated.flower.engine import APP_DIR
 
 
+def write_credentials(folder, num_nodes, host="127.0.0.1"):
+    """A CA, the SuperLink's TLS certificate and key (signed by the CA, valid for ``host`` and localhost) and one
+    authentication key pair per SuperNode (EC P-384, OpenSSH format, as ``flwr supernode register`` expects), in
+    ``folder``: ``ca.crt``, ``server.pem``, ``server.key``, ``node<i>`` and ``node<i>.pub``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=30)}
+
+    def certificate(subject, issuer, key, signer, extensions):
+        builder = x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+        builder = builder.serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"])
+        builder = builder.not_valid_after(valid["not_valid_after"])
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "recbole-ur4rec federation CA")])
+    ca = certificate(ca_name, ca_name, ca_key, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    if host not in ("127.0.0.1", "localhost"):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server = certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]), ca_name, server_key, ca_key,
+        [(x509.SubjectAlternativeName(names), False), (x509.BasicConstraints(ca=False, path_length=None), True)],
+    )
+    pem = serialization.Encoding.PEM
+    (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(server.public_bytes(pem))
+    (folder / "server.key").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for i in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / f"node{i}").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (folder / f"node{i}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return folder
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -23,17 +73,21 @@ class LocalFederation:
 
     Everything Flower writes goes to a temporary ``FLWR_HOME``; :meth:`close` (or leaving the ``with`` block) ends
     the processes it started and their children. ``cwd`` is the working directory of every process (RecBole's
-    relative paths).
+    relative paths). ``partition_root``: node ``i`` holds ``<partition_root>/node-<i>``. ``secure`` (default):
+    TLS with a CA made for this federation and SuperNode authentication, each SuperNode's public key registered with
+    ``flwr supernode register`` before it starts; False: ``--insecure``, for comparison.
     """
 
-    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None):
+    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None, secure=True):
         self.num_nodes, self.cwd, self.startup_timeout = num_nodes, cwd, startup_timeout
-        self.partition_root = partition_root
+        self.partition_root, self.secure = partition_root, secure
         self.processes, self.logs = [], []
         self.home = Path(tempfile.mkdtemp(prefix="ur4rec-flower-"))
         self.port = None
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"  # Flower starts flower-superexec by name
+        self.certs = self.home / "certs"
 
     def __enter__(self):
         try:
@@ -53,10 +107,18 @@ class LocalFederation:
 
     def start(self):
         self.port = _free_port()
+        if self.secure:
+            write_credentials(self.certs, self.num_nodes)
+            connection, tls = f'root-certificates = "{self.certs / "ca.crt"}"', [
+                "--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth",
+            ]
+        else:
+            connection, tls = "insecure = true", ["--insecure"]
         (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{connection}\n'
         )
-        self._spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"])
+        self._spawn("superlink", ["flower-superlink", *tls, "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"])
         deadline = time.time() + self.startup_timeout
         while True:
             try:
@@ -67,6 +129,8 @@ class LocalFederation:
                     raise RuntimeError(f"flower-superlink did not start: {self.log_tail('superlink')}") from None
                 time.sleep(0.2)
         for i in range(self.num_nodes):
+            if self.secure:
+                self._flwr("supernode", "register", str(self.certs / f"node{i}.pub"), "local")
             self.start_node(i)
 
     def node_config(self, i):
@@ -76,12 +140,19 @@ class LocalFederation:
         partition = os.path.join(os.path.abspath(self.partition_root), f"node-{i}")
         return f'partition="{partition}" state-dir="{self.home / f"state-{i}"}"'
 
-    def start_node(self, i):
-        """Start SuperNode ``i`` (again, after :meth:`stop_node`: the same partition and state folder)."""
-        self._spawn(f"supernode{i}", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+    def start_node(self, i, key=True, name=None):
+        """Start SuperNode ``i`` (its partition and state folder); with TLS, authenticated by its registered key
+        (``key=False``: no key, which an authenticating SuperLink refuses). Returns its process."""
+        if self.secure:
+            auth = ["--root-certificates", str(self.certs / "ca.crt")]
+            auth += ["--auth-supernode-private-key", str(self.certs / f"node{i}")] if key else []
+        else:
+            auth = ["--insecure"]
+        self._spawn(name or f"supernode{i}", [
+            "flower-supernode", *auth, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
             "--port", str(_free_port()), "--node-config", self.node_config(i),
         ])
+        return self.processes[-1]
 
     def log_tail(self, name, chars=3000):
         path = self.home / f"{name}.log"

@@ -27,6 +27,19 @@ def _settings(run_config):
     }
 
 
+def _secagg(run_config):
+    """SecAgg+'s settings from the run config, or None when ``secagg`` is false."""
+    if not bool(run_config.get("secagg", False)):
+        return None
+    return {
+        "num_shares": float(run_config.get("secagg-num-shares", 1.0)),
+        "reconstruction_threshold": float(run_config.get("secagg-threshold", 0.67)),
+        "clipping_range": float(run_config.get("secagg-clipping-range", 8.0)),
+        "quantization_range": int(run_config.get("secagg-quantization-range", 2**22)),
+        "timeout": float(run_config.get("round-timeout", 600.0)),
+    }
+
+
 def _server_main(grid: Grid, context: Context) -> None:
     """Run the whole RecBole training with ``federated_engine: flower``; write the result to run config ``output``."""
     from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -38,6 +51,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         session = FlowerSession(
             grid, _settings(run_config), round_timeout=float(run_config.get("round-timeout", 600.0)),
             min_nodes=int(run_config.get("min-nodes", 1)), node_wait=float(run_config.get("node-wait", 60.0)),
+            secagg=_secagg(run_config),
         )
         with session:
             settings = session.settings
