@@ -1,22 +1,21 @@
-"""Benchmark: seconds per federated round of FedDMMR on ml-100k, in-process loop engine against the Flower engine.
+"""Benchmark: seconds per federated round of FedDMMR on ml-100k: in-process nodes against Flower SuperNodes.
 
-FedDMMR's defaults (item-text expert, dropout), ``client_fraction: 0.2``, ``threads: 1``, no validation, ``--rounds``
-rounds per engine, on this machine:
+The dataset is partitioned (``python -m recbole_ur4rec.federated.partition``: node ``k`` holds the users ``u % nodes
+== k``); the server reads no interaction. FedDMMR's defaults (item-text expert, dropout), ``client_fraction: 0.2``,
+``threads: 1``, no validation, ``--rounds`` rounds per engine, on this machine:
 
-- ``loop``: :meth:`FedDMMRTrainer.run_round` in this process (one model copy trained client after client);
-- ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.local.LocalFederation` (a SuperLink and
-  ``--nodes`` SuperNodes on 127.0.0.1, each its own process); a round is :meth:`FlowerEngine.run`: messages pushed,
-  one ClientApp process started per node (import, dataset and model rebuilt), its users trained, the per-client
-  updates pulled and aggregated.
+- ``loop``: the server and every node in this process (:class:`~recbole_ur4rec.federated.node.LocalNodes`, each node
+  reading only its partition): the in-process engine's cost with node-side state;
+- ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.local.LocalFederation` (a SuperLink
+  and ``--nodes`` SuperNodes on 127.0.0.1, each its own process, TLS and SuperNode authentication); a round sends
+  each node one message (global parameters, its users' ids and row orders) and gets one partial aggregate back;
+- ``flower + SecAgg+`` (``--secagg``, needs 3 nodes or more): the same round through SecAgg+'s four stages.
 
-    python bench/flower_round_time.py                  # 3 rounds each, 2 SuperNodes
-    python bench/flower_round_time.py --rounds 2 --nodes 3
+    python bench/flower_round_time.py                          # 3 rounds each, 2 SuperNodes
+    python bench/flower_round_time.py --nodes 3 --secagg
 
-Prints a markdown table (mean and per-round seconds). Where a Flower round's time goes (measured once on a shared
-2-core machine, 2 SuperNodes, about 28 s a round): about 7 s until a node's ClientApp process has started, imported
-recbole-ur4rec and pulled its message; about 5 s rebuilding the dataset and model; about 8 s training its ~95 clients
-(both nodes and the other jobs share the 2 cores); about 7 s moving the per-client updates (about 1 MB a client,
-float32) through SuperNode, SuperLink and ServerApp.
+Prints a markdown table: seconds per round (mean, per round) and bytes per sampled client per round (the message
+payloads, arrays and settings, both ways; Flower's framing not counted).
 """
 import argparse
 import json
@@ -36,53 +35,73 @@ def settings(work, rounds):
     }
 
 
-def loop_rounds(work, rounds):
+def partition(work, rounds, nodes):
+    from recbole_ur4rec.build import build
+    from recbole_ur4rec.federated.partition import write_partitions
+
+    root = os.path.join(work, "fed")
+    write_partitions(build("FedDMMR", "ml-100k", config_dict=settings(work, rounds), log=False), root, nodes)
+    return root
+
+
+def server_settings(work, rounds, root):
+    return {**settings(work, rounds), "federation_dir": root, "feature_cache_dir": None, "node_state_dir": os.path.join(work, "node-state")}
+
+
+def loop_rounds(work, rounds, root):
     """Seconds of each in-process round (the trainer's own timing)."""
     from recbole_ur4rec.build import build
     from recbole_ur4rec.trainer import FedDMMRTrainer
 
-    run = build("FedDMMR", "ml-100k", config_dict={**settings(work, rounds), "federated_engine": "loop"}, log=False)
-    train_data = run.train_data
+    run = build("FedDMMR", "ml-100k", config_dict={**server_settings(work, rounds, root), "federated_engine": "loop"}, log=False)
     trainer = FedDMMRTrainer(run.config, run.model)
     seconds = []
     for round_idx in range(rounds):
         trainer.model.train()
-        trainer.run_round(train_data, round_idx)
+        trainer.run_round(run.train_data, round_idx)
         seconds.append(trainer.last_round["seconds"])
     return seconds
 
 
-def flower_rounds(work, rounds, nodes):
-    """Seconds of each round of the Flower ServerApp (FlowerEngine.run) and of the whole ``flwr run``."""
+def flower_rounds(work, rounds, nodes, root, secagg):
+    """Per round: seconds of the Flower ServerApp's round and payload bytes; and the whole ``flwr run``'s seconds."""
     from recbole_ur4rec.federated.flower.local import LocalFederation
 
-    with LocalFederation(num_nodes=nodes, cwd=work) as federation:
+    with LocalFederation(num_nodes=nodes, cwd=work, partition_root=root) as federation:
         begin = time.time()
-        out = federation.run({"model": "FedDMMR", "dataset": "ml-100k", "config-json": json.dumps(settings(work, rounds))}, timeout=3600)
+        run_config = {"model": "FedDMMR", "dataset": "ml-100k", "config-json": json.dumps(server_settings(work, rounds, root)), "secagg": secagg}
+        out = federation.run(run_config, timeout=3600)
         total = time.time() - begin
     for r in out["rounds"]:
         if r["excluded"]:
             print(f"warning: round {r['call']}: {len(r['excluded'])} clients left out", file=sys.stderr)
-    return [r["seconds"] for r in out["rounds"]], total
+    return out["rounds"], total
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes of the Flower engine")
+    parser.add_argument("--secagg", action="store_true", help="also run the Flower rounds with SecAgg+ (3 nodes or more)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as work:
         os.chdir(work)  # RecBole's log/ goes there
-        loop = loop_rounds(work, args.rounds)
-        flower, total = flower_rounds(work, args.rounds, args.nodes)
-    rows = [("loop (in-process)", loop), (f"flower ({args.nodes} SuperNodes, loopback)", flower)]
-    print(f"\nFedDMMR on ml-100k, client_fraction 0.2, threads 1, {platform.node()} ({os.cpu_count()} CPUs)\n")
-    print("| engine | s / round (mean) | rounds (s) |")
-    print("|---|---:|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {sum(seconds) / len(seconds):.1f} | {', '.join(f'{s:.1f}' for s in seconds)} |")
-    print(f"\n`flwr run` wall time (ServerApp start, {args.rounds} rounds, checkpoints, test evaluation): {total:.0f} s")
+        root = partition(work, args.rounds, args.nodes)
+        loop = loop_rounds(work, args.rounds, root)
+        runs = [("flower", *flower_rounds(work, args.rounds, args.nodes, root, False))]
+        if args.secagg:
+            runs.append(("flower + SecAgg+", *flower_rounds(work, args.rounds, args.nodes, root, True)))
+    print(f"\nFedDMMR on ml-100k, client_fraction 0.2, threads 1, {args.nodes} nodes, {platform.node()} ({os.cpu_count()} CPUs)\n")
+    print("| engine | s / round (mean) | rounds (s) | bytes per sampled client per round |")
+    print("|---|---:|---|---:|")
+    print(f"| in-process nodes | {sum(loop) / len(loop):.1f} | {', '.join(f'{s:.1f}' for s in loop)} | 0 |")
+    for name, rounds, total in runs:
+        seconds = [r["seconds"] for r in rounds]
+        per_client = [((r["bytes_sent"] or 0) + (r["bytes_received"] or 0)) / len(r["sampled"]) for r in rounds]
+        size = f"{sum(per_client) / len(per_client) / 1024:.1f} KiB" if rounds[0]["bytes_sent"] is not None else "(masked: not counted)"
+        print(f"| {name} ({args.nodes} SuperNodes, loopback, TLS) | {sum(seconds) / len(seconds):.1f} | {', '.join(f'{s:.1f}' for s in seconds)} | {size} |")
+        print(f"\n`flwr run` wall time of {name} (ServerApp start, {args.rounds} rounds, checkpoints, test evaluation): {total:.0f} s\n")
 
 
 if __name__ == "__main__":

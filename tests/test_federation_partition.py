@@ -163,3 +163,28 @@ def test_node_side_evaluation_equals_recboles_evaluation_of_the_same_parameters(
         expected = trainer.evaluate(data, load_best_model=False)
         got = merge_metric_sums(nodes.evaluate(split, global_params, local, 0), run.config["metric_decimal_place"])
         assert got == {key: value for key, value in expected.items() if "/" not in key}, split
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_partitioned_run_resumes_on_the_server_and_the_nodes(plain, tmp_path):
+    settings = {**plain, "epochs": 5, "local_groups": ["backbone"], "partial_aggregation_warmup_rounds": 1, "hidden_dropout_prob": 0.0}
+    partition(settings, tmp_path / "fed")
+    server = {**settings, "federation_dir": str(tmp_path / "fed"), "data_path": "/nonexistent"}
+    uninterrupted = run_recbole_ur4rec("FedDMMR", "tiny", config_dict={**server, "checkpoint_dir": str(tmp_path / "a"), "node_state_dir": str(tmp_path / "na")})
+
+    def stop_after_round_2(epoch_idx, valid_score):
+        if epoch_idx == 2:
+            raise Interrupted
+
+    interrupted = {**server, "checkpoint_dir": str(tmp_path / "b"), "node_state_dir": str(tmp_path / "nb")}
+    with pytest.raises(Interrupted):
+        run_recbole_ur4rec("FedDMMR", "tiny", config_dict=interrupted, callback_fn=stop_after_round_2)
+    (last_file,) = [f for f in os.listdir(tmp_path / "b") if f.endswith("-last.pth")]
+    state = load_checkpoint(tmp_path / "b" / last_file)
+    assert state["epoch"] == 2 and not any(name.startswith("local__") for name in state["state_dict"])
+    resumed = run_recbole_ur4rec(resume_file=str(tmp_path / "b" / last_file))  # the nodes kept their state folders
+    assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
+    assert resumed["test_result"] == uninterrupted["test_result"]

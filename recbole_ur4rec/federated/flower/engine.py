@@ -85,6 +85,17 @@ def require_session():
     return _ACTIVE
 
 
+def payload_bytes(content):
+    """Bytes of a message's arrays and config values (what crosses the network, without Flower's framing)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        elif isinstance(record, ConfigRecord):
+            total += sum(len(str(value)) for value in record.values())
+    return total
+
+
 def _arrays(tensors):
     return ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in tensors.items()})
 
@@ -159,14 +170,16 @@ class FlowerNodes:
         for partition in messages:
             replies[partition] = self._partial(partition, by_node[nodes[partition]], global_params)
         losses = merge_replies(clients, self.federation, replies, aggregator)
-        self._record(round_idx, nodes, clients, aggregator, begin)
+        sent = sum(payload_bytes(m.content) for m in messages.values())
+        received = sum(payload_bytes(r.content) for r in by_node.values() if not isinstance(r, Exception) and not r.has_error())
+        self._record(round_idx, nodes, clients, aggregator, begin, sent, received)
         return losses
 
-    def _record(self, round_idx, nodes, clients, aggregator, begin):
+    def _record(self, round_idx, nodes, clients, aggregator, begin, sent=None, received=None):
         self.session.rounds.append({
             "call": self.calls, "round": int(round_idx), "nodes": len(nodes), "sampled": list(clients),
             "included": sorted(aggregator.included), "excluded": sorted(aggregator.excluded), "seconds": time.time() - begin,
-            "secagg": bool(self.session.secagg),
+            "secagg": bool(self.session.secagg), "bytes_sent": sent, "bytes_received": received,
         })
 
     def _secure_round(self, nodes, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
