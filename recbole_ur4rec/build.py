@@ -69,7 +69,7 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
         logger.info(config)
 
     if config["federation_dir"]:  # a federated server: the interactions stay on the nodes
-        from recbole_ur4rec.federated.partition import federation_data
+        from recbole_ur4rec.federated.catalog import federation_data
 
         dataset, train_data, valid_data, test_data = federation_data(config)
     else:

@@ -12,7 +12,9 @@ from model_fixtures import build_model
 from recbole_ur4rec.build import build
 from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.federated.node import LocalStore, Node
-from recbole_ur4rec.federated.partition import PartitionError, write_partitions
+from recbole_ur4rec.model import FedDMMR
+from recbole_ur4rec.federated.catalog import PartitionError
+from recbole_ur4rec.federated.partition import write_partitions
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
 
@@ -91,7 +93,7 @@ def test_node_state_survives_a_restart_and_a_missing_state_fails_clearly(plain, 
     settings = {**plain, "local_groups": ["backbone"], "partial_aggregation_warmup_rounds": 0}
     run, _ = partition(settings, tmp_path / "fed")
     config = run.config
-    node = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"))
+    node = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"), FedDMMR)
     local = list(node.model.local_names)
     users = node.partition.users[:3]
     orders = {u: [torch.arange(len(node.clients.rows[u]))] for u in users}
@@ -102,13 +104,13 @@ def test_node_state_survives_a_restart_and_a_missing_state_fails_clearly(plain, 
     assert sorted(partial["included"]) == sorted(users) == sorted(losses) and not failed
     # the node replies one weighted sum of its clients' updates, of the global parameters only
     assert set(partial["sums"]) == set(params) and partial["total"] == sum(node.clients.counts[u] for u in users)
-    restarted = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"))  # a new process, same folder
+    restarted = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"), FedDMMR)  # a new process, same folder
     before = node.store.load(users, local, 0)
     after_restart = restarted.store.load(users, local, 0)
     assert all(torch.equal(after_restart[n], before[n]) for n in local)
     assert any(not torch.equal(before[n][0], init[n]) for n in local), "training moved the users' local parameters"
     assert not torch.equal(before[local[0]][0], before[local[0]][1]), "each user has its own copy"
-    fresh = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "lost"))
+    fresh = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "lost"), FedDMMR)
     partial, losses, failed = fresh.train(1, users, orders, params, local, None, task)
     assert not partial["included"] and not losses and set(failed) == set(users) and "was the node state lost?" in failed[users[0]]
     # a user this node does not hold
@@ -133,14 +135,14 @@ def test_a_wrong_partition_is_named(plain, tmp_path):
     run, _ = partition(plain, tmp_path / "fed")
     os.remove(tmp_path / "fed" / "node-1" / "partition.npz")
     with pytest.raises(PartitionError, match=r"node-1/partition.npz is missing"):
-        Node(run.config, str(tmp_path / "fed" / "node-1"), str(tmp_path / "s"))
+        Node(run.config, str(tmp_path / "fed" / "node-1"), str(tmp_path / "s"), FedDMMR)
     with pytest.raises(PartitionError, match=r"server/federation.json is missing"):
         build_model("FedDMMR", "tiny", {**plain, "federation_dir": str(tmp_path / "nowhere")})
 
 
 def test_node_side_evaluation_equals_recboles_evaluation_of_the_same_parameters(plain, tmp_path):
     from recbole_ur4rec.federated.node import LocalNodes, merge_metric_sums
-    from recbole_ur4rec.federated.partition import FederationClients, read_federation
+    from recbole_ur4rec.federated.catalog import FederationClients, read_federation
     from recbole_ur4rec.trainer import FedDMMRTrainer
 
     settings = {**plain, "local_groups": ["backbone"], "partial_aggregation_warmup_rounds": 0}
@@ -153,7 +155,7 @@ def test_node_side_evaluation_equals_recboles_evaluation_of_the_same_parameters(
             buffer.add_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     trainer = FedDMMRTrainer(run.config, model)
     federation = FederationClients(read_federation(str(tmp_path / "fed")))
-    nodes = LocalNodes(run.config, federation, str(tmp_path / "state"), root=str(tmp_path / "fed"))
+    nodes = LocalNodes(run.config, federation, str(tmp_path / "state"), FedDMMR, root=str(tmp_path / "fed"))
     local = list(model.local_names)
     for node in nodes.nodes:  # each node holds its users' copies, as training would have left them
         node.store.save_init({n: model.get_parameter(n).detach() for n in local})

@@ -19,7 +19,8 @@ from recbole_ur4rec.federated import FedAvg, round_plan  # noqa: E402
 from recbole_ur4rec.federated.flower.engine import FlowerNodes, FlowerSession  # noqa: E402
 from recbole_ur4rec.federated.flower.local import LocalFederation  # noqa: E402
 from recbole_ur4rec.federated.node import LocalNodes  # noqa: E402
-from recbole_ur4rec.federated.partition import FederationClients, read_federation, write_partitions  # noqa: E402
+from recbole_ur4rec.federated.catalog import FederationClients, read_federation  # noqa: E402
+from recbole_ur4rec.federated.partition import write_partitions  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_
     config, model, *_ = build_model("FedDMMR", "tiny", server)
     clients = FederationClients(read_federation(str(partitions)))
     session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, partitions, tmp_path / "flower")
-    flower, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "local"))
+    flower, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "local"), type(model))
     sampled, orders = round_plan(7, 0, clients.clients, 0.5, 2, clients.n_rows)
     local_names = list(model.local_names)
     global_params = {n: p.detach().clone() for n, p in model.named_parameters() if n not in local_names}
@@ -274,7 +275,7 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three
     session.contexts = contexts
     session.grid = LoopbackGrid(contexts)
     session.secagg = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 2**22, "timeout": None}
-    secure, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "plain"))
+    secure, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "plain"), type(model))
     global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam", "dp_clip_norm": None}
     a, b = FedAvg(global_params), FedAvg(global_params)

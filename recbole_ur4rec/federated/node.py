@@ -21,7 +21,7 @@ import torch
 
 from recbole_ur4rec.federated.aggregation import FedAvg
 from recbole_ur4rec.federated.engine import ClientData, LoopEngine
-from recbole_ur4rec.federated.partition import ItemCatalog, NodePartition, PartitionError, read_items
+from recbole_ur4rec.federated.catalog import ItemCatalog, NodePartition, PartitionError, read_items
 
 
 def default_items(partition):
@@ -157,41 +157,30 @@ class Node:
 
     Args:
         config: the run's RecBole Config, with ``data_path`` and ``feature_cache_dir`` at the shared item
-            information (config ``item_info_dir`` or ``federation_dir``; :meth:`from_settings` builds it).
+            information (config ``item_info_dir`` or ``federation_dir``).
         partition (str): the node's partition folder (``<root>/node-<k>``).
         state_dir (str): where the node keeps its users' local parameters (survives a node restart).
+        model_class: the model's class (built from an item catalog, without interactions).
         items (str or None): the shared item side information folder (default: ``items`` beside the partition).
     """
 
-    def __init__(self, config, partition, state_dir, items=None):
+    def __init__(self, config, partition, state_dir, model_class, items=None):
         from recbole.evaluator import Collector, Evaluator
         from recbole.utils import init_seed
 
         from recbole_ur4rec.data.sequence_dataset import target_list_field
-        from recbole_ur4rec.registry import get_model
 
         catalog = read_items(items or default_items(partition), config["dataset"])
         self.config = config
         self.partition = NodePartition(partition, config["dataset"], len(catalog["item_tokens"]))
         init_seed(config["seed"], config["reproducibility"])
         dataset = ItemCatalog(config, catalog["item_tokens"], self.partition.meta["n_users"])
-        self.model = get_model(config["model"])(config, dataset)
+        self.model = model_class(config, dataset)
         self.model.eval()
         train = self.partition.rows["train"]
         self.clients = ClientData.from_rows(train, self.model.ITEM_SEQ, target_list_field(self.config), self.config["USER_ID_FIELD"])
         self.store = LocalStore(state_dir)
         self.collector, self.evaluator = Collector(self.config), Evaluator(self.config)
-
-    @classmethod
-    def from_settings(cls, settings, partition, state_dir, items=None):
-        """A node of the run ``settings`` (``model``, ``dataset``, ``config_file_list``, ``config_dict``: the
-        server's), e.g. from a Flower message."""
-        from recbole_ur4rec.config import Config
-
-        items = items or default_items(partition)
-        config_dict = {**settings["config_dict"], "item_info_dir": os.path.abspath(items), "federation_dir": None}
-        config = Config(model=settings["model"], dataset=settings["dataset"], config_file_list=settings["config_file_list"], config_dict=config_dict)
-        return cls(config, partition, state_dir, items)
 
     # ---- parameters ------------------------------------------------------------------------------------------
     def _load_global(self, global_params):
@@ -309,13 +298,17 @@ class LocalNodes:
         config: the server's Config (``federation_dir`` set; ``data_path`` and ``feature_cache_dir`` at the items).
         federation (FederationClients): the server's clients and their nodes.
         state_root (str): ``<state_root>/node-<k>`` is node ``k``'s state folder.
+        model_class: the model's class.
         root (str or None): the partition (default: config ``federation_dir``).
     """
 
-    def __init__(self, config, federation, state_root, root=None):
+    def __init__(self, config, federation, state_root, model_class, root=None):
         root = root or config["federation_dir"]
         self.federation = federation
-        self.nodes = [Node(config, os.path.join(root, f"node-{k}"), os.path.join(state_root, f"node-{k}")) for k in range(federation.nodes)]
+        self.nodes = [
+            Node(config, os.path.join(root, f"node-{k}"), os.path.join(state_root, f"node-{k}"), model_class)
+            for k in range(federation.nodes)
+        ]
 
     def train_round(self, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
         """Train ``clients`` on their nodes; merge the nodes' partial aggregates into ``aggregator``; return the

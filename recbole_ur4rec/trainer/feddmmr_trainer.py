@@ -106,7 +106,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         lr, batch = self.local_learning_rate, self.config["train_batch_size"]
         if self.partitioned:
             from recbole_ur4rec.federated.node import LocalNodes
-            from recbole_ur4rec.federated.partition import FederationClients, read_federation
+            from recbole_ur4rec.federated.catalog import FederationClients, read_federation
 
             self.clients = FederationClients(read_federation(self.config["federation_dir"]))
             self.task = {"learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer, "dp_clip_norm": self.dp_clip_norm}
@@ -116,7 +116,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
                 self.engine = FlowerNodes(self.clients)
             else:
                 state = self.config["node_state_dir"] or os.path.join(self.config["checkpoint_dir"], "node-state")
-                self.engine = LocalNodes(self.config, self.clients, state)
+                self.engine = LocalNodes(self.config, self.clients, state, type(self.model))
             return
         self.clients = ClientData(train_data._dataset, target_list_field(self.config))
         if self.engine_name == "batched":
@@ -205,7 +205,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        from recbole_ur4rec.federated.partition import NodeSplit
+        from recbole_ur4rec.federated.catalog import NodeSplit
 
         if not isinstance(eval_data, NodeSplit):
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)

@@ -19,8 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from recbole_ur4rec.federated.node import Node
-from recbole_ur4rec.federated.partition import NodePartition, PartitionError
+from recbole_ur4rec.federated.node import Node, default_items
+from recbole_ur4rec.federated.catalog import NodePartition, PartitionError
 
 
 def _ids(text):
@@ -35,11 +35,22 @@ def _partition(context):
     return str(partition)
 
 
-def _node(msg, context):
-    settings = json.loads(msg.content["task"]["settings"])
+def node_of(settings, context):
+    """The node of this SuperNode for the run ``settings`` (``model``, ``dataset``, ``config_file_list``,
+    ``config_dict``: the server's), its Config pointed at the shared item information."""
+    from recbole_ur4rec.config import Config
+    from recbole_ur4rec.registry import get_model
+
     partition = _partition(context)
     state = str(context.node_config.get("state-dir") or os.path.join(partition, "state"))
-    return Node.from_settings(settings, partition, state, context.node_config.get("items") or None)
+    items = str(context.node_config.get("items") or default_items(partition))
+    config_dict = {**settings["config_dict"], "item_info_dir": os.path.abspath(items), "federation_dir": None}
+    config = Config(model=settings["model"], dataset=settings["dataset"], config_file_list=settings["config_file_list"], config_dict=config_dict)
+    return Node(config, partition, state, get_model(settings["model"]), items)
+
+
+def _node(msg, context):
+    return node_of(json.loads(msg.content["task"]["settings"]), context)
 
 
 def _node_query(msg, context):
@@ -92,8 +103,7 @@ def _node_train_secure(msg, context):
     users = [int(u) for u in config[f"clients.{partition}"]]
     if _ids(context.run_config.get("fail-node-of", "")) & set(users):
         raise RuntimeError("run config 'fail-node-of' names a user of this node (test failure of a whole node)")
-    state = str(context.node_config.get("state-dir") or os.path.join(_partition(context), "state"))
-    node = Node.from_settings(settings, _partition(context), state, context.node_config.get("items") or None)
+    node = node_of(settings, context)
     flat, epochs, orders, at = list(config[f"orders.{partition}"]), int(config["epochs"]), {}, 0
     for user, rows in zip(users, config[f"rows.{partition}"]):
         orders[user] = [torch.tensor(flat[at + e * rows : at + (e + 1) * rows], dtype=torch.long) for e in range(epochs)]
