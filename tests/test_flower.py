@@ -106,7 +106,7 @@ class LoopbackSession(FlowerSession):
     def nodes(self):
         return sorted(self.contexts)
 
-    def exchange(self, messages):
+    def exchange(self, messages, timeout=None):
         from recbole_ur4rec.federated.flower import client_app
 
         handlers = {"query": client_app._node_query, "train.plain": client_app._node_train, "evaluate": client_app._node_evaluate}

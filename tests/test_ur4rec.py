@@ -17,8 +17,9 @@ from recbole_ur4rec.registry import get_model, get_trainer
 from recbole_ur4rec.trainer import UR4RecTrainer
 from recbole_ur4rec.trainer.staged_trainer import Alternator
 
-ALL_GROUPS = {"item_embedding", "backbone", "retriever", "fusion"}
+ALL_GROUPS = {"item_embedding", "backbone", "retriever", "fusion", "cold_mapping"}
 BACKBONE_PART, RETRIEVER_PART = {"item_embedding", "backbone"}, {"retriever", "fusion"}
+MAPPING = {"cold_mapping"}  # the text map of unseen items follows the ID embeddings: trained with the backbone part
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +58,10 @@ def test_registered_with_its_trainer():
 def test_loss_terms_are_finite_and_differentiable_for_every_objective(settings, overrides):
     _, model, train_data, _, _ = build(settings, **overrides)
     batch = next(iter(train_data))
-    expected = {
-        "backbone": {"rank"},
-        "retriever": {"rank", "consistency", "contrastive", "diversity", "load_balance"},
-        "fused": {"rank", "rank_backbone", "rank_retriever", "distillation", "consistency", "contrastive", "diversity", "load_balance"},
+    expected = {  # every objective also trains the text map of items without training interactions
+        "backbone": {"rank", "cold_mapping"},
+        "retriever": {"rank", "consistency", "contrastive", "diversity", "load_balance", "cold_mapping"},
+        "fused": {"rank", "rank_backbone", "rank_retriever", "distillation", "consistency", "contrastive", "diversity", "load_balance", "cold_mapping"},
     }
     for objective, names in expected.items():
         model.set_objective(objective)
@@ -302,7 +303,10 @@ def trainer_for(settings, **overrides):
 
 def test_each_stage_trains_only_its_parameter_groups(settings):
     trainer, model, train_data = trainer_for(settings, alternation_steps=1)
-    expected = {"pretrain_backbone": BACKBONE_PART, "pretrain_retriever": RETRIEVER_PART, "joint": ALL_GROUPS, "end_to_end": ALL_GROUPS}
+    expected = {
+        "pretrain_backbone": BACKBONE_PART | MAPPING, "pretrain_retriever": RETRIEVER_PART | MAPPING,
+        "joint": ALL_GROUPS, "end_to_end": ALL_GROUPS,
+    }
     for index, stage in enumerate(trainer.stages):
         trainer._enter_stage(index)
         before = snapshot(model)
@@ -317,7 +321,7 @@ def test_joint_stage_alternates_between_backbone_and_retriever(settings):
     trainer._enter_stage(0)
     before = snapshot(model)
     trainer._train_epoch(train_data, 0)
-    assert changed_groups(model, before) == BACKBONE_PART, "the first turn trains the backbone only"
+    assert changed_groups(model, before) == BACKBONE_PART | MAPPING, "the first turn trains the backbone (and the text map) only"
     assert trainer.alternator.switches == 0
 
     trainer, model, train_data = trainer_for(settings, stages=["joint"], alternation_steps=2)
@@ -349,7 +353,8 @@ def test_progressive_unfreezing_goes_from_fusion_to_embeddings(settings):
         before = snapshot(model)
         trainer._train_epoch(train_data, epoch)
         seen.append(changed_groups(model, before))
-    assert seen == [{"fusion"}, {"fusion", "retriever"}, {"fusion", "retriever", "backbone"}, ALL_GROUPS]
+    # the text map (a regression on detached targets) is not part of the unfreezing order: it trains throughout
+    assert seen == [{"fusion"} | MAPPING, {"fusion", "retriever"} | MAPPING, {"fusion", "retriever", "backbone"} | MAPPING, ALL_GROUPS]
 
 
 def test_progressive_unfreezing_skips_a_fusion_without_parameters(settings):
@@ -361,7 +366,7 @@ def test_progressive_unfreezing_skips_a_fusion_without_parameters(settings):
         before = snapshot(model)
         trainer._train_epoch(train_data, epoch)
         seen.append(changed_groups(model, before))
-    assert seen == [{"retriever"}, {"retriever", "backbone"}, ALL_GROUPS - {"fusion"}]
+    assert seen == [{"retriever"} | MAPPING, {"retriever", "backbone"} | MAPPING, ALL_GROUPS - {"fusion"}]
 
 
 def test_curriculum_ramps_auxiliary_weights_and_lr_warms_up_then_decays(settings):
@@ -427,3 +432,33 @@ def test_learns_from_text_better_than_the_backbone_alone(settings):
     random_ndcg10 = 0.025  # about 10 / 400 items hit, discounted
     assert results["backbone"] > random_ndcg10
     assert results["ur4rec"] > 1.15 * results["backbone"], results
+
+
+def test_items_without_training_interactions_are_scored_through_the_text_map(settings):
+    cold = {"cold_items": True, "cold_item_share": 0.3, "cold_item_seed": 1}
+    config, model, train_data, valid_data, _ = build(settings, **cold)
+    split = train_data._dataset.training_split
+    seen = torch.zeros(model.n_items, dtype=torch.bool)
+    seen[split.inter_feat[split.iid_field].long()] = True
+    expected = ~seen & model.retriever.text_mask
+    expected[0] = False
+    assert torch.equal(model.mapped_items, expected) and expected.any()
+    # training: the map learns the warm targets' ID embeddings (detached), nothing else moves through it
+    model.train()
+    terms = model.loss_terms(next(iter(train_data)))
+    assert "cold_mapping" in terms and torch.isfinite(terms["cold_mapping"])
+    model.zero_grad()
+    terms["cold_mapping"].backward()
+    assert model.cold_mapping.weight.grad.abs().sum() > 0 and model.backbone.item_embedding.weight.grad is None
+    # evaluation: the backbone scores unseen items with their mapped text embeddings, the others as before
+    model.eval()
+    model.set_objective("backbone")
+    batch = next(iter(valid_data))[0]
+    scores = model.full_sort_predict(batch)
+    last = model.backbone.gather_last(model(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]), batch[model.ITEM_SEQ_LEN])
+    mapped = model.cold_mapping(model.retriever.text_features)  # [n H]
+    assert torch.allclose(scores[:, expected], (last @ mapped.t())[:, expected], atol=1e-5)
+    assert torch.allclose(scores[:, ~expected], (last @ model.backbone.item_embedding.weight.t())[:, ~expected], atol=1e-5)
+    # off: no map, the ID embeddings score every item
+    _, plain, *_ = build(settings, cold_item_mapping=False, **cold)
+    assert plain.cold_mapping is None and plain.parameter_groups()["cold_mapping"] == []

@@ -36,6 +36,7 @@ from recbole_ur4rec.model.layers import (
     view_info_nce,
 )
 from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin, StagedModelMixin
+from recbole_ur4rec.slices import training_counts
 
 OBJECTIVES = ("backbone", "retriever", "fused")
 MOE_TYPES = ("flat", "hierarchical")
@@ -50,6 +51,7 @@ LOSS_WEIGHT_KEYS = {
     "diversity": "diversity_weight",
     "load_balance": "load_balance_weight",
     "distillation": "distillation_weight",
+    "cold_mapping": "cold_mapping_weight",
 }
 
 
@@ -79,6 +81,11 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
           at the last position and the projected preference text (plus, with images, text and image keys of the
           target items for consistency). The memory bank is MoCo's queue without the momentum encoder.
         - The memory of recent user states (``memory_size``) is written during training only.
+        - Items without a training interaction (new items; the cold items of the cold-item protocol) have ID
+          embeddings that training only pushes down, as negatives. With ``cold_item_mapping`` (default) a linear map
+          from an item's text embedding to its ID embedding is trained on the batch's target items (the
+          ``cold_mapping`` term: MSE to the detached ID embeddings), and at evaluation the backbone scores such items
+          with their mapped embeddings (Heater-style mapping, Zhu et al., SIGIR 2020); warm items keep their own.
     """
 
     input_type = InputType.POINTWISE  # negatives are sampled inside the model, not by RecBole
@@ -128,7 +135,13 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         )
         use_bank = config["contrastive_type"] == "memory_bank"
         self.memory_bank = MemoryBank(config["memory_bank_size"], dim) if use_bank else None
-
+        self.cold_mapping = None
+        if config["cold_item_mapping"]:
+            text = stores["item_text"]
+            self.cold_mapping = torch.nn.Linear(text.features.size(1), config["hidden_size"])
+            unseen = training_counts(getattr(dataset, "training_split", dataset)).items == 0  # [n]
+            unseen[0] = False  # padding
+            self.register_buffer("mapped_items", unseen & text.mask, persistent=False)  # [n] scored by the map
     def _check_config(self, config):
         # the backbone's keys, loss_position and train_neg_sample_args: SequenceBackbone.from_config
         for key in ("retriever_dim", "moe_heads", "moe_proxies", "num_sub_experts", "ranking_negatives", "memory_bank_size"):
@@ -144,14 +157,37 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         _check(config, "moe_type", None, choices=MOE_TYPES)
         _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
         _check(config, "use_image", None, choices=(True, False))
+        _check(config, "cold_item_mapping", None, choices=(True, False))
 
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes and clips separately."""
-        return {
+        groups = {
             **self.backbone.parameter_groups(),
             "retriever": list(self.retriever.parameters()),
             "fusion": list(self.fusion.parameters()),
         }
+        groups["cold_mapping"] = [] if self.cold_mapping is None else list(self.cold_mapping.parameters())
+        return groups
+
+    def _scoring_items(self):
+        """The item embeddings the backbone scores with [n H]: at evaluation, items without a training interaction
+        take their mapped text embedding (``cold_item_mapping``)."""
+        weight = self.backbone.item_embedding.weight
+        if self.cold_mapping is None or self.training or not bool(self.mapped_items.any()):
+            return weight
+        mapped = self.cold_mapping(self.retriever.text_features[self.mapped_items])  # [m H]
+        return weight.index_put((self.mapped_items.nonzero().squeeze(1),), mapped)
+
+    def _cold_mapping_term(self, targets):
+        """MSE between the mapped text embeddings of the (warm) target items and their detached ID embeddings."""
+        if self.cold_mapping is None:
+            return None
+        items = torch.unique(targets)
+        items = items[self.retriever.text_mask[items]]
+        if not len(items):
+            return self.backbone.item_embedding.weight.new_zeros(())
+        mapped = self.cold_mapping(self.retriever.text_features[items])  # [m H]
+        return torch.nn.functional.mse_loss(mapped, self.backbone.item_embedding.weight[items].detach())
 
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
@@ -174,8 +210,10 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             items = candidates.items  # [U]
         item_weight = self.backbone.item_embedding.weight
         backbone_scores = states @ (item_weight if items is None else item_weight[items]).t()  # [N n|U]
+        mapping = self._cold_mapping_term(targets)
+        mapping = {} if mapping is None else {"cold_mapping": mapping}
         if self.objective == "backbone":
-            return {"rank": self._rank(backbone_scores, targets, candidates)}
+            return {"rank": self._rank(backbone_scores, targets, candidates), **mapping}
 
         retrieved = self.retriever(states, users, items)
         retriever_scores = retrieved["scores"]  # [N n|U]
@@ -196,7 +234,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             )
         if self.training:
             self.retriever.remember(row_users, last)
-        return terms
+        return {**terms, **mapping}
 
     def _auxiliary_terms(self, retrieved, last, users, targets, target_columns):
         """Consistency, contrastive, diversity and load-balance terms; ``target_columns`` [N]: the targets' columns
@@ -235,7 +273,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         """Scores of all items at each row's last position, by the current objective: [B n]."""
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         last = self.backbone.gather_last(self.forward(interaction[self.ITEM_SEQ], item_seq_len), item_seq_len)  # [B H]
-        backbone_scores = last @ self.backbone.item_embedding.weight.t()  # [B n]
+        backbone_scores = last @ self._scoring_items().t()  # [B n]
         if self.objective == "backbone":
             return backbone_scores
         retrieved = self.retriever(last, interaction[self.USER_ID])

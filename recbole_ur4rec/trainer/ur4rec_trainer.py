@@ -14,6 +14,7 @@ from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 STAGE_NAMES = ("pretrain_backbone", "pretrain_retriever", "joint", "end_to_end")
 BACKBONE_GROUPS = ("item_embedding", "backbone")
 RETRIEVER_GROUPS = ("retriever", "fusion")
+MAPPING_GROUPS = ("cold_mapping",)  # text -> ID embedding map of items without training interactions (empty when off)
 # progressive unfreezing goes from the output side to the input side
 UNFREEZE_ORDER = ("fusion", "retriever", "backbone", "item_embedding")
 RETRIEVER_OBJECTIVES = ("retriever", "fused")
@@ -32,11 +33,11 @@ class UR4RecTrainer(StagedTrainer):
         unfreeze_every = self.unfreeze_every()
         self.curriculum_ramps = self._ramps(config["curriculum_ramps"]) if config["curriculum"] else {}
 
-        everything = BACKBONE_GROUPS + RETRIEVER_GROUPS
+        everything = BACKBONE_GROUPS + RETRIEVER_GROUPS + MAPPING_GROUPS
         specs = {
-            "pretrain_backbone": dict(groups=BACKBONE_GROUPS, objective="backbone"),
-            "pretrain_retriever": dict(groups=RETRIEVER_GROUPS, objective=retriever_objective),
-            "joint": dict(groups=everything, alternate=(BACKBONE_GROUPS, RETRIEVER_GROUPS), objective="fused"),
+            "pretrain_backbone": dict(groups=BACKBONE_GROUPS + MAPPING_GROUPS, objective="backbone"),
+            "pretrain_retriever": dict(groups=RETRIEVER_GROUPS + MAPPING_GROUPS, objective=retriever_objective),
+            "joint": dict(groups=everything, alternate=(BACKBONE_GROUPS + MAPPING_GROUPS, RETRIEVER_GROUPS), objective="fused"),
             "end_to_end": dict(
                 groups=everything,
                 unfreeze=UNFREEZE_ORDER if config["progressive_unfreezing"] else (),

@@ -27,10 +27,13 @@ class FlowerSession:
         node_wait (float): see ``min_nodes``.
         poll_interval (float): seconds between two pulls of replies (``Grid.send_and_receive`` waits 3 s).
         secagg (dict or None): aggregate each round with SecAgg+ (:mod:`.secagg`; its workflow's settings), or not.
+        eval_timeout (float or None): seconds an evaluation waits for every node (at least ``round_timeout``): an
+            evaluation needs every partition, and a node still busy with a late round answers it afterwards.
     """
 
-    def __init__(self, grid, settings, round_timeout=600.0, min_nodes=1, node_wait=60.0, poll_interval=0.2, secagg=None):
+    def __init__(self, grid, settings, round_timeout=600.0, min_nodes=1, node_wait=60.0, poll_interval=0.2, secagg=None, eval_timeout=None):
         self.grid, self.settings, self.secagg = grid, settings, secagg
+        self.eval_timeout = max(round_timeout, eval_timeout or 0.0)
         self.round_timeout, self.min_nodes, self.node_wait, self.poll_interval = round_timeout, min_nodes, node_wait, poll_interval
         self.rounds = []  # one record per round, written to the run's output
 
@@ -55,16 +58,18 @@ class FlowerSession:
             getLogger().warning(f"only {len(nodes)} SuperNodes connected after {self.node_wait} s (run config min-nodes = {self.min_nodes})")
         return nodes
 
-    def exchange(self, messages):
-        """Send ``messages`` (node id -> Message); return node id -> its reply, or the error of a node without one."""
+    def exchange(self, messages, timeout=None):
+        """Send ``messages`` (node id -> Message); return node id -> its reply, or the error of a node without one
+        within ``timeout`` seconds (default ``round_timeout``)."""
+        timeout = timeout or self.round_timeout
         nodes = list(messages)
         ids = list(self.grid.push_messages([messages[node] for node in nodes]))
         ids += [None] * (len(nodes) - len(ids))  # the Grid returns None (or nothing) for what it could not push
         replies = {node: ConnectionError(f"the message to SuperNode {node} could not be pushed to the SuperLink") for node in nodes}
         node_of = {mid: node for node, mid in zip(nodes, ids) if mid}
         for node in node_of.values():
-            replies[node] = TimeoutError(f"SuperNode {node} sent no reply within {self.round_timeout} s (run config round-timeout)")
-        deadline = time.time() + self.round_timeout
+            replies[node] = TimeoutError(f"SuperNode {node} sent no reply within {timeout} s (run config round-timeout or eval-timeout)")
+        deadline = time.time() + timeout
         while node_of and time.time() < deadline:
             for reply in self.grid.pull_messages(list(node_of)):  # by the message replied to: a system error reply
                 node = node_of.pop(reply.metadata.reply_to_message_id, None)  # comes from the SuperLink, not the node
@@ -119,8 +124,9 @@ class FlowerNodes:
         self.keep_round = -1
         self.calls = 0
 
-    def _message(self, node, content, kind):
-        return Message(content, dst_node_id=node, message_type=kind, ttl=self.session.round_timeout, group_id=str(self.calls))
+    def _message(self, node, content, kind, ttl=None):
+        ttl = ttl or self.session.round_timeout
+        return Message(content, dst_node_id=node, message_type=kind, ttl=ttl, group_id=str(self.calls))
 
     def _nodes(self):
         """partition index -> Flower node id of the connected SuperNodes (asking the new ones which they hold)."""
@@ -258,8 +264,9 @@ class FlowerNodes:
             "local_round": int(local_round),
         })
         content = RecordDict({"task": spec, "global": _arrays(global_params), "local_init": _arrays(local_init or {})})
-        messages = {nodes[p]: self._message(nodes[p], content, MessageType.EVALUATE) for p in nodes}
-        replies = self.session.exchange(messages)
+        wait = self.session.eval_timeout
+        messages = {nodes[p]: self._message(nodes[p], content, MessageType.EVALUATE, ttl=wait) for p in nodes}
+        replies = self.session.exchange(messages, timeout=wait)
         out = []
         for partition in range(self.federation.nodes):
             reply = replies.get(nodes.get(partition), RuntimeError("no SuperNode holds it"))

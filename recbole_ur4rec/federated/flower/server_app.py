@@ -51,7 +51,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         session = FlowerSession(
             grid, _settings(run_config), round_timeout=float(run_config.get("round-timeout", 600.0)),
             min_nodes=int(run_config.get("min-nodes", 1)), node_wait=float(run_config.get("node-wait", 60.0)),
-            secagg=_secagg(run_config),
+            secagg=_secagg(run_config), eval_timeout=float(run_config.get("eval-timeout", 1800.0)),
         )
         with session:
             settings = session.settings
