@@ -63,17 +63,16 @@ KILL_CASES = {
 }
 
 
-@pytest.mark.parametrize("model", list(KILL_CASES))
-def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path, model):
-    extra, kill_after = KILL_CASES[model]
-    args = ["-m", model, "-d", "tiny", "--stopping_step=100", *cli_args(quick_config), *extra]
-    uninterrupted = run_cli(*args, f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path, timeout=600)
+def kill_and_resume(args, kill_after, tmp_path, uninterrupted_args=(), killed_args=()):
+    """Run ``args`` to the end; run it again and ``kill -9`` it once ``kill_after`` resume states are on disk;
+    resume: the test line of the resumed run must equal the uninterrupted run's."""
+    uninterrupted = run_cli(*args, *uninterrupted_args, f"--checkpoint_dir={tmp_path / 'a'}", cwd=tmp_path, timeout=600)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
     # kill -9 as soon as the kill_after-th resume state is on disk (each is written atomically)
     saved = tmp_path / "b"
     process = subprocess.Popen(
-        [sys.executable, SCRIPT, *args, f"--checkpoint_dir={saved}"], cwd=tmp_path,
+        [sys.executable, SCRIPT, *args, *killed_args, f"--checkpoint_dir={saved}"], cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline, states, last = time.time() + 480, set(), None
@@ -95,6 +94,28 @@ def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path, model):
     assert "Resume training from epoch" in resumed.stderr + resumed.stdout
     test_line = lambda out: re.search(r"^test: .*$", out, re.M).group(0)
     assert test_line(resumed.stdout) == test_line(uninterrupted.stdout)
+
+
+@pytest.mark.parametrize("model", list(KILL_CASES))
+def test_killed_run_resumes_to_the_same_result(quick_config, tmp_path, model):
+    extra, kill_after = KILL_CASES[model]
+    kill_and_resume(["-m", model, "-d", "tiny", "--stopping_step=100", *cli_args(quick_config), *extra], kill_after, tmp_path)
+
+
+def test_a_killed_federated_server_resumes_with_its_nodes_state(quick_config, tmp_path):
+    """The partition command, then a server on the partition (nodes in process, their state on disk) killed -9
+    mid-way and resumed: the same test result as an uninterrupted run."""
+    extra, kill_after = KILL_CASES["FedDMMR"]
+    common = ["-m", "FedDMMR", "-d", "tiny", *cli_args(quick_config), *extra]
+    done = subprocess.run(
+        [sys.executable, "-m", "recbole_ur4rec.federated.partition", "--nodes", "2", "--out", str(tmp_path / "fed"), *common[:4],
+         *[a for a in common[4:] if not a.startswith("--epochs")]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"clients on 2 nodes \(\d+, \d+\)", done.stdout)
+    server = [*common, "--stopping_step=100", f"--federation_dir={tmp_path / 'fed'}", "--data_path=/nonexistent"]
+    kill_and_resume(server, kill_after, tmp_path, [f"--node_state_dir={tmp_path / 'na'}"], [f"--node_state_dir={tmp_path / 'nb'}"])
 
 
 def test_overrides_are_parsed_one_way_for_every_cli():

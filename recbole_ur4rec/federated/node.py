@@ -166,16 +166,17 @@ class Node:
 
     def __init__(self, config, partition, state_dir, model_class, items=None):
         from recbole.evaluator import Collector, Evaluator
-        from recbole.utils import init_seed
 
         from recbole_ur4rec.data.sequence_dataset import target_list_field
 
         catalog = read_items(items or default_items(partition), config["dataset"])
         self.config = config
         self.partition = NodePartition(partition, config["dataset"], len(catalog["item_tokens"]))
-        init_seed(config["seed"], config["reproducibility"])
         dataset = ItemCatalog(config, catalog["item_tokens"], self.partition.meta["n_users"])
-        self.model = model_class(config, dataset)
+        # the initial weights are replaced by the server's; building them leaves the process's RNG as it was (the
+        # in-process nodes draw their dropout masks from it, so a resumed server draws the same ones)
+        with torch.random.fork_rng(devices=[]):
+            self.model = model_class(config, dataset)
         self.model.eval()
         train = self.partition.rows["train"]
         self.clients = ClientData.from_rows(train, self.model.ITEM_SEQ, target_list_field(self.config), self.config["USER_ID_FIELD"])

@@ -53,6 +53,13 @@ def _node(msg, context):
     return node_of(json.loads(msg.content["task"]["settings"]), context)
 
 
+def _seed(settings, round_idx, partition):
+    """Seed this message's process from the run's seed, the round and the partition: a rerun draws the same
+    dropout masks."""
+    seed = settings["config_dict"].get("seed", 2020)
+    torch.manual_seed(int(np.random.default_rng([int(seed), int(round_idx), int(partition)]).integers(2**62)))
+
+
 def _node_query(msg, context):
     """Which partition this SuperNode holds (read from its node.json only)."""
     meta = NodePartition.read_meta(_partition(context))
@@ -68,6 +75,7 @@ def _node_train(msg, context):
     if _ids(context.run_config.get("stall-node-of", "")) & set(users):  # a node too slow for the round (tests)
         time.sleep(float(context.run_config.get("stall-seconds", 0.0)))
     node = _node(msg, context)
+    _seed(json.loads(task["settings"]), task["round"], node.partition.node)
     flat, epochs, orders, at = list(task["orders"]), int(task["epochs"]), {}, 0
     for user, rows in zip(users, task["rows"]):
         orders[user] = [torch.tensor(flat[at + e * rows : at + (e + 1) * rows], dtype=torch.long) for e in range(epochs)]
@@ -104,6 +112,7 @@ def _node_train_secure(msg, context):
     if _ids(context.run_config.get("fail-node-of", "")) & set(users):
         raise RuntimeError("run config 'fail-node-of' names a user of this node (test failure of a whole node)")
     node = node_of(settings, context)
+    _seed(settings, config["round"], partition)
     flat, epochs, orders, at = list(config[f"orders.{partition}"]), int(config["epochs"]), {}, 0
     for user, rows in zip(users, config[f"rows.{partition}"]):
         orders[user] = [torch.tensor(flat[at + e * rows : at + (e + 1) * rows], dtype=torch.long) for e in range(epochs)]
