@@ -462,3 +462,15 @@ def test_items_without_training_interactions_are_scored_through_the_text_map(set
     # off: no map, the ID embeddings score every item
     _, plain, *_ = build(settings, cold_item_mapping=False, **cold)
     assert plain.cold_mapping is None and plain.parameter_groups()["cold_mapping"] == []
+
+
+@pytest.mark.parametrize("model_name", ["UR4Rec", "FTRagRec"])
+def test_learning_rate_is_refused_by_staged_models(settings, model_name):
+    if model_name != "UR4Rec":  # UR4Rec's stage settings
+        settings = {k: v for k, v in settings.items() if not k.startswith("stage")}
+    config, model, *_ = build_model(model_name, "genre", {**settings, "learning_rate": 0.01})
+    with pytest.raises(ValueError, match=r"config key 'learning_rate' \(0.01\) is not used by .*'stage_learning_rate' \(now \{"):
+        get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    config, model, *_ = build_model(model_name, "genre", settings)
+    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)  # without it, the stages' own rates
+    assert [stage.learning_rate for stage in trainer.stages] == [config["stage_learning_rate"][s.name] for s in trainer.stages]

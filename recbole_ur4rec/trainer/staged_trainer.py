@@ -92,6 +92,9 @@ class Alternator:
         self.history, self.switches = list(state["history"]), state["switches"]
 
 
+RECBOLE_DEFAULT_LEARNING_RATE = 0.001  # recbole/properties/overall.yaml
+
+
 class StagedTrainer(SafeCheckpointMixin, Trainer):
     r"""Base of trainers that train a model in stages; subclasses give the stages and the loss of a batch.
 
@@ -106,6 +109,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self._refuse_unused_learning_rate(config)
         self.groups = model.parameter_groups()
         self._check_groups()
         self.warmup_ratio = self._number("warmup_ratio", 0, 1)
@@ -122,6 +126,17 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         self.run_best_result, self.run_best_stage = None, None
 
     # ---- configuration -------------------------------------------------------------------------------------
+    def _refuse_unused_learning_rate(self, config):
+        """RecBole's ``learning_rate`` trains nothing here (each stage has its own rate): a value the user gave
+        that differs from RecBole's default is an error, never silently ignored."""
+        given = getattr(config, "external_config_dict", {}).get("learning_rate")
+        if given is not None and given != RECBOLE_DEFAULT_LEARNING_RATE:
+            raise ValueError(
+                f"config key 'learning_rate' ({given!r}) is not used by {config['model']}'s staged training: every stage "
+                f"has its own rate, config key 'stage_learning_rate' (now {config['stage_learning_rate']!r}); set that instead"
+            )
+
+
     def configured_stages(self, known, specs):
         """The stages named by the config key ``stages`` (among ``known``), in order, with their ``stage_epochs``,
         ``stage_learning_rate`` and ``stage_lr_scale``; ``specs`` gives each stage's other :class:`Stage` fields."""
