@@ -18,7 +18,7 @@ def parse_args(argv):
     parser.add_argument("--config_files", type=str, default=None, help="config files, separated by spaces")
     parser.add_argument("--checkpoint", type=str, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--resume", type=str, default=None, help="continue the run that wrote this checkpoint")
-    parser.add_argument("--nosave", action="store_true", help="neither save checkpoints nor reload the best model")
+    parser.add_argument("--nosave", action="store_true", help="write no checkpoint (the test split still uses the best-validation weights, kept in memory)")
     args, unknown = parser.parse_known_args(argv)
     return args, parse_overrides(parser, unknown)
 

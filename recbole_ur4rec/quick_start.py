@@ -35,7 +35,8 @@ def run_recbole_ur4rec(
         dataset (str): dataset name.
         config_file_list (list of str): yaml config files.
         config_dict (dict): parameters, above config files and below the command line.
-        saved (bool): save the best model (and the resume state) and reload the best model for testing.
+        saved (bool): save the best model (and the resume state); either way the test split is evaluated with the
+            best-validation weights (kept in memory when nothing is saved).
         resume_file (str): a checkpoint written by an earlier run of this function; training continues from it
             with the settings it stored (``config_dict`` may update them).
         callback_fn (callable): called as ``callback_fn(epoch_idx, valid_score)`` after each validation.
@@ -59,7 +60,8 @@ def run_recbole_ur4rec(
     )
     test_result = None
     if evaluate_test:
-        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+        test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=config["show_progress"])  # the best
+        # validation weights, from the best-model file or, when nothing is saved, from memory
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")

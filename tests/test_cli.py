@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_ur4rec.py")
 
@@ -137,3 +138,24 @@ def test_overrides_are_parsed_one_way_for_every_cli():
             parse_overrides(parser, bad)
     with pytest.raises(SystemExit):
         parse_overrides(parser, [], extra=["seed"])
+
+
+def test_without_saving_the_test_split_still_uses_the_best_validation_weights(quick_config, tmp_path):
+    from recbole_ur4rec.build import build
+    from recbole_ur4rec.quick_start import run_recbole_ur4rec
+    from recbole_ur4rec.registry import get_trainer
+
+    settings = {**quick_config, "epochs": 8, "learning_rate": 0.5, "stopping_step": 100}  # peaks before its last epoch
+    saved = run_recbole_ur4rec("FastSASRec", "tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "a")})
+    unsaved = run_recbole_ur4rec("FastSASRec", "tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "b")}, saved=False)
+    assert unsaved["test_result"] == saved["test_result"] and unsaved["model_file"] is None
+    assert not (tmp_path / "b").exists() or not os.listdir(tmp_path / "b"), "nothing is written"
+    # the trainer keeps the best validation state and evaluates it, not the last epoch's weights
+    config, model, _, train_data, valid_data, test_data = build("FastSASRec", "tiny", config_dict={**settings, "checkpoint_dir": str(tmp_path / "c")}, log=False)
+    trainer = get_trainer(config["MODEL_TYPE"], "FastSASRec")(config, model)
+    trainer.fit(train_data, valid_data, saved=False)
+    best = trainer._best_in_memory
+    assert best is not None and best["best_valid_score"] == trainer.best_valid_score
+    assert not all(torch.equal(v, best["state_dict"][n]) for n, v in model.state_dict().items()), "the best epoch is not the last here"
+    trainer.evaluate(test_data, load_best_model=True)
+    assert all(torch.equal(value, best["state_dict"][name]) for name, value in model.state_dict().items())

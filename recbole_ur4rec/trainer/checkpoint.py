@@ -74,6 +74,8 @@ class SafeCheckpointMixin:
 
     _pending_rng_state = None  # set by resume_checkpoint, applied by fit (which has the train loader)
     _best_state_dict = None  # a copy of the weights last written to the best-model file
+    _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
+    _best_in_memory = None
 
     @property
     def last_checkpoint_file(self):
@@ -100,6 +102,10 @@ class SafeCheckpointMixin:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         state = self._model_state(epoch)
+        if self._keep_in_memory and "saved_model_file" not in kwargs:  # nothing is written: the best stays here
+            state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
+            self._best_in_memory = self._best_state_dict = state
+            return
         save_checkpoint(state, saved_model_file)
         self._best_state_dict = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
         if verbose:
@@ -126,6 +132,9 @@ class SafeCheckpointMixin:
         return {}
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's ``fit``; with ``saved=False`` nothing is written, and the best-validation state is kept in
+        memory, so that :meth:`evaluate` still tests the best weights, as with saving."""
+        self._keep_in_memory = not saved
         if self._pending_rng_state is not None:
             restore_rng_state(self._pending_rng_state, train_data)
             self._pending_rng_state = None
@@ -140,7 +149,7 @@ class SafeCheckpointMixin:
             elif callback_fn is not None:
                 callback_fn(epoch_idx, valid_score)
 
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn=after_validation)
+        return super().fit(train_data, valid_data, verbose, True, show_progress, callback_fn=after_validation)
 
     def resume_checkpoint(self, resume_file, state=None):
         """Continue a run from a ``-last.pth`` (or best) checkpoint written by this mixin; ``state``: the checkpoint
@@ -175,14 +184,24 @@ class SafeCheckpointMixin:
             self.start_epoch = self.epochs
         self.logger.info(f"Checkpoint {resume_file} loaded. Resume training from epoch {self.start_epoch}")
 
+    def best_model_state(self, model_file=None):
+        """The best model's checkpoint state: ``model_file``, else the best kept in memory (``fit(saved=False)``),
+        else the best-model file."""
+        if model_file is None and self._keep_in_memory:
+            if self._best_in_memory is None:
+                raise ValueError("no best model to evaluate: fit(saved=False) has not validated or trained an epoch yet")
+            self.logger.info("Loading the best model's parameters kept in memory (nothing was saved)")
+            return self._best_in_memory
+        checkpoint_file = model_file or self.saved_model_file
+        self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return load_checkpoint(checkpoint_file, self.device)
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
-            checkpoint_file = model_file or self.saved_model_file
-            state = load_checkpoint(checkpoint_file, self.device)
+            state = self.best_model_state(model_file)
             self.model.load_state_dict(state["state_dict"])
             self.model.load_other_parameter(state.get("other_parameter"))
-            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
         counts = getattr(eval_data, "training_counts", None)
         if not (eval_data and counts is not None and self.config["eval_slices"] and isinstance(eval_data, FullSortEvalDataLoader)):
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)

@@ -32,7 +32,6 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_ur4rec.checkpoints import load_checkpoint
 from recbole_ur4rec.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import (
@@ -211,12 +210,10 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)
         local_round = self.round_idx
         if load_best_model:
-            checkpoint_file = model_file or self.saved_model_file
-            state = load_checkpoint(checkpoint_file, self.device)
+            state = self.best_model_state(model_file)
             self.model.load_state_dict(state["state_dict"])
             self.model.load_other_parameter(state.get("other_parameter"))
             local_round = state["epoch"]
-            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
         if self.clients is None:
             self._setup(None)
         local = self.local_names(local_round) if local_round >= 0 else []
