@@ -198,6 +198,20 @@ def _ray_callback(recorder):
     return _Recorder()
 
 
+def validation_budget(config):
+    """The most validations a trial reports (ASHA's ``max_t``; its time axis counts reports): ``epochs // eval_step``
+    (federated models: one round per epoch); staged trainers, which ignore ``epochs``, validate every ``eval_step``
+    epochs within each stage of ``stages``, ``stage_epochs`` long."""
+    from recbole_ur4rec.registry import get_trainer
+    from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
+
+    eval_step = max(1, config["eval_step"])
+    if issubclass(get_trainer(config["MODEL_TYPE"], config["model"]), StagedTrainer):
+        stage_epochs = config["stage_epochs"] or {}
+        return max(1, sum(int(stage_epochs.get(name, 0)) // eval_step for name in config["stages"] or []))
+    return max(1, config["epochs"] // eval_step)
+
+
 def _asha(recorder, max_t, grace_period, reduction_factor):
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -263,7 +277,8 @@ def run_search(
         seed (int): seed of the sampler and of every trial (RecBole's ``seed``).
         grid (bool): try every ``choice`` value instead of sampling them.
         grace_period (int): validations every trial gets before ASHA may stop it (default: a tenth of the
-            validations, at least 1); ``reduction_factor``: ASHA keeps 1/reduction_factor of the trials per rung.
+            validations of :func:`validation_budget`, at least 1); ``reduction_factor``: ASHA keeps 1/reduction_factor
+            of the trials per rung.
         evaluate_best (bool): evaluate the best trial's checkpoint on the test split.
 
     Returns:
@@ -294,7 +309,7 @@ def run_search(
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     bigger = bool(config["valid_metric_bigger"])
     valid_metric = config["valid_metric"]
-    max_t = max(1, config["epochs"] // max(1, config["eval_step"]))
+    max_t = validation_budget(config)
     grace_period = min(max_t, grace_period or max(1, max_t // 10))
 
     trial_dict = dict(user_dict, model=model, dataset=dataset)

@@ -150,3 +150,21 @@ def test_failing_trial_is_reported_and_others_finish(local_ray, walk_root, tmp_p
     assert rows["3"]["status"] == "failed" and "attention heads" in rows["3"]["error"]
     assert rows["1"]["test ndcg@10"] != ""
     assert "failed" in open(result["results_md"]).read()
+
+
+def test_asha_budget_follows_the_real_schedule(walk_root):
+    from recbole_ur4rec.tuning import validation_budget
+
+    settings = quick_settings(walk_root, epochs=300)
+    config = Config(model="SASRec", dataset="walk", config_dict=settings)
+    assert validation_budget(config) == 300
+    config = Config(model="SASRec", dataset="walk", config_dict={**settings, "eval_step": 2})
+    assert validation_budget(config) == 150
+    # staged trainers ignore epochs: their stages' epochs, validated every eval_step epochs within each stage
+    staged = {**settings, "stages": ["pretrain_backbone", "retriever"], "stage_epochs": {"pretrain_backbone": 5, "retriever": 3, "finetune": 9}}
+    assert validation_budget(Config(model="FTRagRec", dataset="walk", config_dict=staged)) == 8
+    assert validation_budget(Config(model="FTRagRec", dataset="walk", config_dict={**staged, "eval_step": 2})) == 3
+    defaults = Config(model="UR4Rec", dataset="walk", config_dict=settings)
+    assert validation_budget(defaults) == sum(defaults["stage_epochs"][name] for name in defaults["stages"]) < 300
+    # federated rounds are epochs
+    assert validation_budget(Config(model="FedDMMR", dataset="walk", config_dict={**settings, "epochs": 40})) == 40
