@@ -32,6 +32,8 @@ def parse_args(argv):
     parser.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE", help="a setting for every cell (repeatable)")
     parser.add_argument("--output_dir", default=None, help="default results/<dataset>")
     parser.add_argument("--report_only", action="store_true", help="run nothing: write the tables from the finished cells")
+    parser.add_argument("--reuse_other_code", action="store_true",
+                        help="reuse finished cells that ran another version of the package (default: rerun them)")
     args, unknown = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, unknown, extra=args.extra)
     if args.epochs is not None:
@@ -59,6 +61,7 @@ def main(argv=None):
             overrides=overrides,
             output_dir=args.output_dir,
             report_only=args.report_only,
+            reuse_other_code=args.reuse_other_code,
         )
     except KeyboardInterrupt:
         print("interrupted: finished cells and the table are kept; run the same command again to continue")

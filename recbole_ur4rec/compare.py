@@ -62,6 +62,34 @@ def cell_settings(model, dataset, seed, config_files, overrides):
     )
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def code_version():
+    """The code a cell runs: ``source`` (a hash of the package's .py, .yaml and .toml files: what decides a
+    result), and, when the package sits in a git work tree, its ``commit`` and whether the package is ``clean``
+    (no uncommitted change under it)."""
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(PACKAGE_DIR)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".yaml", ".toml")):
+                path = os.path.join(root, name)
+                digest.update(os.path.relpath(path, PACKAGE_DIR).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    version = {"source": digest.hexdigest()[:16], "commit": None, "clean": None}
+    try:
+        git = lambda *args: subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=30)  # noqa: E731
+        head = git("rev-parse", "HEAD")
+        if head.returncode == 0:
+            version["commit"] = head.stdout.strip()
+            version["clean"] = git("status", "--porcelain", "--", PACKAGE_DIR).stdout.strip() == ""
+    except (OSError, subprocess.SubprocessError):  # no git: the source hash still identifies the code
+        pass
+    return version
+
+
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -187,6 +215,7 @@ def run_compare(
     overrides=None,
     output_dir=None,
     report_only=False,
+    reuse_other_code=False,
 ):
     r"""Run every (model, seed) cell that is not finished yet, then write the comparison table and chart.
 
@@ -201,6 +230,8 @@ def run_compare(
         overrides (dict): settings above the config files for every cell (e.g. ``{"epochs": 20}``).
         output_dir (str): default ``results/<dataset>``.
         report_only (bool): run nothing; write the tables from the finished cells (the others show as not finished).
+        reuse_other_code (bool): reuse finished cells that ran another version of the package (:func:`code_version`);
+            by default they are rerun. The table's header lists the code versions of its cells either way.
 
     Returns:
         dict: ``ran`` and ``reused`` (cell names), ``cells`` (name -> cell record), ``rows`` (one per model),
@@ -226,6 +257,7 @@ def run_compare(
                 raise FileNotFoundError(f"config file {path} (for {model}) does not exist")
 
     cells, ran, reused = {}, [], []
+    code = code_version()
     report = dict(output_dir=output_dir, models=list(models), seeds=list(seeds), dataset=dataset, files_of=files_of, overrides=overrides)
     try:
         for seed in seeds:  # seed-major: one full pass over the models comes first
@@ -234,13 +266,16 @@ def run_compare(
                 json_path = os.path.join(cells_dir, name + ".json")
                 settings = cell_settings(model, dataset, seed, files_of[model], overrides)
                 done = read_json(json_path)
-                if done and done.get("status") == "ok" and done.get("settings") == settings:
+                same_code = (done or {}).get("code", {}).get("source") == code["source"]
+                if done and done.get("status") == "ok" and done.get("settings") == settings and (same_code or reuse_other_code or report_only):
                     cells[name] = done
                     reused.append(name)
                     continue
                 if report_only:
                     continue
-                cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir)
+                if done and done.get("status") == "ok" and done.get("settings") == settings:
+                    logger.info(f"[compare] {name}: ran another version of the code ({(done.get('code') or {}).get('source')}, now {code['source']}): rerun")
+                cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code)
                 ran.append(name)
                 write_report(cells, **report)
     finally:
@@ -248,7 +283,7 @@ def run_compare(
     return dict(paths, ran=ran, reused=reused, cells=cells)
 
 
-def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir):
+def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir, code=None):
     name = cell_name(model, seed)
     json_path = os.path.join(cells_dir, name + ".json")
     partial_path = os.path.join(cells_dir, name + ".partial.json")
@@ -297,6 +332,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir)
         dataset=dataset,
         seed=seed,
         settings=settings,
+        code=code or code_version(),
         returncode=returncode,
         wall_time_s=partial["elapsed_s"] + elapsed,
         peak_rss_mb=max(partial["peak_rss_mb"], peak),

@@ -87,6 +87,18 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
     for model in models:
         if model in budgets:
             lines.append(f"- {model} training budget: {budgets[model]}")
+    versions = {}
+    for cell in cells.values():
+        code = cell.get("code") or {}
+        label = code.get("source") or "not recorded"
+        if code.get("commit"):
+            label += f" (commit {code['commit'][:10]}{'' if code.get('clean') else ', uncommitted changes'})"
+        versions.setdefault(label, []).append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
+    if len(versions) == 1:
+        lines.append(f"- code version of every cell: {next(iter(versions))}")
+    elif versions:
+        lines.append("- WARNING: the cells ran different versions of the code: " + "; ".join(
+            f"{label}: {', '.join(sorted(names))}" for label, names in versions.items()))
     lines.append(f"- overrides for every cell: {overrides or 'none'}")
     for model in models:
         if files_of.get(model):

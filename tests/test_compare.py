@@ -75,6 +75,18 @@ def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
     fearec_line = next(line for line in open(report["md"]).read().splitlines() if line.startswith("| FEARec"))
     assert "| 0/2 |" in fearec_line and "2 seed(s) not finished" in fearec_line
 
+    # every cell records its code version; a cell that ran other code is rerun, unless told to reuse it
+    code = cells[("SASRec", 1)]["code"]
+    assert len(code["source"]) == 16 and "code version of every cell: " + code["source"] in md
+    stale = cell_json(output_dir, "GRU4Rec", 2)
+    stale["code"] = {"source": "0000000000000000", "commit": None, "clean": None}
+    with open(os.path.join(output_dir, "cells", "GRU4Rec-seed2.json"), "w") as f:
+        json.dump(stale, f)
+    kept = run_compare(**kwargs, reuse_other_code=True)
+    assert kept["ran"] == [] and "WARNING: the cells ran different versions of the code" in open(kept["md"]).read()
+    rerun = run_compare(**kwargs)
+    assert rerun["ran"] == ["GRU4Rec-seed2"] and cell_json(output_dir, "GRU4Rec", 2)["code"] == code
+
 
 def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
     broken = tmp_path / "GRU4Rec.yaml"
