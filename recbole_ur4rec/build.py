@@ -9,7 +9,7 @@ from logging import getLogger
 from typing import NamedTuple
 
 import torch
-from recbole.utils import init_logger, init_seed
+from recbole.utils import ModelType, init_logger, init_seed
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
@@ -33,6 +33,24 @@ def set_anomaly_detection(enabled):
             "for the whole process (set detect_anomaly: True to keep it)"
         )
     torch.autograd.set_detect_anomaly(bool(enabled))
+
+
+def history_masked(config):
+    """Whether full-ranking evaluation removes each user's training items from the ranking: RecBole does so for
+    general models (config ``mask_history_items``, default True); sequential models never mask."""
+    full = all(str(mode).startswith("full") for mode in (config["eval_args"]["mode"] or {}).values()) if isinstance(
+        config["eval_args"]["mode"], dict) else str(config["eval_args"]["mode"]).startswith("full")
+    return config["MODEL_TYPE"] != ModelType.SEQUENTIAL and full and config["mask_history_items"] is not False
+
+
+def unmask_history(loader):
+    """Make a general model's full-sort loader mask nothing: every user's history becomes empty."""
+    history = getattr(loader, "uid2history_item", None)
+    if history is None:
+        return
+    empty = torch.zeros(0, dtype=torch.int64)
+    for uid in range(len(history)):
+        history[uid] = empty
 
 
 class Run(NamedTuple):
@@ -77,6 +95,9 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
         if log:
             logger.info(dataset)
         train_data, valid_data, test_data = data_preparation(config, dataset)
+        if not history_masked(config):
+            for loader in (valid_data, test_data):
+                unmask_history(loader)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, getattr(train_data, "_dataset", dataset)).to(config["device"])

@@ -115,6 +115,7 @@ def _tail(path, lines=15):
 
 def run_cell(spec):
     """Train and test one (model, seed) cell; runs in the child process and writes ``spec['child_json']``."""
+    from recbole_ur4rec.build import history_masked
     from recbole_ur4rec.checkpoints import load_checkpoint
     from recbole_ur4rec.config import Config
     from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -137,6 +138,7 @@ def run_cell(spec):
                 "valid_metric": config["valid_metric"],
                 "epochs": config["epochs"],
                 "stopping_step": config["stopping_step"],
+                "history_masked": history_masked(config),
             }
             if config["stages"] and isinstance(config["stage_epochs"], dict):  # staged trainers: epochs per stage
                 out["protocol"]["stage_epochs"] = {stage: config["stage_epochs"].get(stage) for stage in config["stages"]}

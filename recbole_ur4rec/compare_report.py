@@ -81,6 +81,8 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
         lines.append(
             f"- protocol{who}: split {p['split']}, order {p['order']}, grouped by {p['group_by']}, {p['ranking']} ranking; "
             f"metrics {p['metrics']} @ {p['topk']}; best epoch chosen on validation {p['valid_metric']}"
+            + {True: "; each user's training items removed from the ranking (RecBole's general models)",
+               False: "; training items ranked too (no masking)"}.get(p.get("history_masked"), "")
         )
     if len(protocols) > 1:
         lines.append("- WARNING: the models ran under different protocols (above); their numbers are not comparable.")

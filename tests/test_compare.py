@@ -122,3 +122,27 @@ def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
     again = run_compare(**kwargs)
     assert again["ran"] == ["GRU4Rec-seed1"] and again["reused"] == ["SASRec-seed1", "SASRec_nodrop-seed1"]
     assert cell_json(output_dir, "GRU4Rec", 1)["status"] == "ok"
+
+
+def test_history_masking_is_recorded_and_general_models_can_rank_without_it(walk_root, tmp_path):
+    from recbole_ur4rec.build import build, history_masked
+    from recbole_ur4rec.quick_start import run_recbole_ur4rec
+
+    settings = quick_settings(walk_root, epochs=1)
+    protocol = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}}
+    masked = build("Pop", "walk", config_dict={**settings, **protocol}, log=False)
+    unmasked = build("Pop", "walk", config_dict={**settings, **protocol, "mask_history_items": False}, log=False)
+    assert history_masked(masked.config) and not history_masked(unmasked.config)
+    assert not history_masked(build("SASRec", "walk", config_dict=settings, log=False).config)
+    batch = next(iter(masked.test_data))
+    assert len(batch[1][0]) > 0 and len(next(iter(unmasked.test_data))[1][0]) == 0  # history (user, item) pairs
+    a = run_recbole_ur4rec("Pop", "walk", config_dict={**settings, **protocol, "checkpoint_dir": str(tmp_path / "a")})
+    b = run_recbole_ur4rec("Pop", "walk", config_dict={**settings, **protocol, "mask_history_items": False, "checkpoint_dir": str(tmp_path / "b")})
+    assert a["test_result"] != b["test_result"]  # popular items a user already has count again
+    # run_compare records it per cell and warns when cells differ
+    output_dir = str(tmp_path / "compare")
+    result = run_compare(models=["SASRec", "Pop"], dataset="walk", seeds=[1], overrides={**settings, **protocol}, output_dir=output_dir)
+    md = open(result["md"]).read()
+    assert cell_json(output_dir, "Pop", 1)["protocol"]["history_masked"] is True
+    assert cell_json(output_dir, "SASRec", 1)["protocol"]["history_masked"] is False
+    assert "WARNING: the models ran under different protocols" in md and "training items removed from the ranking" in md
