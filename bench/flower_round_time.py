@@ -101,7 +101,9 @@ def main():
         per_client = [((r["bytes_sent"] or 0) + (r["bytes_received"] or 0)) / len(r["sampled"]) for r in rounds]
         size = f"{sum(per_client) / len(per_client) / 1024:.1f} KiB" if rounds[0]["bytes_sent"] is not None else "(masked: not counted)"
         print(f"| {name} ({args.nodes} SuperNodes, loopback, TLS) | {sum(seconds) / len(seconds):.1f} | {', '.join(f'{s:.1f}' for s in seconds)} | {size} |")
-        print(f"\n`flwr run` wall time of {name} (ServerApp start, {args.rounds} rounds, checkpoints, test evaluation): {total:.0f} s\n")
+    print()
+    for name, rounds, total in runs:
+        print(f"`flwr run` wall time of {name} (ServerApp start, {args.rounds} rounds, checkpoints, test evaluation): {total:.0f} s")
 
 
 if __name__ == "__main__":
