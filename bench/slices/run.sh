@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The slice comparison of issue 15 on ml-100k, 3 seeds, both protocols, with the fusion ablation (UR4Rec:text with
 # today's fusion, UR4Rec:text_affine and UR4Rec:text_standardize). Resumable per cell: run it again to continue.
-#   bash bench/slices/run.sh [standard|cold|both]     (default both; the two protocols can run side by side)
+#   bash bench/slices/run.sh [standard|cold|both] [run_compare options, e.g. --report_only or --reuse_other_code]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 A=bench/ur4rec_ablation; F=bench/feddmmr; S=bench/slices; C=bench/compare_cpu_cap.yaml
@@ -14,10 +14,12 @@ common=(--models "$MODELS" -d ml-100k --seeds 3 --extra threads=1
         --model_config UR4Rec:text_standardize=$A/fixed.yaml,$S/standardize.yaml
         --model_config FedDMMR:central=$F/central.yaml --model_config FedDMMR:federated=$F/federated.yaml)
 protocol=${1:-both}
+shift || true
+extra=("$@")
 if [[ $protocol == standard || $protocol == both ]]; then
-    python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start.yaml --output_dir results/ml-100k-slices
+    python run_compare.py "${common[@]}" "${extra[@]}" --model_config FTRagRec=$S/ftragrec_warm_start.yaml --output_dir results/ml-100k-slices
 fi
 if [[ $protocol == cold || $protocol == both ]]; then
-    python run_compare.py "${common[@]}" --model_config FTRagRec=$S/ftragrec_warm_start_cold.yaml --extra cold_items=True \
+    python run_compare.py "${common[@]}" "${extra[@]}" --model_config FTRagRec=$S/ftragrec_warm_start_cold.yaml --extra cold_items=True \
         --output_dir results/ml-100k-cold
 fi
