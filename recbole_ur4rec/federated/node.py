@@ -1,12 +1,14 @@
 """A node of a partitioned federation: its users' rows, the model, and its users' personal (local) parameters.
 
-A :class:`Node` reads only its partition (:class:`~recbole_ur4rec.federated.partition.NodePartition`) and the shared
-item side information. It answers two requests, whatever carries them (in process, or a Flower message):
+A :class:`Node` reads only its partition (:class:`~recbole_ur4rec.federated.catalog.NodePartition`) and the shared
+item side information. It answers two requests, whatever carries them (in process: :class:`LocalNodes`; or Flower
+messages: :mod:`recbole_ur4rec.federated.flower`):
 
 - :meth:`Node.train`: the round's client updates of its sampled users (:class:`~recbole_ur4rec.federated.LoopEngine`'s
-  update, from the global parameters and each user's own local parameters); it replies each client's update,
-  sample count and loss. Local parameters never leave the node: they are kept in :class:`LocalStore`, on disk
-  under the node's state folder, one version per round;
+  update, from the global parameters and each user's own local parameters); it replies one partial aggregate (the
+  weighted sum of its clients' clipped updates and their total weight, :meth:`FedAvg.partial`), which clients were
+  included or failed and their losses. Local parameters never leave the node: they are kept in :class:`LocalStore`,
+  on disk under the node's state folder, one version per round;
 - :meth:`Node.evaluate`: its users' validation or test rows, ranked over all items with the global parameters and
   each user's local parameters as of a given round, scored by RecBole's own metric code; it replies only the metric
   sums over its users and their number (:func:`metric_sums`), which the server adds up (:func:`merge_metric_sums`).
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 from recbole_ur4rec.federated.aggregation import FedAvg
-from recbole_ur4rec.federated.engine import ClientData, LoopEngine
 from recbole_ur4rec.federated.catalog import ItemCatalog, NodePartition, PartitionError, read_items
+from recbole_ur4rec.federated.engine import ClientData, LoopEngine
 
 
 def default_items(partition):
