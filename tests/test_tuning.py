@@ -168,3 +168,27 @@ def test_asha_budget_follows_the_real_schedule(walk_root):
     assert validation_budget(defaults) == sum(defaults["stage_epochs"][name] for name in defaults["stages"]) < 300
     # federated rounds are epochs
     assert validation_budget(Config(model="FedDMMR", dataset="walk", config_dict={**settings, "epochs": 40})) == 40
+
+
+def test_asha_stops_a_bad_staged_trial_early(local_ray, walk_root, tmp_path):
+    """FTRagRec trains in stages and ignores epochs: ASHA's budget is its stages' validations (6 here, not
+    RecBole's 300 epochs, whose grace period of 30 validations would never stop it), so a trial that cannot learn
+    is stopped at a rung while the good one trains to the end."""
+    good = {"pretrain_backbone": 0.01, "retriever": 0.01, "finetune": 0.001}
+    bad = {"pretrain_backbone": 1e-7, "retriever": 1e-7, "finetune": 1e-7}
+    params = write(tmp_path / "stages.hyper", f"stage_learning_rate choice [{good!r}, {bad!r}]\n")
+    settings = {
+        **quick_settings(walk_root, epochs=300), "stopping_step": 100,
+        "stages": ["pretrain_backbone", "retriever"], "stage_epochs": {"pretrain_backbone": 4, "retriever": 2, "finetune": 1},
+    }
+    settings.pop("learning_rate")  # staged models refuse it
+    output_dir = str(tmp_path / "search")
+    result = run_search(
+        "FTRagRec", "walk", params, config_dict=settings, output_dir=output_dir, grid=True, seed=3,
+        max_concurrent=1, reduction_factor=2,  # the default grace period: a tenth of the budget, at least 1
+    )
+    by_rate = {rec["params"]["stage_learning_rate"]["pretrain_backbone"]: (trial_id, rec) for trial_id, rec in result["trials"].items()}
+    good_id, good_rec = by_rate[0.01]
+    bad_id, bad_rec = by_rate[1e-7]
+    assert good_rec["status"] == "completed" and len(progress(output_dir, good_id)) == 6  # every stage's validations
+    assert bad_rec["status"] == "stopped by ASHA" and len(progress(output_dir, bad_id)) < 6
