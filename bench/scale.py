@@ -158,8 +158,7 @@ def run_cell(size, cell, data_root, threads, train_budget_s, saved_dir, fed_frac
         trainer.fit(Budgeted(train_data), None, saved=False, show_progress=False)  # one epoch, no validation
         if cell == "DuoRec":  # its backbone warm-starts the FTRagRec-warm cell
             os.makedirs(saved_dir, exist_ok=True)
-            trainer.saved_model_file = warm_start
-            trainer._save_checkpoint(0, verbose=False)
+            trainer._save_checkpoint(0, verbose=False, saved_model_file=warm_start)  # fit(saved=False) wrote nothing
         done = timing["batches"]
         elapsed = timing.get("end", time.monotonic()) - timing["start"]
         out.update(

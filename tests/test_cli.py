@@ -159,3 +159,6 @@ def test_without_saving_the_test_split_still_uses_the_best_validation_weights(qu
     assert not all(torch.equal(v, best["state_dict"][n]) for n, v in model.state_dict().items()), "the best epoch is not the last here"
     trainer.evaluate(test_data, load_best_model=True)
     assert all(torch.equal(value, best["state_dict"][name]) for name, value in model.state_dict().items())
+    # a caller that names a file still gets it written (bench/scale.py saves DuoRec's backbone this way)
+    trainer._save_checkpoint(0, verbose=False, saved_model_file=str(tmp_path / "named.pth"))
+    assert (tmp_path / "named.pth").is_file()

@@ -100,9 +100,10 @@ class SafeCheckpointMixin:
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
+        explicit_file = "saved_model_file" in kwargs  # a caller that names a file wants it written, whatever fit did
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         state = self._model_state(epoch)
-        if self._keep_in_memory and "saved_model_file" not in kwargs:  # nothing is written: the best stays here
+        if self._keep_in_memory and not explicit_file:  # fit(saved=False): nothing is written, the best stays here
             state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
             self._best_in_memory = self._best_state_dict = state
             return
