@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from recbole_ur4rec.federated.flower.engine import array_record, read_orders, tensors_of
 from recbole_ur4rec.federated.node import Node, default_items
 from recbole_ur4rec.federated.catalog import NodePartition, PartitionError
 
@@ -66,6 +67,16 @@ def _node_query(msg, context):
     return Message(RecordDict({"result": ConfigRecord({"partition": int(meta["node"]), "users": len(meta["users"])})}), reply_to=msg)
 
 
+def _train(node, spec, users, rows, flat, global_params, local_init):
+    """Train the node's ``users`` for the round of ``spec`` (settings, round, epochs, local names, task, keep_round;
+    ``rows`` and ``flat``: their row counts and row orders, :func:`read_orders`); prune its local versions."""
+    _seed(json.loads(spec["settings"]), spec["round"], node.partition.node)
+    orders = read_orders(users, rows, flat, int(spec["epochs"]))
+    result = node.train(int(spec["round"]), users, orders, global_params, list(spec["local_names"]), local_init, json.loads(spec["task"]))
+    node.store.prune(int(spec["keep_round"]))
+    return result
+
+
 def _node_train(msg, context):
     task = msg.content["task"]
     users = [int(u) for u in task["clients"]]
@@ -75,27 +86,18 @@ def _node_train(msg, context):
     if _ids(context.run_config.get("stall-node-of", "")) & set(users):  # a node too slow for the round (tests)
         time.sleep(float(context.run_config.get("stall-seconds", 0.0)))
     node = _node(msg, context)
-    _seed(json.loads(task["settings"]), task["round"], node.partition.node)
-    flat, epochs, orders, at = list(task["orders"]), int(task["epochs"]), {}, 0
-    for user, rows in zip(users, task["rows"]):
-        orders[user] = [torch.tensor(flat[at + e * rows : at + (e + 1) * rows], dtype=torch.long) for e in range(epochs)]
-        at += epochs * rows
-    global_params = {name: torch.from_numpy(a.numpy()) for name, a in msg.content["global"].items()}
-    local_init = {name: torch.from_numpy(a.numpy()) for name, a in msg.content["local_init"].items()} or None
     for user in _ids(context.run_config.get("fail-clients", "")) & set(users):  # test failure of one client
         node.clients.targets[node.clients.rows[user], 0] = node.model.n_items + 1
-    partial, losses, failed = node.train(
-        int(task["round"]), users, orders, global_params, list(task["local_names"]), local_init, json.loads(task["task"])
+    partial, losses, failed = _train(
+        node, task, users, task["rows"], task["orders"], tensors_of(msg.content["global"]), tensors_of(msg.content["local_init"]) or None
     )
-    node.store.prune(int(task["keep_round"]))
     result = ConfigRecord({
         "total": float(partial["total"]), "max_count": float(partial["max_count"]),
         "included": list(partial["included"]), "excluded": list(partial["excluded"]),
         "loss_clients": list(losses), "losses": [float(x) for x in losses.values()],
         "failed": list(failed), "errors": list(failed.values()),
     })
-    sums = ArrayRecord({name: Array(value.numpy()) for name, value in partial["sums"].items()})
-    return Message(RecordDict({"result": result, "sums": sums}), reply_to=msg)
+    return Message(RecordDict({"result": result, "sums": array_record(partial["sums"])}), reply_to=msg)
 
 
 def _node_train_secure(msg, context):
@@ -106,26 +108,22 @@ def _node_train_secure(msg, context):
     from recbole_ur4rec.federated.flower.secagg import ordered_names
 
     config = msg.content["fitins.config"]
-    settings = json.loads(config["settings"])
     partition = NodePartition.read_meta(_partition(context))["node"]
     users = [int(u) for u in config[f"clients.{partition}"]]
     if _ids(context.run_config.get("fail-node-of", "")) & set(users):
         raise RuntimeError("run config 'fail-node-of' names a user of this node (test failure of a whole node)")
-    node = node_of(settings, context)
-    _seed(settings, config["round"], partition)
-    flat, epochs, orders, at = list(config[f"orders.{partition}"]), int(config["epochs"]), {}, 0
-    for user, rows in zip(users, config[f"rows.{partition}"]):
-        orders[user] = [torch.tensor(flat[at + e * rows : at + (e + 1) * rows], dtype=torch.long) for e in range(epochs)]
-        at += epochs * rows
+    node = node_of(json.loads(config["settings"]), context)
     local_names = list(config["local_names"])
     names = ordered_names([n for n, p in node.model.named_parameters() if p.requires_grad and n not in local_names])
     arrays = [a.numpy() for a in msg.content["fitins.parameters"].values()]
-    global_params = {n: torch.from_numpy(np.asarray(arrays[i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(names)}
-    local_init = None
-    if config["local_init"]:
-        local_init = {n: torch.from_numpy(np.asarray(arrays[len(names) + i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(local_names)}
-    partial, losses, failed = node.train(int(config["round"]), users, orders, global_params, local_names, local_init, json.loads(config["task"]))
-    node.store.prune(int(config["keep_round"]))
+
+    def parameters(names, first):  # the unnamed float64 arrays of SecAgg+'s records, back to named float32 tensors
+        return {n: torch.from_numpy(np.asarray(arrays[first + i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(names)}
+
+    local_init = parameters(local_names, len(names)) if config["local_init"] else None
+    partial, losses, failed = _train(
+        node, config, users, config[f"rows.{partition}"], config[f"orders.{partition}"], parameters(names, 0), local_init
+    )
     scale = float(config["weight_scale"])
     vector = [(partial["sums"][n] / scale).numpy() for n in names] + [np.asarray([partial["total"] / scale], dtype=np.float32)]
     metrics = ConfigRecord({  # legacy fit metrics hold scalars only: the lists travel as JSON text
@@ -143,9 +141,8 @@ def _node_train_secure(msg, context):
 def _node_evaluate(msg, context):
     task = msg.content["task"]
     node = _node(msg, context)
-    global_params = {name: torch.from_numpy(a.numpy()) for name, a in msg.content["global"].items()}
-    local_init = {name: torch.from_numpy(a.numpy()) for name, a in msg.content["local_init"].items()} or None
-    sums, users = node.evaluate(str(task["split"]), global_params, list(task["local_names"]), int(task["local_round"]), local_init)
+    local_init = tensors_of(msg.content["local_init"]) or None
+    sums, users = node.evaluate(str(task["split"]), tensors_of(msg.content["global"]), list(task["local_names"]), int(task["local_round"]), local_init)
     result = ConfigRecord({"keys": list(sums), "sums": [float(v) for v in sums.values()], "users": int(users)})
     return Message(RecordDict({"result": result}), reply_to=msg)
 

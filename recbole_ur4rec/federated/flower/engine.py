@@ -101,12 +101,28 @@ def payload_bytes(content):
     return total
 
 
-def _arrays(tensors):
+def array_record(tensors):
+    """An ArrayRecord of named tensors."""
     return ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in tensors.items()})
 
 
-def _tensors(record):
+def tensors_of(record):
+    """The named tensors of an ArrayRecord."""
     return {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
+
+
+def flat_orders(users, orders):
+    """The users' row orders of a round (user -> one permutation per local epoch) as one list, user after user."""
+    return [int(i) for u in users for order in orders[u] for i in order.tolist()]
+
+
+def read_orders(users, rows, flat, epochs):
+    """The inverse of :func:`flat_orders`, given each user's number of rows and the local epochs."""
+    orders, at = {}, 0
+    for user, n in zip(users, rows):
+        orders[user] = [torch.tensor(flat[at + e * n : at + (e + 1) * n], dtype=torch.long) for e in range(epochs)]
+        at += epochs * n
+    return orders
 
 
 class FlowerNodes:
@@ -164,13 +180,11 @@ class FlowerNodes:
                 replies[partition] = RuntimeError(f"no SuperNode holds partition {partition}")
                 continue
             spec = ConfigRecord({
-                "settings": json.dumps(self.session.settings), "round": int(round_idx), "clients": list(users),
+                **self._round_spec(round_idx, local_names, task), "clients": list(users),
                 "rows": [self.federation.n_rows[u] for u in users], "epochs": len(orders[users[0]]),
-                "orders": [int(i) for u in users for order in orders[u] for i in order.tolist()],
-                "local_names": list(local_names), "keep_round": int(self.keep_round),
-                "task": json.dumps({k: v for k, v in task.items()}),
+                "orders": flat_orders(users, orders),
             })
-            content = RecordDict({"task": spec, "global": _arrays(global_params), "local_init": _arrays(local_init or {})})
+            content = RecordDict({"task": spec, "global": array_record(global_params), "local_init": array_record(local_init or {})})
             messages[partition] = self._message(nodes[partition], content, PLAIN_TRAIN)
         by_node = self.session.exchange({nodes[p]: m for p, m in messages.items()}) if messages else {}
         for partition in messages:
@@ -180,6 +194,13 @@ class FlowerNodes:
         received = sum(payload_bytes(r.content) for r in by_node.values() if not isinstance(r, Exception) and not r.has_error())
         self._record(round_idx, nodes, clients, aggregator, begin, sent, received)
         return losses
+
+    def _round_spec(self, round_idx, local_names, task):
+        """What every node's training request of a round carries, besides its users and their row orders."""
+        return {
+            "settings": json.dumps(self.session.settings), "round": int(round_idx), "local_names": list(local_names),
+            "keep_round": int(self.keep_round), "task": json.dumps(dict(task)),
+        }
 
     def _record(self, round_idx, nodes, clients, aggregator, begin, sent=None, received=None):
         self.session.rounds.append({
@@ -199,15 +220,11 @@ class FlowerNodes:
                 for user in users:
                     aggregator.fail(user, RuntimeError(f"no SuperNode holds partition {partition}"))
         scale = float(sum(self.federation.counts[c] for c in clients))
-        config = {
-            "settings": json.dumps(self.session.settings), "round": int(round_idx), "local_names": list(local_names),
-            "keep_round": int(self.keep_round), "task": json.dumps(dict(task)), "weight_scale": scale,
-            "local_init": bool(local_init),
-        }
+        config = {**self._round_spec(round_idx, local_names, task), "weight_scale": scale, "local_init": bool(local_init)}
         for partition, users in taking_part.items():
             config[f"clients.{partition}"] = list(users)
             config[f"rows.{partition}"] = [self.federation.n_rows[u] for u in users]
-            config[f"orders.{partition}"] = [int(i) for u in users for order in orders[u] for i in order.tolist()]
+            config[f"orders.{partition}"] = flat_orders(users, orders)
             config["epochs"] = len(orders[users[0]])
         names = ordered_names(global_params)
         arrays = [global_params[n].detach().cpu().numpy() for n in names]
@@ -242,7 +259,7 @@ class FlowerNodes:
             return RuntimeError(f"the SuperNode of partition {partition} failed: {reply.error.reason}")
         try:
             result = reply.content["result"]
-            sums = _tensors(reply.content["sums"])
+            sums = tensors_of(reply.content["sums"])
             if set(sums) != set(global_params) or any(sums[n].shape != global_params[n].shape for n in sums):
                 raise ValueError("its sums do not match the global parameters")
             partial = {
@@ -263,7 +280,7 @@ class FlowerNodes:
             "settings": json.dumps(self.session.settings), "split": split, "local_names": list(local_names),
             "local_round": int(local_round),
         })
-        content = RecordDict({"task": spec, "global": _arrays(global_params), "local_init": _arrays(local_init or {})})
+        content = RecordDict({"task": spec, "global": array_record(global_params), "local_init": array_record(local_init or {})})
         wait = self.session.eval_timeout
         messages = {nodes[p]: self._message(nodes[p], content, MessageType.EVALUATE, ttl=wait) for p in nodes}
         replies = self.session.exchange(messages, timeout=wait)
