@@ -38,8 +38,7 @@ def set_anomaly_detection(enabled):
 def history_masked(config):
     """Whether full-ranking evaluation removes each user's training items from the ranking: RecBole does so for
     general models (config ``mask_history_items``, default True); sequential models never mask."""
-    full = all(str(mode).startswith("full") for mode in (config["eval_args"]["mode"] or {}).values()) if isinstance(
-        config["eval_args"]["mode"], dict) else str(config["eval_args"]["mode"]).startswith("full")
+    full = all(mode == "full" for mode in config["eval_args"]["mode"].values())  # RecBole's Config: {phase: mode}
     return config["MODEL_TYPE"] != ModelType.SEQUENTIAL and full and config["mask_history_items"] is not False
 
 

@@ -82,6 +82,11 @@ class LocalStore:
     def save_init(self, values):
         np.savez(self._path(None), **{name: v.detach().cpu().numpy() for name, v in values.items()})
 
+    def keep_init(self, values):
+        """Save ``values`` (or None) as ``init`` unless the node holds it already."""
+        if values and not self.has_init():
+            self.save_init(values)
+
     def has_init(self):
         return os.path.isfile(self._path(None))
 
@@ -192,9 +197,6 @@ class Node:
             for name, value in global_params.items():
                 params[name].copy_(value)
 
-    def _local_rows(self, users, names, up_to_round):
-        return self.store.load(users, names, up_to_round) if names else {}
-
     # ---- requests --------------------------------------------------------------------------------------------
     def train(self, round_idx, users, orders, global_params, local_names, local_init, task):
         """Train ``users`` (this node's) for round ``round_idx``; keep their new local parameters here.
@@ -212,14 +214,13 @@ class Node:
             and ``failed`` (user -> error text).
         """
         self.partition.check_users(users)
-        if local_init and not self.store.has_init():
-            self.store.save_init(local_init)
+        self.store.keep_init(local_init)
         self._load_global(global_params)
         problems = {}
         local = {}
         if local_names:
             try:
-                rows = self._local_rows(users, local_names, round_idx - 1)
+                rows = self.store.load(users, local_names, round_idx - 1)
                 local = {name: _Rows({u: rows[name][i] for i, u in enumerate(users)}) for name in local_names}
             except LookupError as error:
                 problems = dict.fromkeys(users, error)
@@ -236,8 +237,7 @@ class Node:
         new_local, losses = engine.run(users, orders, global_params, local, collect)
         if local_names:
             self.store.save(round_idx, {u: new_local[u] for u in new_local})
-        trained = [u for u in users if u in collect.counted]
-        return collect.partial(), dict(zip(trained, losses)), collect.failed
+        return collect.partial(), dict(zip(collect.counted, losses)), collect.failed  # the engine's order
 
     @torch.no_grad()
     def evaluate(self, split, global_params, local_names, local_round, local_init=None, batch_size=None):
@@ -247,14 +247,13 @@ class Node:
             local_names (list): local parameters in use (empty: none); each user's version of ``local_round``
                 (its latest at or before it) is used, ``local_init`` for users never trained since the warm-up.
         """
-        if local_init and not self.store.has_init():
-            self.store.save_init(local_init)
+        self.store.keep_init(local_init)
         self._load_global(global_params)
         model, rows = self.model, self.partition.rows[split]
         uid, iid = self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]
         users = rows[uid].tolist()
         if local_names:
-            values = self._local_rows(users, local_names, local_round)
+            values = self.store.load(users, local_names, local_round)
             for name in local_names:
                 getattr(model, model.local_buffer(name))[rows[uid]] = values[name]
             model.local_active.fill_(True)

@@ -135,11 +135,9 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         begin = time.time()
         self.round_idx = round_idx
         local = self.local_names(round_idx)
-        local_init = None
-        if self.partitioned:  # the local parameters live on the nodes; the server's copy (frozen since the warm-up
-            buffers = dict.fromkeys(local)  # ended) is what every user starts from, sent to nodes that lack it
+        if self.partitioned:  # the local parameters live on the nodes: no per-user buffer on the server
+            buffers = {}
             if local:
-                local_init = {name: model.get_parameter(name).detach().clone() for name in local}
                 model.local_active.fill_(True)
         else:
             buffers = {name: getattr(model, model.local_buffer(name)) for name in local}
@@ -151,7 +149,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         n_rows = self.clients.n_rows
         sampled, orders = round_plan(self.seed, round_idx, self.clients.clients, self.client_fraction, self.local_epochs, n_rows)
         params = dict(model.named_parameters())
-        global_params = {n: p.detach().clone() for n, p in params.items() if n not in buffers and p.requires_grad}
+        global_params, local_init = self._split_parameters(local)
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round_idx, 1]).integers(2**62)))
         aggregator = FedAvg(global_params, self.dp_clip_norm, self.dp_noise_multiplier, generator)
         if self.partitioned:
@@ -185,6 +183,12 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         )
         return float(np.mean(losses)) if losses else float("nan")
 
+    def _split_parameters(self, local):
+        """Copies of the aggregated (global) trainable parameters and of the ``local`` ones: the values every user
+        starts from (the server's copy, frozen since the warm-up ended); None when nothing is local."""
+        params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad or n in local}
+        return {n: p for n, p in params.items() if n not in local}, ({n: params[n] for n in local} or None)
+
     def _fail_round(self, round_idx, aggregator, sampled):
         """Count a failed round (the global model stays as it was); stop after ``max_failed_rounds`` in a row."""
         self.failed_rounds += 1
@@ -217,8 +221,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         if self.clients is None:
             self._setup(None)
         local = self.local_names(local_round) if local_round >= 0 else []
-        global_params = {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in local and p.requires_grad}
-        local_init = {name: self.model.get_parameter(name).detach().clone() for name in local}
+        global_params, local_init = self._split_parameters(local)
         replies = self.engine.evaluate(eval_data.name, global_params, local, local_round, local_init)
         return merge_metric_sums(replies, self.config["metric_decimal_place"])
 
