@@ -347,7 +347,7 @@ class RetrievalMemory:
             pending.append(self._vectors(chunk_keys))
             if self.rerank:
                 if exact is None:
-                    exact = ExactKeys.create(self.exact_keys_dir or tempfile.gettempdir(), n, chunk_keys.size(1))
+                    exact = ExactKeys.create(self._keys_folder(), n, chunk_keys.size(1))
                 exact.append(pending[-1])
             n_pending, filled = n_pending + b, filled + b
             if writer is None and n_pending >= train_size:
@@ -381,6 +381,9 @@ class RetrievalMemory:
         index.cp.niter = self.kmeans_iterations
         index.train(vectors)
         return index
+
+    def _keys_folder(self):
+        return self.exact_keys_dir or tempfile.gettempdir()
 
     def _drop_exact(self):
         if self.exact is not None:
@@ -498,8 +501,7 @@ class RetrievalMemory:
             )
         exact = None
         if self.rerank and state.get("exact_keys"):
-            folder = self.exact_keys_dir or tempfile.gettempdir()
-            exact = ExactKeys.open(os.path.join(folder, state["exact_keys"]), index.ntotal, index.d)
+            exact = ExactKeys.open(os.path.join(self._keys_folder(), state["exact_keys"]), index.ntotal, index.d)
         elif self.rerank:
             raise ValueError("the saved retrieval memory has no exact keys file to re-rank with (it was saved with rerank 0)")
         self._drop_exact()
