@@ -7,8 +7,10 @@ The dataset is partitioned (``python -m recbole_ur4rec.federated.partition``: no
 - ``loop``: the server and every node in this process (:class:`~recbole_ur4rec.federated.node.LocalNodes`, each node
   reading only its partition): the in-process engine's cost with node-side state;
 - ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.local.LocalFederation` (a SuperLink
-  and ``--nodes`` SuperNodes on 127.0.0.1, each its own process, TLS and SuperNode authentication); a round sends
-  each node one message (global parameters, its users' ids and row orders) and gets one partial aggregate back;
+  and ``--nodes`` SuperNodes on 127.0.0.1, each its own process, TLS and SuperNode authentication, each with its node
+  worker holding the node across rounds); a round sends each node one message (global parameters, its users' ids and
+  row orders) and gets one partial aggregate back; ``--without_workers`` adds the same without node workers (every
+  ClientApp process builds its node);
 - ``flower + SecAgg+`` (``--secagg``, needs 3 nodes or more): the same round through SecAgg+'s four stages.
 
     python bench/flower_round_time.py                          # 3 rounds each, 2 SuperNodes
@@ -63,15 +65,20 @@ def loop_rounds(work, rounds, root):
     return seconds
 
 
-def flower_rounds(work, rounds, nodes, root, secagg):
+def flower_rounds(work, rounds, nodes, root, secagg, workers=True):
     """Per round: seconds of the Flower ServerApp's round and payload bytes; and the whole ``flwr run``'s seconds."""
     from recbole_ur4rec.federated.flower.local import LocalFederation
 
-    with LocalFederation(num_nodes=nodes, cwd=work, partition_root=root) as federation:
+    with LocalFederation(num_nodes=nodes, cwd=work, partition_root=root, workers=workers) as federation:
         begin = time.time()
         run_config = {"model": "FedDMMR", "dataset": "ml-100k", "config-json": json.dumps(server_settings(work, rounds, root)), "secagg": secagg}
         out = federation.run(run_config, timeout=3600)
         total = time.time() - begin
+        if workers:  # the seconds each node worker spent on its training requests (its log: "train: <s> s")
+            import re
+
+            busy = [[float(x) for x in re.findall(r"^train\S*: ([0-9.]+) s$", federation.log_tail(f"worker{i}", chars=10**6), re.M)] for i in range(nodes)]
+            print(f"node workers' training seconds per request: {busy}", file=sys.stderr)
     for r in out["rounds"]:
         if r["excluded"]:
             print(f"warning: round {r['call']}: {len(r['excluded'])} clients left out", file=sys.stderr)
@@ -83,6 +90,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes of the Flower engine")
     parser.add_argument("--secagg", action="store_true", help="also run the Flower rounds with SecAgg+ (3 nodes or more)")
+    parser.add_argument("--without_workers", action="store_true", help="also run the Flower rounds without node workers (a node built per message)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as work:
@@ -90,6 +98,8 @@ def main():
         root = partition(work, args.rounds, args.nodes)
         loop = loop_rounds(work, args.rounds, root)
         runs = [("flower", *flower_rounds(work, args.rounds, args.nodes, root, False))]
+        if args.without_workers:
+            runs.append(("flower, no node worker", *flower_rounds(work, args.rounds, args.nodes, root, False, workers=False)))
         if args.secagg:
             runs.append(("flower + SecAgg+", *flower_rounds(work, args.rounds, args.nodes, root, True)))
     print(f"\nFedDMMR on ml-100k, client_fraction 0.2, threads 1, {args.nodes} nodes, {platform.node()} ({os.cpu_count()} CPUs)\n")

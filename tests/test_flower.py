@@ -117,14 +117,20 @@ class LoopbackSession(FlowerSession):
         return replies
 
 
-def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_the_in_process_nodes(settings, partitions, tmp_path, monkeypatch):
+def loopback_server(settings, partitions, tmp_path, monkeypatch):
+    """The server's settings, model and clients for messages delivered in this process (as the ServerApp knows
+    its run, node and task ids)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    for key in ("_run_id", "_node_id", "_task_id"):  # what the ServerApp process knows about itself
+    for key in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, key, 1)
     server = server_settings(settings, partitions, tmp_path / "saved")
     config, model, *_ = build_model("FedDMMR", "tiny", server)
-    clients = FederationClients(read_federation(str(partitions)))
+    return server, config, model, FederationClients(read_federation(str(partitions)))
+
+
+def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_the_in_process_nodes(settings, partitions, tmp_path, monkeypatch):
+    server, config, model, clients = loopback_server(settings, partitions, tmp_path, monkeypatch)
     session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, partitions, tmp_path / "flower")
     flower, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "local"), type(model))
     sampled, orders = round_plan(7, 0, clients.clients, 0.5, 2, clients.n_rows)
@@ -256,13 +262,8 @@ def three_partitions(settings, tmp_path_factory):
 @pytest.mark.parametrize("dropout", [False, True])
 def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three_partitions, tmp_path, monkeypatch, dropout):
     from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, 1)
-    server = server_settings(settings, three_partitions, tmp_path / "saved")
-    config, model, *_ = build_model("FedDMMR", "tiny", server)
-    clients = FederationClients(read_federation(str(three_partitions)))
+    server, config, model, clients = loopback_server(settings, three_partitions, tmp_path, monkeypatch)
     sampled, orders = round_plan(7, 0, clients.clients, 0.5, 1, clients.n_rows)
     dropped = sampled[0] % 3 if dropout else None  # this partition's node fails inside SecAgg+ (stage 2)
     run_config = {"fail-node-of": str(sampled[0])} if dropout else {}
@@ -289,3 +290,74 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three
         assert torch.allclose(a.result()[name], value, atol=3 * step / b.total), name
     # the server saw only the sum: no reply carried a node's update in the clear
     assert session.grid.calls >= 4 * (3 - dropout)
+
+
+def test_the_client_app_imports_neither_torch_nor_recbole(tmp_path):
+    """With a node worker, a ClientApp process (one per message) only translates messages: no torch import."""
+    import subprocess
+    import sys
+
+    code = "import sys, recbole_ur4rec.federated.flower.client_app; print(sorted(m for m in ('torch', 'recbole') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def workers(partitions, tmp_path):
+    """A node worker per partition (``python -m recbole_ur4rec.federated.flower.worker``), each its own process."""
+    import subprocess
+    import sys
+    import time
+
+    sockets = [tmp_path / f"worker-{k}" / "worker.sock" for k in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "recbole_ur4rec.federated.flower.worker", "--partition", str(partitions / f"node-{k}"),
+                          "--state-dir", str(tmp_path / f"worker-{k}"), "--socket", str(sockets[k])], stderr=subprocess.PIPE, text=True)
+        for k in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while not all(s.with_name(s.name + ".key").exists() for s in sockets):
+            assert time.time() < deadline and all(p.poll() is None for p in processes), [p.poll() for p in processes]
+            time.sleep(0.2)
+        yield sockets
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+
+
+def test_node_workers_answer_as_the_in_process_nodes_across_rounds_and_refuse_a_wrong_key(settings, partitions, workers, tmp_path, monkeypatch):
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    from recbole_ur4rec.federated.flower import worker
+
+    server, config, model, clients = loopback_server(settings, partitions, tmp_path, monkeypatch)
+    session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, partitions, tmp_path / "unused")
+    for k, context in enumerate(session.contexts.values()):  # the ClientApp forwards to node k's worker
+        context.node_config.update({"state-dir": str(workers[k].parent), "worker": str(workers[k])})
+    flower, local = FlowerNodes(clients, session=session), LocalNodes(config, clients, str(tmp_path / "local"), type(model))
+    local_names = list(model.local_names)
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters() if n not in local_names}
+    local_init = {n: model.get_parameter(n).detach().clone() for n in local_names}
+    task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam", "dp_clip_norm": 1.0}
+    for round_idx in (1, 2):  # round 2 starts from the local parameters the workers kept in round 1
+        sampled, orders = round_plan(7, round_idx, clients.clients, 0.6, 1, clients.n_rows)
+        a, b = FedAvg(global_params), FedAvg(global_params)
+        losses_a = flower.train_round(round_idx, sampled, orders, global_params, local_names, local_init, task, a)
+        losses_b = local.train_round(round_idx, sampled, orders, global_params, local_names, local_init, task, b)
+        assert sorted(a.included) == sorted(b.included) == sorted(sampled) and losses_a == pytest.approx(losses_b)
+        for name, value in b.result().items():
+            assert torch.equal(a.result()[name], value), name
+        global_params = {n: v.clone() for n, v in b.result().items()}
+    assert flower.evaluate("test", global_params, local_names, 2) == local.evaluate("test", global_params, local_names, 2)
+    for socket in workers:  # the personal parameters are in the worker's state folder
+        assert {p.name for p in socket.parent.glob("*.npz")} >= {"init.npz", "local-1.npz"}
+    with pytest.raises(AuthenticationError):  # a client without the worker's key is not served
+        Client(str(workers[0]), family="AF_UNIX", authkey=b"not the key")
+    with pytest.raises(RuntimeError, match="node worker .*unknown node request 'nope'"):  # the worker goes on serving
+        worker.call(workers[0], {"op": "nope"}, {})
+    with pytest.raises(ConnectionError, match="no node worker answers at .*python -m recbole_ur4rec.federated.flower.worker"):
+        worker.call(tmp_path / "nowhere.sock", {"op": "evaluate"}, {})

@@ -1,5 +1,20 @@
-"""In-process federated learning for the plugin's models: clients, round plans, engines and aggregation."""
-from recbole_ur4rec.federated.aggregation import SERVER_OPTIMIZERS, FedAvg, ServerOptimizer
-from recbole_ur4rec.federated.engine import ENGINES, LOCAL_OPTIMIZERS, BatchedEngine, ClientData, LoopEngine, round_plan
+"""In-process federated learning for the plugin's models: clients, round plans, engines and aggregation.
 
-__all__ = ["ENGINES", "LOCAL_OPTIMIZERS", "SERVER_OPTIMIZERS", "BatchedEngine", "ClientData", "FedAvg", "LoopEngine", "ServerOptimizer", "round_plan"]
+The names below are imported on first use (PEP 562): :mod:`.flower.client_app` and :mod:`.flower.worker` stay
+free of torch."""
+from recbole_ur4rec.lazy import lazy_exports
+
+_EXPORTS = {
+    "SERVER_OPTIMIZERS": "recbole_ur4rec.federated.aggregation",
+    "FedAvg": "recbole_ur4rec.federated.aggregation",
+    "ServerOptimizer": "recbole_ur4rec.federated.aggregation",
+    "ENGINES": "recbole_ur4rec.federated.engine",
+    "LOCAL_OPTIMIZERS": "recbole_ur4rec.federated.engine",
+    "BatchedEngine": "recbole_ur4rec.federated.engine",
+    "ClientData": "recbole_ur4rec.federated.engine",
+    "LoopEngine": "recbole_ur4rec.federated.engine",
+    "round_plan": "recbole_ur4rec.federated.engine",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

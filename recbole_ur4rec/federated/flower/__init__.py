@@ -3,7 +3,8 @@
 Modules: :mod:`.engine` (:class:`FlowerNodes`, the server's side of a round and of an evaluation, and the
 :class:`FlowerSession` it runs in), :mod:`.server_app` (the ServerApp: the whole RecBole run, on a partitioned
 dataset's ``server/`` and ``items/`` only), :mod:`.client_app` (the ClientApp on every SuperNode: one partition's
-:class:`~recbole_ur4rec.federated.node.Node`), :mod:`.secagg` (SecAgg+ rounds) and :mod:`.local`
+:class:`~recbole_ur4rec.federated.node.Node`, served by :mod:`.node_service` in the ClientApp's process or in the
+SuperNode's long-lived node worker, :mod:`.worker`), :mod:`.secagg` (SecAgg+ rounds) and :mod:`.local`
 (:class:`LocalFederation`, a loopback runtime with TLS and SuperNode authentication for tests and benchmarks).
 Importing this package imports no Flower module.
 

@@ -75,17 +75,21 @@ class LocalFederation:
     the processes it started and their children. ``cwd`` is the working directory of every process (RecBole's
     relative paths). ``partition_root``: node ``i`` holds ``<partition_root>/node-<i>``. ``secure`` (default):
     TLS with a CA made for this federation and SuperNode authentication, each SuperNode's public key registered with
-    ``flwr supernode register`` before it starts; False: ``--insecure``, for comparison.
+    ``flwr supernode register`` before it starts; False: ``--insecure``, for comparison. ``workers`` (default, with
+    ``partition_root``): each SuperNode's node runs in a node worker of its own (:mod:`.worker`), started before the
+    SuperNode; False: every ClientApp process builds its node.
     """
 
-    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None, secure=True):
+    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None, secure=True, workers=True):
         self.num_nodes, self.cwd, self.startup_timeout = num_nodes, cwd, startup_timeout
         self.partition_root, self.secure = partition_root, secure
+        self.workers = workers and partition_root is not None
         self.processes, self.logs = [], []
         self.home = Path(tempfile.mkdtemp(prefix="ur4rec-flower-"))
         self.port = None
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # a message waits for its ClientApp 0.1 s, not 0.5 s, on average
         self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"  # Flower starts flower-superexec by name
         self.certs = self.home / "certs"
 
@@ -103,7 +107,8 @@ class LocalFederation:
     def _spawn(self, name, args):
         log = open(self.home / f"{name}.log", "wb")
         self.logs.append(log)
-        self.processes.append(subprocess.Popen([str(self.bin / args[0]), *args[1:]], cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        program = sys.executable if args[0] == "python" else str(self.bin / args[0])
+        self.processes.append(subprocess.Popen([program, *args[1:]], cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def start(self):
         self.port = _free_port()
@@ -128,17 +133,43 @@ class LocalFederation:
                 if time.time() > deadline or self.processes[0].poll() is not None:
                     raise RuntimeError(f"flower-superlink did not start: {self.log_tail('superlink')}") from None
                 time.sleep(0.2)
+        workers = [self.start_worker(i) for i in range(self.num_nodes)] if self.workers else []
         for i in range(self.num_nodes):
             if self.secure:
                 self._flwr("supernode", "register", str(self.certs / f"node{i}.pub"), "local")
+        for i, process in enumerate(workers):
+            self.wait_worker(i, process)
+        for i in range(self.num_nodes):
             self.start_node(i)
 
+    def _partition(self, i):
+        return os.path.join(os.path.abspath(self.partition_root), f"node-{i}")
+
+    def worker_socket(self, i):
+        return str(self.home / f"state-{i}" / "worker.sock")
+
+    def start_worker(self, i, name=None):
+        """Start node ``i``'s worker (:mod:`.worker`) on its partition and state folder; returns its process."""
+        self._spawn(name or f"worker{i}", [
+            "python", "-m", "recbole_ur4rec.federated.flower.worker", "--partition", self._partition(i),
+            "--state-dir", str(self.home / f"state-{i}"), "--socket", self.worker_socket(i),
+        ])
+        return self.processes[-1]
+
+    def wait_worker(self, i, process):
+        """Wait until worker ``i`` listens (its key file is written once its socket exists)."""
+        deadline = time.time() + max(self.startup_timeout, 180.0)  # it imports torch and RecBole first
+        while not os.path.exists(self.worker_socket(i) + ".key"):
+            if time.time() > deadline or process.poll() is not None:
+                raise RuntimeError(f"the node worker of partition {i} did not start: {self.log_tail(f'worker{i}')}")
+            time.sleep(0.2)
+
     def node_config(self, i):
-        """Node ``i``'s ``--node-config``: its partition folder and a state folder of its own."""
+        """Node ``i``'s ``--node-config``: its partition folder, a state folder of its own and its worker's socket."""
         if self.partition_root is None:
             return f"partition-id={i} num-partitions={self.num_nodes}"
-        partition = os.path.join(os.path.abspath(self.partition_root), f"node-{i}")
-        return f'partition="{partition}" state-dir="{self.home / f"state-{i}"}"'
+        config = f'partition="{self._partition(i)}" state-dir="{self.home / f"state-{i}"}"'
+        return config + (f' worker="{self.worker_socket(i)}"' if self.workers else "")
 
     def start_node(self, i, key=True, name=None):
         """Start SuperNode ``i`` (its partition and state folder); with TLS, authenticated by its registered key
@@ -181,7 +212,8 @@ class LocalFederation:
         while not output.exists():
             if time.time() > deadline:
                 raise TimeoutError(f"Flower run {run_id} did not finish within {timeout} s:\n{self.run_log(run_id)}")
-            if time.time() - checked > 5:  # a ServerApp that dies before writing its output
+            if time.time() - checked > 30:  # a ServerApp that died before writing its output (each `flwr ls` is a
+                # Python process: ~1.5 s of CPU, which a tighter poll takes from the run it watches)
                 checked = time.time()
                 status = json.loads(self._flwr("ls", "local", "--run-id", str(run_id), "--format", "json"))
                 if any(str(r.get("status", "")).startswith("finished") for r in status.get("runs", [])) and not output.exists():
