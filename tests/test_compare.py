@@ -146,3 +146,23 @@ def test_history_masking_is_recorded_and_general_models_can_rank_without_it(walk
     assert cell_json(output_dir, "Pop", 1)["protocol"]["history_masked"] is True
     assert cell_json(output_dir, "SASRec", 1)["protocol"]["history_masked"] is False
     assert "WARNING: the models ran under different protocols" in md and "training items removed from the ranking" in md
+
+
+def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
+    """``results/ml-100k-repro`` (``python run_compare.py --models FastSASRec --dataset ml-100k --seeds 1 --epochs 3 --threads=1
+    --output_dir results/ml-100k-repro``, RecBole's shipped ml-100k): the current code gives the same best epoch,
+    validation and test metrics (every slice), to the last rounded digit. A change that moves a trajectory fails here
+    and says to rerun the committed results."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "ml-100k-repro")
+    committed = cell_json(root, "FastSASRec", 2020)
+    settings = committed["settings"]
+    result = run_compare(
+        models=[settings["model"]], dataset=settings["dataset"], seeds=[settings["seed"]], overrides=settings["overrides"],
+        output_dir=str(tmp_path / "repro"),
+    )
+    cell = result["cells"]["FastSASRec-seed2020"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["settings"] == settings
+    got = {key: cell[key] for key in ("best_epoch", "epochs_trained", "valid_result", "test_result")}
+    expected = {key: committed[key] for key in got}
+    assert got == expected, "the committed results no longer reproduce: rerun them (run_compare reruns changed-code cells)"
