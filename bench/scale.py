@@ -324,13 +324,13 @@ def write_table(out_dir):
         "# Cost against size (generated data; speed and memory only)",
         "",
         f"Machine: {any_cell['machine']['cpus']} CPUs, {any_cell['machine']['memory_gb']} GB, "
-        f"{any_cell['machine']['platform']}, Python {any_cell['machine']['python']}; threads {any_cell['threads']}.",
+        f"{any_cell['machine']['platform']}, Python {any_cell['machine']['python']}; torch threads per cell in the table.",
         "Command: `python bench/scale.py` (cells in `cells/`). An epoch marked * was stopped at the training budget and "
         "extrapolated from the batches done; for FedDMMR (epoch = one round at client_fraction 0.2), * marks a round "
         "timed with fewer clients (`--fed_fraction`) and scaled to 0.2 (clients train one after another).",
         "",
-        "| size | model | interactions | first batch (s) | RSS after load (GB) | peak RSS (GB) | epoch (s) | full-ranking validation (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| size | model | interactions | threads | first batch (s) | RSS after load (GB) | peak RSS (GB) | epoch (s) | full-ranking validation (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size in SIZES:
         for cell in MODELS:
@@ -339,7 +339,7 @@ def write_table(out_dir):
                 continue
             epoch = f"{c['epoch_s']:.0f}" + ("" if c["epoch_complete"] else "*")
             lines.append(
-                f"| {size} | {cell} | {c['interactions']:,} | {c['first_batch_s']:.0f} | {c['load_rss_gb']:.2f} | "
+                f"| {size} | {cell} | {c['interactions']:,} | {c['threads']} | {c['first_batch_s']:.0f} | {c['load_rss_gb']:.2f} | "
                 f"{c['peak_rss_gb']:.2f} | {epoch} | {c['eval_s']:.0f} |"
             )
     memory_rows = [c for (size, cell), c in cells.items() if "memory_build_s" in c]
