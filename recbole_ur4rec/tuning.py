@@ -15,6 +15,7 @@ import traceback
 import yaml
 
 from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.compare_report import shown_path
 from recbole_ur4rec.report import describe, markdown_table, plain, write_csv, write_text
 from recbole_ur4rec.search_space import parse_params_file, to_tune_space
 
@@ -163,7 +164,7 @@ class SearchRecorder:
             row["best"] = "yes" if rec["trial"] == self.best_trial_id else ""
             row["time_s"] = rec["time_s"]
             row["error"] = rec["error"]
-            row["model_file"] = rec.get("model_file")
+            row["model_file"] = shown_path(rec["model_file"]) if rec.get("model_file") else None
             rows.append(row)
         return rows
 
@@ -231,7 +232,7 @@ def best_config_yaml(path, model, dataset, settings, params, header_lines):
     """Write the best configuration as a yaml file that ``run_recbole_ur4rec.py --config_files`` accepts."""
     merged = plain({**settings, **params})
     lines = [f"# {line}" for line in header_lines]
-    lines.append(f"# python run_recbole_ur4rec.py -m {model} -d {dataset} --config_files {path}")
+    lines.append(f"# python run_recbole_ur4rec.py -m {model} -d {dataset} --config_files {shown_path(path)}")
     write_text(path, "\n".join(lines) + "\n" + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
 
 

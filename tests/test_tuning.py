@@ -192,3 +192,16 @@ def test_asha_stops_a_bad_staged_trial_early(local_ray, walk_root, tmp_path):
     bad_id, bad_rec = by_rate[1e-7]
     assert good_rec["status"] == "completed" and len(progress(output_dir, good_id)) == 6  # every stage's validations
     assert bad_rec["status"] == "stopped by ASHA" and len(progress(output_dir, bad_id)) < 6
+
+
+def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Results hold no machine paths: a best.yaml under the working directory names itself relatively."""
+    from recbole_ur4rec.tuning import best_config_yaml
+
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "results" / "hyper" / "best.yaml")
+    os.makedirs(os.path.dirname(path))
+    best_config_yaml(path, "FastSASRec", "ml-100k", {"epochs": 5}, {"learning_rate": 0.01}, ["Best of 1 trial"])
+    text = open(path).read()
+    assert "--config_files results/hyper/best.yaml" in text and str(tmp_path) not in text
+    assert yaml.safe_load(text) == {"epochs": 5, "learning_rate": 0.01}
