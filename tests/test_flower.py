@@ -359,5 +359,7 @@ def test_node_workers_answer_as_the_in_process_nodes_across_rounds_and_refuse_a_
         Client(str(workers[0]), family="AF_UNIX", authkey=b"not the key")
     with pytest.raises(RuntimeError, match="node worker .*unknown node request 'nope'"):  # the worker goes on serving
         worker.call(workers[0], {"op": "nope"}, {})
+    with pytest.raises(RuntimeError, match="another node worker is listening on"):  # a second worker on the same socket
+        worker.serve(workers[0], None)
     with pytest.raises(ConnectionError, match="no node worker answers at .*python -m recbole_ur4rec.federated.flower.worker"):
         worker.call(tmp_path / "nowhere.sock", {"op": "evaluate"}, {})

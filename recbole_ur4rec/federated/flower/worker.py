@@ -80,8 +80,16 @@ def serve(address, service, stop_after=None):
 
     address = str(address)
     os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
-    if os.path.exists(address):  # a previous worker's socket: a live worker would be answering on it
-        os.remove(address)
+    if os.path.exists(address):  # a previous worker's socket, unless a live worker still answers on it
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(address)
+            except OSError:
+                os.remove(address)
+            else:
+                raise RuntimeError(f"another node worker is listening on {address}: stop it first or give --socket another path")
     key = secrets.token_bytes(KEY_BYTES)
     fd = os.open(_key_path(address) + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
