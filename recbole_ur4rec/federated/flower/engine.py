@@ -117,7 +117,8 @@ def flat_orders(users, orders):
 
 
 def read_orders(users, rows, flat, epochs):
-    """The inverse of :func:`flat_orders`, given each user's number of rows and the local epochs."""
+    """The inverse of :func:`flat_orders` (``flat``: a list or an int array), given each user's number of rows and
+    the local epochs."""
     orders, at = {}, 0
     for user, n in zip(users, rows):
         orders[user] = [torch.tensor(flat[at + e * n : at + (e + 1) * n], dtype=torch.long) for e in range(epochs)]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from recbole_ur4rec.federated.flower.engine import APP_DIR
+from recbole_ur4rec.federated.flower.worker import default_socket
 
 
 def write_credentials(folder, num_nodes, host="127.0.0.1"):
@@ -145,14 +146,17 @@ class LocalFederation:
     def _partition(self, i):
         return os.path.join(os.path.abspath(self.partition_root), f"node-{i}")
 
+    def _state_dir(self, i):
+        return self.home / f"state-{i}"
+
     def worker_socket(self, i):
-        return str(self.home / f"state-{i}" / "worker.sock")
+        return default_socket(self._state_dir(i))
 
     def start_worker(self, i, name=None):
         """Start node ``i``'s worker (:mod:`.worker`) on its partition and state folder; returns its process."""
         self._spawn(name or f"worker{i}", [
             "python", "-m", "recbole_ur4rec.federated.flower.worker", "--partition", self._partition(i),
-            "--state-dir", str(self.home / f"state-{i}"), "--socket", self.worker_socket(i),
+            "--state-dir", str(self._state_dir(i)), "--socket", self.worker_socket(i),
         ])
         return self.processes[-1]
 
@@ -168,7 +172,7 @@ class LocalFederation:
         """Node ``i``'s ``--node-config``: its partition folder, a state folder of its own and its worker's socket."""
         if self.partition_root is None:
             return f"partition-id={i} num-partitions={self.num_nodes}"
-        config = f'partition="{self._partition(i)}" state-dir="{self.home / f"state-{i}"}"'
+        config = f'partition="{self._partition(i)}" state-dir="{self._state_dir(i)}"'
         return config + (f' worker="{self.worker_socket(i)}"' if self.workers else "")
 
     def start_node(self, i, key=True, name=None):

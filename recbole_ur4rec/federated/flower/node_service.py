@@ -105,19 +105,19 @@ class NodeService:
     def _train(self, spec, users, rows, flat, global_params, local_init, fail_users):
         """Train the node's ``users`` for the round of ``spec`` (``settings``, ``round``, ``epochs``,
         ``local_names``, ``task``, ``keep_round``; ``rows`` and ``flat``: their row counts and row orders); prune
-        its local versions."""
+        its local versions. Returns :meth:`~..node.Node.train`'s reply."""
         node = self.node(spec["settings"])
         _seed(json.loads(spec["settings"]), spec["round"], node.partition.node)
         orders = read_orders(users, rows, flat, int(spec["epochs"]))
         with self._failing(node, set(fail_users or ()) & set(users)):
             result = node.train(int(spec["round"]), users, orders, global_params, list(spec["local_names"]), local_init, json.loads(spec["task"]))
         node.store.prune(int(spec["keep_round"]))
-        return node, result
+        return result
 
     def _train_plain(self, header, arrays):
         users = [int(u) for u in header["clients"]]
-        _, (partial, losses, failed) = self._train(
-            header, users, header["rows"], arrays["orders"].tolist(), named(arrays, "global"), named(arrays, "local_init") or None,
+        partial, losses, failed = self._train(
+            header, users, header["rows"], arrays["orders"], named(arrays, "global"), named(arrays, "local_init") or None,
             header.get("fail_users"),
         )
         reply = {
@@ -142,8 +142,8 @@ class NodeService:
             return {n: torch.from_numpy(np.asarray(fit[first + i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(names)}
 
         local_init = parameters(local_names, len(names)) if config["local_init"] else None
-        _, (partial, losses, _) = self._train(
-            config, users, config[f"rows.{partition}"], list(config[f"orders.{partition}"]), parameters(names, 0), local_init, header.get("fail_users")
+        partial, losses, _ = self._train(
+            config, users, config[f"rows.{partition}"], config[f"orders.{partition}"], parameters(names, 0), local_init, header.get("fail_users")
         )
         scale = float(config["weight_scale"])
         vector = [(partial["sums"][n] / scale).numpy() for n in names] + [np.asarray([partial["total"] / scale], dtype=np.float32)]

@@ -72,9 +72,9 @@ def call(address, header, arrays):
     return reply, reply_arrays
 
 
-def serve(address, service, stop_after=None):
+def serve(address, service):
     """Answer requests on the Unix socket ``address`` with ``service`` (a :class:`~.node_service.NodeService`),
-    one at a time, until killed (or after ``stop_after`` requests)."""
+    one at a time, until killed."""
     import traceback
     from logging import getLogger
 
@@ -94,10 +94,9 @@ def serve(address, service, stop_after=None):
     fd = os.open(_key_path(address) + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
-    served = 0
     with Listener(address, family="AF_UNIX", authkey=key) as listener:
         os.replace(_key_path(address) + ".tmp", _key_path(address))  # written once the socket exists: the ready signal
-        while stop_after is None or served < stop_after:
+        while True:
             try:
                 connection = listener.accept()
             except (OSError, EOFError, AuthenticationError) as error:  # a client that failed the challenge or hung up
@@ -121,7 +120,6 @@ def serve(address, service, stop_after=None):
                         connection.send_bytes(part)
                 except OSError as error:  # the ClientApp went away (its message timed out)
                     getLogger().warning(f"node worker {address}: the reply was not delivered ({error})")
-            served += 1
 
 
 def main(argv=None):
