@@ -8,8 +8,9 @@ The dataset is partitioned (``python -m recbole_ur4rec.federated.partition``: no
   reading only its partition): the in-process engine's cost with node-side state;
 - ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.local.LocalFederation` (a SuperLink
   and ``--nodes`` SuperNodes on 127.0.0.1, each its own process, TLS and SuperNode authentication, each with its node
-  worker holding the node across rounds); a round sends each node one message (global parameters, its users' ids and
-  row orders) and gets one partial aggregate back; ``--without_workers`` adds the same without node workers (every
+  worker holding the node across rounds, built when the server asks which partition it holds, before round 1); a
+  round sends each node one message (global parameters, its users' ids and row orders) and gets one partial
+  aggregate back; ``--without_workers`` adds the same without node workers (every
   ClientApp process builds its node);
 - ``flower + SecAgg+`` (``--secagg``, needs 3 nodes or more): the same round through SecAgg+'s four stages.
 
@@ -30,9 +31,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+CLIENT_FRACTION = 0.2  # --client_fraction
+
+
 def settings(work, rounds):
     return {
-        "threads": 1, "client_fraction": 0.2, "epochs": rounds, "eval_step": 0, "state": "WARNING", "show_progress": False,
+        "threads": 1, "client_fraction": CLIENT_FRACTION, "epochs": rounds, "eval_step": 0, "state": "WARNING", "show_progress": False,
         "checkpoint_dir": os.path.join(work, "saved"), "feature_cache_dir": os.path.join(ROOT, "dataset", "ml-100k"),
     }
 
@@ -78,7 +82,8 @@ def flower_rounds(work, rounds, nodes, root, secagg, workers=True):
             import re
 
             busy = [[float(x) for x in re.findall(r"^train\S*: ([0-9.]+) s$", federation.log_tail(f"worker{i}", chars=10**6), re.M)] for i in range(nodes)]
-            print(f"node workers' training seconds per request: {busy}", file=sys.stderr)
+            for r, seconds in zip(out["rounds"], zip(*busy)):  # the round's slowest node worker
+                r["slowest_node_s"] = max(seconds)
     for r in out["rounds"]:
         if r["excluded"]:
             print(f"warning: round {r['call']}: {len(r['excluded'])} clients left out", file=sys.stderr)
@@ -86,12 +91,15 @@ def flower_rounds(work, rounds, nodes, root, secagg, workers=True):
 
 
 def main():
+    global CLIENT_FRACTION
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes of the Flower engine")
     parser.add_argument("--secagg", action="store_true", help="also run the Flower rounds with SecAgg+ (3 nodes or more)")
     parser.add_argument("--without_workers", action="store_true", help="also run the Flower rounds without node workers (a node built per message)")
+    parser.add_argument("--client_fraction", type=float, default=CLIENT_FRACTION, help="clients sampled per round")
     args = parser.parse_args()
+    CLIENT_FRACTION = args.client_fraction
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as work:
         os.chdir(work)  # RecBole's log/ goes there
@@ -102,7 +110,7 @@ def main():
             runs.append(("flower, no node worker", *flower_rounds(work, args.rounds, args.nodes, root, False, workers=False)))
         if args.secagg:
             runs.append(("flower + SecAgg+", *flower_rounds(work, args.rounds, args.nodes, root, True)))
-    print(f"\nFedDMMR on ml-100k, client_fraction 0.2, threads 1, {args.nodes} nodes, {platform.node()} ({os.cpu_count()} CPUs)\n")
+    print(f"\nFedDMMR on ml-100k, client_fraction {CLIENT_FRACTION}, threads 1, {args.nodes} nodes, {platform.node()} ({os.cpu_count()} CPUs)\n")
     print("| engine | s / round (mean) | rounds (s) | bytes per sampled client per round |")
     print("|---|---:|---|---:|")
     print(f"| in-process nodes | {sum(loop) / len(loop):.1f} | {', '.join(f'{s:.1f}' for s in loop)} | 0 |")
@@ -114,7 +122,11 @@ def main():
     print()
     for name, rounds, total in runs:
         print(f"`flwr run` wall time of {name} (ServerApp start, {args.rounds} rounds, checkpoints, test evaluation): {total:.0f} s")
-
+        if all("slowest_node_s" in r for r in rounds):  # the rest of a round: Flower's messages and processes
+            slowest = ", ".join(f"{r['slowest_node_s']:.1f}" for r in rounds)
+            rest = ", ".join(f"{r['seconds'] - r['slowest_node_s']:.1f}" for r in rounds)
+            print(f"{name}: the slowest node worker's training per round (s): {slowest}; the rest of each round "
+                  f"(Flower's messaging, a ClientApp process per message): {rest}")
 
 if __name__ == "__main__":
     main()

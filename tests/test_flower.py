@@ -343,6 +343,9 @@ def test_node_workers_answer_as_the_in_process_nodes_across_rounds_and_refuse_a_
     global_params = {n: p.detach().clone() for n, p in model.named_parameters() if n not in local_names}
     local_init = {n: model.get_parameter(n).detach().clone() for n in local_names}
     task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam", "dp_clip_norm": 1.0}
+    flower._nodes()  # the server's query: each worker builds its node before the first round
+    for k, socket in enumerate(workers):
+        assert worker.call(socket, {"op": "prepare", "settings": json.dumps(session.settings)}, {})[0] == {"partition": k, "built": False}
     for round_idx in (1, 2):  # round 2 starts from the local parameters the workers kept in round 1
         sampled, orders = round_plan(7, round_idx, clients.clients, 0.6, 1, clients.n_rows)
         a, b = FedAvg(global_params), FedAvg(global_params)

@@ -71,8 +71,11 @@ def _failures(context, users):
 
 
 def _node_query(msg, context):
-    """Which partition this SuperNode holds (read from its node.json only)."""
+    """Which partition this SuperNode holds (read from its node.json). A node worker also builds the run's node
+    now (the query carries the run's settings), so the first round does not wait for it."""
     meta = _meta(context)
+    if context.node_config.get("worker"):
+        _request(context, {"op": "prepare", "settings": msg.content["task"]["settings"]}, {})
     return Message(RecordDict({"result": ConfigRecord({"partition": int(meta["node"]), "users": len(meta["users"])})}), reply_to=msg)
 
 

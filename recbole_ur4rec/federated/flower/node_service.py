@@ -12,7 +12,9 @@ A request is a JSON-able ``header`` and named numpy ``arrays``; so is the reply 
   ``fitins.parameters`` in order). Reply: arrays ``vector/<i>`` (what SecAgg+ masks), header ``max_count``,
   ``included``, ``excluded``, ``losses`` (in the clear);
 - ``evaluate``: header ``settings``, ``split``, ``local_names``, ``local_round``; arrays ``global/<name>``,
-  ``local_init/<name>``. Reply: header ``keys``, ``sums``, ``users`` (metric sums, :func:`~..node.metric_sums`).
+  ``local_init/<name>``. Reply: header ``keys``, ``sums``, ``users`` (metric sums, :func:`~..node.metric_sums`);
+- ``prepare``: header ``settings``: build the run's node now (a worker answering the server's ``query``, so the
+  first round does not wait for it). Reply: header ``partition`` and ``built`` (False: it was built already).
 """
 import contextlib
 import json
@@ -84,7 +86,7 @@ class NodeService:
 
     def handle(self, header, arrays):
         """Answer one request; returns ``(header, arrays)`` of the reply."""
-        handlers = {"train": self._train_plain, "train_secure": self._train_secure, "evaluate": self._evaluate}
+        handlers = {"train": self._train_plain, "train_secure": self._train_secure, "evaluate": self._evaluate, "prepare": self._prepare}
         if header.get("op") not in handlers:
             raise ValueError(f"unknown node request {header.get('op')!r}: expected one of {', '.join(handlers)}")
         return handlers[header["op"]](header, arrays)
@@ -152,6 +154,11 @@ class NodeService:
             "excluded": [int(u) for u in partial["excluded"]], "losses": {str(int(u)): float(x) for u, x in losses.items()},
         }
         return reply, {f"vector/{i}": np.ascontiguousarray(v) for i, v in enumerate(vector)}
+
+    def _prepare(self, header, arrays):
+        before = self._built
+        node = self.node(header["settings"])
+        return {"partition": int(node.partition.node), "built": not self.reuse or self._built is not before}, {}
 
     def _evaluate(self, header, arrays):
         node = self.node(header["settings"])
