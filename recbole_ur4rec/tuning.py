@@ -228,10 +228,18 @@ def _asha(recorder, max_t, grace_period, reduction_factor):
     return _RecordingASHA(time_attr="training_iteration", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor)
 
 
+SEARCH_BUDGET_KEYS = ("epochs",)  # a search's training budget, not a setting it chose
+
+
 def best_config_yaml(path, model, dataset, settings, params, header_lines):
-    """Write the best configuration as a yaml file that ``run_recbole_ur4rec.py --config_files`` accepts."""
-    merged = plain({**settings, **params})
+    """Write the best configuration as a yaml file that ``run_recbole_ur4rec.py --config_files`` accepts: the user's
+    settings and the best trial's values. The search's budget (``epochs``, unless searched) is named in a comment,
+    not repeated: a run from the file trains to early stopping under the model's own epoch limit."""
+    budget = {k: settings[k] for k in SEARCH_BUDGET_KEYS if k in settings and k not in params}
+    merged = plain({**{k: v for k, v in settings.items() if k not in budget}, **params})
     lines = [f"# {line}" for line in header_lines]
+    if budget:
+        lines.append(f"# search budget, not repeated here: {', '.join(f'{k}: {v}' for k, v in budget.items())}")
     lines.append(f"# python run_recbole_ur4rec.py -m {model} -d {dataset} --config_files {shown_path(path)}")
     write_text(path, "\n".join(lines) + "\n" + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
 

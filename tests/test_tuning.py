@@ -132,8 +132,10 @@ def test_search_reports_every_epoch_and_picks_best_on_validation(local_ray, walk
     with open(result["best_yaml"]) as f:
         saved = yaml.safe_load(f)
     assert saved["learning_rate"] == 0.005 and saved["hidden_size"] == 16
+    # the search's epoch budget is named, not repeated: a run from best.yaml trains to early stopping
+    assert "epochs" not in saved and "# search budget, not repeated here: epochs: 4" in open(result["best_yaml"]).read()
     config = Config(model="SASRec", dataset="walk", config_file_list=[result["best_yaml"]])
-    assert config["learning_rate"] == 0.005 and config["epochs"] == 4
+    assert config["learning_rate"] == 0.005 and config["epochs"] == 300  # RecBole's default
 
 
 def test_failing_trial_is_reported_and_others_finish(local_ray, walk_root, tmp_path):
@@ -201,7 +203,9 @@ def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, 
     monkeypatch.chdir(tmp_path)
     path = str(tmp_path / "results" / "hyper" / "best.yaml")
     os.makedirs(os.path.dirname(path))
-    best_config_yaml(path, "FastSASRec", "ml-100k", {"epochs": 5}, {"learning_rate": 0.01}, ["Best of 1 trial"])
+    best_config_yaml(path, "FastSASRec", "ml-100k", {"epochs": 5, "n_layers": 1}, {"learning_rate": 0.01}, ["Best of 1 trial"])
     text = open(path).read()
     assert "--config_files results/hyper/best.yaml" in text and str(tmp_path) not in text
-    assert yaml.safe_load(text) == {"epochs": 5, "learning_rate": 0.01}
+    assert yaml.safe_load(text) == {"n_layers": 1, "learning_rate": 0.01}
+    best_config_yaml(path, "FastSASRec", "ml-100k", {"epochs": 5}, {"epochs": 8}, ["Best of 1 trial"])  # searched: kept
+    assert yaml.safe_load(open(path).read()) == {"epochs": 8}
