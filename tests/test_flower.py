@@ -307,20 +307,14 @@ def test_the_client_app_imports_neither_torch_nor_recbole(tmp_path):
 def workers(partitions, tmp_path):
     """A node worker per partition (``python -m recbole_ur4rec.federated.flower.worker``), each its own process."""
     import subprocess
-    import sys
-    import time
+
+    from recbole_ur4rec.federated.flower import worker
 
     sockets = [tmp_path / f"worker-{k}" / "worker.sock" for k in range(2)]
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "recbole_ur4rec.federated.flower.worker", "--partition", str(partitions / f"node-{k}"),
-                          "--state-dir", str(tmp_path / f"worker-{k}"), "--socket", str(sockets[k])], stderr=subprocess.PIPE, text=True)
-        for k in range(2)
-    ]
+    processes = [subprocess.Popen(worker.command(partitions / f"node-{k}", tmp_path / f"worker-{k}", sockets[k])) for k in range(2)]
     try:
-        deadline = time.time() + 300
-        while not all(s.with_name(s.name + ".key").exists() for s in sockets):
-            assert time.time() < deadline and all(p.poll() is None for p in processes), [p.poll() for p in processes]
-            time.sleep(0.2)
+        for socket, process in zip(sockets, processes):
+            worker.wait_listening(str(socket), process, 300)
         yield sockets
     finally:
         for p in processes:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from recbole_ur4rec.federated.flower.engine import APP_DIR
-from recbole_ur4rec.federated.flower.worker import default_socket
+from recbole_ur4rec.federated.flower import worker
 
 
 def write_credentials(folder, num_nodes, host="127.0.0.1"):
@@ -108,7 +108,7 @@ class LocalFederation:
     def _spawn(self, name, args):
         log = open(self.home / f"{name}.log", "wb")
         self.logs.append(log)
-        program = sys.executable if args[0] == "python" else str(self.bin / args[0])
+        program = args[0] if os.path.isabs(args[0]) else str(self.bin / args[0])
         self.processes.append(subprocess.Popen([program, *args[1:]], cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def start(self):
@@ -150,23 +150,15 @@ class LocalFederation:
         return self.home / f"state-{i}"
 
     def worker_socket(self, i):
-        return default_socket(self._state_dir(i))
+        return worker.default_socket(self._state_dir(i))
 
     def start_worker(self, i, name=None):
         """Start node ``i``'s worker (:mod:`.worker`) on its partition and state folder; returns its process."""
-        self._spawn(name or f"worker{i}", [
-            "python", "-m", "recbole_ur4rec.federated.flower.worker", "--partition", self._partition(i),
-            "--state-dir", str(self._state_dir(i)), "--socket", self.worker_socket(i),
-        ])
+        self._spawn(name or f"worker{i}", worker.command(self._partition(i), self._state_dir(i), self.worker_socket(i)))
         return self.processes[-1]
 
     def wait_worker(self, i, process):
-        """Wait until worker ``i`` listens (its key file is written once its socket exists)."""
-        deadline = time.time() + max(self.startup_timeout, 180.0)  # it imports torch and RecBole first
-        while not os.path.exists(self.worker_socket(i) + ".key"):
-            if time.time() > deadline or process.poll() is not None:
-                raise RuntimeError(f"the node worker of partition {i} did not start: {self.log_tail(f'worker{i}')}")
-            time.sleep(0.2)
+        worker.wait_listening(self.worker_socket(i), process, max(self.startup_timeout, 180.0), lambda: self.log_tail(f"worker{i}"))
 
     def node_config(self, i):
         """Node ``i``'s ``--node-config``: its partition folder, a state folder of its own and its worker's socket."""

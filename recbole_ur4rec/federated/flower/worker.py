@@ -38,6 +38,23 @@ def _key_path(address):
     return f"{address}.key"
 
 
+def command(partition, state_dir, address=None):
+    """The command line that starts a node worker on ``partition`` (socket ``address``, default in ``state_dir``)."""
+    address = address or default_socket(state_dir)
+    return [sys.executable, "-m", "recbole_ur4rec.federated.flower.worker", "--partition", str(partition), "--state-dir", str(state_dir), "--socket", str(address)]
+
+
+def wait_listening(address, process, timeout, log_tail=lambda: ""):
+    """Wait until the worker ``process`` listens at ``address`` (it writes the key file once its socket exists);
+    RuntimeError, with ``log_tail()``, when it exits first or ``timeout`` seconds pass (it imports torch and RecBole
+    first)."""
+    deadline = time.time() + timeout
+    while not os.path.exists(_key_path(address)):
+        if time.time() > deadline or process.poll() is not None:
+            raise RuntimeError(f"the node worker at {address} did not start: {log_tail()}")
+        time.sleep(0.2)
+
+
 def _pack(header, arrays):
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
