@@ -18,6 +18,24 @@ def write(path, text):
     return str(path)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPACE_MODELS = {  # the shipped search spaces (hyper/<stem>.*) and the model each one tunes
+    "fastsasrec": "FastSASRec", "duorec": "DuoRec", "ur4rec": "UR4Rec", "ftragrec": "FTRagRec", "feddmmr_central": "FedDMMR",
+    "feddmmr_federated": "FedDMMR", "feddmmr_gating": "FedDMMR", "sasrec": "SASRec", "sasrecf": "SASRecF",
+    "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "fearec": "FEARec",
+}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "hyper", "*"))), ids=os.path.basename)
+def test_every_shipped_search_space_names_keys_its_model_has(path):
+    """A misspelt key would be accepted by RecBole's Config and searched for nothing."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    assert stem in SPACE_MODELS, f"{path}: which model does it tune? add it to SPACE_MODELS"
+    config = Config(model=SPACE_MODELS[stem], dataset="ml-100k")
+    unknown = [key for key in parse_params_file(path) if key not in config.final_config_dict]
+    assert not unknown, f"{path}: {unknown} are not config keys of {SPACE_MODELS[stem]}"
+
+
 def test_params_file_recbole_format(tmp_path):
     path = write(
         tmp_path / "space.hyper",

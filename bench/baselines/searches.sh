@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 17's searches on ml-100k: every model gets the same budget: 8 trials, ASHA on validation NDCG@10 with a
+# grace period of 5 validations and reduction factor 2 (max_t: the model's own schedule; no epoch cap, early
+# stopping as configured), one thread per trial, sampler seed 2020. Test is evaluated for each best trial only.
+# Resumable per model: a search whose best.yaml exists is skipped (an interrupted search starts again).
+#   bash bench/baselines/searches.sh                 # every model, in this order
+#   bash bench/baselines/searches.sh SASRec SASRecF  # some
+#   CONCURRENT=2 bash bench/baselines/searches.sh    # trials at once (default 1)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=results/hyper/ml-100k
+# name | model | search space | config files (space-separated)
+SEARCHES=(
+  "FastSASRec|FastSASRec|hyper/fastsasrec.hyper|"
+  "DuoRec|DuoRec|hyper/duorec.hyper|"
+  "UR4Rec|UR4Rec|hyper/ur4rec.yaml|"
+  "FTRagRec|FTRagRec|hyper/ftragrec.hyper|"
+  "FedDMMR_central|FedDMMR|hyper/feddmmr_central.hyper|bench/feddmmr/central.yaml"
+  "FedDMMR_federated_asha5|FedDMMR|hyper/feddmmr_federated.hyper|bench/feddmmr/federated.yaml"
+  "SASRec|SASRec|hyper/sasrec.hyper|"
+  "SASRecF|SASRecF|hyper/sasrecf.hyper|bench/slices/sasrecf.yaml"
+  "GRU4Rec|GRU4Rec|hyper/gru4rec.hyper|"
+  "BERT4Rec|BERT4Rec|hyper/bert4rec.hyper|"
+  "FEARec|FEARec|hyper/fearec.hyper|"
+)
+wanted=("$@")
+for entry in "${SEARCHES[@]}"; do
+  IFS='|' read -r name model space files <<< "$entry"
+  if [[ ${#wanted[@]} -gt 0 && ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
+  if [[ -f $OUT/$name/best.yaml ]]; then echo "[searches] $name: done ($OUT/$name/best.yaml)"; continue; fi
+  extra=()
+  if [[ $model == FTRagRec ]]; then  # warm start: the DuoRec search's best trial, as FTRagRec runs from DuoRec
+    trial=$(sed -n 's/.*(trial \([^)]*\)).*/\1/p' "$OUT/DuoRec/best.yaml" 2>/dev/null | head -1)
+    [[ -n $trial ]] || { echo "[searches] FTRagRec needs the DuoRec search first ($OUT/DuoRec/best.yaml)"; exit 1; }
+    extra+=("--duorec_checkpoint=$OUT/DuoRec/checkpoints/$trial")
+  fi
+  echo "[searches] $name: started $(date -u +%FT%TZ)"
+  python run_hyper.py --model "$model" --dataset ml-100k ${files:+--config_files "$files"} --params_file "$space" \
+    --num_samples 8 --cpus_per_trial 1 --max_concurrent "${CONCURRENT:-1}" --grace_period 5 --reduction_factor 2 \
+    --seed 2020 --output_dir "$OUT/$name" --threads=1 "${extra[@]}"
+done
