@@ -35,6 +35,15 @@ def set_anomaly_detection(enabled):
     torch.autograd.set_detect_anomaly(bool(enabled))
 
 
+def set_threads(config):
+    """Run torch and FAISS on config ``threads`` threads (~: their defaults)."""
+    if config["threads"]:
+        import faiss  # FTRagRec's index searches run on FAISS's OpenMP threads
+
+        torch.set_num_threads(config["threads"])
+        faiss.omp_set_num_threads(config["threads"])
+
+
 def history_masked(config):
     """Whether full-ranking evaluation removes each user's training items from the ranking: RecBole does so for
     general models (config ``mask_history_items``, default True); sequential models never mask."""
@@ -71,11 +80,7 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
             tests pass False.
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    if config["threads"]:
-        import faiss  # FTRagRec's index searches run on FAISS's OpenMP threads
-
-        torch.set_num_threads(config["threads"])
-        faiss.omp_set_num_threads(config["threads"])
+    set_threads(config)
     init_seed(config["seed"], config["reproducibility"])
     if log:
         init_logger(config)

@@ -292,6 +292,22 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three
     assert session.grid.calls >= 4 * (3 - dropout)
 
 
+def test_a_node_runs_on_the_run_settings_threads(settings, partitions, tmp_path):
+    """A node worker is its own process: it takes the run's ``threads`` (and anomaly mode) from the settings."""
+    from recbole_ur4rec.federated.flower.node_service import NodeService
+
+    before = torch.get_num_threads()
+    service = NodeService(str(partitions / "node-0"), str(tmp_path / "state"), reuse=True)
+    config_dict = {**server_settings(settings, partitions, tmp_path / "unused"), "threads": before + 1}
+    try:
+        torch.autograd.set_detect_anomaly(True)  # as importing RecBole's SINE leaves it
+        service.node(json.dumps({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": config_dict}))
+        assert torch.get_num_threads() == before + 1 and not torch.is_anomaly_enabled()
+    finally:
+        torch.set_num_threads(before)
+        torch.autograd.set_detect_anomaly(False)
+
+
 def test_the_client_app_imports_neither_torch_nor_recbole(tmp_path):
     """With a node worker, a ClientApp process (one per message) only translates messages: no torch import."""
     import subprocess

@@ -72,6 +72,7 @@ class NodeService:
         key = (settings_text, _mtime(os.path.join(self.partition, "node.json")), _mtime(os.path.join(self.items, "items.json")))
         if self._built is not None and self._built[0] == key:
             return self._built[1]
+        from recbole_ur4rec.build import set_anomaly_detection, set_threads
         from recbole_ur4rec.config import Config
         from recbole_ur4rec.registry import get_model
 
@@ -79,6 +80,8 @@ class NodeService:
         settings = json.loads(settings_text)
         config_dict = {**settings["config_dict"], "item_info_dir": os.path.abspath(self.items), "federation_dir": None}
         config = Config(model=settings["model"], dataset=settings["dataset"], config_file_list=settings["config_file_list"], config_dict=config_dict)
+        set_threads(config)  # the run's threads and anomaly mode, as on the server
+        set_anomaly_detection(config["detect_anomaly"])
         node = Node(config, self.partition, self.state_dir, get_model(settings["model"]), self.items)
         if self.reuse:
             self._built = (key, node)
