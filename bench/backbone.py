@@ -10,12 +10,14 @@ validation curve. The table gives each model's time to reach RecBole SASRec's be
     python bench/backbone.py                                   # 2 models x 3 seeds x 30 minutes
     python bench/backbone.py --budget-minutes 1 --seeds 1      # smoke run
     python bench/backbone.py --budget-minutes 0                # no budget: train to early stopping (GPU)
+    python bench/backbone.py --budget-minutes 0 --seeds 1 --threads 1 --state_dir bench/results/backbone_state
+                                                               # the same, resumable: rerun it to continue
 
 Writes ``bench/results/backbone_<host>_<date>.md`` and the raw numbers beside it (``.json``).
 """
 import argparse
-import copy
 import datetime
+import glob
 import json
 import os
 import platform
@@ -73,8 +75,32 @@ def budgeted(trainer_class, deadline, epoch_seconds):
     return BudgetTrainer
 
 
-def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
-    """Train and test one (model, seed) in this process; returns a dict of plain numbers."""
+class Interrupted(Exception):
+    """``stop_after`` validations of this segment are done (tests: an interruption at a known point)."""
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, state_dir=None, stop_after=None):
+    """Train and test one (model, seed) in this process; returns a dict of plain numbers.
+
+    With ``state_dir`` the cell is resumable: its checkpoints and its progress (validation curve, full epochs'
+    seconds, seconds of training so far) are kept there after every validation, and a later call continues from
+    them (the budget counts per call). ``stop_after`` (tests) ends this call after that many validations, as an
+    interruption would, and returns None. Test metrics always use the best-validation weights.
+    """
     import torch
 
     from recbole_ur4rec.build import build
@@ -84,30 +110,45 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
     settings = {"seed": seed, "state": "WARNING", "show_progress": False, **config_dict}
     if threads:
         settings["threads"] = threads
+    if state_dir:
+        os.makedirs(state_dir, exist_ok=True)
+        settings["checkpoint_dir"] = state_dir
+    progress_file = os.path.join(state_dir, "progress.json") if state_dir else None
+    progress = (read_json(progress_file) if state_dir else None) or {"train_seconds": 0.0, "curve": [], "epoch_seconds": [], "segments": 0}
+    progress["segments"] += 1
     config, model, _, train_data, valid_data, test_data = build(model_name, dataset, config_dict=settings, log=False)
     data_seconds = time.monotonic() - data_start  # config, data and model (the model takes milliseconds)
 
-    start = time.monotonic()
+    start, before = time.monotonic(), progress["train_seconds"]
     deadline = start + budget_minutes * 60 if budget_minutes > 0 else float("inf")
-    epoch_seconds, curve, best = [], [], {"score": -1.0, "state": None}
+    epoch_seconds, curve = progress["epoch_seconds"], progress["curve"]
     trainer = budgeted(get_trainer(config["MODEL_TYPE"], config["model"]), deadline, epoch_seconds)(config, model)
+    lasts = glob.glob(os.path.join(state_dir, "*-last.pth")) if state_dir else []
+    if lasts:
+        trainer.resume_checkpoint(max(lasts, key=os.path.getmtime))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    validations = 0
 
     def after_validation(epoch_idx, valid_score):
-        curve.append([round(time.monotonic() - start, 2), epoch_idx, float(valid_score)])
-        if valid_score > best["score"]:
-            best["score"], best["state"] = float(valid_score), copy.deepcopy(model.state_dict())
+        nonlocal validations
+        progress["train_seconds"] = before + time.monotonic() - start
+        curve.append([round(progress["train_seconds"], 2), epoch_idx, float(valid_score)])
+        validations += 1
+        if state_dir:  # after the trainer's own -last.pth: the progress never runs ahead of the checkpoint
+            write_json(progress_file, progress)
+        if stop_after is not None and validations >= stop_after:
+            raise Interrupted
 
     stopped_by = "early stopping or epochs"
     try:
-        trainer.fit(train_data, valid_data, saved=False, show_progress=False, callback_fn=after_validation)
+        trainer.fit(train_data, valid_data, saved=bool(state_dir), show_progress=False, callback_fn=after_validation)
     except BudgetExhausted:
         stopped_by = "budget"
-    train_seconds = time.monotonic() - start
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    except Interrupted:
+        return None
+    train_seconds = before + time.monotonic() - start
+    test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     return {
         "model": model_name,
         "seed": seed,
@@ -118,10 +159,11 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
         "max_item_list_length": config["MAX_ITEM_LIST_LENGTH"],
         "data_seconds": round(data_seconds, 1),
         "train_seconds": round(train_seconds, 1),
+        "segments": progress["segments"],
         "stopped_by": stopped_by,
         "full_epochs": len(epoch_seconds),
         "seconds_per_epoch": statistics.median(epoch_seconds) if epoch_seconds else None,
-        "best_valid_ndcg10": best["score"],
+        "best_valid_ndcg10": max((score for _, _, score in curve), default=-1.0),
         "test_hit10": float(test["hit@10"]),
         "test_ndcg10": float(test["ndcg@10"]),
         "curve": curve,
@@ -130,16 +172,23 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict):
 
 
 def run_cell_subprocess(model_name, args):
-    """Run one cell in a fresh Python process; returns its result with the process's peak RSS."""
+    """Run one cell in a fresh Python process; returns its result with the process's peak RSS. With
+    ``--state_dir`` a finished cell is read back, and an unfinished one continues from its last validation."""
     results = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        cell_dir = os.path.join(args.state_dir, f"{model_name}-seed{seed}") if args.state_dir else None
+        done = read_json(os.path.join(cell_dir, "result.json")) if cell_dir else None
+        if done is not None:
+            print(f"[bench] {model_name} seed {seed}: finished earlier ({cell_dir})", flush=True)
+            results.append(done)
+            continue
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result_file = f.name
         command = [
             sys.executable, os.path.abspath(__file__), "--cell", model_name, "--seed", str(seed),
             "--dataset", args.dataset, "--budget-minutes", str(args.budget_minutes),
             "--threads", str(args.threads), "--config", json.dumps(args.config), "--result-file", result_file,
-        ]  # fmt: skip
+        ] + (["--state_dir", cell_dir] if cell_dir else [])  # fmt: skip
         print(f"[bench] {model_name} seed {seed}: budget {args.budget_minutes} min", flush=True)
         process = subprocess.Popen(command, cwd=args.workdir)
         _, status, usage = os.wait4(process.pid, 0)
@@ -148,7 +197,9 @@ def run_cell_subprocess(model_name, args):
         with open(result_file) as f:
             result = json.load(f)
         os.unlink(result_file)
-        result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
+        result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB; the last segment's process
+        if cell_dir:
+            write_json(os.path.join(cell_dir, "result.json"), result)
         print(
             f"[bench] {model_name} seed {seed}: {result['seconds_per_epoch'] or float('nan'):.1f} s/epoch, "
             f"best valid NDCG@10 {result['best_valid_ndcg10']:.4f}, test NDCG@10 {result['test_ndcg10']:.4f}, "
@@ -256,6 +307,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", type=json.loads, default={}, help="JSON config_dict given to every run")
     parser.add_argument("--output", default=None, help="markdown file (default bench/results/backbone_<host>_<date>.md)")
     parser.add_argument("--workdir", default=None, help="where runs write RecBole's log/ (default: a temporary folder)")
+    parser.add_argument("--state_dir", default=None, help="resumable cells: each cell's checkpoints and progress in "
+                        "<state_dir>/<model>-seed<seed>/; a rerun reads finished cells back and continues the others")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -265,7 +318,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.cell:
-        result = run_cell(args.cell, args.dataset, args.seed, args.budget_minutes, args.threads, args.config)
+        result = run_cell(args.cell, args.dataset, args.seed, args.budget_minutes, args.threads, args.config, args.state_dir)
         with open(args.result_file, "w") as f:
             json.dump(result, f)
         return

@@ -1,0 +1,26 @@
+"""bench/backbone.py: a resumable cell continues exactly where it was interrupted."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import backbone  # noqa: E402
+
+
+def test_an_interrupted_cell_continues_to_the_same_curve_and_test(quick_config, tmp_path):
+    """Stopped after 2 validations and run again, a cell gives the uninterrupted run's validations and test."""
+    settings = {**quick_config, "epochs": 4, "eval_step": 1, "stopping_step": 10}
+    run = lambda state_dir, stop_after=None: backbone.run_cell(  # noqa: E731
+        "SASRec", "tiny", 2020, 0, 1, settings, state_dir=str(state_dir), stop_after=stop_after
+    )
+    whole = run(tmp_path / "whole")
+    assert run(tmp_path / "resumed", stop_after=2) is None
+    resumed = run(tmp_path / "resumed")
+    assert whole["segments"] == 1 and resumed["segments"] == 2
+    assert [(epoch, score) for _, epoch, score in resumed["curve"]] == [(epoch, score) for _, epoch, score in whole["curve"]]
+    assert [epoch for _, epoch, _ in whole["curve"]] == [0, 1, 2, 3]
+    assert resumed["full_epochs"] == whole["full_epochs"] == 4
+    assert (resumed["test_ndcg10"], resumed["test_hit10"]) == (whole["test_ndcg10"], whole["test_hit10"])
+    assert resumed["best_valid_ndcg10"] == max(score for _, _, score in whole["curve"])
+    times = [seconds for seconds, _, _ in resumed["curve"]]
+    assert times == sorted(times)  # seconds of training count on across the two calls
