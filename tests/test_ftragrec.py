@@ -269,8 +269,10 @@ def test_compressed_memory_reranks_a_shortlist_with_exact_keys_on_disk(tmp_path)
     files = list(tmp_path.glob("ftragrec-keys-*.npy"))
     assert files == [tmp_path / reranked.exact.path.split("/")[-1]] and reranked.keys is None
     assert np.load(files[0], mmap_mode="r").shape == (n, 32) and files[0].stat().st_size < n * 32 * 4 + 200
-    read = reranked.neighbour_keys(index)  # [Q k H]
+    read = reranked.neighbour_keys(index)  # [Q k H]: the keys the search's re-ranking read, not read again
     assert torch.allclose(read, keys[index], atol=1e-5)
+    reranked.search(queries[:5], query_users[:5], query_positions[:5], k=10)  # another search: read from the file
+    assert torch.equal(reranked.neighbour_keys(index), read)
     # a rebuild deletes the file nobody saved; a saved one stays and comes back with the checkpoint
     reranked.build_stream(iter(chunks), n, "fp")
     assert not files[0].exists() and len(list(tmp_path.glob("ftragrec-keys-*.npy"))) == 1

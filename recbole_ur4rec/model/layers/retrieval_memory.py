@@ -252,6 +252,7 @@ class RetrievalMemory:
         self.index, self.keys, self.targets, self.users, self.positions = None, None, None, None, None
         self.norms, self.fingerprint, self.built_type = None, None, None
         self.rerank, self.exact_keys_dir, self.exact = rerank, exact_keys_dir, None  # exact: ExactKeys of ivfsq8
+        self._searched = None  # (exact, index [Q k], keys [Q k H]) of the last re-ranked search: read once
 
     def __len__(self):
         return 0 if self.targets is None else self.targets.size(0)
@@ -400,7 +401,13 @@ class RetrievalMemory:
         if self.keys is not None:
             return self.keys[index.cpu()]
         ids = index.reshape(-1).to("cpu", torch.int64).numpy()
-        decoded = self.exact.gather(ids) if self.exact is not None else self.index.reconstruct_batch(ids)  # [Q*k H]
+        searched = self._searched
+        if searched is not None and searched[0] is self.exact and np.array_equal(searched[1], index.cpu().numpy()):
+            decoded = searched[2].reshape(len(ids), -1).copy()  # the last search's re-ranking read them already
+        elif self.exact is not None:
+            decoded = self.exact.gather(ids)  # [Q*k H]
+        else:
+            decoded = self.index.reconstruct_batch(ids)
         if self.norms is not None:
             decoded *= self.norms.numpy()[ids, None]
         return torch.from_numpy(decoded).view(*index.shape, -1)
@@ -431,10 +438,14 @@ class RetrievalMemory:
             order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
             out_index = np.where(np.take_along_axis(found, order, 1), np.take_along_axis(out_index, order, 1), -1)
             out_sim = np.where(out_index >= 0, np.take_along_axis(sim, order, 1), 0.0).astype(np.float32)
+            kept_keys = np.take_along_axis(keys, order[:, :, None], 1)  # [Q k H]
         mask = out_index >= 0
         if threshold is not None:
             mask &= out_sim >= threshold
         index = np.where(mask, out_index, 0)
+        if self.exact is not None:  # neighbour_keys(index) reads nothing again (masked slots: entry 0, as it reads)
+            kept_keys[~mask] = self.exact.gather(np.zeros(1, dtype=np.int64))[0]
+            self._searched = (self.exact, index.copy(), kept_keys)
         return (
             torch.from_numpy(index).to(device),
             torch.from_numpy(np.where(mask, out_sim, 0.0).astype(np.float32)).to(device),
