@@ -464,6 +464,29 @@ def test_items_without_training_interactions_are_scored_through_the_text_map(set
     assert plain.cold_mapping is None and plain.parameter_groups()["cold_mapping"] == []
 
 
+def test_the_ranking_text_map_scores_the_batch_targets_through_the_map_against_the_other_ids(settings):
+    """cold_mapping_loss 'ranking': the CE of each target with the batch's targets mapped, the rest by ID."""
+    cold = {"cold_items": True, "cold_item_share": 0.3, "cold_item_seed": 1, "cold_mapping_loss": "ranking"}
+    _, model, train_data, _, _ = build(settings, **cold)
+    model.train()
+    model.set_objective("backbone")
+    torch.manual_seed(0)
+    batch = next(iter(train_data))
+    terms = model.loss_terms(batch)
+    torch.manual_seed(0)  # the same dropout: the states and scores the term saw
+    hidden = model(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    states, targets, _ = supervised_positions(model, batch, hidden)
+    items = torch.unique(targets)
+    scores = states @ model.backbone.item_embedding.weight.t()  # [N n]
+    scores[:, items] = states @ model.cold_mapping(model.retriever.text_features[items]).t()
+    assert terms["cold_mapping"].item() == pytest.approx(torch.nn.functional.cross_entropy(scores, targets).item(), rel=1e-5)
+    model.zero_grad()
+    terms["cold_mapping"].backward()  # only the map learns from it
+    assert model.cold_mapping.weight.grad.abs().sum() > 0 and model.backbone.item_embedding.weight.grad is None
+    with pytest.raises(ValueError, match="cold_mapping_loss"):
+        build(settings, cold_mapping_loss="hinge")
+
+
 @pytest.mark.parametrize("model_name", ["UR4Rec", "FTRagRec"])
 def test_learning_rate_is_refused_by_staged_models(settings, model_name):
     if model_name != "UR4Rec":  # UR4Rec's stage settings

@@ -84,8 +84,12 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         - Items without a training interaction (new items; the cold items of the cold-item protocol) have ID
           embeddings that training only pushes down, as negatives. With ``cold_item_mapping`` (default) a linear map
           from an item's text embedding to its ID embedding is trained on the batch's target items (the
-          ``cold_mapping`` term: MSE to the detached ID embeddings), and at evaluation the backbone scores such items
-          with their mapped embeddings (Heater-style mapping, Zhu et al., SIGIR 2020); warm items keep their own.
+          ``cold_mapping`` term), and at evaluation the backbone scores such items with their mapped embeddings;
+          warm items keep their own. ``cold_mapping_loss``: ``mse`` fits the detached ID embeddings (Heater-style,
+          Zhu et al., SIGIR 2020); ``ranking`` trains the map the way cold items are evaluated: the batch's target
+          items are scored through the map, every other item through its ID embedding, and the cross-entropy of
+          the true target is minimised (states and ID embeddings detached; DropoutNet-style simulation of new items,
+          Volkovs et al., NeurIPS 2017).
     """
 
     input_type = InputType.POINTWISE  # negatives are sampled inside the model, not by RecBole
@@ -135,7 +139,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         )
         use_bank = config["contrastive_type"] == "memory_bank"
         self.memory_bank = MemoryBank(config["memory_bank_size"], dim) if use_bank else None
-        self.cold_mapping = None
+        self.cold_mapping, self.cold_mapping_loss = None, config["cold_mapping_loss"]
         if config["cold_item_mapping"]:
             text = stores["item_text"]
             self.cold_mapping = torch.nn.Linear(text.features.size(1), config["hidden_size"])
@@ -158,6 +162,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
         _check(config, "use_image", None, choices=(True, False))
         _check(config, "cold_item_mapping", None, choices=(True, False))
+        _check(config, "cold_mapping_loss", None, choices=("mse", "ranking"))
 
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes and clips separately."""
@@ -178,8 +183,11 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         mapped = self.cold_mapping(self.retriever.text_features[self.mapped_items])  # [m H]
         return weight.index_put((self.mapped_items.nonzero().squeeze(1),), mapped)
 
-    def _cold_mapping_term(self, targets):
-        """MSE between the mapped text embeddings of the (warm) target items and their detached ID embeddings."""
+    def _cold_mapping_term(self, targets, states, backbone_scores):
+        """The text map's loss on the batch's (warm) target items with text (``cold_mapping_loss``): ``mse`` to
+        their detached ID embeddings, or ``ranking``: cross-entropy of the true target when the batch's targets are
+        scored through the map and the other items through their ID embeddings (``states`` [N H] and
+        ``backbone_scores`` [N n] detached; with sampled candidates, only the map's columns compete)."""
         if self.cold_mapping is None:
             return None
         items = torch.unique(targets)
@@ -187,7 +195,15 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         if not len(items):
             return self.backbone.item_embedding.weight.new_zeros(())
         mapped = self.cold_mapping(self.retriever.text_features[items])  # [m H]
-        return torch.nn.functional.mse_loss(mapped, self.backbone.item_embedding.weight[items].detach())
+        if self.cold_mapping_loss == "mse":
+            return torch.nn.functional.mse_loss(mapped, self.backbone.item_embedding.weight[items].detach())
+        rows = self.retriever.text_mask[targets]  # [N]: targets the map can score
+        through_map = states[rows].detach() @ mapped.t()  # [N' m]
+        if backbone_scores.size(1) == self.n_items:  # CE: every other item by its ID embedding
+            scores = backbone_scores[rows].detach().index_copy(1, items, through_map)  # [N' n]
+            return torch.nn.functional.cross_entropy(scores, targets[rows])
+        column = torch.searchsorted(items, targets[rows])  # sampled candidates: the targets among the mapped items
+        return torch.nn.functional.cross_entropy(through_map, column)
 
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
@@ -210,7 +226,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             items = candidates.items  # [U]
         item_weight = self.backbone.item_embedding.weight
         backbone_scores = states @ (item_weight if items is None else item_weight[items]).t()  # [N n|U]
-        mapping = self._cold_mapping_term(targets)
+        mapping = self._cold_mapping_term(targets, states, backbone_scores)
         mapping = {} if mapping is None else {"cold_mapping": mapping}
         if self.objective == "backbone":
             return {"rank": self._rank(backbone_scores, targets, candidates), **mapping}
