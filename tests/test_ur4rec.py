@@ -464,22 +464,26 @@ def test_items_without_training_interactions_are_scored_through_the_text_map(set
     assert plain.cold_mapping is None and plain.parameter_groups()["cold_mapping"] == []
 
 
-def test_the_ranking_text_map_scores_the_batch_targets_through_the_map_against_the_other_ids(settings):
-    """cold_mapping_loss 'ranking': the CE of each target with the batch's targets mapped, the rest by ID."""
-    cold = {"cold_items": True, "cold_item_share": 0.3, "cold_item_seed": 1, "cold_mapping_loss": "ranking"}
+def test_the_ranking_text_map_scores_random_items_through_the_map_against_the_other_ids(settings):
+    """cold_mapping_loss 'ranking': a random share of the items is scored through the map, the rest by ID, and
+    the rows whose target is mapped give the cross-entropy."""
+    cold = {"cold_items": True, "cold_item_share": 0.3, "cold_item_seed": 1, "cold_mapping_loss": "ranking", "cold_mapping_share": 0.5}
     _, model, train_data, _, _ = build(settings, **cold)
     model.train()
     model.set_objective("backbone")
-    torch.manual_seed(0)
     batch = next(iter(train_data))
+    torch.manual_seed(0)
     terms = model.loss_terms(batch)
-    torch.manual_seed(0)  # the same dropout: the states and scores the term saw
+    torch.manual_seed(0)  # the same dropout, then the same draw of simulated new items
     hidden = model(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
     states, targets, _ = supervised_positions(model, batch, hidden)
-    items = torch.unique(targets)
+    simulated = model.retriever.text_mask & (torch.rand(model.n_items) < 0.5)
+    rows = simulated[targets]
+    assert 0 < rows.sum() < len(rows)
     scores = states @ model.backbone.item_embedding.weight.t()  # [N n]
-    scores[:, items] = states @ model.cold_mapping(model.retriever.text_features[items]).t()
-    assert terms["cold_mapping"].item() == pytest.approx(torch.nn.functional.cross_entropy(scores, targets).item(), rel=1e-5)
+    scores[:, simulated] = states @ model.cold_mapping(model.retriever.text_features[simulated]).t()
+    expected = torch.nn.functional.cross_entropy(scores[rows], targets[rows])
+    assert terms["cold_mapping"].item() == pytest.approx(expected.item(), rel=1e-5)
     model.zero_grad()
     terms["cold_mapping"].backward()  # only the map learns from it
     assert model.cold_mapping.weight.grad.abs().sum() > 0 and model.backbone.item_embedding.weight.grad is None
