@@ -88,10 +88,10 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
           warm items keep their own. ``cold_mapping_loss``: ``mse`` fits the detached ID embeddings (Heater-style,
           Zhu et al., SIGIR 2020); ``ranking`` trains the map the way new items are evaluated: in every batch a random
           ``cold_mapping_share`` of the items are scored through the map, every other item through its ID embedding,
-          and the cross-entropy of the rows whose target is among them is minimised (states and ID embeddings
-          detached; DropoutNet-style simulation of new items, Volkovs et al., NeurIPS 2017). Simulating with the
-          batch's own targets instead taught the map that mapped items are likely next items: on ml-100k's cold
-          protocol cold NDCG@10 0.13 but 0.015 over all users, the cold items flooding every list.
+          and the cross-entropy of every row is minimised (states and ID embeddings detached; DropoutNet-style
+          simulation of new items, Volkovs et al., NeurIPS 2017). Training on the rows whose target was mapped only
+          (or mapping the batch's own targets) taught the map to score every mapped item high: on ml-100k's cold
+          protocol cold NDCG@10 0.13-0.15 but 0.015 over all users, the cold items flooding every list.
     """
 
     input_type = InputType.POINTWISE  # negatives are sampled inside the model, not by RecBole
@@ -190,9 +190,9 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         """The text map's loss (``cold_mapping_loss``): ``mse`` of the mapped text of the batch's (warm) target items
         to their detached ID embeddings; ``ranking``: a random ``cold_mapping_share`` of the items with text are
         taken as new (scored through the map, every other item through its ID embedding) and the cross-entropy of
-        the rows whose target is among them is minimised (``states`` [N H] and ``backbone_scores`` [N n|U]
-        detached). Drawing the simulated new items at random, not from the batch's targets, keeps the map from
-        learning that a mapped item is a likely next item."""
+        every row is minimised (``states`` [N H] and ``backbone_scores`` [N n|U] detached). Every row counts, so
+        mapped items learn to lose where they are not the target; drawn at random, not from the batch's targets,
+        they do not stand for likely next items."""
         if self.cold_mapping is None:
             return None
         zero = self.backbone.item_embedding.weight.new_zeros(())
@@ -204,15 +204,14 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             mapped = self.cold_mapping(self.retriever.text_features[items])  # [m H]
             return torch.nn.functional.mse_loss(mapped, self.backbone.item_embedding.weight[items].detach())
         simulated = self.retriever.text_mask & (torch.rand(self.n_items, device=targets.device) < self.cold_mapping_share)  # [n]
-        rows = simulated[targets]  # [N]
-        if not rows.any():
-            return zero
         items = simulated.nonzero().squeeze(1)  # [m]
-        through_map = states[rows].detach() @ self.cold_mapping(self.retriever.text_features[items]).t()  # [N' m]
-        if backbone_scores.size(1) == self.n_items:  # CE: every other item by its ID embedding
-            scores = backbone_scores[rows].detach().index_copy(1, items, through_map)  # [N' n]
-            return torch.nn.functional.cross_entropy(scores, targets[rows])
-        return torch.nn.functional.cross_entropy(through_map, torch.searchsorted(items, targets[rows]))  # sampled: the map's columns only
+        if not len(items):
+            return zero
+        if backbone_scores.size(1) != self.n_items:  # sampled candidates: every item by its ID embedding first
+            backbone_scores = states @ self.backbone.item_embedding.weight.t()
+        through_map = states.detach() @ self.cold_mapping(self.retriever.text_features[items]).t()  # [N m]
+        scores = backbone_scores.detach().index_copy(1, items, through_map)  # [N n]
+        return torch.nn.functional.cross_entropy(scores, targets)  # every row: mapped items are negatives too
 
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
