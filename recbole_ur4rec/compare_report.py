@@ -68,12 +68,21 @@ def _budget(protocol):
 
 
 def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
-    protocols, budgets = {}, {}
+    protocols, budgets, unrecorded = {}, {}, []
     for cell in cells.values():
         if cell.get("protocol"):
             evaluation = {k: v for k, v in cell["protocol"].items() if k not in BUDGET_KEYS}
             protocols.setdefault(json.dumps(evaluation, sort_keys=True), set()).add(cell["model"])
             budgets.setdefault(cell["model"], _budget(cell["protocol"]))
+            if "history_masked" not in evaluation:
+                unrecorded.append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
+    # cells written before masking was recorded differ from the others only by not saying: named, not a protocol
+    masking = {json.loads(key).get("history_masked") for key in protocols} - {None}
+    only_unrecorded = bool(unrecorded) and len(masking) == 1 and len({
+        json.dumps({k: v for k, v in json.loads(key).items() if k != "history_masked"}, sort_keys=True) for key in protocols
+    }) == 1
+    if only_unrecorded:
+        protocols = {key: users for key, users in protocols.items() if "history_masked" in json.loads(key)}
     lines = [f"# {dataset}: {', '.join(models)} over seeds {', '.join(str(s) for s in seeds)}", ""]
     for key, users in protocols.items():
         p = json.loads(key)
@@ -84,6 +93,8 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
             + {True: "; each user's training items removed from the ranking (RecBole's general models)",
                False: "; training items ranked too (no masking)"}.get(p.get("history_masked"), "")
         )
+    if only_unrecorded:
+        lines.append(f"- masking not recorded (cells written before it was; the protocol above is the other cells'): {', '.join(sorted(unrecorded))}")
     if len(protocols) > 1:
         lines.append("- WARNING: the models ran under different protocols (above); their numbers are not comparable.")
     for model in models:

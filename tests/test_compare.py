@@ -146,6 +146,16 @@ def test_history_masking_is_recorded_and_general_models_can_rank_without_it(walk
     assert cell_json(output_dir, "Pop", 1)["protocol"]["history_masked"] is True
     assert cell_json(output_dir, "SASRec", 1)["protocol"]["history_masked"] is False
     assert "WARNING: the models ran under different protocols" in md and "training items removed from the ranking" in md
+    # a cell written before masking was recorded is named, and is no protocol of its own
+    from recbole_ur4rec.compare_report import write_report
+
+    sasrec = cell_json(output_dir, "SASRec", 1)
+    old = {**sasrec, "seed": 2, "protocol": {k: v for k, v in sasrec["protocol"].items() if k != "history_masked"}}
+    os.makedirs(tmp_path / "old")
+    report = dict(output_dir=str(tmp_path / "old"), models=["SASRec"], seeds=[1, 2], dataset="walk", files_of={"SASRec": []}, overrides={})
+    md = open(write_report({"SASRec-seed1": sasrec, "SASRec-seed2": old}, **report)["md"]).read()
+    assert "WARNING" not in md and "masking not recorded (cells written before it was; the protocol above is the other cells'): SASRec-seed2" in md
+    assert md.count("- protocol") == 1 and "training items ranked too (no masking)" in md
 
 
 def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
