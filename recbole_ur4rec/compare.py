@@ -207,6 +207,45 @@ def _run_cell_process(spec, log_path):
     return returncode, time.time() - start, usage.ru_maxrss / 1024.0
 
 
+def _reusable(done, settings, code, other_code):
+    """Whether the finished cell record ``done`` stands for ``settings`` (run by this ``code``, or ``other_code``)."""
+    if not done or done.get("status") != "ok" or done.get("settings") != settings:
+        return False
+    return other_code or (done.get("code") or {}).get("source") == code["source"]
+
+
+def _claim(cells_dir, name):
+    """Claim cell ``name`` for this process (a ``<name>.lock`` file holding its pid); False when a live process
+    holds it: two comparisons over one folder share its cells instead of running one twice. A lock whose process
+    is gone is taken over."""
+    path = os.path.join(cells_dir, name + ".lock")
+    for _ in range(2):
+        try:
+            with open(path, "x") as f:
+                f.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+                os.kill(pid, 0)  # raises when no such process
+                if pid != os.getpid():
+                    return False
+                return True
+            except (ValueError, ProcessLookupError):
+                os.remove(path)  # stale: its process ended without removing it
+            except PermissionError:  # a live process of another user
+                return False
+    return False
+
+
+def _release(cells_dir, name):
+    try:
+        os.remove(os.path.join(cells_dir, name + ".lock"))
+    except FileNotFoundError:
+        pass
+
+
 def run_compare(
     models=DEFAULT_MODELS,
     dataset="ml-100k",
@@ -268,16 +307,26 @@ def run_compare(
                 json_path = os.path.join(cells_dir, name + ".json")
                 settings = cell_settings(model, dataset, seed, files_of[model], overrides)
                 done = read_json(json_path)
-                same_code = (done or {}).get("code", {}).get("source") == code["source"]
-                if done and done.get("status") == "ok" and done.get("settings") == settings and (same_code or reuse_other_code or report_only):
+                if _reusable(done, settings, code, reuse_other_code or report_only):
                     cells[name] = done
                     reused.append(name)
                     continue
                 if report_only:
                     continue
-                if done and done.get("status") == "ok" and done.get("settings") == settings:
-                    logger.info(f"[compare] {name}: ran another version of the code ({(done.get('code') or {}).get('source')}, now {code['source']}): rerun")
-                cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code)
+                if not _claim(cells_dir, name):
+                    logger.info(f"[compare] {name}: another comparison is running it (its .lock): skipped here")
+                    continue
+                try:
+                    done = read_json(json_path)  # it may have finished elsewhere since this run read it
+                    if _reusable(done, settings, code, reuse_other_code):
+                        cells[name] = done
+                        reused.append(name)
+                        continue
+                    if done and done.get("status") == "ok" and done.get("settings") == settings:
+                        logger.info(f"[compare] {name}: ran another version of the code ({(done.get('code') or {}).get('source')}, now {code['source']}): rerun")
+                    cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code)
+                finally:
+                    _release(cells_dir, name)
                 ran.append(name)
                 write_report(cells, **report)
     finally:

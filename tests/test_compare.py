@@ -87,6 +87,25 @@ def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
     rerun = run_compare(**kwargs)
     assert rerun["ran"] == ["GRU4Rec-seed2"] and cell_json(output_dir, "GRU4Rec", 2)["code"] == code
 
+    # a cell that another live comparison holds (its .lock) is left to it; a lock whose process ended is taken over
+    import subprocess
+    import sys
+
+    with open(os.path.join(output_dir, "cells", "GRU4Rec-seed2.json"), "w") as f:
+        json.dump(stale, f)  # to be rerun again
+    lock = os.path.join(output_dir, "cells", "GRU4Rec-seed2.lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with open(lock, "w") as f:
+            f.write(str(holder.pid))
+        skipped = run_compare(**kwargs)
+        assert skipped["ran"] == [] and "GRU4Rec-seed2" not in skipped["reused"] and os.path.exists(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+    taken = run_compare(**kwargs)
+    assert taken["ran"] == ["GRU4Rec-seed2"] and not os.path.exists(lock)
+
 
 def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):
     broken = tmp_path / "GRU4Rec.yaml"
