@@ -2,6 +2,8 @@
 # The slice comparison of issue 15 on ml-100k, 3 seeds, both protocols, with the fusion ablation (UR4Rec:text with
 # today's fusion, UR4Rec:text_affine and UR4Rec:text_standardize). Resumable per cell: run it again to continue.
 #   bash bench/slices/run.sh [standard|cold|both] [run_compare options, e.g. --report_only or --reuse_other_code]
+# Two at once share the cells (one per core); an FTRagRec cell reached while its seed's DuoRec still runs elsewhere
+# fails for want of the warm start and is rerun by the next call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 A=bench/ur4rec_ablation; F=bench/feddmmr; S=bench/slices; C=bench/compare_cpu_cap.yaml
