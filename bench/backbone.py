@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from recbole_ur4rec.compare import read_json, write_json  # a missing or unreadable file reads as None; atomic writes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("SASRec", "FastSASRec")
 REFERENCE = "SASRec"
@@ -79,20 +81,6 @@ class Interrupted(Exception):
     """``stop_after`` validations of this segment are done (tests: an interruption at a known point)."""
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path, value):
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
-
-
 def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, state_dir=None, stop_after=None):
     """Train and test one (model, seed) in this process; returns a dict of plain numbers.
 
@@ -114,7 +102,7 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, st
         os.makedirs(state_dir, exist_ok=True)
         settings["checkpoint_dir"] = state_dir
     progress_file = os.path.join(state_dir, "progress.json") if state_dir else None
-    progress = (read_json(progress_file) if state_dir else None) or {"train_seconds": 0.0, "curve": [], "epoch_seconds": [], "segments": 0}
+    progress = (progress_file and read_json(progress_file)) or {"train_seconds": 0.0, "curve": [], "epoch_seconds": [], "segments": 0}
     progress["segments"] += 1
     config, model, _, train_data, valid_data, test_data = build(model_name, dataset, config_dict=settings, log=False)
     data_seconds = time.monotonic() - data_start  # config, data and model (the model takes milliseconds)

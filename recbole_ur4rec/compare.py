@@ -227,13 +227,13 @@ def _claim(cells_dir, name):
         except FileExistsError:
             try:
                 with open(path) as f:
-                    pid = int(f.read().strip() or 0)
+                    pid = int(f.read().strip())
+                if pid <= 0:  # os.kill(0, ...) would ask this process group, not a holder
+                    raise ValueError(pid)
                 os.kill(pid, 0)  # raises when no such process
-                if pid != os.getpid():
-                    return False
-                return True
+                return pid == os.getpid()
             except (ValueError, ProcessLookupError):
-                os.remove(path)  # stale: its process ended without removing it
+                os.remove(path)  # stale: its process ended without removing it (or before writing its pid)
             except PermissionError:  # a live process of another user
                 return False
     return False
@@ -322,7 +322,7 @@ def run_compare(
                         cells[name] = done
                         reused.append(name)
                         continue
-                    if done and done.get("status") == "ok" and done.get("settings") == settings:
+                    if _reusable(done, settings, code, True):  # finished, by another version of the code
                         logger.info(f"[compare] {name}: ran another version of the code ({(done.get('code') or {}).get('source')}, now {code['source']}): rerun")
                     cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code)
                 finally:

@@ -105,6 +105,10 @@ def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
         holder.wait()
     taken = run_compare(**kwargs)
     assert taken["ran"] == ["GRU4Rec-seed2"] and not os.path.exists(lock)
+    with open(os.path.join(output_dir, "cells", "GRU4Rec-seed2.json"), "w") as f:
+        json.dump(stale, f)
+    open(lock, "w").close()  # a holder killed before it wrote its pid
+    assert run_compare(**kwargs)["ran"] == ["GRU4Rec-seed2"] and not os.path.exists(lock)
 
 
 def test_broken_model_config_is_a_failed_cell(walk_root, tmp_path):

@@ -444,7 +444,8 @@ class RetrievalMemory:
             mask &= out_sim >= threshold
         index = np.where(mask, out_index, 0)
         if self.exact is not None:  # neighbour_keys(index) reads nothing again (masked slots: entry 0, as it reads)
-            kept_keys[~mask] = self.exact.gather(np.zeros(1, dtype=np.int64))[0]
+            if not mask.all():
+                kept_keys[~mask] = self.exact.gather(np.zeros(1, dtype=np.int64))[0]
             self._searched = (self.exact, index.copy(), kept_keys)
         return (
             torch.from_numpy(index).to(device),
