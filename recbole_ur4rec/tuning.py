@@ -8,6 +8,7 @@ absolute folder, so trials work from the working directories Ray gives them.
 Search spaces: :mod:`recbole_ur4rec.search_space`.
 """
 import glob
+import json
 import os
 import time
 import traceback
@@ -22,8 +23,36 @@ from recbole_ur4rec.search_space import parse_params_file, to_tune_space
 TRIAL_METRIC = "valid_score"  # the key every trial reports after each validation; ASHA watches it
 
 
+TRIAL_ID_PREFIX = "trial"  # trial ids trial_00000, trial_00001, ...: the same sample gets the same id in every run
+FINISHED_FILE = "finished.json"  # written in a trial's folder once it has trained to its end
+
+
+class TrialInterrupted(RuntimeError):
+    """Raised by a trial told to stop after some validations (``setup["stop_after"]``: tests of resuming)."""
+
+
 def trial_checkpoint_dir(checkpoint_root, trial_id):
     return os.path.join(checkpoint_root, trial_id)
+
+
+def earlier_trial_state(trial_dir, params):
+    """The latest ``-last.pth`` in ``trial_dir`` and its state (``None, None`` when the trial never validated).
+    Raises ValueError when that state was written for other values of the searched ``params``."""
+    from recbole_ur4rec.checkpoints import load_checkpoint
+
+    lasts = glob.glob(os.path.join(trial_dir, "*-last.pth"))
+    if not lasts:
+        return None, None
+    last = max(lasts, key=os.path.getmtime)
+    state = load_checkpoint(last)
+    differs = {name: (state["config"].get(name), value) for name, value in params.items() if plain(state["config"].get(name)) != plain(value)}
+    if differs:
+        raise ValueError(
+            f"{last} was written by an earlier search with other values for this trial ("
+            + ", ".join(f"{name}: {old!r} there, {new!r} now" for name, (old, new) in differs.items())
+            + "): its search space or seed changed; give this search another output_dir or delete that folder"
+        )
+    return last, state
 
 
 def run_trial(config, setup):
@@ -32,31 +61,68 @@ def run_trial(config, setup):
     ``setup`` holds what every trial shares: ``config_file_list`` and ``config_dict`` (absolute paths),
     ``checkpoint_root`` (this trial writes to ``<checkpoint_root>/<trial_id>``), ``bigger`` (whether a larger
     validation score is better) and ``threads``.
+
+    Resuming: a trial whose folder holds a ``-last.pth`` from an earlier, interrupted run of the same search (trial
+    ids are stable: the seeded sampler gives sample k the same values and the id ``trial_0000k``) first reports
+    that run's validations again, so ASHA decides on them as before, then continues training exactly where the
+    checkpoint stopped (or returns, when it had finished).
     """
     import ray
     from ray.air import session
 
-    from recbole_ur4rec.quick_start import objective_function
+    from recbole_ur4rec.build import build
+    from recbole_ur4rec.registry import get_trainer
 
+    trial_dir = trial_checkpoint_dir(setup["checkpoint_root"], session.get_trial_id())
     config_dict = dict(setup["config_dict"])
     config_dict.update(config)
-    config_dict["checkpoint_dir"] = trial_checkpoint_dir(setup["checkpoint_root"], session.get_trial_id())
+    config_dict["checkpoint_dir"] = trial_dir
     # RecBole sets CUDA_VISIBLE_DEVICES from gpu_id: give it the GPUs Ray reserved for this trial (none: CPU)
     config_dict["gpu_id"] = ",".join(str(i) for i in ray.get_gpu_ids())
     config_dict.setdefault("threads", setup["threads"])
+    last_file, state = earlier_trial_state(trial_dir, config)
     best = None
 
-    def report(epoch_idx, valid_score, valid_result=None):
+    def report(entry):
         nonlocal best
-        valid_score = float(valid_score)
-        if best is None or (valid_score > best if setup["bigger"] else valid_score < best):
-            best = valid_score
+        score = entry["score"]
+        if best is None or (score > best if setup["bigger"] else score < best):
+            best = score
         # every validation metric and evaluation slice as an extra column, e.g. "valid ndcg@10 tail"
-        extra = {f"valid {key.replace('/', ' ')}": float(value) for key, value in (valid_result or {}).items()}
-        session.report({**extra, TRIAL_METRIC: valid_score, "best_valid_score": best, "epoch": epoch_idx})
+        extra = {f"valid {key.replace('/', ' ')}": float(value) for key, value in entry["result"].items()}
+        session.report(
+            {**extra, TRIAL_METRIC: score, "best_valid_score": best, "epoch": entry["epoch"], "trial_seconds": entry["seconds"]}
+        )
+
+    for entry in (state or {}).get("valid_history", []):
+        report(entry)
+    if os.path.isfile(os.path.join(trial_dir, FINISHED_FILE)):
+        return
 
     with isolated_argv():
-        objective_function(config_dict=config_dict, config_file_list=setup["config_file_list"], saved=True, callback_fn=report)
+        run_config, model, _, train_data, valid_data, _ = build(
+            config_dict["model"], config_dict["dataset"], setup["config_file_list"], config_dict
+        )
+        trainer = get_trainer(run_config["MODEL_TYPE"], run_config["model"])(run_config, model)
+        stale = []
+        if state is not None:
+            trainer.resume_checkpoint(last_file, state)
+            stale = [last_file, last_file[: -len("-last.pth")] + ".pth"]
+        validations = 0
+
+        def after_validation(epoch_idx, valid_score):
+            nonlocal validations
+            for path in stale:  # the earlier run's files, once this run's resume state is written
+                if os.path.exists(path):
+                    os.remove(path)
+            stale.clear()
+            report(trainer.valid_history[-1])
+            validations += 1
+            if setup.get("stop_after") is not None and validations >= setup["stop_after"]:
+                raise TrialInterrupted(f"stopped after {validations} validation(s), as asked")
+
+        trainer.fit(train_data, valid_data, saved=True, show_progress=run_config["show_progress"], callback_fn=after_validation)
+    write_text(os.path.join(trial_dir, FINISHED_FILE), json.dumps({"validations": len(trainer.valid_history or [])}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -104,7 +170,8 @@ class SearchRecorder:
         if TRIAL_METRIC in result:
             rec["scores"].append(float(result[TRIAL_METRIC]))
             rec["iterations"] = int(result.get("training_iteration", len(rec["scores"])))
-        rec["time_s"] = result.get("time_total_s", rec["time_s"])
+        # training and validation seconds of the trial, over every run of a resumed search
+        rec["time_s"] = result.get("trial_seconds", result.get("time_total_s", rec["time_s"]))
         self.write()
 
     def on_stopped_early(self, trial):
@@ -228,6 +295,13 @@ def _asha(recorder, max_t, grace_period, reduction_factor):
     return _RecordingASHA(time_attr="training_iteration", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor)
 
 
+def _stable_ids(generator):
+    """Trial ids ``trial_00000``, ``trial_00001``, ... (sample order) instead of a random prefix per run, so that
+    a rerun of the search finds each trial's folder."""
+    generator._uuid_prefix = TRIAL_ID_PREFIX + "_"
+    return generator
+
+
 SEARCH_BUDGET_KEYS = ("epochs",)  # a search's training budget, not a setting it chose
 
 
@@ -242,6 +316,28 @@ def best_config_yaml(path, model, dataset, settings, params, header_lines):
         lines.append(f"# search budget, not repeated here: {', '.join(f'{k}: {v}' for k, v in budget.items())}")
     lines.append(f"# python run_recbole_ur4rec.py -m {model} -d {dataset} --config_files {shown_path(path)}")
     write_text(path, "\n".join(lines) + "\n" + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
+
+
+SEARCH_FILE = "search.json"  # a search's settings, so that a rerun in the same folder continues the same search
+
+
+def check_same_search(output_dir, settings):
+    """Write ``<output_dir>/search.json`` on the first run; on a later run (which continues the search: its trials
+    resume from their checkpoints), raise ValueError when ``settings`` differ from that file's."""
+    path = os.path.join(output_dir, SEARCH_FILE)
+    settings = plain(settings)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        differs = sorted(key for key in set(settings) | set(earlier) if settings.get(key) != earlier.get(key))
+        if differs:
+            raise ValueError(
+                f"{path}: {output_dir} holds a search with other settings ("
+                + "; ".join(f"{key}: {earlier.get(key)!r} there, {settings.get(key)!r} now" for key in differs)
+                + "); a rerun continues the same search only: give another output_dir or delete that folder"
+            )
+    else:
+        write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _user_settings(config, config_dict):
@@ -269,6 +365,7 @@ def run_search(
     reduction_factor=2,
     num_cpus=None,
     evaluate_best=True,
+    stop_after=None,
 ):
     r"""Tune ``model`` on ``dataset`` with Ray Tune and ASHA on the validation metric.
 
@@ -289,6 +386,12 @@ def run_search(
             validations of :func:`validation_budget`, at least 1); ``reduction_factor``: ASHA keeps 1/reduction_factor
             of the trials per rung.
         evaluate_best (bool): evaluate the best trial's checkpoint on the test split.
+        stop_after (int): every trial stops (fails) after this many validations of this run, as if the search
+            had been killed (tests of resuming).
+
+    A second run with the same ``output_dir`` and settings continues the search (for searches longer than a
+    session): every trial reports the validations its checkpoint holds again, so ASHA decides on them as before,
+    and continues training where it stopped; other settings are refused (``search.json``).
 
     Returns:
         dict: ``best`` (the best trial's record: params, valid_result, test_result, model_file), ``trials``
@@ -332,7 +435,16 @@ def run_search(
         "checkpoint_root": checkpoint_root,
         "bigger": bigger,
         "threads": max(1, int(cpus_per_trial)),
+        "stop_after": stop_after,
     }
+    check_same_search(
+        output_dir,
+        {
+            "model": model, "dataset": dataset, "space": space, "grid": grid, "num_samples": num_samples, "seed": seed,
+            "max_t": max_t, "grace_period": grace_period, "reduction_factor": reduction_factor,
+            "config_files": config_file_list, "config_dict": trial_dict,
+        },
+    )
 
     eval_args = config["eval_args"]
     header = (
@@ -373,7 +485,7 @@ def run_search(
                 mode="max" if bigger else "min",
                 scheduler=_asha(recorder, max_t, grace_period, reduction_factor),
                 # a search_alg instance makes Tune ignore max_concurrent_trials: the generator limits itself
-                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0),
+                search_alg=_stable_ids(BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)),
                 num_samples=num_samples,
             ),
             run_config=air.RunConfig(

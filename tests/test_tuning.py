@@ -227,3 +227,38 @@ def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, 
     assert yaml.safe_load(text) == {"n_layers": 1, "learning_rate": 0.01}
     best_config_yaml(path, "FastSASRec", "ml-100k", {"epochs": 5}, {"epochs": 8}, ["Best of 1 trial"])  # searched: kept
     assert yaml.safe_load(open(path).read()) == {"epochs": 8}
+
+
+def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, tmp_path):
+    """A search longer than a session: its rerun in the same folder replays each trial's validations to ASHA and
+    continues training from the trial's checkpoint, to exactly the uninterrupted search's results."""
+    from recbole_ur4rec.tuning import earlier_trial_state
+
+    params = write(tmp_path / "lr.hyper", "learning_rate choice [1e-5, 5e-3]\n")
+    common = dict(config_dict=quick_settings(walk_root, epochs=4), grid=True, seed=3, max_concurrent=1, grace_period=1)
+    whole = run_search("SASRec", "walk", params, output_dir=str(tmp_path / "whole"), **common)
+    output_dir = str(tmp_path / "resumed")
+    cut = run_search("SASRec", "walk", params, output_dir=output_dir, stop_after=2, evaluate_best=False, **common)
+    assert sorted(rec["status"] for rec in cut["trials"].values()) == ["failed", "failed"]
+    assert all(len(rec["scores"]) == 2 and "stopped after 2" in rec["error"] for rec in cut["trials"].values())
+
+    resumed = run_search("SASRec", "walk", params, output_dir=output_dir, **common)
+    assert not resumed["interrupted"] and sorted(resumed["trials"]) == sorted(whole["trials"]) == ["trial_00000", "trial_00001"]
+    for trial_id, rec in whole["trials"].items():
+        again = resumed["trials"][trial_id]
+        assert again["params"] == rec["params"] and again["status"] == rec["status"]
+        assert again["scores"] == rec["scores"]  # the 2 replayed validations and the ones trained after them
+        assert again["iterations"] == rec["iterations"] == len(rec["scores"])  # ASHA's time axis counts the replayed ones
+        # one checkpoint pair per trial: the interrupted run's files are removed once the continued run's are written
+        assert len(glob.glob(os.path.join(output_dir, "checkpoints", trial_id, "*.pth"))) == 2
+    assert resumed["best"]["trial"] == whole["best"]["trial"]
+    assert resumed["best"]["test_result"] == whole["best"]["test_result"]
+    assert resumed["best"]["time_s"] > 0  # training seconds of both runs, not the replay's
+
+    # a rerun with other settings is refused, naming the file and the setting
+    with pytest.raises(ValueError, match=r"search\.json.*seed: 3 there, 4 now"):
+        run_search("SASRec", "walk", params, output_dir=output_dir, **{**common, "seed": 4})
+    # a trial folder written for other values is refused, naming the file and the value
+    trial_dir = os.path.join(output_dir, "checkpoints", "trial_00000")
+    with pytest.raises(ValueError, match=r"-last\.pth was written by an earlier search .*learning_rate: 1e-05 there, 0\.1 now"):
+        earlier_trial_state(trial_dir, {"learning_rate": 0.1})

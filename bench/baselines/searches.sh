@@ -2,13 +2,15 @@
 # Issue 17's searches on ml-100k: every model gets the same budget: 8 trials, ASHA on validation NDCG@10 with a
 # grace period of 5 validations and reduction factor 2 (max_t: the model's own schedule; no epoch cap, early
 # stopping as configured), one thread per trial, sampler seed 2020. Test is evaluated for each best trial only.
-# Resumable per model: a search whose best.yaml exists is skipped (an interrupted search starts again).
+# Resumable: a finished search (best.yaml, not marked interrupted) is skipped; an interrupted one continues where it
+# stopped (its trials replay their validations to ASHA and resume from their checkpoints).
+# OUT=<folder> writes the searches there (default results/hyper/ml-100k).
 #   bash bench/baselines/searches.sh                 # every model, in this order
 #   bash bench/baselines/searches.sh SASRec SASRecF  # some
 #   CONCURRENT=2 bash bench/baselines/searches.sh    # trials at once (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=results/hyper/ml-100k
+OUT=${OUT:-results/hyper/ml-100k}
 # name | model | search space | config files (space-separated)
 SEARCHES=(
   "FastSASRec|FastSASRec|hyper/fastsasrec.hyper|"
@@ -27,7 +29,9 @@ wanted=("$@")
 for entry in "${SEARCHES[@]}"; do
   IFS='|' read -r name model space files <<< "$entry"
   if [[ ${#wanted[@]} -gt 0 && ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
-  if [[ -f $OUT/$name/best.yaml ]]; then echo "[searches] $name: done ($OUT/$name/best.yaml)"; continue; fi
+  if [[ -f $OUT/$name/best.yaml ]] && ! grep -q "search was interrupted" "$OUT/$name/results.md"; then
+    echo "[searches] $name: done ($OUT/$name/best.yaml)"; continue
+  fi
   extra=()
   if [[ $model == FTRagRec ]]; then  # warm start: the DuoRec search's best trial, as FTRagRec runs from DuoRec
     trial=$(sed -n 's/.*(trial \([^)]*\)).*/\1/p' "$OUT/DuoRec/best.yaml" 2>/dev/null | head -1)

@@ -4,12 +4,14 @@ RecBole pickles its ``Config`` into checkpoints, which ``torch.load(weights_only
 refuses. This mixin writes two files per run:
 
 - ``<model>-<time>.pth``: the best model so far (weights, the user's config, training state);
-- ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights and
-  every random number generator, so ``--resume`` continues exactly where the run stopped.
+- ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights, every random
+  number generator and the run's validations so far (``valid_history``), so ``--resume`` continues exactly where
+  the run stopped and a resumed Ray Tune trial can report its earlier validations again.
 """
 import inspect
 import os
 import random
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -76,6 +78,9 @@ class SafeCheckpointMixin:
     _best_state_dict = None  # a copy of the weights last written to the best-model file
     _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
     _best_in_memory = None
+    valid_history = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
+    _seconds_before = 0.0  # training and validation seconds of the segments before a resume
+    _clock = None  # when this segment's first fit started
 
     @property
     def last_checkpoint_file(self):
@@ -119,6 +124,7 @@ class SafeCheckpointMixin:
             rng=rng_state(train_data),
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
+            valid_history=self.valid_history or [],
             **self._extra_resume_state(),
         )
         save_checkpoint(state, self.last_checkpoint_file)
@@ -128,6 +134,21 @@ class SafeCheckpointMixin:
         self.last_valid_result = result
         return score, result
 
+    def _run_epoch(self, epoch_idx):
+        """The epoch's index in the whole run (staged trainers count over their stages)."""
+        return epoch_idx
+
+    def _record_validation(self, epoch_idx, valid_score):
+        self.valid_history = self.valid_history or []
+        self.valid_history.append(
+            {
+                "epoch": self._run_epoch(epoch_idx),
+                "score": float(valid_score),
+                "result": plain_data(getattr(self, "last_valid_result", None) or {}, "valid_result"),
+                "seconds": round(self._seconds_before + time.monotonic() - self._clock, 3),
+            }
+        )
+
     def _extra_resume_state(self):
         """More resume state (plain data and tensors) for the ``-last.pth`` file; trainers with state of their own add it."""
         return {}
@@ -136,6 +157,8 @@ class SafeCheckpointMixin:
         """RecBole's ``fit``; with ``saved=False`` nothing is written, and the best-validation state is kept in
         memory, so that :meth:`evaluate` still tests the best weights, as with saving."""
         self._keep_in_memory = not saved
+        if self._clock is None:
+            self._clock = time.monotonic()
         if self._pending_rng_state is not None:
             restore_rng_state(self._pending_rng_state, train_data)
             self._pending_rng_state = None
@@ -143,6 +166,7 @@ class SafeCheckpointMixin:
         wants_result = callback_fn is not None and "valid_result" in inspect.signature(callback_fn).parameters
 
         def after_validation(epoch_idx, valid_score):
+            self._record_validation(epoch_idx, valid_score)
             if saved:
                 self._save_last_checkpoint(epoch_idx, train_data)
             if wants_result:  # e.g. Ray Tune's report: every metric and slice of this validation
@@ -173,6 +197,8 @@ class SafeCheckpointMixin:
         self.best_valid_score = state["best_valid_score"]
         self.best_valid_result = state["best_valid_result"]
         self._pending_rng_state = state["rng"]
+        self.valid_history = list(state.get("valid_history") or [])
+        self._seconds_before = self.valid_history[-1]["seconds"] if self.valid_history else 0.0
         # the best weights go to this run's best-model file, so the test evaluation uses them
         best = dict(state, state_dict=state["best_state_dict"])
         for key in ("optimizer", "rng", "best_state_dict", "stopped", "format"):

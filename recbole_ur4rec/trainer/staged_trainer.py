@@ -397,6 +397,9 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         state["stage"] = {"index": self.stage_index, "name": self.stage.name}
         return state
 
+    def _run_epoch(self, epoch_idx):
+        return self.epoch_offset + epoch_idx
+
     def _extra_resume_state(self):
         return {
             "staged": {
