@@ -107,7 +107,8 @@ def run_trial(config, setup):
         stale = []
         if state is not None:
             trainer.resume_checkpoint(last_file, state)
-            stale = [last_file, last_file[: -len("-last.pth")] + ".pth"]
+            current = {trainer.saved_model_file, trainer.last_checkpoint_file}
+            stale = [path for path in (last_file, last_file[: -len("-last.pth")] + ".pth") if path not in current]
         validations = 0
 
         def after_validation(epoch_idx, valid_score):

@@ -1,0 +1,34 @@
+"""bench/baselines/default_vs_tuned.py: the README's default-against-tuned table from the comparisons' CSV files."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "baselines"))
+
+import default_vs_tuned  # noqa: E402
+
+HEADER = "model,test ndcg@10 mean,test ndcg@10 std,valid ndcg@10 mean,valid ndcg@10 std,epochs_trained mean,best_epoch mean,wall_time_s mean\n"
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_table_calls_differences_under_one_std_noise_and_names_unfinished_searches(tmp_path):
+    root = str(tmp_path)
+    write(f"{root}/results/ml-100k-slices/compare.csv", HEADER + "FastSASRec,0.0600,0.0046,0.0646,0.001,32,21,580\nDuoRec,0.0500,0.0010,0.06,0.001,20,10,300\n")
+    write(f"{root}/results/ml-100k/compare.csv", HEADER + "SASRec,0.0334,0.0012,0.0357,0.0015,2,2,819\n")
+    write(f"{root}/results/ml-100k-tuned/compare.csv", HEADER + "FastSASRec,0.0620,0.0030,0.0680,0.001,25,15,400\nDuoRec,0.0600,0.0020,0.07,0.001,30,20,500\n")
+    search = f"{root}/results/hyper/ml-100k/FastSASRec"
+    write(f"{search}/best.yaml", "learning_rate: 0.002\n")
+    write(f"{search}/results.md", "| trial | status |\n| t0 | completed | 35 |\n| t1 | stopped by ASHA | 5 |\n\nSearch time: 669 s.\n")
+    interrupted = f"{root}/results/hyper/ml-100k/DuoRec"
+    write(f"{interrupted}/best.yaml", "learning_rate: 0.002\n")
+    write(f"{interrupted}/results.md", "| t0 | completed | 3 |\n\nSearch time: 9 s.\n\nThe search was interrupted: ...\n")
+
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in default_vs_tuned.table(root).splitlines()[2:]}
+    assert "| +3% (noise) | 2, 669 |" in rows["FastSASRec"]  # 0.0020 under the default's std 0.0046
+    assert "0.0620 ± 0.0030" in rows["FastSASRec"] and "32 (best 21), 580 s" in rows["FastSASRec"]
+    assert "| +20% | not finished |" in rows["DuoRec"]  # 0.0100 above both stds; its search was cut
+    assert "2 (best 2), 819 s; capped at 2 epochs" in rows["SASRec"] and rows["SASRec"].endswith("| - | - | not finished |")
