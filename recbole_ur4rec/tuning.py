@@ -94,7 +94,7 @@ def run_trial(config, setup):
             {**extra, TRIAL_METRIC: score, "best_valid_score": best, "epoch": entry["epoch"], "trial_seconds": entry["seconds"]}
         )
 
-    for entry in (state or {}).get("valid_history", []):
+    for entry in (state or {}).get("run_validations", []):
         report(entry)
     if os.path.isfile(os.path.join(trial_dir, FINISHED_FILE)):
         return
@@ -117,13 +117,13 @@ def run_trial(config, setup):
                 if os.path.exists(path):
                     os.remove(path)
             stale.clear()
-            report(trainer.valid_history[-1])
+            report(trainer.run_validations[-1])
             validations += 1
             if setup.get("stop_after") is not None and validations >= setup["stop_after"]:
                 raise TrialInterrupted(f"stopped after {validations} validation(s), as asked")
 
         trainer.fit(train_data, valid_data, saved=True, show_progress=run_config["show_progress"], callback_fn=after_validation)
-    write_text(os.path.join(trial_dir, FINISHED_FILE), json.dumps({"validations": len(trainer.valid_history or [])}) + "\n")
+    write_text(os.path.join(trial_dir, FINISHED_FILE), json.dumps({"validations": len(trainer.run_validations or [])}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- results

@@ -5,7 +5,7 @@ refuses. This mixin writes two files per run:
 
 - ``<model>-<time>.pth``: the best model so far (weights, the user's config, training state);
 - ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights, every random
-  number generator and the run's validations so far (``valid_history``), so ``--resume`` continues exactly where
+  number generator and the run's validations so far (``run_validations``), so ``--resume`` continues exactly where
   the run stopped and a resumed Ray Tune trial can report its earlier validations again.
 """
 import inspect
@@ -78,7 +78,7 @@ class SafeCheckpointMixin:
     _best_state_dict = None  # a copy of the weights last written to the best-model file
     _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
     _best_in_memory = None
-    valid_history = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
+    run_validations = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
     _seconds_before = 0.0  # training and validation seconds of the segments before a resume
     _clock = None  # when this segment's first fit started
 
@@ -124,7 +124,7 @@ class SafeCheckpointMixin:
             rng=rng_state(train_data),
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
-            valid_history=self.valid_history or [],
+            run_validations=self.run_validations or [],
             **self._extra_resume_state(),
         )
         save_checkpoint(state, self.last_checkpoint_file)
@@ -139,8 +139,8 @@ class SafeCheckpointMixin:
         return epoch_idx
 
     def _record_validation(self, epoch_idx, valid_score):
-        self.valid_history = self.valid_history or []
-        self.valid_history.append(
+        self.run_validations = self.run_validations or []
+        self.run_validations.append(
             {
                 "epoch": self._run_epoch(epoch_idx),
                 "score": float(valid_score),
@@ -197,8 +197,8 @@ class SafeCheckpointMixin:
         self.best_valid_score = state["best_valid_score"]
         self.best_valid_result = state["best_valid_result"]
         self._pending_rng_state = state["rng"]
-        self.valid_history = list(state.get("valid_history") or [])
-        self._seconds_before = self.valid_history[-1]["seconds"] if self.valid_history else 0.0
+        self.run_validations = list(state.get("run_validations") or [])
+        self._seconds_before = self.run_validations[-1]["seconds"] if self.run_validations else 0.0
         # the best weights go to this run's best-model file, so the test evaluation uses them
         best = dict(state, state_dict=state["best_state_dict"])
         for key in ("optimizer", "rng", "best_state_dict", "stopped", "format"):
