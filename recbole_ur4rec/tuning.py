@@ -60,7 +60,7 @@ def run_trial(config, setup):
 
     ``setup`` holds what every trial shares: ``config_file_list`` and ``config_dict`` (absolute paths),
     ``checkpoint_root`` (this trial writes to ``<checkpoint_root>/<trial_id>``), ``bigger`` (whether a larger
-    validation score is better) and ``threads``.
+    validation score is better), ``threads`` and ``working_dir`` (the search's, where relative paths resolve).
 
     Resuming: a trial whose folder holds a ``-last.pth`` from an earlier, interrupted run of the same search (trial
     ids are stable: the seeded sampler gives sample k the same values and the id ``trial_0000k``) first reports
@@ -73,6 +73,8 @@ def run_trial(config, setup):
     from recbole_ur4rec.build import build
     from recbole_ur4rec.registry import get_trainer
 
+    if os.path.isdir(setup["working_dir"]):  # relative paths in the settings (duorec_checkpoint, feature files) mean
+        os.chdir(setup["working_dir"])  # what they mean where the search runs; outputs go to absolute folders
     trial_dir = trial_checkpoint_dir(setup["checkpoint_root"], session.get_trial_id())
     config_dict = dict(setup["config_dict"])
     config_dict.update(config)
@@ -437,6 +439,7 @@ def run_search(
         "bigger": bigger,
         "threads": max(1, int(cpus_per_trial)),
         "stop_after": stop_after,
+        "working_dir": os.getcwd(),
     }
     check_same_search(
         output_dir,
@@ -488,6 +491,7 @@ def run_search(
                 # a search_alg instance makes Tune ignore max_concurrent_trials: the generator limits itself
                 search_alg=_stable_ids(BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)),
                 num_samples=num_samples,
+                chdir_to_trial_dir=False,  # run_trial moves to the search's working directory instead
             ),
             run_config=air.RunConfig(
                 name="ray",

@@ -262,3 +262,18 @@ def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, 
     trial_dir = os.path.join(output_dir, "checkpoints", "trial_00000")
     with pytest.raises(ValueError, match=r"-last\.pth was written by an earlier search .*learning_rate: 1e-05 there, 0\.1 now"):
         earlier_trial_state(trial_dir, {"learning_rate": 0.1})
+
+
+def test_trials_read_relative_paths_from_the_search_directory(local_ray, walk_root, tmp_path, monkeypatch):
+    """FTRagRec's search names its DuoRec warm start relative to where the search runs: trials must find it."""
+    from recbole_ur4rec.quick_start import run_recbole_ur4rec
+
+    settings = quick_settings(walk_root, epochs=1)
+    run_recbole_ur4rec("DuoRec", "walk", config_dict={**settings, "checkpoint_dir": str(tmp_path / "duo")})
+    monkeypatch.chdir(tmp_path)
+    params = write(tmp_path / "topk.hyper", "retrieval_topk choice [2]\n")
+    staged = {**settings, "stages": ["retriever"], "stage_epochs": {"pretrain_backbone": 1, "retriever": 1, "finetune": 1}, "duorec_checkpoint": "duo"}
+    staged.pop("learning_rate")
+    result = run_search("FTRagRec", "walk", params, config_dict=staged, output_dir="search", grid=True, evaluate_best=False)
+    (rec,) = result["trials"].values()
+    assert rec["status"] == "completed", rec["error"]
