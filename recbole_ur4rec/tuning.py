@@ -73,7 +73,7 @@ def run_trial(config, setup):
     from recbole_ur4rec.build import build
     from recbole_ur4rec.registry import get_trainer
 
-    if os.path.isdir(setup["working_dir"]):  # relative paths in the settings (duorec_checkpoint, feature files) mean
+    if os.path.isdir(setup.get("working_dir") or ""):  # relative paths in the settings (duorec_checkpoint, feature files) mean
         os.chdir(setup["working_dir"])  # what they mean where the search runs; outputs go to absolute folders
     trial_dir = trial_checkpoint_dir(setup["checkpoint_root"], session.get_trial_id())
     config_dict = dict(setup["config_dict"])
