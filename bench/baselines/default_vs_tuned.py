@@ -72,6 +72,12 @@ def verdict(default, tuned):
     return f"{change} (noise)" if abs(t - d) < spread else change
 
 
+def seeds_note(row):
+    """' (1 of 3 seeds)' while a comparison is unfinished, else ''."""
+    counts = [int(number(row, key) or 0) for key in ("seeds_ok", "seeds_failed", "seeds_missing")]
+    return f" ({counts[0]} of {sum(counts)} seeds)" if row and counts[0] < sum(counts) else ""
+
+
 def budget(row, note=""):
     epochs, best = number(row, "epochs_trained mean"), number(row, "best_epoch mean")
     if epochs is None:
@@ -95,7 +101,7 @@ def table(root="."):
         summary = search_summary(os.path.join(root, "results/hyper/ml-100k", search))
         search_cell = f"{summary[0]}, {summary[1]}" if summary else "not finished"
         lines.append(
-            f"| {label} | {mean_std(default, METRIC)} | {budget(default, note)} | {mean_std(tuned, METRIC)} "
+            f"| {label} | {mean_std(default, METRIC)} | {budget(default, note)} | {mean_std(tuned, METRIC)}{seeds_note(tuned)} "
             f"| {mean_std(tuned, 'valid ndcg@10')} | {budget(tuned)} | {verdict(default, tuned) if tuned else '-'} "
             f"| {search_cell} |"
         )
