@@ -324,11 +324,20 @@ def best_config_yaml(path, model, dataset, settings, params, header_lines):
 SEARCH_FILE = "search.json"  # a search's settings, so that a rerun in the same folder continues the same search
 
 
+def _shown_paths(value):
+    """``value`` with every absolute path inside the working directory made relative (results hold no machine paths)."""
+    if isinstance(value, dict):
+        return {key: _shown_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shown_paths(item) for item in value]
+    return shown_path(value) if isinstance(value, str) and os.path.isabs(value) else value
+
+
 def check_same_search(output_dir, settings):
     """Write ``<output_dir>/search.json`` on the first run; on a later run (which continues the search: its trials
     resume from their checkpoints), raise ValueError when ``settings`` differ from that file's."""
     path = os.path.join(output_dir, SEARCH_FILE)
-    settings = plain(settings)
+    settings = _shown_paths(plain(settings))
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             earlier = json.load(f)

@@ -277,3 +277,15 @@ def test_trials_read_relative_paths_from_the_search_directory(local_ray, walk_ro
     result = run_search("FTRagRec", "walk", params, config_dict=staged, output_dir="search", grid=True, evaluate_best=False)
     (rec,) = result["trials"].values()
     assert rec["status"] == "completed", rec["error"]
+
+
+def test_search_settings_name_paths_inside_the_working_directory_relatively(tmp_path, monkeypatch):
+    from recbole_ur4rec.tuning import check_same_search
+
+    monkeypatch.chdir(tmp_path)
+    settings = {"config_files": [str(tmp_path / "a.yaml")], "config_dict": {"data_path": str(tmp_path / "data"), "x": "/elsewhere"}}
+    check_same_search(str(tmp_path), settings)
+    with open(tmp_path / "search.json") as f:
+        saved = f.read()
+    assert str(tmp_path) not in saved and '"a.yaml"' in saved and '"data"' in saved and '"/elsewhere"' in saved
+    check_same_search(str(tmp_path), settings)  # the same search again: accepted
