@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from recbole_ur4rec.compare import read_json, write_json  # a missing or unreadable file reads as None; atomic writes
+from recbole_ur4rec.report import read_json, write_json  # a missing or unreadable file reads as None; atomic writes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("SASRec", "FastSASRec")

@@ -21,7 +21,7 @@ from logging import getLogger
 
 from recbole_ur4rec.cli import isolated_argv
 from recbole_ur4rec.compare_report import cell_name, shown_path, write_report
-from recbole_ur4rec.report import describe, plain, write_text
+from recbole_ur4rec.report import describe, plain, read_json, write_json
 
 logger = getLogger(__name__)
 DEFAULT_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec", "FEARec")
@@ -88,18 +88,6 @@ def code_version():
     except (OSError, subprocess.SubprocessError):  # no git: the source hash still identifies the code
         pass
     return version
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path, data):
-    write_text(path, json.dumps(plain(data), indent=1, sort_keys=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- one cell (child)

@@ -1,5 +1,6 @@
 """Report helpers of tuning and comparisons: markdown tables, CSV and text files written atomically, plain values."""
 import csv
+import json
 import math
 import os
 
@@ -40,6 +41,20 @@ def write_text(path, text):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def read_json(path):
+    """The JSON in ``path``; None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, data):
+    """Write ``data`` (made plain) as JSON, atomically."""
+    write_text(path, json.dumps(plain(data), indent=1, sort_keys=False) + "\n")
 
 
 def plain(value):

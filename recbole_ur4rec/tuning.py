@@ -17,7 +17,7 @@ import yaml
 
 from recbole_ur4rec.cli import isolated_argv
 from recbole_ur4rec.compare_report import shown_path
-from recbole_ur4rec.report import describe, markdown_table, plain, write_csv, write_text
+from recbole_ur4rec.report import describe, markdown_table, plain, write_csv, write_json, write_text
 from recbole_ur4rec.search_space import parse_params_file, to_tune_space
 
 TRIAL_METRIC = "valid_score"  # the key every trial reports after each validation; ASHA watches it
@@ -125,7 +125,7 @@ def run_trial(config, setup):
                 raise TrialInterrupted(f"stopped after {validations} validation(s), as asked")
 
         trainer.fit(train_data, valid_data, saved=True, show_progress=run_config["show_progress"], callback_fn=after_validation)
-    write_text(os.path.join(trial_dir, FINISHED_FILE), json.dumps({"validations": len(trainer.run_validations or [])}) + "\n")
+    write_json(os.path.join(trial_dir, FINISHED_FILE), {"validations": len(trainer.run_validations or [])})
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -349,7 +349,7 @@ def check_same_search(output_dir, settings):
                 + "); a rerun continues the same search only: give another output_dir or delete that folder"
             )
     else:
-        write_text(path, json.dumps(settings, indent=1) + "\n")
+        write_json(path, settings)
 
 
 def _user_settings(config, config_dict):

@@ -78,6 +78,7 @@ class SafeCheckpointMixin:
     _best_state_dict = None  # a copy of the weights last written to the best-model file
     _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
     _best_in_memory = None
+    last_valid_result = None  # the latest validation's metrics (set by _valid_epoch)
     run_validations = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
     _seconds_before = 0.0  # training and validation seconds of the segments before a resume
     _clock = None  # when this segment's first fit started
@@ -144,7 +145,7 @@ class SafeCheckpointMixin:
             {
                 "epoch": self._run_epoch(epoch_idx),
                 "score": float(valid_score),
-                "result": plain_data(getattr(self, "last_valid_result", None) or {}, "valid_result"),
+                "result": plain_data(self.last_valid_result or {}, "valid_result"),
                 "seconds": round(self._seconds_before + time.monotonic() - self._clock, 3),
             }
         )
@@ -201,7 +202,7 @@ class SafeCheckpointMixin:
         self._seconds_before = self.run_validations[-1]["seconds"] if self.run_validations else 0.0
         # the best weights go to this run's best-model file, so the test evaluation uses them
         best = dict(state, state_dict=state["best_state_dict"])
-        for key in ("optimizer", "rng", "best_state_dict", "stopped", "format"):
+        for key in ("optimizer", "rng", "best_state_dict", "stopped", "format", "run_validations"):
             best.pop(key, None)
         save_checkpoint(best, self.saved_model_file)
         self._best_state_dict = state["best_state_dict"]

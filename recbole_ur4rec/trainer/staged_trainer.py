@@ -278,10 +278,9 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         for index in range(first, len(self.stages)):
             if not (self._resumed and index == first):
                 self._enter_stage(index)
-            offset = self.epoch_offset
             stage_callback = None
             if callback_fn is not None:  # epochs counted over the whole run
-                stage_callback = lambda epoch_idx, valid_score, offset=offset: callback_fn(offset + epoch_idx, valid_score)  # noqa: E731
+                stage_callback = lambda epoch_idx, valid_score: callback_fn(self._run_epoch(epoch_idx), valid_score)  # noqa: E731
 
             if self.start_epoch < self.epochs:
                 super().fit(train_data, valid_data, verbose, saved, show_progress, stage_callback)
@@ -354,7 +353,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             batches += 1
         means = {name: total / max(batches, 1) for name, total in totals.items()}
         diagnostics = {name: total / max(batches, 1) for name, total in diagnostics.items()}
-        step = self.epoch_offset + epoch_idx
+        step = self._run_epoch(epoch_idx)
         self.tensorboard.add_scalar("stage", self.stage_index, step)
         self.tensorboard.add_scalar("learning_rate", self.optimizer.param_groups[0]["lr"], step)
         for name, value in means.items():
@@ -373,7 +372,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         return means.get("loss", 0.0)
 
     def _add_train_loss_to_tensorboard(self, epoch_idx, losses, tag="Loss/Train"):
-        super()._add_train_loss_to_tensorboard(self.epoch_offset + epoch_idx, losses, tag)
+        super()._add_train_loss_to_tensorboard(self._run_epoch(epoch_idx), losses, tag)
 
     # ---- validation, best weights, checkpoints -------------------------------------------------------------
     def _valid_epoch(self, valid_data, show_progress=False):
