@@ -7,6 +7,7 @@
 #   bash bench/baselines/compare_tuned.sh [run_compare options, e.g. --report_only]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source bench/baselines/lib.sh
 H=results/hyper/ml-100k
 # label | search | config files after best.yaml (comma-separated)
 ENTRIES=(
@@ -18,7 +19,7 @@ models=(); configs=(); missing=()
 for entry in "${ENTRIES[@]}"; do
   IFS='|' read -r label search files <<< "$entry"
   best=$H/$search/best.yaml
-  if [[ ! -f $best ]] || grep -q "search was interrupted" "$H/$search/results.md"; then missing+=("$label"); continue; fi
+  if ! search_finished "$H/$search"; then missing+=("$label"); continue; fi
   models+=("$label"); configs+=(--model_config "$label=$best${files:+,$files}")
 done
 [[ ${#missing[@]} -eq 0 ]] || echo "[compare_tuned] searches not finished, left out: ${missing[*]}"

@@ -10,6 +10,7 @@
 #   CONCURRENT=2 bash bench/baselines/searches.sh    # trials at once (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source bench/baselines/lib.sh
 OUT=${OUT:-results/hyper/ml-100k}
 # name | model | search space | config files (space-separated)
 SEARCHES=(
@@ -29,7 +30,7 @@ wanted=("$@")
 for entry in "${SEARCHES[@]}"; do
   IFS='|' read -r name model space files <<< "$entry"
   if [[ ${#wanted[@]} -gt 0 && ! " ${wanted[*]} " =~ " $name " ]]; then continue; fi
-  if [[ -f $OUT/$name/best.yaml ]] && ! grep -q "search was interrupted" "$OUT/$name/results.md"; then
+  if search_finished "$OUT/$name"; then
     echo "[searches] $name: done ($OUT/$name/best.yaml)"; continue
   fi
   extra=()
