@@ -243,9 +243,11 @@ class SearchRecorder:
         headers = []
         for row in rows:
             headers += [h for h in row if h not in headers]
-        headers = [h for h in headers if h not in ("model_file", "error")] + ["error", "model_file"]
+        tail = ["best", "time_s", "error", "model_file"]  # after the metrics, whichever row brought them first
+        headers = [h for h in headers if h not in tail] + tail
         write_csv(os.path.join(self.output_dir, "results.csv"), headers, rows)
-        md_headers = [h for h in headers if h != "model_file"]
+        # results.md stays readable: the evaluation slices' columns ("valid ndcg@10/head") are in results.csv only
+        md_headers = [h for h in headers if h != "model_file" and "/" not in h]
         notes = "".join(f"\n{note}\n" for note in self.notes)
         write_text(os.path.join(self.output_dir, "results.md"), self.header + "\n" + markdown_table(md_headers, rows) + notes)
 

@@ -144,7 +144,11 @@ def test_search_reports_every_epoch_and_picks_best_on_validation(local_ray, walk
     other = next(t for t in rows if t != best["trial"])
     assert rows[other]["test ndcg@10"] == "" and rows[other]["best"] == ""
     assert float(rows[best["trial"]]["best valid NDCG@10"]) == pytest.approx(best_score)
-    assert "NDCG@10" in open(result["results_md"]).read()
+    assert "valid ndcg@10/tail" in rows[other]  # the slices' columns are in results.csv
+    columns = list(rows[other])
+    assert columns.index("test ndcg@10") < columns.index("best") < columns.index("time_s")
+    md_header = next(line for line in open(result["results_md"]) if line.startswith("| trial |"))
+    assert "best valid NDCG@10" in md_header and "test ndcg@10 |" in md_header and "/" not in md_header  # not in results.md
 
     # best.yaml is a config file the CLI accepts, with the winning value and the shared settings
     with open(result["best_yaml"]) as f:
