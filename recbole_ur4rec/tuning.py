@@ -192,9 +192,17 @@ class SearchRecorder:
         self.write()
 
     def best_score(self, rec):
+        """The best validation score the trial reported (ASHA's view: every validation of every stage)."""
         if not rec["scores"]:
             return None
         return max(rec["scores"]) if self.bigger else min(rec["scores"])
+
+    def model_score(self, rec):
+        """The validation score of the trial's model file, which the best trial is chosen on; the best reported
+        score when the checkpoint holds none. The two differ for a staged trial stopped before its last stage: its
+        reported curve spans every stage, its model file holds the best of the stage it was stopped in."""
+        score = (rec.get("valid_result") or {}).get(self.valid_metric.lower())
+        return float(score) if score is not None else self.best_score(rec)
 
     def finish(self, interrupted):
         """Final statuses, the valid metrics stored in each trial's checkpoint, the best trial (on validation)."""
@@ -214,10 +222,10 @@ class SearchRecorder:
                     rec["valid_result"] = state.get("best_valid_result") or {}
                 except CheckpointError as err:
                     rec["error"] = rec["error"] or str(err)
-        candidates = [r for r in self.trials.values() if self.best_score(r) is not None and os.path.isfile(r.get("model_file") or "")]
+        candidates = [r for r in self.trials.values() if self.model_score(r) is not None and os.path.isfile(r.get("model_file") or "")]
         if candidates:
             sign = 1 if self.bigger else -1
-            best = max(candidates, key=lambda r: sign * self.best_score(r))
+            best = max(candidates, key=lambda r: sign * self.model_score(r))
             self.best_trial_id = best["trial"]
         return self.trials.get(self.best_trial_id)
 
@@ -469,8 +477,9 @@ def run_search(
         + ("  (choices as a grid)" if grid else "")
         + "\n"
         f"- protocol: split {describe(eval_args['split'])}, order {eval_args['order']}, ranking {describe(eval_args['mode'])}, "
-        f"metrics {', '.join(config['metrics'])} @ {config['topk']}; trials selected on validation {valid_metric} "
-        f"({'max' if bigger else 'min'}); test evaluated only for the best trial\n"
+        f"metrics {', '.join(config['metrics'])} @ {config['topk']}; trials selected on their model file's validation "
+        f"{valid_metric} (the `valid` columns; `best valid` is the best reported, which for a staged trial stopped "
+        f"before its last stage may come from an earlier stage's model); test evaluated only for the best trial\n"
         f"- ASHA on validation {valid_metric} every {config['eval_step']} epoch(s): max_t {max_t}, grace period "
         f"{grace_period}, reduction factor {reduction_factor}; {num_samples} sample(s), {cpus_per_trial} CPU and "
         f"{gpus_per_trial} GPU per trial; seed {config['seed']}\n"
@@ -528,7 +537,7 @@ def run_search(
                 best["params"],
                 [
                     f"Best of {len(recorder.trials)} Ray Tune trial(s) for {model} on {dataset}, chosen on validation "
-                    f"{valid_metric} = {recorder.best_score(best):.4f} (trial {best['trial']}); table: results.md",
+                    f"{valid_metric} = {recorder.model_score(best):.4f} (trial {best['trial']}); table: results.md",
                 ],
             )
         if interrupted:

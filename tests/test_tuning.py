@@ -233,6 +233,29 @@ def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, 
     assert yaml.safe_load(open(path).read()) == {"epochs": 8}
 
 
+def test_the_best_trial_is_chosen_on_its_model_files_validation(tmp_path):
+    """A staged trial stopped in its second stage reported 0.09 in its first stage, but its model file (the second
+    stage's best) scores 0.05: the trial whose model file scores 0.07 is the best, and the table shows both numbers."""
+    from types import SimpleNamespace
+
+    from recbole_ur4rec.checkpoints import save_checkpoint
+    from recbole_ur4rec.tuning import SearchRecorder, trial_checkpoint_dir
+
+    recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
+    for trial_id, scores, model_file_score in (("staged", [0.09, 0.04, 0.05], 0.05), ("plain", [0.06, 0.07], 0.07)):
+        recorder.on_start(SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}))
+        for score in scores:
+            recorder.on_result(SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}), {"valid_score": score})
+        recorder.on_complete(SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}))
+        folder = trial_checkpoint_dir(recorder.checkpoint_root, trial_id)
+        os.makedirs(folder)
+        save_checkpoint({"best_valid_result": {"ndcg@10": model_file_score}}, os.path.join(folder, "M-last.pth"))
+        save_checkpoint({}, os.path.join(folder, "M.pth"))
+    assert recorder.finish(interrupted=False)["trial"] == "plain"
+    rows = {row["trial"]: row for row in recorder.rows()}
+    assert (rows["staged"]["best valid NDCG@10"], rows["staged"]["valid ndcg@10"]) == (0.09, 0.05)
+
+
 def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, tmp_path):
     """A search longer than a session: its rerun in the same folder replays each trial's validations to ASHA and
     continues training from the trial's checkpoint, to exactly the uninterrupted search's results."""
