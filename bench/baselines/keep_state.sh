@@ -16,7 +16,7 @@ for search in "$H"/*/; do
   [[ -d $search/checkpoints ]] || continue
   if ! search_finished "$search"; then keep+=("$search/checkpoints")
   elif [[ $(basename "$search") == DuoRec ]] && ! search_finished "$H/FTRagRec"; then
-    trial=$(sed -n 's/.*(trial \([^)]*\)).*/\1/p' "$search/best.yaml" | head -1)
+    trial=$(best_trial "$search")
     keep+=("$search/checkpoints/$trial"); drop+=("$search/checkpoints")
   else drop+=("$search/checkpoints"); fi
 done

@@ -35,7 +35,7 @@ for entry in "${SEARCHES[@]}"; do
   fi
   extra=()
   if [[ $model == FTRagRec ]]; then  # warm start: the DuoRec search's best trial, as FTRagRec runs from DuoRec
-    trial=$(sed -n 's/.*(trial \([^)]*\)).*/\1/p' "$OUT/DuoRec/best.yaml" 2>/dev/null | head -1)
+    trial=$(best_trial "$OUT/DuoRec")
     [[ -n $trial ]] || { echo "[searches] FTRagRec needs the DuoRec search first ($OUT/DuoRec/best.yaml)"; exit 1; }
     extra+=("--duorec_checkpoint=$OUT/DuoRec/checkpoints/$trial")
   fi
