@@ -9,6 +9,7 @@ Search spaces: :mod:`recbole_ur4rec.search_space`.
 """
 import glob
 import json
+import math
 import os
 import time
 import traceback
@@ -35,6 +36,15 @@ def trial_checkpoint_dir(checkpoint_root, trial_id):
     return os.path.join(checkpoint_root, trial_id)
 
 
+def same_value(stored, sampled):
+    """Whether a resume file's stored value is the value sampled now. Floats agree to 1e-9 (relative): the same
+    seeded sample can differ in its last bits between machines (NumPy's exp/log follow the CPU's SIMD paths)."""
+    stored, sampled = plain(stored), plain(sampled)
+    if isinstance(stored, float) and isinstance(sampled, float):
+        return math.isclose(stored, sampled, rel_tol=1e-9)
+    return stored == sampled
+
+
 def earlier_trial_state(trial_dir, params):
     """The latest ``-last.pth`` in ``trial_dir`` and its state (``None, None`` when the trial never validated).
     Raises ValueError when that state was written for other values of the searched ``params``."""
@@ -45,7 +55,7 @@ def earlier_trial_state(trial_dir, params):
         return None, None
     last = max(lasts, key=os.path.getmtime)
     state = load_checkpoint(last)
-    differs = {name: (state["config"].get(name), value) for name, value in params.items() if plain(state["config"].get(name)) != plain(value)}
+    differs = {name: (state["config"].get(name), value) for name, value in params.items() if not same_value(state["config"].get(name), value)}
     if differs:
         raise ValueError(
             f"{last} was written by an earlier search with other values for this trial ("
@@ -83,6 +93,8 @@ def run_trial(config, setup):
     config_dict["gpu_id"] = ",".join(str(i) for i in ray.get_gpu_ids())
     config_dict.setdefault("threads", setup["threads"])
     last_file, state = earlier_trial_state(trial_dir, config)
+    if state is not None:  # continue with the values the trial trained with (a float may differ in its last bits)
+        config_dict.update({name: state["config"].get(name) for name in config})
     best = None
 
     def report(entry):

@@ -289,6 +289,12 @@ def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, 
     trial_dir = os.path.join(output_dir, "checkpoints", "trial_00000")
     with pytest.raises(ValueError, match=r"-last\.pth was written by an earlier search .*learning_rate: 1e-05 there, 0\.1 now"):
         earlier_trial_state(trial_dir, {"learning_rate": 0.1})
+    # ... but the same sample in other last bits (another machine's exp/log) is the same trial
+    stored = next(rec["params"]["learning_rate"] for trial_id, rec in resumed["trials"].items() if trial_id == "trial_00000")
+    nudged = stored * (1 + 4e-16)
+    assert nudged != stored
+    last, state = earlier_trial_state(trial_dir, {"learning_rate": nudged})
+    assert last.endswith("-last.pth") and state["config"]["learning_rate"] == stored
 
 
 def test_trials_read_relative_paths_from_the_search_directory(local_ray, walk_root, tmp_path, monkeypatch):
