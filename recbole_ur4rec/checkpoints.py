@@ -11,6 +11,11 @@ import re
 import torch
 
 CHECKPOINT_FORMAT = "recbole_ur4rec.checkpoint/1"
+# Settings the plugin makes absolute (the data root, the checkpoint folder): a checkpoint stores them relative to
+# its own folder and gets them back absolute when read, so a folder of data and checkpoints (a committed search, a
+# copied results tree) reads the same wherever it lies and holds no path of the machine that wrote it.
+FOLDER_RELATIVE_SETTINGS = ("data_path", "checkpoint_dir")
+RELATIVE_SETTINGS_KEY = "config_relative_to_file"  # the settings stored relative to the file's folder
 
 
 class CheckpointError(RuntimeError):
@@ -21,6 +26,8 @@ def save_checkpoint(state, path):
     """Write ``state`` (tensors, numbers, strings, lists and dicts only) to ``path`` atomically."""
     state = dict(state, format=CHECKPOINT_FORMAT)
     directory = os.path.dirname(os.path.abspath(path))
+    if isinstance(state.get("config"), dict):
+        state["config"], state[RELATIVE_SETTINGS_KEY] = _relative_settings(state["config"], directory)
     os.makedirs(directory, exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp_path)
@@ -56,4 +63,18 @@ def load_checkpoint(path, map_location="cpu"):
             f"checkpoint {path} is not a recbole_ur4rec checkpoint "
             f"(expected format {CHECKPOINT_FORMAT!r}, found {found!r})"
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in state.pop(RELATIVE_SETTINGS_KEY, None) or []:
+        state["config"][key] = os.path.normpath(os.path.join(folder, state["config"][key]))
     return state
+
+
+def _relative_settings(config, folder):
+    """``config`` with its absolute FOLDER_RELATIVE_SETTINGS made relative to ``folder``, and the keys it changed."""
+    config, changed = dict(config), []
+    for key in FOLDER_RELATIVE_SETTINGS:
+        value = config.get(key)
+        if isinstance(value, str) and os.path.isabs(value):
+            config[key] = os.path.relpath(value, folder)
+            changed.append(key)
+    return config, changed

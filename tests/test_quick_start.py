@@ -26,11 +26,15 @@ def test_quick_start_returns_recbole_result(sasrec_run):
     assert sasrec_run["best_valid_score"] == sasrec_run["best_valid_result"]["ndcg@10"]
 
 
-def test_checkpoint_holds_only_plain_data_and_round_trips(sasrec_run):
+def test_checkpoint_holds_only_plain_data_and_round_trips(sasrec_run, tmp_path):
     model_file = sasrec_run["model_file"]
     state = torch.load(model_file, weights_only=True)  # would raise on any pickled object
     assert state["model"] == "SASRec" and state["dataset"] == "tiny"
-    assert os.path.isabs(state["config"]["data_path"])
+    # the data root and checkpoint folder are stored relative to the file's folder: no path of this machine
+    assert (state["config"]["data_path"], state["config"]["checkpoint_dir"]) == (os.path.join("..", "data"), ".")
+    assert str(tmp_path).encode() not in open(model_file, "rb").read()
+    loaded = load_checkpoint(model_file)["config"]
+    assert (loaded["data_path"], loaded["checkpoint_dir"]) == (str(tmp_path / "data"), str(tmp_path / "saved"))
 
     config, model, _, _, _, _ = load_data_and_model(model_file)
     assert config["model"] == "SASRec"
@@ -38,6 +42,20 @@ def test_checkpoint_holds_only_plain_data_and_round_trips(sasrec_run):
         assert torch.equal(tensor, state["state_dict"][name]), name
     # the best model was reloaded for the test evaluation: re-evaluating the checkpoint gives the same numbers
     assert evaluate_checkpoint(model_file)["test_result"] == sasrec_run["test_result"]
+
+
+def test_a_moved_tree_of_data_and_checkpoints_reads_where_it_lies(sasrec_run, tmp_path):
+    """A results tree copied elsewhere (a committed search read by another checkout) finds its data there."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    for folder in ("data", "saved"):
+        shutil.copytree(tmp_path / folder, moved / folder)
+    shutil.rmtree(tmp_path / "data")  # the original data is gone: only the moved copy can be read
+    moved_file = str(moved / "saved" / os.path.basename(sasrec_run["model_file"]))
+    config, _, _, _, _, _ = load_data_and_model(moved_file)
+    assert config["data_path"] == str(moved / "data" / "tiny")
+    assert evaluate_checkpoint(moved_file)["test_result"] == sasrec_run["test_result"]
 
 
 class RunsCodeWhenUnpickled:
