@@ -164,7 +164,8 @@ def run_cell_subprocess(model_name, args):
     ``--state_dir`` a finished cell is read back, and an unfinished one continues from its last validation."""
     results = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        cell_dir = os.path.join(args.state_dir, f"{model_name}-seed{seed}") if args.state_dir else None
+        # absolute: the cell's process runs in the work folder, and a relative --state_dir means the caller's folder
+        cell_dir = os.path.join(os.path.abspath(args.state_dir), f"{model_name}-seed{seed}") if args.state_dir else None
         done = read_json(os.path.join(cell_dir, "result.json")) if cell_dir else None
         if done is not None:
             print(f"[bench] {model_name} seed {seed}: finished earlier ({cell_dir})", flush=True)

@@ -24,3 +24,23 @@ def test_an_interrupted_cell_continues_to_the_same_curve_and_test(quick_config, 
     assert resumed["best_valid_ndcg10"] == max(score for _, _, score in whole["curve"])
     times = [seconds for seconds, _, _ in resumed["curve"]]
     assert times == sorted(times)  # seconds of training count on across the two calls
+
+
+def test_a_relative_state_dir_means_the_callers_folder(quick_config, tmp_path):
+    """The cell's process runs in the work folder: the state must still land where the caller named it."""
+    import argparse
+
+    settings = {**quick_config, "epochs": 1}
+    os.makedirs(tmp_path / "work")
+    args = argparse.Namespace(
+        state_dir="state", workdir=str(tmp_path / "work"), first_seed=2020, seeds=1, dataset="tiny", budget_minutes=0,
+        threads=1, config=settings,
+    )
+    os.chdir(tmp_path)
+    (result,) = backbone.run_cell_subprocess("SASRec", args)
+    cell_dir = tmp_path / "state" / "SASRec-seed2020"
+    assert sorted(os.listdir(cell_dir))[-2:] == ["progress.json", "result.json"]
+    assert len([name for name in os.listdir(cell_dir) if name.endswith("-last.pth")]) == 1
+    assert not os.path.exists(tmp_path / "work" / "state")
+    # a rerun reads the finished cell back instead of training it again
+    assert backbone.run_cell_subprocess("SASRec", args) == [result]
