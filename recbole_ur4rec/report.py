@@ -52,9 +52,9 @@ def read_json(path):
         return None
 
 
-def write_json(path, data):
-    """Write ``data`` (made plain) as JSON, atomically."""
-    write_text(path, json.dumps(plain(data), indent=1, sort_keys=False) + "\n")
+def write_json(path, data, indent=1):
+    """Write ``data`` (made plain) as JSON, atomically; ``indent=None``: one line (large lists, e.g. a catalog)."""
+    write_text(path, json.dumps(plain(data), indent=indent, sort_keys=False) + "\n")
 
 
 def plain(value):

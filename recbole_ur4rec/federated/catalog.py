@@ -169,8 +169,3 @@ def federation_data(config):
     return dataset, FederationTrainData(federation, config["seed"]), NodeSplit("valid"), NodeSplit("test")
 
 
-def write_json(path, value):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)

@@ -28,7 +28,8 @@ import sys
 import numpy as np
 import torch
 
-from recbole_ur4rec.federated.catalog import FORMAT, write_json
+from recbole_ur4rec.federated.catalog import FORMAT
+from recbole_ur4rec.report import write_json
 
 
 def _columns(dataset, mask):
@@ -76,7 +77,7 @@ def write_partitions(run, out, nodes):
     for path in glob.glob(os.path.join(cache_dir(config), f"{name}.item_*")):
         shutil.copy(path, items)
     item_tokens = [str(t) for t in dataset.field2id_token[config["ITEM_ID_FIELD"]]]
-    write_json(os.path.join(out, "items", "items.json"), {"format": FORMAT, "dataset": name, "item_tokens": item_tokens})
+    write_json(os.path.join(out, "items", "items.json"), {"format": FORMAT, "dataset": name, "item_tokens": item_tokens}, indent=None)
     federation = {
         "format": FORMAT,
         "dataset": name,
