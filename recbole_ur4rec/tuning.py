@@ -118,19 +118,12 @@ def run_trial(config, setup):
             config_dict["model"], config_dict["dataset"], setup["config_file_list"], config_dict
         )
         trainer = get_trainer(run_config["MODEL_TYPE"], run_config["model"])(run_config, model)
-        stale = []
         if state is not None:
-            trainer.resume_checkpoint(last_file, state)
-            current = {trainer.saved_model_file, trainer.last_checkpoint_file}
-            stale = [path for path in (last_file, last_file[: -len("-last.pth")] + ".pth") if path not in current]
+            trainer.resume_checkpoint(last_file, state)  # it writes on in the same files
         validations = 0
 
         def after_validation(epoch_idx, valid_score):
             nonlocal validations
-            for path in stale:  # the earlier run's files, once this run's resume state is written
-                if os.path.exists(path):
-                    os.remove(path)
-            stale.clear()
             report(trainer.run_validations[-1])
             validations += 1
             if setup.get("stop_after") is not None and validations >= setup["stop_after"]:

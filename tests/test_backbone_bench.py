@@ -17,6 +17,7 @@ def test_an_interrupted_cell_continues_to_the_same_curve_and_test(quick_config, 
     assert run(tmp_path / "resumed", stop_after=2) is None
     resumed = run(tmp_path / "resumed")
     assert whole["segments"] == 1 and resumed["segments"] == 2
+    assert len([name for name in os.listdir(tmp_path / "resumed") if name.endswith(".pth")]) == 2  # one pair, continued
     assert [(epoch, score) for _, epoch, score in resumed["curve"]] == [(epoch, score) for _, epoch, score in whole["curve"]]
     assert [epoch for _, epoch, _ in whole["curve"]] == [0, 1, 2, 3]
     assert resumed["full_epochs"] == whole["full_epochs"] == 4

@@ -123,6 +123,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_p
     assert epochs_run == [3, 4, 5], "training continues after the last saved epoch"
     assert resumed["test_result"] == uninterrupted["test_result"]
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
+    # the run went on in its own two files: no stale pair per resumed segment
+    assert sorted(os.listdir(tmp_path / "b")) == sorted([last_file, last_file.replace("-last.pth", ".pth")])
+    assert load_checkpoint(tmp_path / "b" / last_file)["epoch"] == 5
+    # resumed into another checkpoint folder, the run writes its own files there and leaves the resumed ones alone
+    before = {name: os.path.getmtime(tmp_path / "b" / name) for name in os.listdir(tmp_path / "b")}
+    elsewhere = run_recbole_ur4rec(resume_file=str(tmp_path / "b" / last_file), config_dict={"checkpoint_dir": str(tmp_path / "c")})
+    assert {name: os.path.getmtime(tmp_path / "b" / name) for name in os.listdir(tmp_path / "b")} == before
+    assert os.path.dirname(elsewhere["model_file"]) == str(tmp_path / "c")
+    assert elsewhere["test_result"] == uninterrupted["test_result"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(sasrec_run):

@@ -182,6 +182,12 @@ class SafeCheckpointMixin:
         already read (the quick start reads it once for the run's settings), else it is read here, once."""
         self._restore(load_checkpoint(resume_file, self.device) if state is None else state, resume_file)
 
+    def _continues_in_place(self, resume_file):
+        """Whether a resumed run writes on in the files it resumed from: a ``-last.pth`` in this run's checkpoint
+        folder (a file from elsewhere is left as it is, and the run writes new files in its own folder)."""
+        resume_file = str(resume_file)
+        return resume_file.endswith("-last.pth") and os.path.samefile(os.path.dirname(os.path.abspath(resume_file)), self.checkpoint_dir)
+
     def _restore(self, state, resume_file):
         """Restore the training state from ``state`` (read from ``resume_file``); subclasses extend it."""
         if state["model"] != self.config["model"]:
@@ -200,6 +206,8 @@ class SafeCheckpointMixin:
         self._pending_rng_state = state["rng"]
         self.run_validations = list(state.get("run_validations") or [])
         self._seconds_before = self.run_validations[-1]["seconds"] if self.run_validations else 0.0
+        if self._continues_in_place(resume_file):  # the run goes on in its own files: no stale pair per segment
+            self.saved_model_file = resume_file[: -len("-last.pth")] + ".pth"
         # the best weights go to this run's best-model file, so the test evaluation uses them
         best = dict(state, state_dict=state["best_state_dict"])
         for key in ("optimizer", "rng", "best_state_dict", "stopped", "format", "run_validations"):
