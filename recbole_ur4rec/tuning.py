@@ -80,8 +80,7 @@ def run_trial(config, setup):
     import ray
     from ray.air import session
 
-    from recbole_ur4rec.build import build
-    from recbole_ur4rec.registry import get_trainer
+    from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
     if os.path.isdir(setup.get("working_dir") or ""):  # relative paths in the settings (duorec_checkpoint, feature files) mean
         os.chdir(setup["working_dir"])  # what they mean where the search runs; outputs go to absolute folders
@@ -113,24 +112,21 @@ def run_trial(config, setup):
     if os.path.isfile(os.path.join(trial_dir, FINISHED_FILE)):
         return
 
-    with isolated_argv():
-        run_config, model, _, train_data, valid_data, _ = build(
-            config_dict["model"], config_dict["dataset"], setup["config_file_list"], config_dict
+    validations = 0  # of this run
+
+    def after_validation(epoch_idx, valid_score, validation):
+        nonlocal validations
+        report(validation)
+        validations += 1
+        if setup.get("stop_after") is not None and validations >= setup["stop_after"]:
+            raise TrialInterrupted(f"stopped after {validations} validation(s), as asked")
+
+    with isolated_argv():  # a resumed trial writes on in its files; the test split is left to the best trial
+        run_recbole_ur4rec(
+            config_dict["model"], config_dict["dataset"], setup["config_file_list"], config_dict, saved=True,
+            resume_file=last_file, callback_fn=after_validation, evaluate_test=False,
         )
-        trainer = get_trainer(run_config["MODEL_TYPE"], run_config["model"])(run_config, model)
-        if state is not None:
-            trainer.resume_checkpoint(last_file, state)  # it writes on in the same files
-        validations = 0
-
-        def after_validation(epoch_idx, valid_score):
-            nonlocal validations
-            report(trainer.run_validations[-1])
-            validations += 1
-            if setup.get("stop_after") is not None and validations >= setup["stop_after"]:
-                raise TrialInterrupted(f"stopped after {validations} validation(s), as asked")
-
-        trainer.fit(train_data, valid_data, saved=True, show_progress=run_config["show_progress"], callback_fn=after_validation)
-    write_json(os.path.join(trial_dir, FINISHED_FILE), {"validations": len(trainer.run_validations or [])})
+    write_json(os.path.join(trial_dir, FINISHED_FILE), {"validations": len((state or {}).get("run_validations", [])) + validations})
 
 
 # ----------------------------------------------------------------------------------------- results

@@ -164,16 +164,15 @@ class SafeCheckpointMixin:
             restore_rng_state(self._pending_rng_state, train_data)
             self._pending_rng_state = None
 
-        wants_result = callback_fn is not None and "valid_result" in inspect.signature(callback_fn).parameters
+        wanted = inspect.signature(callback_fn).parameters if callback_fn is not None else {}
 
         def after_validation(epoch_idx, valid_score):
             self._record_validation(epoch_idx, valid_score)
             if saved:
                 self._save_last_checkpoint(epoch_idx, train_data)
-            if wants_result:  # e.g. Ray Tune's report: every metric and slice of this validation
-                callback_fn(epoch_idx, valid_score, valid_result=self.last_valid_result)
-            elif callback_fn is not None:
-                callback_fn(epoch_idx, valid_score)
+            if callback_fn is not None:  # keyword arguments for callbacks that name them, e.g. Ray Tune's report
+                extra = {"valid_result": self.last_valid_result, "validation": self.run_validations[-1]}
+                callback_fn(epoch_idx, valid_score, **{key: value for key, value in extra.items() if key in wanted})
 
         return super().fit(train_data, valid_data, verbose, True, show_progress, callback_fn=after_validation)
 

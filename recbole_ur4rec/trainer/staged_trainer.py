@@ -8,6 +8,7 @@ RecBole's ``fit`` (early stopping on the validation metric), and ends by restori
 best-model file holds the best validation result over all stages; ``-last.pth`` also holds the stage index and
 the stage's state, so a run killed mid-stage resumes where it stopped.
 """
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -279,8 +280,11 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             if not (self._resumed and index == first):
                 self._enter_stage(index)
             stage_callback = None
-            if callback_fn is not None:  # epochs counted over the whole run
-                stage_callback = lambda epoch_idx, valid_score: callback_fn(self._run_epoch(epoch_idx), valid_score)  # noqa: E731
+            if callback_fn is not None:  # epochs counted over the whole run; the keywords the callback names pass on
+
+                @functools.wraps(callback_fn)  # its signature: fit passes only the keywords callback_fn names
+                def stage_callback(epoch_idx, valid_score, **extra):
+                    callback_fn(self._run_epoch(epoch_idx), valid_score, **extra)
 
             if self.start_epoch < self.epochs:
                 super().fit(train_data, valid_data, verbose, saved, show_progress, stage_callback)
