@@ -34,3 +34,12 @@ def test_table_calls_differences_under_one_std_noise_and_names_unfinished_search
     assert "| +20% | +17% | not finished |" in rows["DuoRec"]  # 0.0100 above the default's std; its search was cut
     assert "| 0.0600 (1 of 3 seeds) |" in rows["DuoRec"] and "(3 of 3" not in rows["FastSASRec"]
     assert "2 (best 2), 819 s; capped at 2 epochs" in rows["SASRec"] and rows["SASRec"].endswith("| - | - | - | not finished |")
+
+
+def test_a_converged_default_replaces_the_capped_one_once_a_seed_has_finished(tmp_path):
+    root = str(tmp_path)
+    write(f"{root}/results/ml-100k/compare.csv", HEADER + "SASRec,3,0,0,0.0334,0.0012,0.0357,0.0015,2,2,819\nGRU4Rec,3,0,0,0.0177,0.0012,0.0161,0.0012,2,2,325\n")
+    write(f"{root}/results/ml-100k-converged/compare.csv", HEADER + "SASRec,1,0,2,0.0600,,0.0665,,32,21,7329\nGRU4Rec,0,0,3,,,,,,,\n")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in default_vs_tuned.table(root).splitlines()[2:]}
+    assert "| 0.0600 (1 of 3 seeds) | 0.0665 | 32 (best 21), 7329 s |" in rows["SASRec"] and "capped" not in rows["SASRec"]
+    assert "| 0.0177 ± 0.0012 |" in rows["GRU4Rec"] and "capped at 2 epochs" in rows["GRU4Rec"]  # no seed finished yet

@@ -3,7 +3,9 @@
     python bench/baselines/default_vs_tuned.py   # writes results/ml-100k-tuned/default_vs_tuned.md
 
 Default: the model's settings as shipped, from the earlier comparisons (``results/ml-100k-slices``, and
-``results/ml-100k`` for RecBole's SASRec, GRU4Rec, BERT4Rec and FEARec, which ran capped at 2 epochs there).
+``results/ml-100k`` for RecBole's SASRec, GRU4Rec, BERT4Rec and FEARec, which ran capped at 2 epochs there); for
+RecBole's baselines the converged run (``results/ml-100k-converged``, bench/baselines/compare_defaults.sh: no epoch
+cap) replaces the capped one as soon as one of its seeds has finished.
 Tuned: ``results/ml-100k-tuned`` (bench/baselines/compare_tuned.sh: each search's best.yaml, 3 seeds, early
 stopping). The search's trials and wall time come from ``results/hyper/ml-100k/<search>/results.md``. A difference
 smaller than the larger of the two seed stds is called noise.
@@ -27,6 +29,7 @@ MODELS = {
     "BERT4Rec": ("BERT4Rec", "results/ml-100k", "BERT4Rec", "capped at 2 epochs"),
     "FEARec": ("FEARec", "results/ml-100k", "FEARec", "capped at 2 epochs"),
 }
+CONVERGED_DEFAULTS = "results/ml-100k-converged"  # RecBole's baselines with their defaults, to early stopping
 METRIC = "test ndcg@10"
 VALID = "valid ndcg@10"  # what the searches selected on: shown beside the test metric, to see what carried over
 
@@ -98,11 +101,14 @@ def table(root="."):
     ]
     for label, (search, default_dir, default_label, note) in MODELS.items():
         default = read_rows(os.path.join(root, default_dir, "compare.csv")).get(default_label)
+        converged = read_rows(os.path.join(root, CONVERGED_DEFAULTS, "compare.csv")).get(label) if note else None
+        if converged and (number(converged, "seeds_ok") or 0) > 0:
+            default, note = converged, ""
         tuned = tuned_rows.get(label)
         summary = search_summary(os.path.join(root, "results/hyper/ml-100k", search))
         search_cell = f"{summary[0]}, {summary[1]}" if summary else "not finished"
         lines.append(
-            f"| {label} | {mean_std(default, METRIC)} | {mean_std(default, VALID)} | {budget(default, note)} "
+            f"| {label} | {mean_std(default, METRIC)}{seeds_note(default)} | {mean_std(default, VALID)} | {budget(default, note)} "
             f"| {mean_std(tuned, METRIC)}{seeds_note(tuned)} | {mean_std(tuned, VALID)} | {budget(tuned)} "
             f"| {verdict(default, tuned) if tuned else '-'} | {verdict(default, tuned, VALID) if tuned else '-'} | {search_cell} |"
         )
