@@ -2,7 +2,7 @@
 
     python run_recbole_ur4rec.py -m SASRec -d ml-100k --epochs=5
     python run_recbole_ur4rec.py --resume saved/SASRec-<time>-last.pth
-    python run_recbole_ur4rec.py --checkpoint saved/SASRec-<time>.pth
+    python run_recbole_ur4rec.py --checkpoint saved/SASRec-<time>.pth [--data_path=dataset]  # moved without its data
 """
 import argparse
 import sys
@@ -26,10 +26,14 @@ def parse_args(argv):
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.checkpoint:
-        if overrides:
-            raise SystemExit(f"--checkpoint evaluates with the settings stored in the checkpoint; drop {sorted(overrides)}")
+        others = sorted(set(overrides) - {"data_path"})
+        if others:
+            raise SystemExit(
+                f"--checkpoint evaluates with the settings stored in the checkpoint; drop {others} "
+                f"(only --data_path may say where the data lies now)"
+            )
         with isolated_argv():
-            result = evaluate_checkpoint(args.checkpoint)
+            result = evaluate_checkpoint(args.checkpoint, overrides.get("data_path"))
         print(f"valid: {dict(result['valid_result'])}")
         print(f"test: {dict(result['test_result'])}")
         return result

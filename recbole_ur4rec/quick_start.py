@@ -38,8 +38,11 @@ def run_recbole_ur4rec(
         saved (bool): save the best model (and the resume state); either way the test split is evaluated with the
             best-validation weights (kept in memory when nothing is saved).
         resume_file (str): a checkpoint written by an earlier run of this function; training continues from it
-            with the settings it stored (``config_dict`` may update them).
-        callback_fn (callable): called as ``callback_fn(epoch_idx, valid_score)`` after each validation.
+            with the settings it stored (``config_dict`` may update them), writing on in the same files when it lies
+            in the run's checkpoint folder (to branch a run, give another ``checkpoint_dir``).
+        callback_fn (callable): called as ``callback_fn(epoch_idx, valid_score)`` after each validation; a callback
+            that names ``valid_result`` (the validation's metrics) or ``validation`` (its record: epoch, score,
+            result, seconds of the run) gets them as keywords.
         evaluate_test (bool): evaluate the test split; tuning trials set it to False.
 
     Returns:
@@ -91,26 +94,32 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, call
     return result
 
 
-def load_data_and_model(model_file):
+def load_data_and_model(model_file, data_path=None):
     r"""Rebuild config, model (with the checkpoint's weights) and data from a plugin checkpoint.
+
+    Args:
+        model_file (str): the checkpoint.
+        data_path (str): where the data lies now, when the checkpoint was moved without it (the checkpoint stores
+            its data root relative to its own folder); default: the stored one.
 
     Returns:
         tuple: (config, model, dataset, train_data, valid_data, test_data), as RecBole's function does.
     """
     state = load_checkpoint(model_file)
-    config, model, dataset, train_data, valid_data, test_data = build(state["model"], state["dataset"], None, state["config"])
+    settings = dict(state["config"], **({"data_path": data_path} if data_path is not None else {}))
+    config, model, dataset, train_data, valid_data, test_data = build(state["model"], state["dataset"], None, settings)
     model.load_state_dict(state["state_dict"])
     model.load_other_parameter(state.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def evaluate_checkpoint(model_file):
-    r"""Evaluate a plugin checkpoint on its validation and test splits.
+def evaluate_checkpoint(model_file, data_path=None):
+    r"""Evaluate a plugin checkpoint on its validation and test splits (``data_path``: as in :func:`load_data_and_model`).
 
     Returns:
         dict: ``valid_result`` and ``test_result``.
     """
-    config, model, _, _, valid_data, test_data = load_data_and_model(model_file)
+    config, model, _, _, valid_data, test_data = load_data_and_model(model_file, data_path)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     return {
         "valid_result": trainer.evaluate(valid_data, load_best_model=False, show_progress=config["show_progress"]),

@@ -467,6 +467,8 @@ def run_search(
             "model": model, "dataset": dataset, "space": space, "grid": grid, "num_samples": num_samples, "seed": seed,
             "max_t": max_t, "grace_period": grace_period, "reduction_factor": reduction_factor,
             "config_files": config_file_list, "config_dict": trial_dict,
+            # what the files say, so that an edited file is a changed search (resumed trials keep their stored settings)
+            **({"config_file_settings": config.file_config_dict} if config_file_list else {}),
         },
     )
 

@@ -1,4 +1,5 @@
 """Quick start on a RecBole model, checkpoint round trip, refusal of unsafe checkpoints, resume."""
+import importlib.util
 import math
 import os
 
@@ -56,6 +57,21 @@ def test_a_moved_tree_of_data_and_checkpoints_reads_where_it_lies(sasrec_run, tm
     config, _, _, _, _, _ = load_data_and_model(moved_file)
     assert config["data_path"] == str(moved / "data" / "tiny")
     assert evaluate_checkpoint(moved_file)["test_result"] == sasrec_run["test_result"]
+
+    # a checkpoint moved alone does not find its data: a clear error, and data_path (--data_path) says where it is
+    alone = tmp_path / "archive" / "deep"
+    os.makedirs(alone)
+    alone_file = str(alone / os.path.basename(moved_file))
+    shutil.copy(moved_file, alone_file)
+    with pytest.raises(FileNotFoundError, match=r"archive/data/tiny holds no atomic interaction file"):
+        load_data_and_model(alone_file)
+    assert evaluate_checkpoint(alone_file, data_path=str(moved / "data"))["test_result"] == sasrec_run["test_result"]
+    spec = importlib.util.spec_from_file_location("cli", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_recbole_ur4rec.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--checkpoint", alone_file, f"--data_path={moved / 'data'}"])["test_result"] == sasrec_run["test_result"]
+    with pytest.raises(SystemExit, match=r"drop \['epochs'\] \(only --data_path"):
+        cli.main(["--checkpoint", alone_file, "--epochs=3"])
 
 
 class RunsCodeWhenUnpickled:
@@ -132,6 +148,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_p
     assert {name: os.path.getmtime(tmp_path / "b" / name) for name in os.listdir(tmp_path / "b")} == before
     assert os.path.dirname(elsewhere["model_file"]) == str(tmp_path / "c")
     assert elsewhere["test_result"] == uninterrupted["test_result"]
+    # the best-model files name the best epoch, also where a finished run's best was re-saved on resuming
+    best_epoch = load_checkpoint(uninterrupted["model_file"])["epoch"]
+    assert 0 <= best_epoch and load_checkpoint(elsewhere["model_file"])["epoch"] == load_checkpoint(resumed["model_file"])["epoch"] == best_epoch
+
+
+def test_callbacks_get_the_keywords_they_name(quick_config):
+    named, catch_all = [], []
+    run_recbole_ur4rec("SASRec", "tiny", config_dict={**quick_config, "epochs": 2}, saved=False,
+                       callback_fn=lambda epoch_idx, valid_score, validation: named.append(validation))
+    run_recbole_ur4rec("SASRec", "tiny", config_dict={**quick_config, "epochs": 2}, saved=False,
+                       callback_fn=lambda epoch_idx, valid_score, **extra: catch_all.append(extra))
+    assert [record["epoch"] for record in named] == [0, 1] and set(named[0]) == {"epoch", "score", "result", "seconds"}
+    assert [sorted(extra) for extra in catch_all] == [["valid_result", "validation"]] * 2
+    assert catch_all[1]["validation"]["score"] == catch_all[1]["valid_result"]["ndcg@10"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(sasrec_run):

@@ -297,6 +297,18 @@ def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, 
     assert last.endswith("-last.pth") and state["config"]["learning_rate"] == stored
 
 
+def test_an_edited_config_file_is_another_search(local_ray, walk_root, tmp_path):
+    """Resumed trials keep the settings their checkpoints stored: a rerun after a config file changed is refused."""
+    params = write(tmp_path / "lr.hyper", "learning_rate choice [1e-3]\n")
+    config_file = write(tmp_path / "model.yaml", "hidden_dropout_prob: 0.2\n")
+    common = dict(config_file_list=[str(config_file)], config_dict=quick_settings(walk_root, epochs=1), grid=True, seed=3,
+                  output_dir=str(tmp_path / "search"), evaluate_best=False)
+    run_search("SASRec", "walk", params, **common)
+    write(tmp_path / "model.yaml", "hidden_dropout_prob: 0.3\n")
+    with pytest.raises(ValueError, match=r"search\.json.*config_file_settings: .*'hidden_dropout_prob': 0\.2.* there, .*0\.3.* now"):
+        run_search("SASRec", "walk", params, **common)
+
+
 def test_trials_read_relative_paths_from_the_search_directory(local_ray, walk_root, tmp_path, monkeypatch):
     """FTRagRec's search names its DuoRec warm start relative to where the search runs: trials must find it."""
     from recbole_ur4rec.quick_start import run_recbole_ur4rec

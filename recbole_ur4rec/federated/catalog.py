@@ -167,5 +167,3 @@ def federation_data(config):
         raise PartitionError(f"{items}/items.json lists {len(catalog['item_tokens'])} item ids, federation.json {federation['n_items']}")
     dataset = ItemCatalog(config, catalog["item_tokens"], 0)  # no user-side state on the server
     return dataset, FederationTrainData(federation, config["seed"]), NodeSplit("valid"), NodeSplit("test")
-
-

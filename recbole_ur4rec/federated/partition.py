@@ -67,7 +67,7 @@ def write_partitions(run, out, nodes):
             "format": FORMAT, "dataset": name, "node": node, "nodes": nodes, "users": users, "n_items": n_items,
             "n_users": dataset.user_num, "uid_field": uid,
         }
-        write_json(os.path.join(folder, "node.json"), meta)
+        write_json(os.path.join(folder, "node.json"), meta, indent=None)
     # item side information: the .item file and the item feature caches
     items = os.path.join(out, "items", name)
     os.makedirs(items, exist_ok=True)
@@ -88,7 +88,7 @@ def write_partitions(run, out, nodes):
         "cold_items": bool(config["cold_items"]),
     }
     os.makedirs(os.path.join(out, "server"), exist_ok=True)
-    write_json(os.path.join(out, "server", "federation.json"), federation)
+    write_json(os.path.join(out, "server", "federation.json"), federation, indent=None)
     return federation
 
 

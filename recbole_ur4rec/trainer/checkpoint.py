@@ -76,6 +76,7 @@ class SafeCheckpointMixin:
 
     _pending_rng_state = None  # set by resume_checkpoint, applied by fit (which has the train loader)
     _best_state_dict = None  # a copy of the weights last written to the best-model file
+    _best_epoch = None  # the epoch of those weights (RecBole re-saves a finished run's best as epoch -1)
     _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
     _best_in_memory = None
     last_valid_result = None  # the latest validation's metrics (set by _valid_epoch)
@@ -108,6 +109,9 @@ class SafeCheckpointMixin:
             return
         explicit_file = "saved_model_file" in kwargs  # a caller that names a file wants it written, whatever fit did
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        if epoch < 0 and self._best_epoch is not None:  # fit's re-save of a finished run: still the best epoch's weights
+            epoch = self._best_epoch
+        self._best_epoch = epoch
         state = self._model_state(epoch)
         if self._keep_in_memory and not explicit_file:  # fit(saved=False): nothing is written, the best stays here
             state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
@@ -125,6 +129,7 @@ class SafeCheckpointMixin:
             rng=rng_state(train_data),
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
+            best_epoch=self._best_epoch if self._best_epoch is not None else epoch,
             run_validations=self.run_validations or [],
             **self._extra_resume_state(),
         )
@@ -170,9 +175,11 @@ class SafeCheckpointMixin:
             self._record_validation(epoch_idx, valid_score)
             if saved:
                 self._save_last_checkpoint(epoch_idx, train_data)
-            if callback_fn is not None:  # keyword arguments for callbacks that name them, e.g. Ray Tune's report
+            if callback_fn is not None:  # keyword arguments for callbacks that name them (or take **kwargs)
                 extra = {"valid_result": self.last_valid_result, "validation": self.run_validations[-1]}
-                callback_fn(epoch_idx, valid_score, **{key: value for key, value in extra.items() if key in wanted})
+                if not any(p.kind == p.VAR_KEYWORD for p in wanted.values()):
+                    extra = {key: value for key, value in extra.items() if key in wanted}
+                callback_fn(epoch_idx, valid_score, **extra)
 
         return super().fit(train_data, valid_data, verbose, True, show_progress, callback_fn=after_validation)
 
@@ -206,10 +213,11 @@ class SafeCheckpointMixin:
         self.run_validations = list(state.get("run_validations") or [])
         self._seconds_before = self.run_validations[-1]["seconds"] if self.run_validations else 0.0
         if self._continues_in_place(resume_file):  # the run goes on in its own files: no stale pair per segment
-            self.saved_model_file = resume_file[: -len("-last.pth")] + ".pth"
+            self.saved_model_file = os.path.join(self.checkpoint_dir, os.path.basename(str(resume_file))[: -len("-last.pth")] + ".pth")
         # the best weights go to this run's best-model file, so the test evaluation uses them
-        best = dict(state, state_dict=state["best_state_dict"])
-        for key in ("optimizer", "rng", "best_state_dict", "stopped", "format", "run_validations"):
+        self._best_epoch = state.get("best_epoch")  # None in files written before it was kept: their last epoch
+        best = dict(state, state_dict=state["best_state_dict"], epoch=state["epoch"] if self._best_epoch is None else self._best_epoch)
+        for key in ("optimizer", "rng", "best_state_dict", "best_epoch", "stopped", "format", "run_validations"):
             best.pop(key, None)
         save_checkpoint(best, self.saved_model_file)
         self._best_state_dict = state["best_state_dict"]

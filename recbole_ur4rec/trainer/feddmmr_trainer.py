@@ -203,7 +203,8 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
 
     # ---- partitioned data: evaluation on the nodes ---------------------------------------------------------------
     def _save_checkpoint(self, epoch, *args, **kwargs):
-        self.best_round = epoch  # RecBole saves the best model here: its round's local parameters go with it
+        if epoch >= 0:  # RecBole saves the best model here: its round's local parameters go with it (-1: a
+            self.best_round = epoch  # finished run's re-save of the same best)
         return super()._save_checkpoint(epoch, *args, **kwargs)
 
     @torch.no_grad()
