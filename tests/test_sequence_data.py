@@ -273,3 +273,23 @@ def test_recbole_models_keep_recbole_dataset(quick_config):
     _, dataset, (train_data, _, _) = prepare(quick_config, model="SASRec")
     assert type(dataset) is SequentialDataset
     assert "item_id_list" in train_data._dataset.inter_feat
+
+
+def test_strided_windows_predict_every_position_once_with_longer_context():
+    """window_stride < MAX_ITEM_LIST_LENGTH: overlapping windows; each target is kept in one row only, the row whose
+    last ``stride`` positions hold it, so it is predicted after at least ``max_len - stride`` items."""
+    histories = [np.arange(1, 24), np.arange(101, 105)]  # 22 and 3 positions
+    max_len, stride = 8, 3
+    user, item_seq, targets, length, start = window_rows(np.array([1, 2]), histories, max_len, stride)
+    consecutive = window_rows(np.array([1, 2]), histories, max_len)
+    for (u, h) in ((1, histories[0]), (2, histories[1])):
+        rows = (user == u).nonzero().flatten().tolist()
+        kept = [(int(start[r]) + j, int(targets[r, j])) for r in rows for j in range(max_len) if targets[r, j] > 0]
+        assert sorted(kept) == [(p, int(h[p + 1])) for p in range(len(h) - 1)]  # every position exactly once
+        for r in rows:
+            for j in range(int(length[r])):
+                assert item_seq[r, j] == h[int(start[r]) + j]  # inputs are the history itself
+                if targets[r, j] > 0:  # context before every kept target: all of the history, or max_len - stride items
+                    assert j >= min(int(start[r]) + j, max_len - stride)
+        assert len(rows) == -(-(len(h) - 1) // stride)  # one window per stride
+    assert len(consecutive[0]) == 3 + 1 and torch.equal(window_rows(np.array([1, 2]), histories, max_len, max_len)[2], consecutive[2])

@@ -205,32 +205,40 @@ def training_histories(train_split):
     return uid[starts].astype(np.int64), np.split(items, starts[1:]) if len(uid) else []
 
 
-def window_rows(user_ids, histories, max_len):
+def window_rows(user_ids, histories, max_len, stride=None):
     """Cut histories into right-padded rows of at most ``max_len`` (input, next item) positions.
 
     A history ``h`` of ``m`` items has ``m - 1`` positions: input ``h[j]``, target ``h[j + 1]``. Windows are
-    taken from the most recent position backwards, so only a user's oldest window can be shorter.
+    taken from the most recent position backwards, so only a user's oldest window can be shorter. ``stride``
+    (default ``max_len``: consecutive windows) ends a window every ``stride`` positions: each window keeps targets
+    only at its last ``stride`` positions (the earlier ones, which the previous window predicts, are context with
+    target 0), so every position is predicted once, with at least ``max_len - stride`` items before it.
 
     Returns:
         tuple of tensors: ``user [R]``, ``item_seq [R, max_len]``, ``targets [R, max_len]`` (0 = padding),
         ``length [R]``, ``start [R]`` (the history position of each row's first column).
     """
-    users, starts, flat_starts, lengths = [], [], [], []
+    stride = max_len if stride is None else stride
+    users, starts, flat_starts, lengths, first_targets = [], [], [], [], []
     offset = 0
     for user, history in zip(user_ids, histories):
         n_positions = len(history) - 1
-        for end in reversed(range(n_positions, 0, -max_len)):  # oldest window first
+        for end in reversed(range(n_positions, 0, -stride)):  # oldest window first
             start = max(0, end - max_len)
             users.append(user)
             starts.append(start)
             flat_starts.append(offset + start)
             lengths.append(end - start)
+            first_targets.append(max(0, end - stride) - start)  # the row's first column with a target
         offset += len(history)
     flat = torch.as_tensor(np.concatenate(histories) if histories else np.zeros(0, dtype=np.int64))
     flat_starts = torch.as_tensor(np.asarray(flat_starts, dtype=np.int64))
     lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64))
     item_seq = gather_lists(flat, flat_starts, lengths, max_len)  # [R L]
     targets = gather_lists(flat, flat_starts + 1, lengths, max_len)  # [R L]
+    if stride < max_len:  # context-only columns: predicted by the previous window
+        first_targets = torch.as_tensor(np.asarray(first_targets, dtype=np.int64))
+        targets = targets.masked_fill(torch.arange(max_len).unsqueeze(0) < first_targets.unsqueeze(1), 0)
     return (
         torch.as_tensor(np.asarray(users, dtype=np.int64)),
         item_seq,
@@ -265,8 +273,9 @@ def build_window_train_dataset(config, train_split):
     the training interactions themselves, for what needs their other fields (ratings, timestamps), such as user text.
     """
     max_len = _check_max_len(config)
+    stride = check_config_value(config, "window_stride", int, low=1, high=max_len, optional=True)
     user_ids, histories = training_histories(train_split)
-    user, item_seq, targets, length, _ = window_rows(user_ids, histories, max_len)
+    user, item_seq, targets, length, _ = window_rows(user_ids, histories, max_len, stride)
     last_target = targets.gather(1, (length - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     columns = {
         train_split.uid_field: user,
