@@ -12,6 +12,8 @@ validation curve. The table gives each model's time to reach RecBole SASRec's be
     python bench/backbone.py --budget-minutes 0                # no budget: train to early stopping (GPU)
     python bench/backbone.py --budget-minutes 0 --seeds 1 --threads 1 --state_dir bench/results/backbone_state
                                                                # the same, resumable: rerun it to continue
+    python bench/backbone.py --models SASRec,FastSASRec,FastSASRec:stride25 \
+        --model_config 'FastSASRec:stride25={"window_stride": 25}'  # a variant row, with its own settings
 
 Writes ``bench/results/backbone_<host>_<date>.md`` and the raw numbers beside it (``.json``).
 """
@@ -159,16 +161,25 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, st
     }
 
 
-def run_cell_subprocess(model_name, args):
+def cell_config(label, args):
+    """The settings of a row: ``--config``, then the row's ``--model_config`` (a label ``Model:variant`` names a
+    variant of ``Model``)."""
+    return {**args.config, **(getattr(args, "model_config", None) or {}).get(label, {})}
+
+
+def run_cell_subprocess(label, args):
     """Run one cell in a fresh Python process; returns its result with the process's peak RSS. With
     ``--state_dir`` a finished cell is read back, and an unfinished one continues from its last validation."""
     results = []
+    model_name, config = label.split(":")[0], cell_config(label, args)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         # absolute: the cell's process runs in the work folder, and a relative --state_dir means the caller's folder
-        cell_dir = os.path.join(os.path.abspath(args.state_dir), f"{model_name}-seed{seed}") if args.state_dir else None
+        cell_dir = os.path.join(os.path.abspath(args.state_dir), f"{label.replace(':', '_')}-seed{seed}") if args.state_dir else None
         done = read_json(os.path.join(cell_dir, "result.json")) if cell_dir else None
         if done is not None:
-            print(f"[bench] {model_name} seed {seed}: finished earlier ({cell_dir})", flush=True)
+            if done.get("config", config) != config:
+                raise SystemExit(f"{cell_dir}/result.json was made with {done['config']}, not {config}: give another --state_dir")
+            print(f"[bench] {label} seed {seed}: finished earlier ({cell_dir})", flush=True)
             results.append(done)
             continue
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -176,21 +187,22 @@ def run_cell_subprocess(model_name, args):
         command = [
             sys.executable, os.path.abspath(__file__), "--cell", model_name, "--seed", str(seed),
             "--dataset", args.dataset, "--budget-minutes", str(args.budget_minutes),
-            "--threads", str(args.threads), "--config", json.dumps(args.config), "--result-file", result_file,
+            "--threads", str(args.threads), "--config", json.dumps(config), "--result-file", result_file,
         ] + (["--state_dir", cell_dir] if cell_dir else [])  # fmt: skip
-        print(f"[bench] {model_name} seed {seed}: budget {args.budget_minutes} min", flush=True)
+        print(f"[bench] {label} seed {seed}: budget {args.budget_minutes} min", flush=True)
         process = subprocess.Popen(command, cwd=args.workdir)
         _, status, usage = os.wait4(process.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{model_name} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)})")
+            raise RuntimeError(f"{label} seed {seed} failed (exit {os.waitstatus_to_exitcode(status)})")
         with open(result_file) as f:
             result = json.load(f)
         os.unlink(result_file)
         result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB; the last segment's process
+        result["config"] = config
         if cell_dir:
             write_json(os.path.join(cell_dir, "result.json"), result)
         print(
-            f"[bench] {model_name} seed {seed}: {result['seconds_per_epoch'] or float('nan'):.1f} s/epoch, "
+            f"[bench] {label} seed {seed}: {result['seconds_per_epoch'] or float('nan'):.1f} s/epoch, "
             f"best valid NDCG@10 {result['best_valid_ndcg10']:.4f}, test NDCG@10 {result['test_ndcg10']:.4f}, "
             f"peak RSS {result['peak_rss_mb']:.0f} MB, stopped by {result['stopped_by']}",
             flush=True,
@@ -268,9 +280,15 @@ def report(results, args, info):
             f"| {fmt(reached, 0)} | {len(reached)}/{len(rows)} | {', '.join(sorted(set(r['stopped_by'] for r in rows)))} |"
         )
     lines.append("")
-    fast, ref = reach.get("FastSASRec"), reach.get(REFERENCE)
-    if fast is not None and ref is not None:
-        lines.append(f"Time to target, FastSASRec / SASRec: {fast / ref:.3f} (target: at most 0.1).")
+    ref = reach.get(REFERENCE)
+    for label in results:
+        if label.split(":")[0] == "FastSASRec":
+            fast = reach.get(label)
+            ratio = f"{fast / ref:.3f}" if fast is not None and ref is not None else "not reached"
+            lines.append(f"Time to target, {label} / SASRec: {ratio} (target: at most 0.1).")
+    for label in results:
+        if cell_config(label, args) != args.config:
+            lines.append(f"{label} settings: {json.dumps(cell_config(label, args))}.")
     spe = {m: [r["seconds_per_epoch"] for r in rows if r["seconds_per_epoch"]] for m, rows in results.items()}
     if spe.get("FastSASRec") and spe.get(REFERENCE):
         lines.append(f"Seconds per epoch, SASRec / FastSASRec: {statistics.mean(spe[REFERENCE]) / statistics.mean(spe['FastSASRec']):.1f}x.")
@@ -294,6 +312,9 @@ def parse_args(argv=None):
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="wall-clock budget per run; 0 = none")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads per run; 0 = torch's default")
     parser.add_argument("--config", type=json.loads, default={}, help="JSON config_dict given to every run")
+    parser.add_argument("--model_config", action="append", default=[], metavar="LABEL=JSON",
+                        help="settings of one row over --config, e.g. FastSASRec:stride25='{\"window_stride\": 25}' "
+                        "with FastSASRec:stride25 in --models (repeatable)")
     parser.add_argument("--output", default=None, help="markdown file (default bench/results/backbone_<host>_<date>.md)")
     parser.add_argument("--workdir", default=None, help="where runs write RecBole's log/ (default: a temporary folder)")
     parser.add_argument("--state_dir", default=None, help="resumable cells: each cell's checkpoints and progress in "
@@ -312,6 +333,16 @@ def main(argv=None):
             json.dump(result, f)
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    model_config = {}
+    for item in args.model_config:
+        label, _, text = item.partition("=")
+        if label not in models:
+            raise SystemExit(f"--model_config {item!r}: {label!r} is not in --models {models}")
+        try:
+            model_config[label] = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--model_config {item!r}: expected LABEL=<JSON object>: {err}") from None
+    args.model_config = model_config
     if REFERENCE not in models:
         raise SystemExit(f"--models must include {REFERENCE}: its best validation NDCG@10 is the target")
     if args.seeds < 1:

@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import backbone  # noqa: E402
@@ -35,13 +37,17 @@ def test_a_relative_state_dir_means_the_callers_folder(quick_config, tmp_path):
     os.makedirs(tmp_path / "work")
     args = argparse.Namespace(
         state_dir="state", workdir=str(tmp_path / "work"), first_seed=2020, seeds=1, dataset="tiny", budget_minutes=0,
-        threads=1, config=settings,
+        threads=1, config=settings, model_config={"SASRec:one_layer": {"n_layers": 1}},
     )
     os.chdir(tmp_path)
-    (result,) = backbone.run_cell_subprocess("SASRec", args)
-    cell_dir = tmp_path / "state" / "SASRec-seed2020"
+    (result,) = backbone.run_cell_subprocess("SASRec:one_layer", args)  # a variant: its own cell, its own settings
+    assert result["config"] == {**settings, "n_layers": 1}
+    cell_dir = tmp_path / "state" / "SASRec_one_layer-seed2020"
     assert sorted(os.listdir(cell_dir))[-2:] == ["progress.json", "result.json"]
     assert len([name for name in os.listdir(cell_dir) if name.endswith("-last.pth")]) == 1
     assert not os.path.exists(tmp_path / "work" / "state")
-    # a rerun reads the finished cell back instead of training it again
-    assert backbone.run_cell_subprocess("SASRec", args) == [result]
+    # a rerun reads the finished cell back instead of training it again, and refuses it for other settings
+    assert backbone.run_cell_subprocess("SASRec:one_layer", args) == [result]
+    args.model_config = {"SASRec:one_layer": {"n_layers": 2}}
+    with pytest.raises(SystemExit, match=r"SASRec_one_layer-seed2020/result.json was made with .*'n_layers': 1"):
+        backbone.run_cell_subprocess("SASRec:one_layer", args)
