@@ -201,6 +201,8 @@ def run_cell_subprocess(label, args):
         result["config"] = config
         if cell_dir:
             write_json(os.path.join(cell_dir, "result.json"), result)
+            for checkpoint in glob.glob(os.path.join(cell_dir, "*.pth")):  # a finished cell is read back from its result
+                os.remove(checkpoint)
         print(
             f"[bench] {label} seed {seed}: {result['seconds_per_epoch'] or float('nan'):.1f} s/epoch, "
             f"best valid NDCG@10 {result['best_valid_ndcg10']:.4f}, test NDCG@10 {result['test_ndcg10']:.4f}, "
