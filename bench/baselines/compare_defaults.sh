@@ -9,5 +9,8 @@
 #   bash bench/baselines/compare_defaults.sh --report_only      # run_compare options pass on
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python run_compare.py --models "${MODELS:-SASRec,SASRecF,GRU4Rec,BERT4Rec,FEARec}" -d ml-100k --seeds 3 --extra threads=1 \
-  --model_config SASRecF=bench/slices/sasrecf.yaml --output_dir results/ml-100k-converged "$@"
+MODELS=${MODELS:-SASRec,SASRecF,GRU4Rec,BERT4Rec,FEARec}
+configs=()  # SASRecF's feature (the item's genres), as in the slice comparison
+[[ ,$MODELS, == *,SASRecF,* ]] && configs+=(--model_config SASRecF=bench/slices/sasrecf.yaml)
+python run_compare.py --models "$MODELS" -d ml-100k --seeds 3 --extra threads=1 "${configs[@]}" \
+  --output_dir results/ml-100k-converged "$@"
