@@ -332,6 +332,12 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     if not partial or partial.get("settings") != settings:
         partial = {"settings": settings, "elapsed_s": 0.0, "peak_rss_mb": 0.0, "segments": 0}
     checkpoint_dir = os.path.join(cells_dir, "checkpoints", name)
+    if partial.get("running_since") is not None:  # a segment killed without notice (kill -9, a session's end):
+        # it counts until its last resume state, which the next segment continues from
+        lasts = glob.glob(os.path.join(checkpoint_dir, "*-last.pth"))
+        reached = max([os.path.getmtime(path) for path in lasts] + [partial["running_since"]])
+        partial.update(segments=partial["segments"] + 1, elapsed_s=partial["elapsed_s"] + reached - partial["running_since"])
+    partial.pop("running_since", None)
     if partial["segments"] == 0 and os.path.isdir(checkpoint_dir):
         for stale in glob.glob(os.path.join(checkpoint_dir, "*.pth")):
             os.remove(stale)
@@ -347,6 +353,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     }
     if os.path.exists(child_json):
         os.remove(child_json)
+    write_json(partial_path, dict(partial, running_since=time.time()))  # so that a killed segment is known as one
     logger.info(f"[compare] {name}: running (log {shown_path(log_path)})")
     try:
         returncode, elapsed, peak = _run_cell_process(spec, log_path)

@@ -215,3 +215,33 @@ def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
     got = {key: cell[key] for key in ("best_epoch", "epochs_trained", "valid_result", "test_result")}
     expected = {key: committed[key] for key in got}
     assert got == expected, "the committed results no longer reproduce: rerun them (run_compare reruns changed-code cells)"
+
+
+def test_a_cell_killed_without_notice_continues_from_its_resume_state(walk_root, tmp_path):
+    """kill -9 of the whole comparison (a session's end) mid-cell: the rerun continues the cell from its last resume
+    state, to the uninterrupted cell's results, and counts the killed segment's time."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = {**quick_settings(walk_root, epochs=40), "stopping_step": 100}
+    whole = run_compare(models=["SASRec"], dataset="walk", seeds=[1], overrides=settings, output_dir=str(tmp_path / "whole"))
+    output_dir = str(tmp_path / "killed")
+    code = f"from recbole_ur4rec.compare import run_compare; run_compare(models=['SASRec'], dataset='walk', seeds=[1], overrides={settings!r}, output_dir={output_dir!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = os.path.join(output_dir, "cells", "checkpoints", "SASRec-seed1")
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline and not glob.glob(os.path.join(checkpoints, "*-last.pth")):
+        time.sleep(0.02)
+    time.sleep(0.5)  # a moment into the next epochs
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)  # the comparison and its cell process, with no chance to record anything
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and glob.glob(os.path.join(checkpoints, "*-last.pth")), "must be killed mid-cell"
+
+    resumed = run_compare(models=["SASRec"], dataset="walk", seeds=[1], overrides=settings, output_dir=output_dir)
+    cell, reference = resumed["cells"]["SASRec-seed1"], whole["cells"]["SASRec-seed1"]
+    assert cell["status"] == "ok" and cell["segments"] == 2 and cell["resumed_from"]
+    assert (cell["valid_result"], cell["test_result"], cell["best_epoch"]) == (reference["valid_result"], reference["test_result"], reference["best_epoch"])
+    assert not os.path.exists(os.path.join(output_dir, "cells", "SASRec-seed1.partial.json"))

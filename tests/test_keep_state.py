@@ -47,6 +47,7 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     # an unfinished cell (resume file and its best file) and a finished one (best file only)
     write(root, "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C-last.pth")
     write(root, "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C.pth")
+    write(root, "results/ml-100k-tuned/cells/SASRec-seed2020.partial.json", "{}")
     write(root, "results/ml-100k-tuned/cells/checkpoints/DuoRec-seed2021/E.pth")
     write(root, "bench/results/backbone_state/SASRec-seed2020/B-last.pth")
 
@@ -58,6 +59,7 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
         f"{H}/DuoRec/checkpoints/d9fce_00007/D.pth",
         "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C-last.pth",
         "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C.pth",
+        "results/ml-100k-tuned/cells/SASRec-seed2020.partial.json",
         "bench/results/backbone_state/SASRec-seed2020/B-last.pth",
     }
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "state")
@@ -65,6 +67,7 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     # the next session: the SASRec search, the cell and FTRagRec's search finish (the cell's -last.pth is removed)
     write(root, f"{H}/SASRec/results.md", "Search time: 99 s.\n")
     os.remove(os.path.join(root, "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C-last.pth"))
+    os.remove(os.path.join(root, "results/ml-100k-tuned/cells/SASRec-seed2020.partial.json"))
     write(root, f"{H}/FTRagRec/best.yaml")
     write(root, f"{H}/FTRagRec/results.md", "Search time: 9 s.\n")
     subprocess.run(["bash", "bench/baselines/keep_state.sh"], cwd=root, check=True, capture_output=True)

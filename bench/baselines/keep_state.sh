@@ -23,11 +23,18 @@ done
 # resumable cells: a -last.pth exists until the cell has finished
 while IFS= read -r last; do
   keep+=("$last"); [[ -f ${last%-last.pth}.pth ]] && keep+=("${last%-last.pth}.pth")
+  # a run_compare cell's segment record (cells/<name>.partial.json), which tells the next run to resume it
+  cell=$(dirname "$last"); partial=${cell%/checkpoints/*}/$(basename "$cell").partial.json
+  [[ $cell == */cells/checkpoints/* && -f $partial ]] && keep+=("$partial")
 done < <(find results bench/results -name "*-last.pth" -not -path "$H/*" 2>/dev/null | sort)
 for path in "${drop[@]}"; do git rm -r -q --cached --ignore-unmatch "$path" > /dev/null; done
 # files of finished cells that an earlier session staged
 while IFS= read -r staged; do
   [[ -f ${staged%.pth}-last.pth || ( $staged == *-last.pth && -f $staged ) ]] || git rm -q --cached "$staged"
 done < <(git ls-files results bench/results | grep "\.pth$" | grep -v "^$H/" || true)
+# segment records of cells that have finished since (run_compare removes them)
+while IFS= read -r staged; do
+  [[ -f $staged ]] || git rm -q --cached "$staged"
+done < <(git ls-files results | grep "\.partial\.json$" || true)
 [[ ${#keep[@]} -eq 0 ]] || git add -f "${keep[@]}"
 git diff --cached --stat -- results bench/results | tail -n 25
