@@ -129,7 +129,7 @@ class SafeCheckpointMixin:
             rng=rng_state(train_data),
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
-            best_epoch=self._best_epoch if self._best_epoch is not None else epoch,
+            best_epoch=self._best_epoch,  # None until this process saved a best (or resumed one that names it)
             run_validations=self.run_validations or [],
             **self._extra_resume_state(),
         )
