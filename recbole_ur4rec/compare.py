@@ -322,6 +322,17 @@ def run_compare(
     return dict(paths, ran=ran, reused=reused, cells=cells)
 
 
+def _trained_seconds(checkpoint_dir):
+    """Training and validation seconds of the cell's run so far, from its newest resume state (0 without one)."""
+    from recbole_ur4rec.checkpoints import load_checkpoint
+
+    lasts = glob.glob(os.path.join(checkpoint_dir, "*-last.pth"))
+    if not lasts:
+        return 0.0
+    validations = load_checkpoint(max(lasts, key=os.path.getmtime)).get("run_validations") or []
+    return float(validations[-1]["seconds"]) if validations else 0.0
+
+
 def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir, code=None):
     name = cell_name(model, seed)
     json_path = os.path.join(cells_dir, name + ".json")
@@ -332,12 +343,11 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     if not partial or partial.get("settings") != settings:
         partial = {"settings": settings, "elapsed_s": 0.0, "peak_rss_mb": 0.0, "segments": 0}
     checkpoint_dir = os.path.join(cells_dir, "checkpoints", name)
-    if partial.get("running_since") is not None:  # a segment killed without notice (kill -9, a session's end):
-        # it counts until its last resume state, which the next segment continues from
-        lasts = glob.glob(os.path.join(checkpoint_dir, "*-last.pth"))
-        reached = max([os.path.getmtime(path) for path in lasts] + [partial["running_since"]])
-        partial.update(segments=partial["segments"] + 1, elapsed_s=partial["elapsed_s"] + reached - partial["running_since"])
-    partial.pop("running_since", None)
+    if partial.get("running") is not None:  # a segment killed without notice (kill -9, a session's end): it counts
+        # the training seconds its last resume state reached (file times do not survive a checkout)
+        reached = _trained_seconds(checkpoint_dir)
+        partial.update(segments=partial["segments"] + 1, elapsed_s=partial["elapsed_s"] + max(0.0, reached - partial["running"]))
+    partial.pop("running", None)
     if partial["segments"] == 0 and os.path.isdir(checkpoint_dir):
         for stale in glob.glob(os.path.join(checkpoint_dir, "*.pth")):
             os.remove(stale)
@@ -353,7 +363,8 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     }
     if os.path.exists(child_json):
         os.remove(child_json)
-    write_json(partial_path, dict(partial, running_since=time.time()))  # so that a killed segment is known as one
+    # a segment is recorded as running (with the training seconds it starts from), so that a killed one is known
+    write_json(partial_path, dict(partial, running=_trained_seconds(checkpoint_dir) if spec["resume"] else 0.0))
     logger.info(f"[compare] {name}: running (log {shown_path(log_path)})")
     try:
         returncode, elapsed, peak = _run_cell_process(spec, log_path)

@@ -245,3 +245,4 @@ def test_a_cell_killed_without_notice_continues_from_its_resume_state(walk_root,
     assert cell["status"] == "ok" and cell["segments"] == 2 and cell["resumed_from"]
     assert (cell["valid_result"], cell["test_result"], cell["best_epoch"]) == (reference["valid_result"], reference["test_result"], reference["best_epoch"])
     assert not os.path.exists(os.path.join(output_dir, "cells", "SASRec-seed1.partial.json"))
+    assert cell["wall_time_s"] > 0
