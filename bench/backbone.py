@@ -94,6 +94,7 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, st
     import torch
 
     from recbole_ur4rec.build import build
+    from recbole_ur4rec.checkpoints import newest_resume_file
     from recbole_ur4rec.registry import get_trainer
 
     data_start = time.monotonic()
@@ -113,9 +114,9 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, st
     deadline = start + budget_minutes * 60 if budget_minutes > 0 else float("inf")
     epoch_seconds, curve = progress["epoch_seconds"], progress["curve"]
     trainer = budgeted(get_trainer(config["MODEL_TYPE"], config["model"]), deadline, epoch_seconds)(config, model)
-    lasts = glob.glob(os.path.join(state_dir, "*-last.pth")) if state_dir else []
-    if lasts:
-        trainer.resume_checkpoint(max(lasts, key=os.path.getmtime))
+    last = newest_resume_file(state_dir) if state_dir else None
+    if last is not None:
+        trainer.resume_checkpoint(last)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     validations = 0
@@ -164,7 +165,7 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, st
 def cell_config(label, args):
     """The settings of a row: ``--config``, then the row's ``--model_config`` (a label ``Model:variant`` names a
     variant of ``Model``)."""
-    return {**args.config, **(getattr(args, "model_config", None) or {}).get(label, {})}
+    return {**args.config, **args.model_config.get(label, {})}
 
 
 def run_cell_subprocess(label, args):

@@ -3,6 +3,7 @@
 The bottom of the package: models, trainers, tuning and compare read and write checkpoints through this module,
 which imports nothing of the plugin.
 """
+import glob
 import io
 import os
 import pickle
@@ -67,6 +68,12 @@ def load_checkpoint(path, map_location="cpu"):
     for key in state.pop(RELATIVE_SETTINGS_KEY, None) or []:
         state["config"][key] = os.path.normpath(os.path.join(folder, state["config"][key]))
     return state
+
+
+def newest_resume_file(folder):
+    """The newest ``-last.pth`` (a run's resume state) in ``folder``; None when there is none."""
+    lasts = glob.glob(os.path.join(folder, "*-last.pth"))
+    return max(lasts, key=os.path.getmtime) if lasts else None
 
 
 def _relative_settings(config, folder):

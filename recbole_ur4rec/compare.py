@@ -104,7 +104,7 @@ def _tail(path, lines=15):
 def run_cell(spec):
     """Train and test one (model, seed) cell; runs in the child process and writes ``spec['child_json']``."""
     from recbole_ur4rec.build import history_masked
-    from recbole_ur4rec.checkpoints import load_checkpoint
+    from recbole_ur4rec.checkpoints import load_checkpoint, newest_resume_file
     from recbole_ur4rec.config import Config
     from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
@@ -130,8 +130,7 @@ def run_cell(spec):
             }
             if config["stages"] and isinstance(config["stage_epochs"], dict):  # staged trainers: epochs per stage
                 out["protocol"]["stage_epochs"] = {stage: config["stage_epochs"].get(stage) for stage in config["stages"]}
-            lasts = glob.glob(os.path.join(spec["checkpoint_dir"], "*-last.pth"))
-            resume_file = max(lasts, key=os.path.getmtime) if (spec.get("resume") and lasts) else None
+            resume_file = newest_resume_file(spec["checkpoint_dir"]) if spec.get("resume") else None
             out["resumed_from"] = resume_file
             result = run_recbole_ur4rec(
                 model=None if resume_file else spec["model"],
@@ -324,12 +323,12 @@ def run_compare(
 
 def _trained_seconds(checkpoint_dir):
     """Training and validation seconds of the cell's run so far, from its newest resume state (0 without one)."""
-    from recbole_ur4rec.checkpoints import load_checkpoint
+    from recbole_ur4rec.checkpoints import load_checkpoint, newest_resume_file
 
-    lasts = glob.glob(os.path.join(checkpoint_dir, "*-last.pth"))
-    if not lasts:
+    last = newest_resume_file(checkpoint_dir)
+    if last is None:
         return 0.0
-    validations = load_checkpoint(max(lasts, key=os.path.getmtime)).get("run_validations") or []
+    validations = load_checkpoint(last).get("run_validations") or []
     return float(validations[-1]["seconds"]) if validations else 0.0
 
 
@@ -343,10 +342,10 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     if not partial or partial.get("settings") != settings:
         partial = {"settings": settings, "elapsed_s": 0.0, "peak_rss_mb": 0.0, "segments": 0}
     checkpoint_dir = os.path.join(cells_dir, "checkpoints", name)
+    trained = _trained_seconds(checkpoint_dir)  # what the newest resume state reached
     if partial.get("running") is not None:  # a segment killed without notice (kill -9, a session's end): it counts
         # the training seconds its last resume state reached (file times do not survive a checkout)
-        reached = _trained_seconds(checkpoint_dir)
-        partial.update(segments=partial["segments"] + 1, elapsed_s=partial["elapsed_s"] + max(0.0, reached - partial["running"]))
+        partial.update(segments=partial["segments"] + 1, elapsed_s=partial["elapsed_s"] + max(0.0, trained - partial["running"]))
     partial.pop("running", None)
     if partial["segments"] == 0 and os.path.isdir(checkpoint_dir):
         for stale in glob.glob(os.path.join(checkpoint_dir, "*.pth")):
@@ -364,7 +363,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     if os.path.exists(child_json):
         os.remove(child_json)
     # a segment is recorded as running (with the training seconds it starts from), so that a killed one is known
-    write_json(partial_path, dict(partial, running=_trained_seconds(checkpoint_dir) if spec["resume"] else 0.0))
+    write_json(partial_path, dict(partial, running=trained if spec["resume"] else 0.0))
     logger.info(f"[compare] {name}: running (log {shown_path(log_path)})")
     try:
         returncode, elapsed, peak = _run_cell_process(spec, log_path)

@@ -7,7 +7,6 @@ absolute folder, so trials work from the working directories Ray gives them.
 
 Search spaces: :mod:`recbole_ur4rec.search_space`.
 """
-import glob
 import json
 import math
 import os
@@ -48,12 +47,11 @@ def same_value(stored, sampled):
 def earlier_trial_state(trial_dir, params):
     """The latest ``-last.pth`` in ``trial_dir`` and its state (``None, None`` when the trial never validated).
     Raises ValueError when that state was written for other values of the searched ``params``."""
-    from recbole_ur4rec.checkpoints import load_checkpoint
+    from recbole_ur4rec.checkpoints import load_checkpoint, newest_resume_file
 
-    lasts = glob.glob(os.path.join(trial_dir, "*-last.pth"))
-    if not lasts:
+    last = newest_resume_file(trial_dir)
+    if last is None:
         return None, None
-    last = max(lasts, key=os.path.getmtime)
     state = load_checkpoint(last)
     differs = {name: (state["config"].get(name), value) for name, value in params.items() if not same_value(state["config"].get(name), value)}
     if differs:
@@ -107,7 +105,8 @@ def run_trial(config, setup):
             {**extra, TRIAL_METRIC: score, "best_valid_score": best, "epoch": entry["epoch"], "trial_seconds": entry["seconds"]}
         )
 
-    for entry in (state or {}).get("run_validations", []):
+    replayed = (state or {}).get("run_validations", [])
+    for entry in replayed:
         report(entry)
     if os.path.isfile(os.path.join(trial_dir, FINISHED_FILE)):
         return
@@ -126,7 +125,7 @@ def run_trial(config, setup):
             config_dict["model"], config_dict["dataset"], setup["config_file_list"], config_dict, saved=True,
             resume_file=last_file, callback_fn=after_validation, evaluate_test=False,
         )
-    write_json(os.path.join(trial_dir, FINISHED_FILE), {"validations": len((state or {}).get("run_validations", [])) + validations})
+    write_json(os.path.join(trial_dir, FINISHED_FILE), {"validations": len(replayed) + validations})
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -207,16 +206,15 @@ class SearchRecorder:
 
     def finish(self, interrupted):
         """Final statuses, the valid metrics stored in each trial's checkpoint, the best trial (on validation)."""
-        from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+        from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, newest_resume_file
 
         for rec in self.trials.values():
             if rec["status"] == "running":
                 rec["status"] = "interrupted" if interrupted else "unfinished"
             if rec["status"] == "failed":
                 rec["error"] = last_error_line(self._trial_objects[rec["trial"]].error_file)
-            lasts = glob.glob(os.path.join(trial_checkpoint_dir(self.checkpoint_root, rec["trial"]), "*-last.pth"))
-            if lasts:
-                last = max(lasts, key=os.path.getmtime)
+            last = newest_resume_file(trial_checkpoint_dir(self.checkpoint_root, rec["trial"]))
+            if last is not None:
                 rec["model_file"] = last[: -len("-last.pth")] + ".pth"
                 try:
                     state = load_checkpoint(last)

@@ -94,6 +94,7 @@ def budget(row, note=""):
 
 def table(root="."):
     tuned_rows = read_rows(os.path.join(root, "results/ml-100k-tuned/compare.csv"))
+    converged_rows = read_rows(os.path.join(root, CONVERGED_DEFAULTS, "compare.csv"))
     lines = [
         f"| model | default {METRIC} | default {VALID} | default epochs (best), s per run | tuned {METRIC} | tuned {VALID} "
         f"| tuned epochs (best), s per run | change (test) | change (valid) | search: trials, s |",
@@ -101,7 +102,7 @@ def table(root="."):
     ]
     for label, (search, default_dir, default_label, note) in MODELS.items():
         default = read_rows(os.path.join(root, default_dir, "compare.csv")).get(default_label)
-        converged = read_rows(os.path.join(root, CONVERGED_DEFAULTS, "compare.csv")).get(label) if note else None
+        converged = converged_rows.get(label) if note else None
         if converged and (number(converged, "seeds_ok") or 0) > 0:
             default, note = converged, ""
         tuned = tuned_rows.get(label)
