@@ -32,6 +32,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler and of every trial")
     parser.add_argument("--grace_period", type=int, default=None, help="ASHA: validations before a trial may be stopped (default: max(1, epochs/10))")
     parser.add_argument("--reduction_factor", type=float, default=2, help="ASHA: keep 1/reduction_factor of the trials per rung")
+    parser.add_argument("--include_defaults", action="store_true", help="the first trial runs the searched keys' default values (one of the samples)")
     args, unknown = parser.parse_known_args(argv)
     return args, parse_overrides(parser, unknown)
 
@@ -54,6 +55,7 @@ def main(argv=None):
         grid=args.grid,
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
+        include_defaults=args.include_defaults,
     )
     best = result["best"]
     print(f"results: {result['results_md']}")

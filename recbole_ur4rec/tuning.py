@@ -361,6 +361,17 @@ def check_same_search(output_dir, settings):
         write_json(path, settings)
 
 
+def default_values(config, space, params_file):
+    """The settings' own values of the searched keys (the defaults trial); ValueError naming a key without one."""
+    missing = [name for name in space if config[name] is None]
+    if missing:
+        raise ValueError(
+            f"include_defaults: the settings of {config['model']} have no value for {', '.join(map(repr, missing))} "
+            f"(searched in {params_file}); give one in a config file or as an override"
+        )
+    return {name: plain(config[name]) for name in space}
+
+
 def _user_settings(config, config_dict):
     """The settings the user gave (config files, then overrides), as the best yaml should repeat them."""
     settings = dict(config.file_config_dict)
@@ -387,6 +398,7 @@ def run_search(
     num_cpus=None,
     evaluate_best=True,
     stop_after=None,
+    include_defaults=False,
 ):
     r"""Tune ``model`` on ``dataset`` with Ray Tune and ASHA on the validation metric.
 
@@ -409,6 +421,9 @@ def run_search(
         evaluate_best (bool): evaluate the best trial's checkpoint on the test split.
         stop_after (int): every trial stops (fails) after this many validations of this run, as if the search
             had been killed (tests of resuming).
+        include_defaults (bool): the first trial (``trial_00000``) runs the settings' own values of the searched
+            keys (model yaml, config files, overrides) and takes one of the ``num_samples``, so the best trial is
+            never worse on validation than the defaults. Not with ``grid``.
 
     A second run with the same ``output_dir`` and settings continues the search (for searches longer than a
     session): every trial reports the validations its checkpoint holds again, so ASHA decides on them as before,
@@ -443,6 +458,12 @@ def run_search(
     bigger = bool(config["valid_metric_bigger"])
     valid_metric = config["valid_metric"]
     max_t = validation_budget(config)
+    defaults_point = default_values(config, space, params_file) if include_defaults else None
+    if include_defaults and grid:
+        raise ValueError(
+            "include_defaults with grid: Ray Tune's preset point would replace a whole repetition of the grid; "
+            f"add the default values to the choices in {params_file} instead"
+        )
     grace_period = min(max_t, grace_period or max(1, max_t // 10))
 
     trial_dict = dict(user_dict, model=model, dataset=dataset)
@@ -467,6 +488,7 @@ def run_search(
             "config_files": config_file_list, "config_dict": trial_dict,
             # what the files say, so that an edited file is a changed search (resumed trials keep their stored settings)
             **({"config_file_settings": config.file_config_dict} if config_file_list else {}),
+            **({"defaults_trial": defaults_point} if include_defaults else {}),
         },
     )
 
@@ -484,6 +506,7 @@ def run_search(
         f"- ASHA on validation {valid_metric} every {config['eval_step']} epoch(s): max_t {max_t}, grace period "
         f"{grace_period}, reduction factor {reduction_factor}; {num_samples} sample(s), {cpus_per_trial} CPU and "
         f"{gpus_per_trial} GPU per trial; seed {config['seed']}\n"
+        + (f"- {TRIAL_ID_PREFIX}_00000 runs the defaults of the searched keys (one of the {num_samples} samples)\n" if include_defaults else "")
     )
     recorder = SearchRecorder(output_dir, space, header, valid_metric, bigger, checkpoint_root)
     recorder.write()
@@ -510,7 +533,12 @@ def run_search(
                 mode="max" if bigger else "min",
                 scheduler=_asha(recorder, max_t, grace_period, reduction_factor),
                 # a search_alg instance makes Tune ignore max_concurrent_trials: the generator limits itself
-                search_alg=_stable_ids(BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)),
+                search_alg=_stable_ids(
+                    BasicVariantGenerator(
+                        random_state=seed, max_concurrent=max_concurrent or 0,
+                        points_to_evaluate=[defaults_point] if include_defaults else None,
+                    )
+                ),
                 num_samples=num_samples,
                 chdir_to_trial_dir=False,  # run_trial moves to the search's working directory instead
             ),

@@ -297,6 +297,27 @@ def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, 
     assert last.endswith("-last.pth") and state["config"]["learning_rate"] == stored
 
 
+def test_include_defaults_runs_the_settings_values_as_the_first_trial(local_ray, walk_root, tmp_path):
+    """--include_defaults: trial_00000 trains the searched keys' own values (here the override's), the other
+    samples come from the space; grid searches and keys without a value are refused, naming them."""
+    params = write(tmp_path / "space.hyper", "learning_rate loguniform -9,-8\nhidden_dropout_prob choice [0.1]\n")
+    settings = {**quick_settings(walk_root, epochs=1), "learning_rate": 0.004}
+    common = dict(config_dict=settings, seed=3, max_concurrent=1, evaluate_best=False)
+    result = run_search("SASRec", "walk", params, output_dir=str(tmp_path / "s"), num_samples=2, include_defaults=True, **common)
+    trials = result["trials"]
+    assert sorted(trials) == ["trial_00000", "trial_00001"]
+    assert trials["trial_00000"]["params"] == {"learning_rate": 0.004, "hidden_dropout_prob": 0.5}  # SASRec.yaml's dropout
+    assert math.exp(-9) <= trials["trial_00001"]["params"]["learning_rate"] <= math.exp(-8)
+    assert all(rec["status"] == "completed" for rec in trials.values())
+    with open(os.path.join(tmp_path, "s", "results.md"), encoding="utf-8") as f:
+        assert "trial_00000 runs the defaults" in f.read()
+    with pytest.raises(ValueError, match=r"include_defaults with grid.*space\.hyper"):
+        run_search("SASRec", "walk", params, output_dir=str(tmp_path / "g"), grid=True, include_defaults=True, **common)
+    unknown = write(tmp_path / "unknown.hyper", "no_such_key choice [1, 2]\n")
+    with pytest.raises(ValueError, match=r"no value for 'no_such_key' \(searched in .*unknown\.hyper\)"):
+        run_search("SASRec", "walk", unknown, output_dir=str(tmp_path / "u"), include_defaults=True, **common)
+
+
 def test_an_edited_config_file_is_another_search(local_ray, walk_root, tmp_path):
     """Resumed trials keep the settings their checkpoints stored: a rerun after a config file changed is refused."""
     params = write(tmp_path / "lr.hyper", "learning_rate choice [1e-3]\n")

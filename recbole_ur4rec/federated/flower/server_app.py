@@ -1,13 +1,13 @@
 """The ServerApp: the whole RecBole run (:func:`~recbole_ur4rec.quick_start.run_recbole_ur4rec` with
 ``federated_engine: flower``) inside a :class:`~recbole_ur4rec.federated.flower.engine.FlowerSession`."""
 import json
-import os
 import traceback
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from recbole_ur4rec.federated.flower.engine import FlowerSession
+from recbole_ur4rec.report import write_json
 
 
 def _settings(run_config):
@@ -58,17 +58,10 @@ def _server_main(grid: Grid, context: Context) -> None:
             result = run_recbole_ur4rec(settings["model"], settings["dataset"], settings["config_file_list"], settings["config_dict"])
     except Exception:
         if output:
-            _write_json(output, {"error": traceback.format_exc(), "rounds": session.rounds if session else []})
+            write_json(output, {"error": traceback.format_exc(), "rounds": session.rounds if session else []}, indent=None)
         raise
     if output:
-        _write_json(output, {"result": result, "rounds": session.rounds})
-
-
-def _write_json(path, value):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, default=float)
-    os.replace(tmp, path)  # readers never see a partial file
+        write_json(output, {"result": result, "rounds": session.rounds}, indent=None)
 
 
 server_app = ServerApp()
