@@ -131,7 +131,7 @@ def run_cell(spec):
             if config["stages"] and isinstance(config["stage_epochs"], dict):  # staged trainers: epochs per stage
                 out["protocol"]["stage_epochs"] = {stage: config["stage_epochs"].get(stage) for stage in config["stages"]}
             resume_file = newest_resume_file(spec["checkpoint_dir"]) if spec.get("resume") else None
-            out["resumed_from"] = resume_file
+            out["resumed_from"] = shown_path(resume_file) if resume_file else None
             result = run_recbole_ur4rec(
                 model=None if resume_file else spec["model"],
                 dataset=None if resume_file else spec["dataset"],

@@ -281,6 +281,10 @@ def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, 
     assert resumed["best"]["trial"] == whole["best"]["trial"]
     assert resumed["best"]["test_result"] == whole["best"]["test_result"]
     assert resumed["best"]["time_s"] > 0  # training seconds of both runs, not the replay's
+    # the search time names this run's wall time and every trial's seconds over both runs
+    notes = open(os.path.join(output_dir, "results.md"), encoding="utf-8").read()
+    all_runs = sum(rec["time_s"] for rec in resumed["trials"].values())
+    assert f"; trials: {all_runs:.0f} s in all runs." in notes
 
     # a rerun with other settings is refused, naming the file and the setting
     with pytest.raises(ValueError, match=r"search\.json.*seed: 3 there, 4 now"):

@@ -56,7 +56,9 @@ def search_summary(search_dir):
     if "search was interrupted" in text or not seconds:
         return None
     trials = sum(1 for line in text.splitlines() if re.match(r"\| \S+ \| (completed|stopped by ASHA|failed) \|", line))
-    return trials, int(seconds.group(1))
+    # a search resumed across sessions: its last run's wall time is a part, its trials' seconds are the whole
+    trial_seconds = re.search(r"trials: (\d+) s in all runs", text)
+    return trials, max(int(seconds.group(1)), int(trial_seconds.group(1)) if trial_seconds else 0)
 
 
 def mean_std(row, key, digits=4):
