@@ -553,8 +553,7 @@ def run_search(
         start = time.time()
         tuner.fit()
         interrupted = any(rec["status"] == "running" for rec in recorder.trials.values())
-        # a resumed search's run is only its last part: its trials' seconds (every run) give the whole
-        trial_seconds = sum(rec["time_s"] or 0.0 for rec in recorder.trials.values())
+        trial_seconds = sum(rec["time_s"] or 0.0 for rec in recorder.trials.values())  # every run of a resumed search
         recorder.notes.append(f"Search time: {time.time() - start:.0f} s; trials: {trial_seconds:.0f} s in all runs.")
     finally:
         best = recorder.finish(interrupted)
