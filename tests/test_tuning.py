@@ -220,7 +220,7 @@ def test_asha_stops_a_bad_staged_trial_early(local_ray, walk_root, tmp_path):
 
 def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, monkeypatch):
     """Results hold no machine paths: a best.yaml under the working directory names itself relatively."""
-    from recbole_ur4rec.tuning import best_config_yaml
+    from recbole_ur4rec.tuning_results import best_config_yaml
 
     monkeypatch.chdir(tmp_path)
     path = str(tmp_path / "results" / "hyper" / "best.yaml")
@@ -239,7 +239,7 @@ def test_the_best_trial_is_chosen_on_its_model_files_validation(tmp_path):
     from types import SimpleNamespace
 
     from recbole_ur4rec.checkpoints import save_checkpoint
-    from recbole_ur4rec.tuning import SearchRecorder, trial_checkpoint_dir
+    from recbole_ur4rec.tuning_results import SearchRecorder, trial_checkpoint_dir
 
     recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
     for trial_id, scores, model_file_score in (("staged", [0.09, 0.04, 0.05], 0.05), ("plain", [0.06, 0.07], 0.07)):
@@ -254,6 +254,29 @@ def test_the_best_trial_is_chosen_on_its_model_files_validation(tmp_path):
     assert recorder.finish(interrupted=False)["trial"] == "plain"
     rows = {row["trial"]: row for row in recorder.rows()}
     assert (rows["staged"]["best valid NDCG@10"], rows["staged"]["valid ndcg@10"]) == (0.09, 0.05)
+
+
+def test_the_table_shows_the_values_a_resumed_trial_trained_with(tmp_path):
+    """A resumed trial trains with its checkpoint's values; the sampler's new draw of the same sample may differ in its
+    last bits (another machine), and the table and best.yaml give the checkpoint's values, not the draw."""
+    from types import SimpleNamespace
+
+    from recbole_ur4rec.checkpoints import save_checkpoint
+    from recbole_ur4rec.tuning_results import SearchRecorder, trial_checkpoint_dir
+
+    stored, drawn = 0.0025, 0.0025 * (1 + 4e-16)
+    assert stored != drawn
+    recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
+    trial = SimpleNamespace(trial_id="trial_00000", config={"lr": drawn})
+    recorder.on_start(trial)
+    recorder.on_result(trial, {"valid_score": 0.07})
+    recorder.on_complete(trial)
+    folder = trial_checkpoint_dir(recorder.checkpoint_root, trial.trial_id)
+    os.makedirs(folder)
+    save_checkpoint({"best_valid_result": {"ndcg@10": 0.07}, "config": {"lr": stored}}, os.path.join(folder, "M-last.pth"))
+    save_checkpoint({}, os.path.join(folder, "M.pth"))
+    assert recorder.finish(interrupted=False)["params"] == {"lr": stored}
+    assert recorder.rows()[0]["lr"] == stored
 
 
 def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, tmp_path):
