@@ -88,7 +88,8 @@ class SearchRecorder:
         return float(score) if score is not None else self.best_score(rec)
 
     def finish(self, interrupted):
-        """Final statuses, the valid metrics stored in each trial's checkpoint, the best trial (on validation)."""
+        """Final statuses, the valid metrics and searched values stored in each trial's checkpoint, the best trial (on
+        validation)."""
         from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, newest_resume_file
 
         for rec in self.trials.values():
