@@ -118,8 +118,9 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
             lines.append(f"- {model} config files: {', '.join(shown_path(f) for f in files_of[model])}")
     lines.append(
         "- values: test metrics, mean ± sample std over the finished seeds; wall time per cell (data, training, "
-        "test); epochs: trained, best epoch: the one kept (mean over seeds; equal to the cap means the model was still "
-        "improving); peak memory: the cell process's max RSS; params: values in the model's state_dict"
+        "test); epochs: trained, best epoch: the one kept, counted from 1 (RecBole's log counts from 0; mean over "
+        "seeds; equal to the cap means the model was still improving); peak memory: the cell process's max RSS; "
+        "params: values in the model's state_dict"
     )
     return "\n".join(lines) + "\n"
 
