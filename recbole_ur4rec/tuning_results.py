@@ -1,6 +1,7 @@
 """What a Ray Tune search writes: each trial's record, the result tables (``results.md``, ``results.csv``) and the
 best configuration (``best.yaml``). The search and its trainable: :mod:`recbole_ur4rec.tuning`."""
 import os
+import time
 
 import yaml
 
@@ -37,6 +38,7 @@ class SearchRecorder:
         self._trial_objects = {}  # trial_id -> Ray's Trial (its error file appears after the error callback)
         self.best_trial_id = None
         self.notes = []
+        self.finished = False  # until finish(): results.md says it is a live table
 
     def record(self, trial):
         rec = self.trials.setdefault(
@@ -92,6 +94,7 @@ class SearchRecorder:
         validation)."""
         from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, newest_resume_file
 
+        self.finished = True
         for rec in self.trials.values():
             if rec["status"] == "running":
                 rec["status"] = "interrupted" if interrupted else "unfinished"
@@ -143,6 +146,12 @@ class SearchRecorder:
         # results.md stays readable: the evaluation slices' columns ("valid ndcg@10/head") are in results.csv only
         md_headers = [h for h in headers if h != "model_file" and "/" not in h]
         notes = "".join(f"\n{note}\n" for note in self.notes)
+        if not self.finished:  # a search killed outright (kill -9, a session's end) leaves this table as it was
+            notes += (
+                f"\nLive table, last written {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC while the search ran: "
+                "if that search is no longer running it was killed, and its `running` trials are interrupted; rerun "
+                "the search to continue them.\n"
+            )
         write_text(os.path.join(self.output_dir, "results.md"), self.header + "\n" + markdown_table(md_headers, rows) + notes)
 
 

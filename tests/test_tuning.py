@@ -256,6 +256,25 @@ def test_the_best_trial_is_chosen_on_its_model_files_validation(tmp_path):
     assert (rows["staged"]["best valid NDCG@10"], rows["staged"]["valid ndcg@10"]) == (0.09, 0.05)
 
 
+def test_a_search_table_says_it_is_live_until_the_search_finishes(tmp_path):
+    """A search killed outright cannot rewrite its table: while the search runs, results.md says it is a live table
+    (with the time it was written), so a killed search's `running` trials are not read as running; finish() drops it."""
+    from types import SimpleNamespace
+
+    from recbole_ur4rec.tuning_results import SearchRecorder
+
+    recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
+    trial = SimpleNamespace(trial_id="trial_00000", config={"lr": 0.1})
+    recorder.on_start(trial)
+    recorder.on_result(trial, {"valid_score": 0.07})
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| running |" in table and "Live table, last written" in table
+    recorder.finish(interrupted=True)
+    recorder.write()
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| interrupted |" in table and "Live table" not in table
+
+
 def test_the_table_shows_the_values_a_resumed_trial_trained_with(tmp_path):
     """A resumed trial trains with its checkpoint's values; the sampler's new draw of the same sample may differ in its
     last bits (another machine), and the table and best.yaml give the checkpoint's values, not the draw."""
