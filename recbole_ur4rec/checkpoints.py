@@ -76,6 +76,15 @@ def newest_resume_file(folder):
     return max(lasts, key=os.path.getmtime) if lasts else None
 
 
+def run_best(state):
+    """``(score, metrics)`` of the best validation of the run whose resume (``-last.pth``) ``state`` this is; files
+    written before the run's best was kept beside early stopping's: a staged trainer's own copy, else early stopping's."""
+    for kept in (state, state.get("staged") or {}):
+        if "run_best_score" in kept:
+            return kept["run_best_score"], kept["run_best_result"]
+    return state["best_valid_score"], state["best_valid_result"]
+
+
 def _relative_settings(config, folder):
     """``config`` with its absolute FOLDER_RELATIVE_SETTINGS made relative to ``folder``, and the keys it changed."""
     config, changed = dict(config), []

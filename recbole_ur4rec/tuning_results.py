@@ -84,15 +84,15 @@ class SearchRecorder:
 
     def model_score(self, rec):
         """The validation score of the trial's model file, which the best trial is chosen on; the best reported
-        score when the checkpoint holds none. The two differ for a staged trial stopped before its last stage: its
-        reported curve spans every stage, its model file holds the best of the stage it was stopped in."""
+        score when the checkpoint holds none. The two are equal, except for a staged trial checkpointed before the
+        run's best was kept (``checkpoints.run_best``): its file names the best of the stage it stopped in."""
         score = (rec.get("valid_result") or {}).get(self.valid_metric.lower())
         return float(score) if score is not None else self.best_score(rec)
 
     def finish(self, interrupted):
         """Final statuses, the valid metrics and searched values stored in each trial's checkpoint, the best trial (on
         validation)."""
-        from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, newest_resume_file
+        from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, newest_resume_file, run_best
 
         self.finished = True
         for rec in self.trials.values():
@@ -105,7 +105,7 @@ class SearchRecorder:
                 rec["model_file"] = last[: -len("-last.pth")] + ".pth"
                 try:
                     state = load_checkpoint(last)
-                    rec["valid_result"] = state.get("best_valid_result") or {}
+                    rec["valid_result"] = run_best(state)[1] or {}
                     # the values it trained with: a resumed trial keeps its stored ones (a new sample's last bits may differ)
                     trained = state.get("config") or {}
                     rec["params"].update({name: plain(trained[name]) for name in self.space if name in trained})

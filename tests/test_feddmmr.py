@@ -419,6 +419,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path, se
     assert reads.count(str(tmp_path / "b" / last_file)) == 1, "the resume state is read once"
     assert resumed["test_result"] == uninterrupted["test_result"]
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
+    for run in (uninterrupted, resumed):  # the best-model file holds the best validation's metrics, not the one before
+        best = load_checkpoint(run["model_file"])
+        assert best["best_valid_result"] == uninterrupted["best_valid_result"]
+        assert best["best_valid_score"] == uninterrupted["best_valid_score"]
 
 
 def test_federated_feddmmr_learns_the_tiny_dataset(plain):

@@ -139,6 +139,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_p
     assert epochs_run == [3, 4, 5], "training continues after the last saved epoch"
     assert resumed["test_result"] == uninterrupted["test_result"]
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
+    for run in (uninterrupted, resumed):  # the best-model file holds the best validation's metrics, not the one before
+        best = load_checkpoint(run["model_file"])
+        assert best["best_valid_result"] == uninterrupted["best_valid_result"]
+        assert best["best_valid_score"] == uninterrupted["best_valid_score"]
     # the run went on in its own two files: no stale pair per resumed segment
     assert sorted(os.listdir(tmp_path / "b")) == sorted([last_file, last_file.replace("-last.pth", ".pth")])
     assert load_checkpoint(tmp_path / "b" / last_file)["epoch"] == 5

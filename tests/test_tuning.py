@@ -233,27 +233,33 @@ def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, 
     assert yaml.safe_load(open(path).read()) == {"epochs": 8}
 
 
-def test_the_best_trial_is_chosen_on_its_model_files_validation(tmp_path):
-    """A staged trial stopped in its second stage reported 0.09 in its first stage, but its model file (the second
-    stage's best) scores 0.05: the trial whose model file scores 0.07 is the best, and the table shows both numbers."""
+def test_the_best_trial_is_chosen_on_the_runs_best_validation_not_the_stages(tmp_path):
+    """A staged trial's resume file holds early stopping's best of its last stage (0.05) beside the run's best (0.09,
+    the weights in its model file): the search ranks and shows the run's best, also from files written before the run's
+    best was kept outside the stage state."""
     from types import SimpleNamespace
 
     from recbole_ur4rec.checkpoints import save_checkpoint
     from recbole_ur4rec.tuning_results import SearchRecorder, trial_checkpoint_dir
 
     recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
-    for trial_id, scores, model_file_score in (("staged", [0.09, 0.04, 0.05], 0.05), ("plain", [0.06, 0.07], 0.07)):
-        recorder.on_start(SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}))
-        for score in scores:
-            recorder.on_result(SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}), {"valid_score": score})
-        recorder.on_complete(SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}))
+    resume_states = {
+        "staged": {"best_valid_result": {"ndcg@10": 0.05}, "run_best_score": 0.09, "run_best_result": {"ndcg@10": 0.09}},
+        "older_staged": {"best_valid_result": {"ndcg@10": 0.04}, "staged": {"run_best_score": 0.08, "run_best_result": {"ndcg@10": 0.08}}},
+        "plain": {"best_valid_score": 0.07, "best_valid_result": {"ndcg@10": 0.07}},
+    }
+    for trial_id, state in resume_states.items():
+        trial = SimpleNamespace(trial_id=trial_id, config={"lr": 0.1})
+        recorder.on_start(trial)
+        recorder.on_result(trial, {"valid_score": 0.01})
+        recorder.on_complete(trial)
         folder = trial_checkpoint_dir(recorder.checkpoint_root, trial_id)
         os.makedirs(folder)
-        save_checkpoint({"best_valid_result": {"ndcg@10": model_file_score}}, os.path.join(folder, "M-last.pth"))
+        save_checkpoint(state, os.path.join(folder, "M-last.pth"))
         save_checkpoint({}, os.path.join(folder, "M.pth"))
-    assert recorder.finish(interrupted=False)["trial"] == "plain"
+    assert recorder.finish(interrupted=False)["trial"] == "staged"
     rows = {row["trial"]: row for row in recorder.rows()}
-    assert (rows["staged"]["best valid NDCG@10"], rows["staged"]["valid ndcg@10"]) == (0.09, 0.05)
+    assert {trial: row["valid ndcg@10"] for trial, row in rows.items()} == {"staged": 0.09, "older_staged": 0.08, "plain": 0.07}
 
 
 def test_a_search_table_says_it_is_live_until_the_search_finishes(tmp_path):
@@ -292,7 +298,7 @@ def test_the_table_shows_the_values_a_resumed_trial_trained_with(tmp_path):
     recorder.on_complete(trial)
     folder = trial_checkpoint_dir(recorder.checkpoint_root, trial.trial_id)
     os.makedirs(folder)
-    save_checkpoint({"best_valid_result": {"ndcg@10": 0.07}, "config": {"lr": stored}}, os.path.join(folder, "M-last.pth"))
+    save_checkpoint({"best_valid_score": 0.07, "best_valid_result": {"ndcg@10": 0.07}, "config": {"lr": stored}}, os.path.join(folder, "M-last.pth"))
     save_checkpoint({}, os.path.join(folder, "M.pth"))
     assert recorder.finish(interrupted=False)["params"] == {"lr": stored}
     assert recorder.rows()[0]["lr"] == stored

@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -406,11 +407,28 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monke
         if epoch_idx == 5:  # joint's second epoch of three
             raise Interrupted
 
+    def stop_in_end_to_end(epoch_idx, valid_score):
+        if epoch_idx == 7:
+            raise Interrupted
+
+    def stop_at_first(epoch_idx, valid_score):
+        raise Interrupted
+
     with pytest.raises(Interrupted):
         run_recbole_ur4rec("UR4Rec", "genre", config_dict={**run_settings, "checkpoint_dir": str(tmp_path / "b")}, callback_fn=stop_in_joint)
     (last_file,) = [f for f in os.listdir(tmp_path / "b") if f.endswith("-last.pth")]
     state = load_checkpoint(tmp_path / "b" / last_file)
     assert state["staged"]["stage_index"] == 2 and state["epoch"] == 1 and state["staged"]["alternator"]["switches"] > 0
+
+    # resumed in end_to_end, whose best is below the run's (from joint), and stopped at its first validation: the
+    # best-model file written on resuming holds the run's best, not the stage's
+    shutil.copytree(tmp_path / "b", tmp_path / "b2")
+    for stop in (stop_in_end_to_end, stop_at_first):
+        with pytest.raises(Interrupted):
+            run_recbole_ur4rec(resume_file=str(tmp_path / "b2" / last_file), callback_fn=stop)
+    again = load_checkpoint(tmp_path / "b2" / last_file)
+    best = load_checkpoint(tmp_path / "b2" / last_file.replace("-last.pth", ".pth"))
+    assert (best["best_valid_score"], best["best_valid_result"]) == (again["run_best_score"], again["run_best_result"])
 
     epochs_run, reads = [], count_checkpoint_reads(monkeypatch)
     resumed = run_recbole_ur4rec(resume_file=str(tmp_path / "b" / last_file), callback_fn=lambda epoch, score: epochs_run.append(epoch))
@@ -418,6 +436,10 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monke
     assert reads.count(str(tmp_path / "b" / last_file)) == 1, "the resume state is read once"
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
     assert resumed["test_result"] == uninterrupted["test_result"]
+    for run in (uninterrupted, resumed):  # the best-model file holds the best validation's metrics, not the one before
+        best = load_checkpoint(run["model_file"])
+        assert best["best_valid_result"] == uninterrupted["best_valid_result"]
+        assert best["best_valid_score"] == uninterrupted["best_valid_score"]
 
 
 def test_learns_from_text_better_than_the_backbone_alone(settings):

@@ -4,9 +4,11 @@ RecBole pickles its ``Config`` into checkpoints, which ``torch.load(weights_only
 refuses. This mixin writes two files per run:
 
 - ``<model>-<time>.pth``: the best model so far (weights, the user's config, training state);
-- ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights, every random
-  number generator and the run's validations so far (``run_validations``), so ``--resume`` continues exactly where
-  the run stopped and a resumed Ray Tune trial can report its earlier validations again.
+- ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights and their metrics
+  (``run_best_score``, ``run_best_result``), every random number generator and the run's validations so far
+  (``run_validations``), so ``--resume`` continues exactly where the run stopped and a resumed Ray Tune trial can
+  report its earlier validations again. Its ``best_valid_score``/``best_valid_result`` are what early stopping
+  continues from: a staged trainer's are its stage's.
 """
 import inspect
 import os
@@ -80,6 +82,7 @@ class SafeCheckpointMixin:
     _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
     _best_in_memory = None
     last_valid_result = None  # the latest validation's metrics (set by _valid_epoch)
+    _validation_unrecorded = False  # a validation ran that fit has not called back on: a save now is its improvement
     run_validations = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
     _seconds_before = 0.0  # training and validation seconds of the segments before a resume
     _clock = None  # when this segment's first fit started
@@ -88,7 +91,7 @@ class SafeCheckpointMixin:
     def last_checkpoint_file(self):
         return os.path.splitext(self.saved_model_file)[0] + "-last.pth"
 
-    def _model_state(self, epoch):
+    def _model_state(self, epoch, best_score, best_result):
         other = self.model.other_parameter()
         if other is not None:  # a submodule named there (SASRecF's feature_embed_layer) is in the state_dict already
             other = {key: value for key, value in other.items() if not isinstance(value, torch.nn.Module)}
@@ -98,8 +101,8 @@ class SafeCheckpointMixin:
             "config": checkpoint_config(self.config),
             "epoch": epoch,
             "cur_step": self.cur_step,
-            "best_valid_score": float(self.best_valid_score),
-            "best_valid_result": plain_data(self.best_valid_result, "best_valid_result"),
+            "best_valid_score": float(best_score),
+            "best_valid_result": plain_data(best_result, "best_valid_result"),
             "state_dict": self.model.state_dict(),
             "other_parameter": plain_data(other, "other_parameter") if other is not None else None,
         }
@@ -111,8 +114,10 @@ class SafeCheckpointMixin:
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         if epoch < 0 and self._best_epoch is not None:  # fit's re-save of a finished run: still the best epoch's weights
             epoch = self._best_epoch
+        if self._validation_unrecorded:  # RecBole saves an improvement before it sets best_valid_result: set it first
+            self.best_valid_result = self.last_valid_result
         self._best_epoch = epoch
-        state = self._model_state(epoch)
+        state = self._model_state(epoch, *self._run_best())
         if self._keep_in_memory and not explicit_file:  # fit(saved=False): nothing is written, the best stays here
             state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
             self._best_in_memory = self._best_state_dict = state
@@ -123,8 +128,11 @@ class SafeCheckpointMixin:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
     def _save_last_checkpoint(self, epoch, train_data):
-        state = self._model_state(epoch)
+        state = self._model_state(epoch, self.best_valid_score, self.best_valid_result)  # what early stopping resumes from
+        run_best_score, run_best_result = self._run_best()
         state.update(
+            run_best_score=float(run_best_score),
+            run_best_result=plain_data(run_best_result, "run_best_result"),
             optimizer=self.optimizer.state_dict(),
             rng=rng_state(train_data),
             stopped=self.cur_step > self.stopping_step,
@@ -135,9 +143,14 @@ class SafeCheckpointMixin:
         )
         save_checkpoint(state, self.last_checkpoint_file)
 
+    def _run_best(self):
+        """The best validation's score and metrics so far, as the best-model file records them (staged trainers: the
+        best of the whole run, not of the stage)."""
+        return self.best_valid_score, self.best_valid_result
+
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data, show_progress)
-        self.last_valid_result = result
+        self.last_valid_result, self._validation_unrecorded = result, True
         return score, result
 
     def _run_epoch(self, epoch_idx):
@@ -172,6 +185,7 @@ class SafeCheckpointMixin:
         wanted = inspect.signature(callback_fn).parameters if callback_fn is not None else {}
 
         def after_validation(epoch_idx, valid_score):
+            self._validation_unrecorded = False
             self._record_validation(epoch_idx, valid_score)
             if saved:
                 self._save_last_checkpoint(epoch_idx, train_data)
@@ -217,7 +231,9 @@ class SafeCheckpointMixin:
         # the best weights go to this run's best-model file, so the test evaluation uses them
         self._best_epoch = state.get("best_epoch")  # None in files written before it was kept: their last epoch
         best = dict(state, state_dict=state["best_state_dict"], epoch=state["epoch"] if self._best_epoch is None else self._best_epoch)
-        for key in ("optimizer", "rng", "best_state_dict", "best_epoch", "stopped", "format", "run_validations"):
+        best_score, best_result = self._run_best()
+        best.update(best_valid_score=float(best_score), best_valid_result=plain_data(best_result, "best_valid_result"))
+        for key in ("optimizer", "rng", "best_state_dict", "best_epoch", "stopped", "format", "run_validations", "run_best_score", "run_best_result"):
             best.pop(key, None)
         save_checkpoint(best, self.saved_model_file)
         self._best_state_dict = state["best_state_dict"]

@@ -19,9 +19,9 @@ from recbole.utils import early_stopping, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_ur4rec.checkpoints import CheckpointError
+from recbole_ur4rec.checkpoints import CheckpointError, run_best
 from recbole_ur4rec.model.layers.staged import weighted_loss
-from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin, plain_data
+from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
 
 ALTERNATION_MODES = ("fixed", "adaptive")
 
@@ -395,13 +395,16 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         if self._run_improved or not self._validating:
             super()._save_checkpoint(epoch, verbose, **kwargs)
 
-    def _model_state(self, epoch):
-        state = super()._model_state(epoch)
+    def _model_state(self, epoch, best_score, best_result):
+        state = super()._model_state(epoch, best_score, best_result)
         state["stage"] = {"index": self.stage_index, "name": self.stage.name}
         return state
 
     def _run_epoch(self, epoch_idx):
         return self.epoch_offset + epoch_idx
+
+    def _run_best(self):
+        return self.run_best_score, self.run_best_result
 
     def _extra_resume_state(self):
         return {
@@ -410,8 +413,6 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
                 "stage_step": self.stage_step,
                 "alternator": self.alternator.state_dict() if self.alternator is not None else None,
                 "stage_best_state": self._stage_best_state,
-                "run_best_score": float(self.run_best_score),
-                "run_best_result": plain_data(self.run_best_result, "run_best_result"),
                 "run_best_stage": self.run_best_stage,
             }
         }
@@ -423,11 +424,11 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         if not 0 <= staged["stage_index"] < len(self.stages):
             raise CheckpointError(f"checkpoint {resume_file} is at stage {staged['stage_index']}, but this run has {len(self.stages)} stages")
         self._enter_stage(staged["stage_index"])
-        super()._restore(state, resume_file)
+        self.run_best_score, self.run_best_result = run_best(state)
+        self.run_best_stage = staged["run_best_stage"]
+        super()._restore(state, resume_file)  # writes the best-model file, with the run's best (_run_best)
         self.stage_step = staged["stage_step"]
         if self.alternator is not None:
             self.alternator.load_state_dict(staged["alternator"])
         self._stage_best_state = staged["stage_best_state"]
-        self.run_best_score, self.run_best_result = staged["run_best_score"], staged["run_best_result"]
-        self.run_best_stage = staged["run_best_stage"]
         self._resumed = True
