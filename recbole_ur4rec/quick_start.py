@@ -8,10 +8,10 @@ from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 from recbole_ur4rec.registry import get_trainer
 
 
-def _resume_settings(resume_file, model, dataset, config_dict):
+def _resume_settings(resume_file, model, dataset, config_dict, state=None):
     """Model, dataset and settings of the run that wrote ``resume_file``, updated by ``config_dict``; and the
-    checkpoint itself (read once: the trainer resumes from it)."""
-    state = load_checkpoint(resume_file)
+    checkpoint itself (``state`` when the caller read it, else read here once: the trainer resumes from it)."""
+    state = load_checkpoint(resume_file) if state is None else state
     for given, stored, what in ((model, state["model"], "model"), (dataset, state["dataset"], "dataset")):
         if given is not None and given != stored:
             raise CheckpointError(f"--resume {resume_file} was written for {what} {stored!r}, but {what} {given!r} was asked for")
@@ -27,6 +27,7 @@ def run_recbole_ur4rec(
     resume_file=None,
     callback_fn=None,
     evaluate_test=True,
+    resume_state=None,
 ):
     r"""Train and evaluate any plugin or RecBole model, like RecBole's ``run_recbole``.
 
@@ -44,14 +45,15 @@ def run_recbole_ur4rec(
             that names ``valid_result`` (the validation's metrics) or ``validation`` (its record: epoch, score,
             result, seconds of the run) gets them as keywords.
         evaluate_test (bool): evaluate the test split; tuning trials set it to False.
+        resume_state (dict): ``resume_file``'s checkpoint when the caller has read it already (a resumed search
+            trial), so that it is not read again.
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (None when
         not evaluated) and ``model_file`` (the best-model checkpoint, None when not saved).
     """
-    resume_state = None
     if resume_file is not None:
-        model, dataset, config_dict, resume_state = _resume_settings(resume_file, model, dataset, config_dict)
+        model, dataset, config_dict, resume_state = _resume_settings(resume_file, model, dataset, config_dict, resume_state)
     config, model, dataset, train_data, valid_data, test_data = build(model, dataset, config_file_list, config_dict)
     logger = getLogger()
 

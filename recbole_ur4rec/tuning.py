@@ -117,7 +117,7 @@ def run_trial(config, setup):
     with isolated_argv():  # a resumed trial writes on in its files; the test split is left to the best trial
         run_recbole_ur4rec(
             config_dict["model"], config_dict["dataset"], setup["config_file_list"], config_dict, saved=True,
-            resume_file=last_file, callback_fn=after_validation, evaluate_test=False,
+            resume_file=last_file, callback_fn=after_validation, evaluate_test=False, resume_state=state,
         )
     write_json(os.path.join(trial_dir, FINISHED_FILE), {"validations": len(replayed) + validations})
 

@@ -73,7 +73,7 @@ class SearchRecorder:
     def on_error(self, trial):
         rec = self.record(trial)
         rec["status"] = "failed"
-        rec["error"] = last_error_line(trial.error_file) if trial.error_file else "failed"
+        rec["error"] = last_error_line(trial.error_file)
         self.write()
 
     def best_score(self, rec):

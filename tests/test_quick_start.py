@@ -187,3 +187,15 @@ def test_recboles_feature_aware_sasrecf_saves_a_safe_checkpoint_and_reloads(tmp_
     state = load_checkpoint(result["model_file"])
     assert any(name.startswith("feature_embed_layer.") for name in state["state_dict"])
     assert evaluate_checkpoint(result["model_file"])["test_result"] == result["test_result"]
+
+
+def test_a_resume_state_the_caller_read_is_not_read_again(sasrec_run, monkeypatch):
+    """A resumed search trial reads its -last.pth to check its values and hands the state on: one read in all."""
+    from model_fixtures import count_checkpoint_reads
+
+    last_file = sasrec_run["model_file"].replace(".pth", "-last.pth")
+    state = load_checkpoint(last_file)
+    reads = count_checkpoint_reads(monkeypatch)
+    resumed = run_recbole_ur4rec(resume_file=last_file, resume_state=state)
+    assert str(last_file) not in reads
+    assert resumed["test_result"] == sasrec_run["test_result"]

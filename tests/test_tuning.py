@@ -407,3 +407,19 @@ def test_search_settings_name_paths_inside_the_working_directory_relatively(tmp_
         saved = f.read()
     assert str(tmp_path) not in saved and '"a.yaml"' in saved and '"data"' in saved and '"/elsewhere"' in saved
     check_same_search(str(tmp_path), settings)  # the same search again: accepted
+
+
+def test_a_failed_trial_shows_its_exception_or_that_ray_kept_no_error_file(tmp_path):
+    from types import SimpleNamespace
+
+    from recbole_ur4rec.tuning_results import SearchRecorder
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nValueError: config key 'x' expects a float\n\n")
+    recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
+    for trial_id, path in (("with_file", str(error_file)), ("without_file", None)):
+        trial = SimpleNamespace(trial_id=trial_id, config={"lr": 0.1}, error_file=path)
+        recorder.on_start(trial)
+        recorder.on_error(trial)
+    errors = {row["trial"]: row["error"] for row in recorder.rows()}
+    assert errors == {"with_file": "ValueError: config key 'x' expects a float", "without_file": "failed (no error file)"}
