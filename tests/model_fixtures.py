@@ -37,6 +37,16 @@ def count_checkpoint_reads(monkeypatch):
     return paths
 
 
+def assert_best_file_holds(run, expected):
+    """``run``'s best-model file names the best validation's score and metrics (``expected``'s), not the improvement
+    before it (RecBole sets ``best_valid_result`` after saving)."""
+    from recbole_ur4rec.checkpoints import load_checkpoint
+
+    best = load_checkpoint(run["model_file"])
+    assert best["best_valid_result"] == expected["best_valid_result"]
+    assert best["best_valid_score"] == expected["best_valid_score"]
+
+
 def untrained_test_ndcg10(model, dataset, config_dict):
     """Test NDCG@10 of ``model`` as built, before any training: the baseline a trained model must beat."""
     from recbole_ur4rec.registry import get_trainer

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from model_fixtures import assert_best_file_holds, count_checkpoint_reads
 
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 from recbole_ur4rec.quick_start import evaluate_checkpoint, load_data_and_model, run_recbole_ur4rec
@@ -139,10 +140,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(quick_config, tmp_p
     assert epochs_run == [3, 4, 5], "training continues after the last saved epoch"
     assert resumed["test_result"] == uninterrupted["test_result"]
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
-    for run in (uninterrupted, resumed):  # the best-model file holds the best validation's metrics, not the one before
-        best = load_checkpoint(run["model_file"])
-        assert best["best_valid_result"] == uninterrupted["best_valid_result"]
-        assert best["best_valid_score"] == uninterrupted["best_valid_score"]
+    for run in (uninterrupted, resumed):
+        assert_best_file_holds(run, uninterrupted)
     # the run went on in its own two files: no stale pair per resumed segment
     assert sorted(os.listdir(tmp_path / "b")) == sorted([last_file, last_file.replace("-last.pth", ".pth")])
     assert load_checkpoint(tmp_path / "b" / last_file)["epoch"] == 5
@@ -191,8 +190,6 @@ def test_recboles_feature_aware_sasrecf_saves_a_safe_checkpoint_and_reloads(tmp_
 
 def test_a_resume_state_the_caller_read_is_not_read_again(sasrec_run, monkeypatch):
     """A resumed search trial reads its -last.pth to check its values and hands the state on: one read in all."""
-    from model_fixtures import count_checkpoint_reads
-
     last_file = sasrec_run["model_file"].replace(".pth", "-last.pth")
     state = load_checkpoint(last_file)
     reads = count_checkpoint_reads(monkeypatch)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_fixtures import build_model, changed_groups, count_checkpoint_reads, snapshot
+from model_fixtures import assert_best_file_holds, build_model, changed_groups, count_checkpoint_reads, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.checkpoints import load_checkpoint
@@ -436,10 +436,8 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monke
     assert reads.count(str(tmp_path / "b" / last_file)) == 1, "the resume state is read once"
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
     assert resumed["test_result"] == uninterrupted["test_result"]
-    for run in (uninterrupted, resumed):  # the best-model file holds the best validation's metrics, not the one before
-        best = load_checkpoint(run["model_file"])
-        assert best["best_valid_result"] == uninterrupted["best_valid_result"]
-        assert best["best_valid_score"] == uninterrupted["best_valid_score"]
+    for run in (uninterrupted, resumed):
+        assert_best_file_holds(run, uninterrupted)
 
 
 def test_learns_from_text_better_than_the_backbone_alone(settings):
