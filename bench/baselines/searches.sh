@@ -8,6 +8,8 @@
 #   bash bench/baselines/searches.sh                 # every model, in this order
 #   bash bench/baselines/searches.sh SASRec SASRecF  # some
 #   CONCURRENT=2 bash bench/baselines/searches.sh    # trials at once (default 1)
+#   GPUS=0.25 CONCURRENT=4 bash bench/baselines/searches.sh GRU4Rec  # on a GPU machine: GPU share per trial (default 0:
+#                                     # Ray then hides the GPU from the trial, which trains on the CPU)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source bench/baselines/lib.sh
@@ -41,6 +43,6 @@ for entry in "${SEARCHES[@]}"; do
   fi
   echo "[searches] $name: started $(date -u +%FT%TZ)"
   python run_hyper.py --model "$model" --dataset ml-100k ${files:+--config_files "$files"} --params_file "$space" \
-    --num_samples 8 --cpus_per_trial 1 --max_concurrent "${CONCURRENT:-1}" --grace_period 5 --reduction_factor 2 \
+    --num_samples 8 --cpus_per_trial 1 --gpus_per_trial "${GPUS:-0}" --max_concurrent "${CONCURRENT:-1}" --grace_period 5 --reduction_factor 2 \
     --seed 2020 --output_dir "$OUT/$name" --threads=1 "${extra[@]}"
 done
