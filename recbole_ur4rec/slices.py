@@ -85,6 +85,29 @@ def subset_struct(struct, mask):
     return sub
 
 
+class EvaluatedRows(NamedTuple):
+    """One full-sort evaluation's rows: the evaluated users ``[N]`` and RecBole's collected DataStruct, whose
+    ``rec.*`` entries hold one row per user in the same order (``rec.topk``: the hits in the top k, positives)."""
+
+    users: torch.Tensor
+    struct: object
+
+
+def row_metrics(evaluator, struct):
+    """``{metric@k: float64 [N]}``: each evaluated row's value of RecBole's top-k metrics, computed by RecBole's own
+    metric classes (their mean over the rows is what RecBole reports, before rounding)."""
+    rows = {}
+    for name, metric in evaluator.metric_class.items():
+        if not hasattr(metric, "topk"):
+            raise ValueError(f"per-user values (node-side evaluation, paired tests) exist for top-k metrics only; config key 'metrics' names {name!r}")
+        metric.topk_result = lambda label, value, m=metric: {f"{label}@{k}": value[:, k - 1] for k in m.topk}
+        try:
+            rows.update(metric.calculate_metric(struct))
+        finally:
+            del metric.topk_result  # back to the class's averaging
+    return rows
+
+
 def slice_results(evaluator, struct, masks):
     """``{metric/group: value, users/group: size}`` from RecBole's ``evaluator`` on each group's rows."""
     out = {}

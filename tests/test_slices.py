@@ -1,13 +1,14 @@
 """Evaluation slices: groups known by construction, and per-group metrics equal to metrics of those rows alone."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from model_fixtures import build_model
 
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_trainer
-from recbole_ur4rec.slices import TrainingCounts, head_items, slice_masks
+from recbole_ur4rec.slices import TrainingCounts, head_items, row_metrics, slice_masks
 
 
 def test_head_is_the_most_interacted_share_with_ties_by_id():
@@ -62,6 +63,15 @@ def test_slice_metrics_equal_the_metrics_of_the_groups_rows(settings):
         assert result[f"hit@10/{group}"] == pytest.approx((ranks[mask] <= 10).double().mean().item(), abs=1e-4)
     assert result["ndcg@10"] == pytest.approx(ndcg10.mean().item(), abs=1e-4)
     assert result["users/head"] + result["users/tail"] == len(users) == result["users/short"] + result["users/long"]
+
+    # every evaluated user's own values, by RecBole's metric classes, with slices on or off
+    for slices in (True, False):
+        trainer.config["eval_slices"], trainer.last_evaluated_rows = slices, None
+        trainer.evaluate(test_data, load_best_model=False)
+        rows = trainer.last_evaluated_rows
+        assert torch.equal(rows.users, users)
+        per_user = row_metrics(trainer.evaluator, rows.struct)
+        assert np.allclose(per_user["ndcg@10"], ndcg10.numpy()) and np.array_equal(per_user["hit@10"], (ranks <= 10).numpy())
 
 
 def test_slices_are_reported_for_recboles_models_and_can_be_switched_off(settings):

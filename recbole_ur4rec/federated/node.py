@@ -24,6 +24,7 @@ import torch
 from recbole_ur4rec.federated.aggregation import FedAvg
 from recbole_ur4rec.federated.catalog import ItemCatalog, NodePartition, PartitionError, read_items
 from recbole_ur4rec.federated.engine import ClientData, LoopEngine
+from recbole_ur4rec.slices import row_metrics
 
 
 def default_items(partition):
@@ -34,16 +35,7 @@ def default_items(partition):
 def metric_sums(evaluator, struct):
     """``{metric@k: sum over the evaluated users}`` from RecBole's ``evaluator`` on ``struct`` (its own per-user
     values, summed instead of averaged), for top-k metrics."""
-    sums = {}
-    for name, metric in evaluator.metric_class.items():
-        if not hasattr(metric, "topk"):
-            raise ValueError(f"node-side evaluation adds up top-k metrics only; config key 'metrics' names {name!r}")
-        metric.topk_result = lambda label, value, m=metric: {f"{label}@{k}": float(value[:, k - 1].sum()) for k in m.topk}
-        try:
-            sums.update(metric.calculate_metric(struct))
-        finally:
-            del metric.topk_result  # back to the class's averaging
-    return sums
+    return {key: float(values.sum()) for key, values in row_metrics(evaluator, struct).items()}
 
 
 def merge_metric_sums(replies, decimal_place):

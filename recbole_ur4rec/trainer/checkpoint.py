@@ -23,7 +23,7 @@ from recbole.utils import set_color
 
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from recbole_ur4rec.checks import check_config_value
-from recbole_ur4rec.slices import batch_rows, slice_masks, slice_results
+from recbole_ur4rec.slices import EvaluatedRows, batch_rows, slice_masks, slice_results
 
 
 def plain_data(value, key="config"):
@@ -86,6 +86,7 @@ class SafeCheckpointMixin:
     run_validations = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
     _seconds_before = 0.0  # training and validation seconds of the segments before a resume
     _clock = None  # when this segment's first fit started
+    last_evaluated_rows = None  # the latest full-sort evaluation's users and rows (slices.EvaluatedRows)
 
     @property
     def last_checkpoint_file(self):
@@ -261,10 +262,10 @@ class SafeCheckpointMixin:
             state = self.best_model_state(model_file)
             self.model.load_state_dict(state["state_dict"])
             self.model.load_other_parameter(state.get("other_parameter"))
-        counts = getattr(eval_data, "training_counts", None)
-        if not (eval_data and counts is not None and self.config["eval_slices"] and isinstance(eval_data, FullSortEvalDataLoader)):
+        if not (eval_data and isinstance(eval_data, FullSortEvalDataLoader)):
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        # RecBole's evaluation, with each batch's users and targets and the collected rows kept for the slices
+        # RecBole's evaluation, with each batch's users and targets and the collected rows kept (last_evaluated_rows,
+        # the slices)
         collector, rows, captured = self.eval_collector, [], {}
         collect, get_struct = collector.eval_batch_collect, collector.get_data_struct
         uid_field = self.config["USER_ID_FIELD"]
@@ -283,6 +284,10 @@ class SafeCheckpointMixin:
         finally:
             del collector.eval_batch_collect, collector.get_data_struct  # back to the class's methods
         users = torch.cat([u for u, _ in rows])
+        self.last_evaluated_rows = EvaluatedRows(users, captured["struct"])
+        counts = getattr(eval_data, "training_counts", None)
+        if counts is None or not self.config["eval_slices"]:
+            return result
         targets = None if any(t is None for _, t in rows) else torch.cat([t for _, t in rows])
         head_share = check_config_value(self.config, "slice_head_share", (int, float), low=0, high=1, low_open=True, high_open=True)
         masks = slice_masks(counts, users, targets, head_share)

@@ -1,0 +1,161 @@
+"""Two models' cells compared user by user: how much of a gap between their means the test users can tell apart.
+
+    python bench/baselines/paired_users.py --cells results/ml-100k-tuned/cells --models FastSASRec,SASRec
+
+A comparison's seed std measures training noise only: every seed is evaluated on the same users, whose sampling
+noise it leaves out. This script re-evaluates each cell's model file (the seeds both models have) on ``--split``,
+checks that the mean of the per-user values equals the cell's recorded metric (else the file is not the cell's
+model, and it stops), averages each user's value over the seeds, and bootstraps the users (paired: one resample of
+users for both models) for the mean difference A - B: its 95% interval and the share of resamples on the other side
+of zero. Writes ``paired_<A>_<B>_<split>.md`` (and ``.json``) beside the cells folder.
+"""
+import argparse
+import json
+import os
+import statistics
+
+import numpy as np
+import torch
+
+from recbole_ur4rec.quick_start import load_data_and_model
+from recbole_ur4rec.registry import get_trainer
+from recbole_ur4rec.slices import row_metrics
+
+RESAMPLES = 10000
+
+
+def cell_file(cells, label, seed):
+    return os.path.join(cells, f"{label.replace(':', '_')}-seed{seed}.json")
+
+
+def finished_seeds(cells, label):
+    """The seeds whose cell for ``label`` finished, from the cell files ``<label>-seed<N>.json``."""
+    prefix = f"{label.replace(':', '_')}-seed"
+    seeds = []
+    for name in sorted(os.listdir(cells)):
+        if name.startswith(prefix) and name.endswith(".json") and not name.endswith(".partial.json"):
+            with open(os.path.join(cells, name), encoding="utf-8") as f:
+                if json.load(f).get("status") == "ok":
+                    seeds.append(int(name[len(prefix):-len(".json")]))
+    return seeds
+
+
+def user_values(cell_path, split, metric):
+    """{user token: value} of ``metric`` on ``split`` for the model file of the cell ``cell_path``."""
+    with open(cell_path, encoding="utf-8") as f:
+        cell = json.load(f)
+    model_file = cell.get("model_file")
+    if not model_file or not os.path.isfile(model_file):
+        raise SystemExit(f"{cell_path}: its model_file {model_file!r} is not here (model files are not committed: "
+                         "rerun the cell, or run this where it ran)")
+    config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    result = trainer.evaluate(valid_data if split == "valid" else test_data, load_best_model=False)
+    rows = trainer.last_evaluated_rows
+    values = row_metrics(trainer.evaluator, rows.struct)[metric]
+    recorded = cell[f"{split}_result"][metric]
+    if round(float(values.mean()), config["metric_decimal_place"]) != recorded or result[metric] != recorded:
+        raise SystemExit(f"{model_file}: {split} {metric} is {float(values.mean()):.6f} here, its cell {cell_path} "
+                         f"recorded {recorded}: not the cell's model (or other data)")
+    tokens = dataset.id2token(dataset.uid_field, rows.users.numpy())
+    if len(set(tokens)) != len(tokens):
+        raise SystemExit(f"{model_file}: a user was evaluated twice on {split}; a paired comparison needs one row each")
+    return dict(zip(tokens.tolist(), values.tolist()))
+
+
+def paired_bootstrap(diff, resamples=RESAMPLES, seed=0):
+    """(mean, standard error, 2.5% and 97.5% points, share of resamples on the other side of zero) of the mean of
+    ``diff`` [N] over bootstrap resamples of its rows."""
+    diff = np.asarray(diff, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # 1000 resamples of N rows at a time
+        stop = min(start + 1000, resamples)
+        means[start:stop] = diff[rng.integers(0, len(diff), size=(stop - start, len(diff)))].mean(axis=1)
+    mean = float(diff.mean())
+    other_side = float(np.mean(means <= 0) if mean > 0 else np.mean(means >= 0))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return mean, float(means.std(ddof=1)), float(low), float(high), other_side
+
+
+def compare(cells, model_a, model_b, split="test", metric="ndcg@10"):
+    seeds = sorted(set(finished_seeds(cells, model_a)) & set(finished_seeds(cells, model_b)))
+    if not seeds:
+        raise SystemExit(f"{cells}: no seed has a finished cell for both {model_a} and {model_b}")
+    per_model, seed_means = {}, {}
+    for label in (model_a, model_b):
+        runs = [user_values(cell_file(cells, label, seed), split, metric) for seed in seeds]
+        users = set(runs[0])
+        if any(set(run) != users for run in runs):
+            raise SystemExit(f"{label}: its seeds evaluated different users on {split}")
+        per_model[label] = {user: statistics.fmean(run[user] for run in runs) for user in users}
+        seed_means[label] = [statistics.fmean(run.values()) for run in runs]
+    if set(per_model[model_a]) != set(per_model[model_b]):
+        raise SystemExit(f"{model_a} and {model_b} evaluated different users on {split}")
+    users = sorted(per_model[model_a])
+    a = np.array([per_model[model_a][u] for u in users])
+    b = np.array([per_model[model_b][u] for u in users])
+    mean, se, low, high, other_side = paired_bootstrap(a - b)
+    return {
+        "cells": cells, "split": split, "metric": metric, "seeds": seeds, "users": len(users),
+        "models": [model_a, model_b], "seed_means": seed_means,
+        "mean": {model_a: float(a.mean()), model_b: float(b.mean())},
+        "user_se": {model_a: float(a.std(ddof=1) / np.sqrt(len(a))), model_b: float(b.std(ddof=1) / np.sqrt(len(b)))},
+        "difference": mean, "difference_se": se, "interval_95": [low, high], "other_side_share": other_side,
+        "users_a_better": int((a > b).sum()), "users_b_better": int((a < b).sum()), "resamples": RESAMPLES,
+    }
+
+
+def markdown(r):
+    a, b = r["models"]
+    seeds = ", ".join(map(str, r["seeds"]))
+    rel = r["difference"] / r["mean"][b]
+    lines = [
+        f"# {a} against {b}, user by user: {r['split']} {r['metric']}",
+        "",
+        f"Cells: `{r['cells']}`, seeds {seeds}; each model file re-evaluated (its mean equals its cell's), each user's "
+        f"value averaged over the seeds; paired bootstrap over the {r['users']} users, {r['resamples']} resamples "
+        "(`bench/baselines/paired_users.py`).",
+        "",
+        f"| model | {r['metric']} per seed | mean over seeds | standard error over users |",
+        "|---|---|---|---|",
+    ]
+    for label in (a, b):
+        per_seed = " / ".join(f"{v:.4f}" for v in r["seed_means"][label])
+        lines.append(f"| {label} | {per_seed} | {r['mean'][label]:.4f} | {r['user_se'][label]:.4f} |")
+    low, high = r["interval_95"]
+    lines += [
+        "",
+        f"{a} - {b}: {r['difference']:+.4f} ({rel:+.1%}), standard error {r['difference_se']:.4f}, 95% interval "
+        f"[{low:+.4f}, {high:+.4f}]; {r['other_side_share']:.1%} of the resamples on the other side of zero. Users "
+        f"where {a} scores higher: {r['users_a_better']}, lower: {r['users_b_better']}, "
+        f"equal: {r['users'] - r['users_a_better'] - r['users_b_better']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", required=True, help="a comparison's cells folder (run_compare's <output>/cells)")
+    parser.add_argument("--models", required=True, help="A,B: two labels of that comparison")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--metric", default="ndcg@10")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    if len(models) != 2:
+        raise SystemExit(f"--models: two labels, A,B; got {args.models!r}")
+    torch.set_num_threads(1)
+    result = compare(args.cells, *models, split=args.split, metric=args.metric)
+    stem = os.path.join(os.path.dirname(os.path.normpath(args.cells)),
+                        f"paired_{models[0]}_{models[1]}_{args.split}".replace(":", "_"))
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+    print(f"wrote {stem}.md and {stem}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""bench/baselines/paired_users.py: two comparisons' model files evaluated user by user, paired bootstrap over users."""
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+import pytest
+from tune_fixtures import quick_settings
+
+from recbole_ur4rec.compare import run_compare
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "baselines"))
+
+import paired_users  # noqa: E402
+
+
+def test_bootstrap_of_known_differences():
+    mean, se, low, high, other_side = paired_users.paired_bootstrap(np.full(50, 0.01))
+    assert (mean, se, other_side) == (pytest.approx(0.01), pytest.approx(0.0, abs=1e-12), 0.0)
+    assert low == pytest.approx(0.01) and high == pytest.approx(0.01)
+
+    noise = np.random.default_rng(1).normal(0.0, 1.0, 2000)
+    mean, se, low, high, other_side = paired_users.paired_bootstrap(noise)
+    assert se == pytest.approx(noise.std(ddof=1) / np.sqrt(len(noise)), rel=0.1)  # the standard error of a mean
+    assert low < 0 < high and low < mean < high and 0.05 < other_side < 0.95
+    mean, _, low, _, other_side = paired_users.paired_bootstrap(noise + 0.3)
+    assert mean == pytest.approx(noise.mean() + 0.3) and low > 0 and other_side == 0.0
+
+
+def test_two_models_cells_compared_user_by_user(walk_root, tmp_path):
+    output_dir = str(tmp_path / "compare")
+    run_compare(models=["SASRec", "GRU4Rec"], dataset="walk", seeds=[1, 2], overrides=quick_settings(walk_root, epochs=2), output_dir=output_dir)
+    cells = os.path.join(output_dir, "cells")
+
+    paired_users.main(["--cells", cells, "--models", "SASRec,GRU4Rec"])
+    with open(os.path.join(output_dir, "paired_SASRec_GRU4Rec_test.json")) as f:
+        result = json.load(f)
+    assert result["seeds"] == [1, 2] and result["users"] == 40  # every user of walk, once
+    for model in ("SASRec", "GRU4Rec"):
+        recorded = [json.load(open(paired_users.cell_file(cells, model, seed)))["test_result"]["ndcg@10"] for seed in (1, 2)]
+        assert [round(v, 4) for v in result["seed_means"][model]] == recorded  # each file re-evaluated to its cell's value
+        assert result["mean"][model] == pytest.approx(statistics.fmean(result["seed_means"][model]))
+    assert result["difference"] == pytest.approx(result["mean"]["SASRec"] - result["mean"]["GRU4Rec"])
+    low, high = result["interval_95"]
+    assert low <= result["difference"] <= high
+    assert "paired bootstrap over the 40 users" in open(os.path.join(output_dir, "paired_SASRec_GRU4Rec_test.md")).read()
+
+    # a cell whose recorded value its model file does not give is refused, and so is a cell without its model file
+    path = paired_users.cell_file(cells, "GRU4Rec", 2)
+    cell = json.load(open(path))
+    json.dump({**cell, "test_result": {**cell["test_result"], "ndcg@10": cell["test_result"]["ndcg@10"] + 0.01}}, open(path, "w"))
+    with pytest.raises(SystemExit, match="GRU4Rec-seed2.json recorded .*not the cell's model"):
+        paired_users.compare(cells, "SASRec", "GRU4Rec")
+    os.remove(cell["model_file"])
+    with pytest.raises(SystemExit, match="its model_file .* is not here"):
+        paired_users.compare(cells, "SASRec", "GRU4Rec")
+    with pytest.raises(SystemExit, match="no seed has a finished cell for both SASRec and BERT4Rec"):
+        paired_users.compare(cells, "SASRec", "BERT4Rec")
