@@ -94,17 +94,28 @@ class EvaluatedRows(NamedTuple):
 
 
 def row_metrics(evaluator, struct):
-    """``{metric@k: float64 [N]}``: each evaluated row's value of RecBole's top-k metrics, computed by RecBole's own
-    metric classes (their mean over the rows is what RecBole reports, before rounding)."""
+    """``{metric@k: [N] array}``: each evaluated row's value of RecBole's per-user top-k metrics (hit, ndcg, mrr,
+    recall, precision, map, averagepopularity, tailpercentage), computed by RecBole's own metric classes (their mean
+    over the rows is what RecBole reports, before rounding)."""
     rows = {}
     for name, metric in evaluator.metric_class.items():
-        if not hasattr(metric, "topk"):
-            raise ValueError(f"per-user values (node-side evaluation, paired tests) exist for top-k metrics only; config key 'metrics' names {name!r}")
-        metric.topk_result = lambda label, value, m=metric: {f"{label}@{k}": value[:, k - 1] for k in m.topk}
-        try:
-            rows.update(metric.calculate_metric(struct))
-        finally:
-            del metric.topk_result  # back to the class's averaging
+        values = {}
+        if hasattr(metric, "topk"):  # a per-user metric hands its [N, max k] values to topk_result: keep them
+
+            def keep(label, value, m=metric, values=values):
+                values.update({f"{label}@{k}": value[:, k - 1] for k in m.topk})
+
+            metric.topk_result = keep
+            try:
+                metric.calculate_metric(struct)
+            finally:
+                del metric.topk_result  # back to the class's averaging
+        if not values:
+            raise ValueError(
+                f"per-user values (node-side evaluation, paired tests) exist for per-user top-k metrics only; config key "
+                f"'metrics' names {name!r}, which RecBole computes over all users at once"
+            )
+        rows.update(values)
     return rows
 
 

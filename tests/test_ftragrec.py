@@ -18,6 +18,7 @@ from recbole_ur4rec.model.ftragrec import ALIGNMENTS, FUSIONS, alignment_loss
 from recbole_ur4rec.model.layers.retrieval_memory import RetrievalMemory
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_model, get_trainer
+from recbole_ur4rec.slices import row_metrics
 from recbole_ur4rec.trainer import FTRagRecTrainer
 from recbole_ur4rec.trainer.checkpoint import plain_data
 from recbole_ur4rec.trainer.ftragrec_trainer import refresh_interval
@@ -493,6 +494,10 @@ def test_dual_evaluation_reports_with_and_without_retrieval(settings):
     assert entry["without_retrieval"] is not None and set(entry["without_retrieval"]) == set(entry["with_retrieval"])
     with_retrieval = trainer.evaluate(test_data, load_best_model=False)
     without = trainer.result_without_retrieval
+    # the per-user rows kept are those of the result returned, not of the second pass without retrieval
+    per_user = {key: round(float(values.mean()), 4) for key, values in row_metrics(trainer.evaluator, trainer.last_evaluated_rows.struct).items()}
+    assert per_user == {key: with_retrieval[key] for key in per_user}
+    assert any(with_retrieval[key] != without[key] for key in per_user)
     model.set_objective("backbone")
     assert trainer.evaluate(test_data, load_best_model=False) == without and trainer.result_without_retrieval is None
     assert with_retrieval != without, "retrieval changes the scores"

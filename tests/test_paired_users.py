@@ -1,14 +1,17 @@
 """bench/baselines/paired_users.py: two comparisons' model files evaluated user by user, paired bootstrap over users."""
 import json
+import math
 import os
 import statistics
 import sys
 
 import numpy as np
 import pytest
+import torch
 from tune_fixtures import quick_settings
 
 from recbole_ur4rec.compare import run_compare
+from recbole_ur4rec.quick_start import load_data_and_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "baselines"))
 
@@ -45,6 +48,22 @@ def test_two_models_cells_compared_user_by_user(walk_root, tmp_path):
     low, high = result["interval_95"]
     assert low <= result["difference"] <= high
     assert "paired bootstrap over the 40 users" in open(os.path.join(output_dir, "paired_SASRec_GRU4Rec_test.md")).read()
+
+    # each user's value is that user's own: NDCG@10 of the rank of their target, by hand
+    cell_path = paired_users.cell_file(cells, "GRU4Rec", 1)
+    values = paired_users.user_values(cell_path, "test", "ndcg@10")
+    _, model, dataset, _, _, test_data = load_data_and_model(json.load(open(cell_path))["model_file"])
+    by_hand = {}
+    model.eval()
+    with torch.no_grad():
+        for interaction, _, positive_u, positive_i in test_data:
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
+            scores[:, 0] = -math.inf
+            rank = (scores > scores[positive_u, positive_i].unsqueeze(1)).sum(1) + 1
+            for token, r in zip(dataset.id2token("user_id", interaction["user_id"].numpy()), rank.tolist()):
+                by_hand[token] = 1 / math.log2(r + 1) if r <= 10 else 0.0
+    assert values.keys() == by_hand.keys() and all(values[u] == pytest.approx(by_hand[u]) for u in values)
+    assert len(set(values.values())) > 2, "users differ"
 
     # a cell whose recorded value its model file does not give is refused, and so is a cell without its model file
     path = paired_users.cell_file(cells, "GRU4Rec", 2)

@@ -72,6 +72,17 @@ def test_slice_metrics_equal_the_metrics_of_the_groups_rows(settings):
         assert torch.equal(rows.users, users)
         per_user = row_metrics(trainer.evaluator, rows.struct)
         assert np.allclose(per_user["ndcg@10"], ndcg10.numpy()) and np.array_equal(per_user["hit@10"], (ranks <= 10).numpy())
+    trainer.evaluate(None)
+    assert trainer.last_evaluated_rows is None, "an evaluation without rows leaves none of an earlier one"
+
+
+def test_per_user_values_refuse_a_metric_computed_over_all_users(settings):
+    config, model, _, _, test_data = build_model("FastSASRec", "tiny", {**settings, "metrics": ["Hit", "ShannonEntropy"]})
+    trainer = get_trainer(config["MODEL_TYPE"], "FastSASRec")(config, model)
+    result = trainer.evaluate(test_data, load_best_model=False)
+    assert "shannonentropy@10" in result
+    with pytest.raises(ValueError, match="'metrics' names 'shannonentropy', which RecBole computes over all users"):
+        row_metrics(trainer.evaluator, trainer.last_evaluated_rows.struct)
 
 
 def test_slices_are_reported_for_recboles_models_and_can_be_switched_off(settings):

@@ -52,11 +52,16 @@ def user_values(cell_path, split, metric):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     result = trainer.evaluate(valid_data if split == "valid" else test_data, load_best_model=False)
     rows = trainer.last_evaluated_rows
-    values = row_metrics(trainer.evaluator, rows.struct)[metric]
-    recorded = cell[f"{split}_result"][metric]
-    if round(float(values.mean()), config["metric_decimal_place"]) != recorded or result[metric] != recorded:
-        raise SystemExit(f"{model_file}: {split} {metric} is {float(values.mean()):.6f} here, its cell {cell_path} "
-                         f"recorded {recorded}: not the cell's model (or other data)")
+    if rows is None:
+        raise SystemExit(f"{model_file}: its {split} evaluation kept no per-user rows (a central full-ranking evaluation "
+                         "does; FedDMMR's node-side and sampled evaluations do not)")
+    per_user = row_metrics(trainer.evaluator, rows.struct)
+    if metric not in per_user:
+        raise SystemExit(f"--metric {metric!r}: {cell_path} was evaluated on {', '.join(per_user)}")
+    values, recorded = per_user[metric], cell[f"{split}_result"][metric]
+    if result[metric] != recorded:
+        raise SystemExit(f"{model_file}: {split} {metric} is {result[metric]} here, its cell {cell_path} recorded "
+                         f"{recorded}: not the cell's model (or other data)")
     tokens = dataset.id2token(dataset.uid_field, rows.users.numpy())
     if len(set(tokens)) != len(tokens):
         raise SystemExit(f"{model_file}: a user was evaluated twice on {split}; a paired comparison needs one row each")

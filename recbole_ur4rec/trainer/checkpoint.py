@@ -86,7 +86,7 @@ class SafeCheckpointMixin:
     run_validations = None  # every validation of the run, resumed segments included: epoch, score, result, seconds
     _seconds_before = 0.0  # training and validation seconds of the segments before a resume
     _clock = None  # when this segment's first fit started
-    last_evaluated_rows = None  # the latest full-sort evaluation's users and rows (slices.EvaluatedRows)
+    last_evaluated_rows = None  # the latest evaluation's users and rows (slices.EvaluatedRows): full ranking only
 
     @property
     def last_checkpoint_file(self):
@@ -258,6 +258,7 @@ class SafeCheckpointMixin:
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        self.last_evaluated_rows = None  # kept by a central full-ranking evaluation only
         if load_best_model and eval_data:
             state = self.best_model_state(model_file)
             self.model.load_state_dict(state["state_dict"])
@@ -284,7 +285,10 @@ class SafeCheckpointMixin:
         finally:
             del collector.eval_batch_collect, collector.get_data_struct  # back to the class's methods
         users = torch.cat([u for u, _ in rows])
-        self.last_evaluated_rows = EvaluatedRows(users, captured["struct"])
+        struct = captured["struct"]
+        if "rec.topk" in struct and len(struct["rec.topk"]) != len(users):  # RecBole's collector kept rows of an earlier, failed run
+            raise RuntimeError(f"evaluation collected {len(struct['rec.topk'])} ranked rows for {len(users)} evaluated users")
+        self.last_evaluated_rows = EvaluatedRows(users, struct)
         counts = getattr(eval_data, "training_counts", None)
         if counts is None or not self.config["eval_slices"]:
             return result

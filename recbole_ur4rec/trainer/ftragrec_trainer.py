@@ -129,11 +129,11 @@ class FTRagRecTrainer(StagedTrainer):
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         self.result_without_retrieval = None
         if self.dual_evaluation and eval_data and self.model.objective == "retrieval":
-            self.model.use_retrieval = False
+            rows, self.model.use_retrieval = self.last_evaluated_rows, False
             try:
                 self.result_without_retrieval = super().evaluate(eval_data, False, None, show_progress)
             finally:
-                self.model.use_retrieval = True
+                self.model.use_retrieval, self.last_evaluated_rows = True, rows  # the rows of the result returned
             self.logger.info(set_color("without retrieval", "blue") + f": {dict2str(self.result_without_retrieval)}")
         return result
 
