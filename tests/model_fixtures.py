@@ -1,4 +1,6 @@
 """Building a model the way the quick start does, and comparing its parameters, for the model tests."""
+import math
+
 import torch
 
 from recbole_ur4rec.build import build
@@ -45,6 +47,23 @@ def assert_best_file_holds(run, expected):
     best = load_checkpoint(run["model_file"])
     assert best["best_valid_result"] == expected["best_valid_result"]
     assert best["best_valid_score"] == expected["best_valid_score"]
+
+
+def ranks_by_hand(model, eval_data):
+    """(users [N], ranks [N]): each evaluated row's user id and the rank of its target under ``model``'s full-sort
+    scores (padding item and masked history excluded), computed without RecBole's evaluator."""
+    model.eval()
+    users, ranks = [], []
+    with torch.no_grad():
+        for interaction, history_index, positive_u, positive_i in eval_data:
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
+            scores[:, 0] = -math.inf
+            if history_index is not None:
+                scores[history_index] = -math.inf
+            target = scores[positive_u, positive_i]
+            ranks.append((scores > target.unsqueeze(1)).sum(1) + 1)
+            users.append(interaction["user_id"])
+    return torch.cat(users), torch.cat(ranks)
 
 
 def untrained_test_ndcg10(model, dataset, config_dict):

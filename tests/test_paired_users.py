@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+from model_fixtures import ranks_by_hand
 from tune_fixtures import quick_settings
 
 from recbole_ur4rec.compare import run_compare
@@ -53,15 +53,8 @@ def test_two_models_cells_compared_user_by_user(walk_root, tmp_path):
     cell_path = paired_users.cell_file(cells, "GRU4Rec", 1)
     values = paired_users.user_values(cell_path, "test", "ndcg@10")
     _, model, dataset, _, _, test_data = load_data_and_model(json.load(open(cell_path))["model_file"])
-    by_hand = {}
-    model.eval()
-    with torch.no_grad():
-        for interaction, _, positive_u, positive_i in test_data:
-            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
-            scores[:, 0] = -math.inf
-            rank = (scores > scores[positive_u, positive_i].unsqueeze(1)).sum(1) + 1
-            for token, r in zip(dataset.id2token("user_id", interaction["user_id"].numpy()), rank.tolist()):
-                by_hand[token] = 1 / math.log2(r + 1) if r <= 10 else 0.0
+    users, ranks = ranks_by_hand(model, test_data)
+    by_hand = {token: 1 / math.log2(r + 1) if r <= 10 else 0.0 for token, r in zip(dataset.id2token("user_id", users.numpy()), ranks.tolist())}
     assert values.keys() == by_hand.keys() and all(values[u] == pytest.approx(by_hand[u]) for u in values)
     assert len(set(values.values())) > 2, "users differ"
 

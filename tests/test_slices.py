@@ -1,10 +1,9 @@
 """Evaluation slices: groups known by construction, and per-group metrics equal to metrics of those rows alone."""
-import math
 
 import numpy as np
 import pytest
 import torch
-from model_fixtures import build_model
+from model_fixtures import build_model, ranks_by_hand
 
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_trainer
@@ -40,19 +39,7 @@ def test_slice_metrics_equal_the_metrics_of_the_groups_rows(settings):
     trainer.fit(train_data, None, saved=False)
     result = trainer.evaluate(test_data, load_best_model=False)
 
-    # by hand: the rank of every row's target under the model's full-sort scores
-    model.eval()
-    users, ranks = [], []
-    with torch.no_grad():
-        for interaction, history_index, positive_u, positive_i in test_data:
-            scores = model.full_sort_predict(interaction)
-            scores[:, 0] = -math.inf
-            if history_index is not None:
-                scores[history_index] = -math.inf
-            target = scores[positive_u, positive_i]
-            ranks.append((scores > target.unsqueeze(1)).sum(1) + 1)
-            users.append(interaction["user_id"])
-    users, ranks = torch.cat(users), torch.cat(ranks)
+    users, ranks = ranks_by_hand(model, test_data)  # by hand: the rank of every row's target
     targets = test_data._dataset.inter_feat["item_id"]
     masks = slice_masks(test_data.training_counts, users, targets, config["slice_head_share"])
     assert set(masks) == {"head", "tail", "short", "long"}

@@ -4,8 +4,8 @@
 
 A comparison's seed std measures training noise only: every seed is evaluated on the same users, whose sampling
 noise it leaves out. This script re-evaluates each cell's model file (the seeds both models have) on ``--split``,
-checks that the mean of the per-user values equals the cell's recorded metric (else the file is not the cell's
-model, and it stops), averages each user's value over the seeds, and bootstraps the users (paired: one resample of
+checks that the metric it gives (the mean of the per-user values) equals the cell's recorded one (else the file is not
+the cell's model, and it stops), averages each user's value over the seeds, and bootstraps the users (paired: one resample of
 users for both models) for the mean difference A - B: its 95% interval and the share of resamples on the other side
 of zero. Writes ``paired_<A>_<B>_<split>.md`` (and ``.json``) beside the cells folder.
 """
@@ -17,33 +17,33 @@ import statistics
 import numpy as np
 import torch
 
+from recbole_ur4rec.compare_report import cell_name
 from recbole_ur4rec.quick_start import load_data_and_model
 from recbole_ur4rec.registry import get_trainer
+from recbole_ur4rec.report import read_json
 from recbole_ur4rec.slices import row_metrics
 
 RESAMPLES = 10000
 
 
 def cell_file(cells, label, seed):
-    return os.path.join(cells, f"{label.replace(':', '_')}-seed{seed}.json")
+    return os.path.join(cells, cell_name(label, seed) + ".json")
 
 
 def finished_seeds(cells, label):
     """The seeds whose cell for ``label`` finished, from the cell files ``<label>-seed<N>.json``."""
-    prefix = f"{label.replace(':', '_')}-seed"
+    prefix = cell_name(label, "")
     seeds = []
     for name in sorted(os.listdir(cells)):
         if name.startswith(prefix) and name.endswith(".json") and not name.endswith(".partial.json"):
-            with open(os.path.join(cells, name), encoding="utf-8") as f:
-                if json.load(f).get("status") == "ok":
-                    seeds.append(int(name[len(prefix):-len(".json")]))
+            if (read_json(os.path.join(cells, name)) or {}).get("status") == "ok":
+                seeds.append(int(name[len(prefix):-len(".json")]))
     return seeds
 
 
 def user_values(cell_path, split, metric):
     """{user token: value} of ``metric`` on ``split`` for the model file of the cell ``cell_path``."""
-    with open(cell_path, encoding="utf-8") as f:
-        cell = json.load(f)
+    cell = read_json(cell_path)
     model_file = cell.get("model_file")
     if not model_file or not os.path.isfile(model_file):
         raise SystemExit(f"{cell_path}: its model_file {model_file!r} is not here (model files are not committed: "

@@ -286,7 +286,7 @@ class SafeCheckpointMixin:
             del collector.eval_batch_collect, collector.get_data_struct  # back to the class's methods
         users = torch.cat([u for u, _ in rows])
         struct = captured["struct"]
-        if "rec.topk" in struct and len(struct["rec.topk"]) != len(users):  # RecBole's collector kept rows of an earlier, failed run
+        if "rec.topk" in struct and len(struct["rec.topk"]) != len(users):  # the collector kept an earlier, failed run's
             raise RuntimeError(f"evaluation collected {len(struct['rec.topk'])} ranked rows for {len(users)} evaluated users")
         self.last_evaluated_rows = EvaluatedRows(users, struct)
         counts = getattr(eval_data, "training_counts", None)
@@ -295,5 +295,5 @@ class SafeCheckpointMixin:
         targets = None if any(t is None for _, t in rows) else torch.cat([t for _, t in rows])
         head_share = check_config_value(self.config, "slice_head_share", (int, float), low=0, high=1, low_open=True, high_open=True)
         masks = slice_masks(counts, users, targets, head_share)
-        result.update(slice_results(self.evaluator, captured["struct"], masks))
+        result.update(slice_results(self.evaluator, struct, masks))
         return result
