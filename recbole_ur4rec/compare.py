@@ -2,8 +2,10 @@
 
 Every (model, seed) cell trains and tests in its own subprocess (``python -m recbole_ur4rec.compare --cell``),
 so its peak memory is that process's maximum resident set size and a crash stays inside the cell. Each cell
-writes ``<output_dir>/cells/<model>-seed<seed>.json`` (its log beside it); finished cells whose settings (model,
-dataset, seed, config files and their contents, overrides) have not changed are not rerun, failed cells are.
+writes ``<output_dir>/cells/<model>-seed<seed>.json`` (beside it its log and ``<model>-seed<seed>.users.json``:
+each evaluated user's value of the valid metric on validation and test, for paired tests over users); finished
+cells whose settings (model, dataset, seed, config files and their contents, overrides) have not changed are not
+rerun, failed cells are.
 A cell that was interrupted continues from its last checkpoint. After every cell the tables are rewritten:
 ``compare.md`` (mean ± std over seeds, with the protocol in its header), ``compare.csv``, ``compare_cells.csv``
 and ``compare.png`` (test metrics, error bars: std over seeds).
@@ -108,7 +110,7 @@ def run_cell(spec):
     from recbole_ur4rec.config import Config
     from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
-    out = {"status": "failed", "error": None}
+    out = {"status": "failed", "error": None, "code": code_version()}  # the code this process runs
     try:
         # progress bars would only fill the cell's log; they do not change results
         config_dict = {"show_progress": False, **spec["overrides"], "seed": spec["seed"], "checkpoint_dir": spec["checkpoint_dir"]}
@@ -139,6 +141,7 @@ def run_cell(spec):
                 config_dict=config_dict,
                 saved=True,
                 resume_file=resume_file,
+                keep_user_values=True,
             )
         best = load_checkpoint(result["model_file"])
         last_file = os.path.splitext(result["model_file"])[0] + "-last.pth"
@@ -152,6 +155,9 @@ def run_cell(spec):
             best_epoch=best["epoch"] + 1,
             epochs_trained=last["epoch"] + 1,
         )
+        # each user's value of the valid metric, for paired comparisons over users; one line: 2 lists per split
+        write_json(spec["user_values_json"], dict(metric=config["valid_metric"].lower(), **result["user_values"]), indent=None)
+        out["user_values"] = shown_path(spec["user_values_json"])
         for path in glob.glob(os.path.join(spec["checkpoint_dir"], "*.pth")):
             if path != result["model_file"]:
                 os.remove(path)  # resume states and earlier segments' files; the best model stays for reloading
@@ -337,6 +343,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     json_path = os.path.join(cells_dir, name + ".json")
     partial_path = os.path.join(cells_dir, name + ".partial.json")
     child_json = os.path.join(cells_dir, name + ".child.json")
+    user_values_json = os.path.join(cells_dir, name + ".users.json")
     log_path = os.path.join(cells_dir, name + ".log")
     partial = read_json(partial_path)
     if not partial or partial.get("settings") != settings:
@@ -358,10 +365,12 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
         "overrides": overrides,
         "checkpoint_dir": checkpoint_dir,
         "child_json": child_json,
+        "user_values_json": user_values_json,
         "resume": partial["segments"] > 0,
     }
-    if os.path.exists(child_json):
-        os.remove(child_json)
+    for stale in (child_json, user_values_json):  # an earlier run's; this run writes its own
+        if os.path.exists(stale):
+            os.remove(stale)
     # a segment is recorded as running (with the training seconds it starts from), so that a killed one is known
     write_json(partial_path, dict(partial, running=trained if spec["resume"] else 0.0))
     logger.info(f"[compare] {name}: running (log {shown_path(log_path)})")
@@ -388,7 +397,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
         dataset=dataset,
         seed=seed,
         settings=settings,
-        code=code or code_version(),
+        code=result.get("code") or code or code_version(),  # what the cell's process ran (the tree may change meanwhile)
         returncode=returncode,
         wall_time_s=partial["elapsed_s"] + elapsed,
         peak_rss_mb=max(partial["peak_rss_mb"], peak),

@@ -6,6 +6,7 @@ from recbole.utils import set_color
 from recbole_ur4rec.build import build
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
 from recbole_ur4rec.registry import get_trainer
+from recbole_ur4rec.slices import user_values
 
 
 def _resume_settings(resume_file, model, dataset, config_dict, state=None):
@@ -28,6 +29,7 @@ def run_recbole_ur4rec(
     callback_fn=None,
     evaluate_test=True,
     resume_state=None,
+    keep_user_values=False,
 ):
     r"""Train and evaluate any plugin or RecBole model, like RecBole's ``run_recbole``.
 
@@ -47,10 +49,14 @@ def run_recbole_ur4rec(
         evaluate_test (bool): evaluate the test split; tuning trials set it to False.
         resume_state (dict): ``resume_file``'s checkpoint when the caller has read it already (a resumed search
             trial), so that it is not read again.
+        keep_user_values (bool): also return each evaluated user's value of ``valid_metric`` with the best-validation
+            weights, on test and on validation (evaluated once more), for paired comparisons over users.
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (None when
-        not evaluated) and ``model_file`` (the best-model checkpoint, None when not saved).
+        not evaluated), ``model_file`` (the best-model checkpoint, None when not saved) and, with
+        ``keep_user_values``, ``user_values``: ``{"valid": ..., "test": ...}``, each :func:`slices.user_values` (None
+        where the evaluation kept no rows).
     """
     if resume_file is not None:
         model, dataset, config_dict, resume_state = _resume_settings(resume_file, model, dataset, config_dict, resume_state)
@@ -70,13 +76,20 @@ def run_recbole_ur4rec(
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    return {
+    result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "model_file": trainer.saved_model_file if saved else None,
     }
+    if keep_user_values:
+        metric = config["valid_metric"].lower()
+        per_user = {"test": user_values(trainer, dataset, metric) if evaluate_test else None}
+        trainer.evaluate(valid_data, load_best_model=True, show_progress=False)  # the best validation's rows again
+        per_user["valid"] = user_values(trainer, dataset, metric)
+        result["user_values"] = per_user
+    return result
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True, callback_fn=None):

@@ -119,6 +119,20 @@ def row_metrics(evaluator, struct):
     return rows
 
 
+def user_values(trainer, dataset, metric):
+    """``{"users": [user tokens], metric: [values]}`` of ``trainer``'s latest full-ranking evaluation (its
+    ``last_evaluated_rows``), one entry per evaluated user; None when that evaluation kept no rows (FedDMMR's
+    node-side and sampled evaluations)."""
+    rows = trainer.last_evaluated_rows
+    if rows is None:
+        return None
+    values = row_metrics(trainer.evaluator, rows.struct)
+    if metric not in values:
+        raise ValueError(f"metric {metric!r}: the evaluation computed {', '.join(values)} (config key 'metrics', 'topk')")
+    tokens = dataset.id2token(dataset.uid_field, rows.users.numpy())
+    return {"users": tokens.tolist(), metric: values[metric].tolist()}
+
+
 def slice_results(evaluator, struct, masks):
     """``{metric/group: value, users/group: size}`` from RecBole's ``evaluator`` on each group's rows."""
     out = {}

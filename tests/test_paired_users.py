@@ -49,23 +49,39 @@ def test_two_models_cells_compared_user_by_user(walk_root, tmp_path):
     assert low <= result["difference"] <= high
     assert "paired bootstrap over the 40 users" in open(os.path.join(output_dir, "paired_SASRec_GRU4Rec_test.md")).read()
 
-    # each user's value is that user's own: NDCG@10 of the rank of their target, by hand
+    # each cell recorded each user's own value (NDCG@10 of the rank of their target, by hand) with its best weights
     cell_path = paired_users.cell_file(cells, "GRU4Rec", 1)
-    values = paired_users.user_values(cell_path, "test", "ndcg@10")
-    _, model, dataset, _, _, test_data = load_data_and_model(json.load(open(cell_path))["model_file"])
-    users, ranks = ranks_by_hand(model, test_data)
-    by_hand = {token: 1 / math.log2(r + 1) if r <= 10 else 0.0 for token, r in zip(dataset.id2token("user_id", users.numpy()), ranks.tolist())}
-    assert values.keys() == by_hand.keys() and all(values[u] == pytest.approx(by_hand[u]) for u in values)
-    assert len(set(values.values())) > 2, "users differ"
+    cell = json.load(open(cell_path))
+    assert cell["user_values"] == os.path.relpath(paired_users.users_file(cell_path)) and cell["code"]["source"]
+    _, model, dataset, _, valid_data, test_data = load_data_and_model(cell["model_file"])
+    for split, eval_data in (("test", test_data), ("valid", valid_data)):
+        values = paired_users.cell_values(cell_path, split, "ndcg@10")
+        users, ranks = ranks_by_hand(model, eval_data)
+        by_hand = {token: 1 / math.log2(r + 1) if r <= 10 else 0.0 for token, r in zip(dataset.id2token("user_id", users.numpy()), ranks.tolist())}
+        assert values.keys() == by_hand.keys() and all(values[u] == pytest.approx(by_hand[u]) for u in values)
+        assert len(set(values.values())) > 2, "users differ"
 
-    # a cell whose recorded value its model file does not give is refused, and so is a cell without its model file
+    # a cell without its users file (an older run) has its model file re-evaluated, and the file written: same values
+    recorded = json.load(open(paired_users.users_file(cell_path)))
+    os.remove(paired_users.users_file(cell_path))
+    assert paired_users.cell_values(cell_path, "valid", "ndcg@10") == dict(zip(recorded["valid"]["users"], recorded["valid"]["ndcg@10"]))
+    assert json.load(open(paired_users.users_file(cell_path))) == {"valid": recorded["valid"]}
+    paired_users.cell_values(cell_path, "test", "hit@10")  # another metric joins the same users
+    assert set(json.load(open(paired_users.users_file(cell_path)))["valid"]) == {"users", "ndcg@10"}
+    assert set(json.load(open(paired_users.users_file(cell_path)))["test"]) == {"users", "hit@10"}
+
+    # a cell whose recorded value its users' values do not give is refused, and so is one with neither file
     path = paired_users.cell_file(cells, "GRU4Rec", 2)
     cell = json.load(open(path))
     json.dump({**cell, "test_result": {**cell["test_result"], "ndcg@10": cell["test_result"]["ndcg@10"] + 0.01}}, open(path, "w"))
     with pytest.raises(SystemExit, match="GRU4Rec-seed2.json recorded .*not the cell's model"):
         paired_users.compare(cells, "SASRec", "GRU4Rec")
+    os.remove(paired_users.users_file(path))  # the model file gives the same values: still refused, nothing written
+    with pytest.raises(SystemExit, match="GRU4Rec-seed2.json recorded .*not the cell's model"):
+        paired_users.compare(cells, "SASRec", "GRU4Rec")
+    assert not os.path.exists(paired_users.users_file(path))
     os.remove(cell["model_file"])
-    with pytest.raises(SystemExit, match="its model_file .* is not here"):
+    with pytest.raises(SystemExit, match="no test ndcg@10 in .*GRU4Rec-seed2.users.json and its model_file .* is not here"):
         paired_users.compare(cells, "SASRec", "GRU4Rec")
     with pytest.raises(SystemExit, match="no seed has a finished cell for both SASRec and BERT4Rec"):
         paired_users.compare(cells, "SASRec", "BERT4Rec")

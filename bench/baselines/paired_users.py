@@ -3,15 +3,18 @@
     python bench/baselines/paired_users.py --cells results/ml-100k-tuned/cells --models FastSASRec,SASRec
 
 A comparison's seed std measures training noise only: every seed is evaluated on the same users, whose sampling
-noise it leaves out. This script re-evaluates each cell's model file (the seeds both models have) on ``--split``,
-checks that the metric it gives (the mean of the per-user values) equals the cell's recorded one (else the file is not
-the cell's model, and it stops), averages each user's value over the seeds, and bootstraps the users (paired: one resample of
-users for both models) for the mean difference A - B: its 95% interval and the share of resamples on the other side
-of zero. Writes ``paired_<A>_<B>_<split>.md`` (and ``.json``) beside the cells folder.
+noise it leaves out. This script takes each cell's per-user values of ``--metric`` on ``--split`` (the seeds both
+models have) from the cell's ``<cell>.users.json``, which ``run_compare`` writes; a cell without one has its model
+file re-evaluated, and the values are written into its users file. Either way the values' mean must equal the cell's
+recorded metric (else they are not the cell's model's, and it stops). It averages each user's value over the seeds
+and bootstraps the users (paired: one resample of users for both models) for the mean difference A - B: its 95%
+interval and the share of resamples on the other side of zero. Writes ``paired_<A>_<B>_<split>.md`` (and ``.json``)
+beside the cells folder.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 
 import numpy as np
@@ -20,52 +23,75 @@ import torch
 from recbole_ur4rec.compare_report import cell_name
 from recbole_ur4rec.quick_start import load_data_and_model
 from recbole_ur4rec.registry import get_trainer
-from recbole_ur4rec.report import read_json
-from recbole_ur4rec.slices import row_metrics
+from recbole_ur4rec.report import read_json, write_json
+from recbole_ur4rec.slices import user_values
 
 RESAMPLES = 10000
+TOLERANCE = 0.5e-4 + 1e-9  # RecBole rounds a recorded metric to 4 decimals (metric_decimal_place)
 
 
 def cell_file(cells, label, seed):
     return os.path.join(cells, cell_name(label, seed) + ".json")
 
 
+def users_file(cell_path):
+    """The per-user values beside the cell file ``<cell>.json``: ``<cell>.users.json``."""
+    return cell_path[: -len(".json")] + ".users.json"
+
+
 def finished_seeds(cells, label):
     """The seeds whose cell for ``label`` finished, from the cell files ``<label>-seed<N>.json``."""
-    prefix = cell_name(label, "")
+    pattern = re.compile(re.escape(cell_name(label, "")) + r"(\d+)\.json")
     seeds = []
     for name in sorted(os.listdir(cells)):
-        if name.startswith(prefix) and name.endswith(".json") and not name.endswith(".partial.json"):
-            if (read_json(os.path.join(cells, name)) or {}).get("status") == "ok":
-                seeds.append(int(name[len(prefix):-len(".json")]))
+        match = pattern.fullmatch(name)
+        if match and (read_json(os.path.join(cells, name)) or {}).get("status") == "ok":
+            seeds.append(int(match.group(1)))
     return seeds
 
 
-def user_values(cell_path, split, metric):
-    """{user token: value} of ``metric`` on ``split`` for the model file of the cell ``cell_path``."""
-    cell = read_json(cell_path)
+def evaluated_values(cell, cell_path, split, metric):
+    """The per-user values (``slices.user_values``) of ``metric`` on ``split``, from the cell's model file."""
     model_file = cell.get("model_file")
     if not model_file or not os.path.isfile(model_file):
-        raise SystemExit(f"{cell_path}: its model_file {model_file!r} is not here (model files are not committed: "
-                         "rerun the cell, or run this where it ran)")
+        raise SystemExit(f"{cell_path}: no {split} {metric} in {users_file(cell_path)} and its model_file {model_file!r} "
+                         "is not here (model files are not committed: rerun the cell, or run this where it ran)")
     config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    result = trainer.evaluate(valid_data if split == "valid" else test_data, load_best_model=False)
-    rows = trainer.last_evaluated_rows
-    if rows is None:
+    trainer.evaluate(valid_data if split == "valid" else test_data, load_best_model=False)
+    try:
+        values = user_values(trainer, dataset, metric)
+    except ValueError as err:
+        raise SystemExit(f"--metric: {model_file}: {err}") from None
+    if values is None:
         raise SystemExit(f"{model_file}: its {split} evaluation kept no per-user rows (a central full-ranking evaluation "
                          "does; FedDMMR's node-side and sampled evaluations do not)")
-    per_user = row_metrics(trainer.evaluator, rows.struct)
-    if metric not in per_user:
-        raise SystemExit(f"--metric {metric!r}: {cell_path} was evaluated on {', '.join(per_user)}")
-    values, recorded = per_user[metric], cell[f"{split}_result"][metric]
-    if result[metric] != recorded:
-        raise SystemExit(f"{model_file}: {split} {metric} is {result[metric]} here, its cell {cell_path} recorded "
+    return values
+
+
+def cell_values(cell_path, split, metric):
+    """{user token: value} of ``metric`` on ``split`` for the cell ``cell_path``: from its users file, else from its
+    model file (then added to its users file); their mean must be the cell's recorded value."""
+    cell = read_json(cell_path)
+    stored = read_json(users_file(cell_path)) or {}
+    entry, source = stored.get(split) or {}, users_file(cell_path)
+    evaluated = metric not in entry
+    if evaluated:
+        values, source = evaluated_values(cell, cell_path, split, metric), cell["model_file"]
+        if entry and entry["users"] != values["users"]:  # one list of users per split, for all its metrics
+            raise SystemExit(f"{users_file(cell_path)}: its {split} users are not those {source} evaluates")
+        entry = {**entry, **values}
+    users, values = entry["users"], entry[metric]
+    if len(set(users)) != len(users):
+        raise SystemExit(f"{source}: a user was evaluated twice on {split}; a paired comparison needs one row each")
+    recorded = cell[f"{split}_result"][metric]
+    mean = statistics.fmean(values)
+    if abs(mean - recorded) > TOLERANCE:
+        raise SystemExit(f"{source}: its users' mean {split} {metric} is {mean:.6f}, its cell {cell_path} recorded "
                          f"{recorded}: not the cell's model (or other data)")
-    tokens = dataset.id2token(dataset.uid_field, rows.users.numpy())
-    if len(set(tokens)) != len(tokens):
-        raise SystemExit(f"{model_file}: a user was evaluated twice on {split}; a paired comparison needs one row each")
-    return dict(zip(tokens.tolist(), values.tolist()))
+    if evaluated:
+        write_json(users_file(cell_path), {**stored, split: entry}, indent=None)
+    return dict(zip(users, values))
 
 
 def paired_bootstrap(diff, resamples=RESAMPLES, seed=0):
@@ -89,7 +115,7 @@ def compare(cells, model_a, model_b, split="test", metric="ndcg@10"):
         raise SystemExit(f"{cells}: no seed has a finished cell for both {model_a} and {model_b}")
     per_model, seed_means = {}, {}
     for label in (model_a, model_b):
-        runs = [user_values(cell_file(cells, label, seed), split, metric) for seed in seeds]
+        runs = [cell_values(cell_file(cells, label, seed), split, metric) for seed in seeds]
         users = set(runs[0])
         if any(set(run) != users for run in runs):
             raise SystemExit(f"{label}: its seeds evaluated different users on {split}")
@@ -118,8 +144,8 @@ def markdown(r):
     lines = [
         f"# {a} against {b}, user by user: {r['split']} {r['metric']}",
         "",
-        f"Cells: `{r['cells']}`, seeds {seeds}; each model file re-evaluated (its mean equals its cell's), each user's "
-        f"value averaged over the seeds; paired bootstrap over the {r['users']} users, {r['resamples']} resamples "
+        f"Cells: `{r['cells']}`, seeds {seeds}; each cell's per-user values (their mean equals its cell's), each "
+        f"user's value averaged over the seeds; paired bootstrap over the {r['users']} users, {r['resamples']} resamples "
         "(`bench/baselines/paired_users.py`).",
         "",
         f"| model | {r['metric']} per seed | mean over seeds | standard error over users |",
