@@ -83,5 +83,8 @@ def test_two_models_cells_compared_user_by_user(walk_root, tmp_path):
     os.remove(cell["model_file"])
     with pytest.raises(SystemExit, match="no test ndcg@10 in .*GRU4Rec-seed2.users.json and its model_file .* is not here"):
         paired_users.compare(cells, "SASRec", "GRU4Rec")
+    assert paired_users.compare(cells, "SASRec", "GRU4Rec", seeds=[1])["seeds"] == [1]  # the named seeds only
+    with pytest.raises(SystemExit, match="--seeds 3: no finished cell for both SASRec and GRU4Rec .*both finished: 1, 2"):
+        paired_users.compare(cells, "SASRec", "GRU4Rec", seeds=[1, 3])
     with pytest.raises(SystemExit, match="no seed has a finished cell for both SASRec and BERT4Rec"):
         paired_users.compare(cells, "SASRec", "BERT4Rec")

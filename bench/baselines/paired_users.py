@@ -109,8 +109,14 @@ def paired_bootstrap(diff, resamples=RESAMPLES, seed=0):
     return mean, float(means.std(ddof=1)), float(low), float(high), other_side
 
 
-def compare(cells, model_a, model_b, split="test", metric="ndcg@10"):
-    seeds = sorted(set(finished_seeds(cells, model_a)) & set(finished_seeds(cells, model_b)))
+def compare(cells, model_a, model_b, split="test", metric="ndcg@10", seeds=None):
+    """The paired comparison over the seeds both models finished (``seeds``: only these, each finished by both)."""
+    finished = sorted(set(finished_seeds(cells, model_a)) & set(finished_seeds(cells, model_b)))
+    missing = sorted(set(seeds or ()) - set(finished))
+    if missing:
+        raise SystemExit(f"--seeds {', '.join(map(str, missing))}: no finished cell for both {model_a} and {model_b} "
+                         f"in {cells} (both finished: {', '.join(map(str, finished)) or 'none'})")
+    seeds = sorted(seeds) if seeds else finished
     if not seeds:
         raise SystemExit(f"{cells}: no seed has a finished cell for both {model_a} and {model_b}")
     per_model, seed_means = {}, {}
@@ -172,12 +178,14 @@ def main(argv=None):
     parser.add_argument("--models", required=True, help="A,B: two labels of that comparison")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     parser.add_argument("--metric", default="ndcg@10")
+    parser.add_argument("--seeds", help="comma-separated seeds to compare (default: every seed both models finished)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     if len(models) != 2:
         raise SystemExit(f"--models: two labels, A,B; got {args.models!r}")
     torch.set_num_threads(1)
-    result = compare(args.cells, *models, split=args.split, metric=args.metric)
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
+    result = compare(args.cells, *models, split=args.split, metric=args.metric, seeds=seeds)
     stem = os.path.join(os.path.dirname(os.path.normpath(args.cells)),
                         f"paired_{models[0]}_{models[1]}_{args.split}".replace(":", "_"))
     with open(stem + ".json", "w", encoding="utf-8") as f:
