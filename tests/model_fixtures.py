@@ -49,6 +49,15 @@ def assert_best_file_holds(run, expected):
     assert best["best_valid_score"] == expected["best_valid_score"]
 
 
+def assert_user_values_are_the_results(run, metric="ndcg@10"):
+    """``run`` (``run_recbole_ur4rec(..., keep_user_values=True)``) holds one value per evaluated user on validation
+    and test, whose mean is the recorded best validation's and test's ``metric`` (RecBole rounds to 4 decimals)."""
+    for split, recorded in (("valid", run["best_valid_result"]), ("test", run["test_result"])):
+        values = run["user_values"][split]
+        assert len(values["users"]) == len(set(values["users"])) == len(values[metric]) > 0
+        assert abs(sum(values[metric]) / len(values[metric]) - recorded[metric]) <= 0.5e-4 + 1e-9, split
+
+
 def ranks_by_hand(model, eval_data):
     """(users [N], ranks [N]): each evaluated row's user id and the rank of its target under ``model``'s full-sort
     scores (padding item and masked history excluded), computed without RecBole's evaluator."""

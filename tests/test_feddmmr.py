@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from model_fixtures import assert_best_file_holds, build_model, count_checkpoint_reads, snapshot
+from model_fixtures import assert_best_file_holds, assert_user_values_are_the_results, build_model, count_checkpoint_reads, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.checkpoints import load_checkpoint
@@ -425,7 +425,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(plain, tmp_path, se
 
 def test_federated_feddmmr_learns_the_tiny_dataset(plain):
     settings = {**plain, "epochs": 25, "client_fraction": 0.5, "learning_rate": 0.01, "hidden_size": 32, "inner_size": 64}
-    result = run_recbole_ur4rec("FedDMMR", "tiny", config_dict=settings)
+    result = run_recbole_ur4rec("FedDMMR", "tiny", config_dict=settings, keep_user_values=True)
+    assert_user_values_are_the_results(result)
     # 40 items, each followed by the next: random ranking gives NDCG@10 about 0.07
     print(result["test_result"])
     assert result["test_result"]["ndcg@10"] > 0.5

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_sequential_dataset
-from model_fixtures import build_model, changed_groups, snapshot, untrained_test_ndcg10
+from model_fixtures import assert_user_values_are_the_results, build_model, changed_groups, snapshot, untrained_test_ndcg10
 
 from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from recbole_ur4rec.data.sequence_dataset import training_histories
@@ -538,7 +538,9 @@ def test_trains_and_evaluates_with_a_compressed_memory(settings, duorec_file):
             "stages": ["retriever", "finetune"],
             "stage_epochs": {"retriever": 1, "finetune": 1},
         },
+        keep_user_values=True,
     )
+    assert_user_values_are_the_results(result)  # with retrieval, from the memory the best-model file holds
     untrained = untrained_test_ndcg10("FTRagRec", "tiny", {**settings, "index_type": "ivfsq8"})  # no warm start
     assert result["test_result"]["ndcg@10"] > 4 * untrained
     memory = load_checkpoint(result["model_file"])["other_parameter"]["memory"]

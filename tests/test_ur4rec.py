@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_fixtures import assert_best_file_holds, build_model, changed_groups, count_checkpoint_reads, snapshot
+from model_fixtures import assert_best_file_holds, assert_user_values_are_the_results, build_model, changed_groups, count_checkpoint_reads, snapshot
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
 from recbole_ur4rec.checkpoints import load_checkpoint
@@ -401,7 +401,8 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monke
         "contrastive_type": "memory_bank",
         "memory_bank_size": 64,
     }
-    uninterrupted = run_recbole_ur4rec("UR4Rec", "genre", config_dict={**run_settings, "checkpoint_dir": str(tmp_path / "a")})
+    uninterrupted = run_recbole_ur4rec("UR4Rec", "genre", config_dict={**run_settings, "checkpoint_dir": str(tmp_path / "a")}, keep_user_values=True)
+    assert_user_values_are_the_results(uninterrupted)  # the best stage's weights, evaluated again on validation
 
     def stop_in_joint(epoch_idx, valid_score):
         if epoch_idx == 5:  # joint's second epoch of three
