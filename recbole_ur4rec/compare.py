@@ -156,7 +156,7 @@ def run_cell(spec):
             epochs_trained=last["epoch"] + 1,
         )
         # each user's value of the valid metric, for paired comparisons over users; one line: 2 lists per split
-        write_json(spec["user_values_json"], dict(metric=config["valid_metric"].lower(), **result["user_values"]), indent=None)
+        write_json(spec["user_values_json"], result["user_values"], indent=None)
         out["user_values"] = shown_path(spec["user_values_json"])
         for path in glob.glob(os.path.join(spec["checkpoint_dir"], "*.pth")):
             if path != result["model_file"]:
