@@ -15,7 +15,7 @@ def write(path, text):
         f.write(text)
 
 
-def test_table_calls_differences_under_one_std_noise_and_names_unfinished_searches(tmp_path):
+def test_table_calls_differences_under_one_std_noise_and_names_unfinished_and_missing_searches(tmp_path):
     root = str(tmp_path)
     write(f"{root}/results/ml-100k-slices/compare.csv", HEADER + "FastSASRec,3,0,0,0.0600,0.0046,0.0646,0.001,32,21,580\nDuoRec,3,0,0,0.0500,0.0010,0.06,0.001,20,10,300\n")
     write(f"{root}/results/ml-100k/compare.csv", HEADER + "SASRec,3,0,0,0.0334,0.0012,0.0357,0.0015,2,2,819\nGRU4Rec,3,0,0,0.0177,0.0012,0.0161,0.0012,2,2,325\n")
@@ -38,7 +38,10 @@ def test_table_calls_differences_under_one_std_noise_and_names_unfinished_search
     assert "0.0620 ± 0.0030" in rows["FastSASRec"] and "32 (best 21), 580 s" in rows["FastSASRec"]
     assert "| +20% | +17% | not finished |" in rows["DuoRec"]  # 0.0100 above the default's std; its search was cut
     assert "| 0.0600 (1 of 3 seeds) |" in rows["DuoRec"] and "(3 of 3" not in rows["FastSASRec"]
+    os.makedirs(f"{root}/results/hyper/ml-100k/SASRec")  # a search started: its folder, no results yet
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in default_vs_tuned.table(root).splitlines()[2:]}
     assert "2 (best 2), 819 s; capped at 2 epochs" in rows["SASRec"] and rows["SASRec"].endswith("| - | - | - | not finished |")
+    assert rows["BERT4Rec"].endswith("| - | - | - | not searched |")  # no search folder at all
 
 
 def test_a_converged_default_replaces_the_capped_one_once_a_seed_has_finished(tmp_path):
@@ -48,3 +51,13 @@ def test_a_converged_default_replaces_the_capped_one_once_a_seed_has_finished(tm
     rows = {line.split(" | ")[0].lstrip("| "): line for line in default_vs_tuned.table(root).splitlines()[2:]}
     assert "| 0.0600 (1 of 3 seeds) | 0.0665 | 32 (best 21), 7329 s |" in rows["SASRec"] and "capped" not in rows["SASRec"]
     assert "| 0.0177 ± 0.0012 |" in rows["GRU4Rec"] and "capped at 2 epochs" in rows["GRU4Rec"]  # no seed finished yet
+
+
+def test_readme_table_is_the_committed_report():
+    """The README's default-against-tuned table is results/ml-100k-tuned/default_vs_tuned.md, row for row."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    report = os.path.join(repo, "results", "ml-100k-tuned", "default_vs_tuned.md")
+    readme = open(os.path.join(repo, "README.md"), encoding="utf-8").read()
+    rows = [line for line in open(report, encoding="utf-8").read().splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(default_vs_tuned.MODELS)
+    assert [row for row in rows if row not in readme] == []

@@ -7,7 +7,8 @@ Default: the model's settings as shipped, from the earlier comparisons (``result
 RecBole's baselines the converged run (``results/ml-100k-converged``, bench/baselines/compare_defaults.sh: no epoch
 cap) replaces the capped one as soon as one of its seeds has finished.
 Tuned: ``results/ml-100k-tuned`` (bench/baselines/compare_tuned.sh: each search's best.yaml, 3 seeds, early
-stopping). The search's trials and wall time come from ``results/hyper/ml-100k/<search>/results.md``. A difference
+stopping). The search's trials and wall time come from ``results/hyper/ml-100k/<search>/results.md``; a model
+without that folder shows as not searched, one whose search has not finished as not finished. A difference
 smaller than the larger of the two seed stds is called noise.
 """
 import argparse
@@ -108,8 +109,9 @@ def table(root="."):
         if converged and (number(converged, "seeds_ok") or 0) > 0:
             default, note = converged, ""
         tuned = tuned_rows.get(label)
-        summary = search_summary(os.path.join(root, "results/hyper/ml-100k", search))
-        search_cell = f"{summary[0]}, {summary[1]}" if summary else "not finished"
+        search_dir = os.path.join(root, "results/hyper/ml-100k", search)
+        summary = search_summary(search_dir)
+        search_cell = f"{summary[0]}, {summary[1]}" if summary else "not finished" if os.path.isdir(search_dir) else "not searched"
         lines.append(
             f"| {label} | {mean_std(default, METRIC)}{seeds_note(default)} | {mean_std(default, VALID)} | {budget(default, note)} "
             f"| {mean_std(tuned, METRIC)}{seeds_note(tuned)} | {mean_std(tuned, VALID)} | {budget(tuned)} "
