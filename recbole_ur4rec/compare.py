@@ -103,6 +103,13 @@ def _tail(path, lines=15):
         return ""
 
 
+def trained_epochs(state):
+    """Epochs a checkpoint's run had trained: its ``trained_epochs`` (staged trainers count over their stages), or
+    ``epoch`` + 1 in files written before that was recorded."""
+    value = state.get("trained_epochs")
+    return value if value is not None else state["epoch"] + 1
+
+
 def run_cell(spec):
     """Train and test one (model, seed) cell; runs in the child process and writes ``spec['child_json']``."""
     from recbole_ur4rec.build import history_masked
@@ -152,8 +159,8 @@ def run_cell(spec):
             test_result=dict(result["test_result"]),
             model_file=shown_path(result["model_file"]),
             num_parameters=sum(t.numel() for t in best["state_dict"].values() if t.is_floating_point()),
-            best_epoch=best["epoch"] + 1,
-            epochs_trained=last["epoch"] + 1,
+            best_epoch=trained_epochs(best),
+            epochs_trained=trained_epochs(last),
         )
         # each user's value of the valid metric, for paired comparisons over users; one line: 2 lists per split
         write_json(spec["user_values_json"], result["user_values"], indent=None)

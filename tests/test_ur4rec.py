@@ -439,6 +439,31 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monke
     assert resumed["test_result"] == uninterrupted["test_result"]
     for run in (uninterrupted, resumed):
         assert_best_file_holds(run, uninterrupted)
+    # the run's budget counts over the stages, across the resume: 2 + 2 + 3 + 2 epochs, the best's the same
+    assert state["trained_epochs"] == 2 + 2 + 2
+    last = lambda run: load_checkpoint(os.path.splitext(run["model_file"])[0] + "-last.pth")
+    assert last(resumed)["trained_epochs"] == last(uninterrupted)["trained_epochs"] == 9
+    assert load_checkpoint(resumed["model_file"])["trained_epochs"] == load_checkpoint(uninterrupted["model_file"])["trained_epochs"]
+
+
+def test_trained_epochs_count_what_every_stage_trained_not_its_schedule(settings, tmp_path):
+    """A stage that stops early counts the epochs it trained: the run's budget (run_compare's epochs and best epoch)
+    is the sum over the stages, and the best file's is the epoch of the run's best validation."""
+    from recbole_ur4rec.compare import trained_epochs
+
+    schedule = {"pretrain_backbone": 12, "pretrain_retriever": 12}
+    validations = []
+    run = run_recbole_ur4rec(
+        "UR4Rec", "genre", config_dict={**settings, "stages": list(schedule), "stage_epochs": schedule, "stopping_step": 1,
+                                        "checkpoint_dir": str(tmp_path)},
+        callback_fn=lambda epoch, score: validations.append(score),
+    )
+    assert len(validations) < sum(schedule.values()), "a stage must stop early for this test to tell trained from scheduled"
+    last = load_checkpoint(os.path.splitext(run["model_file"])[0] + "-last.pth")
+    best = load_checkpoint(run["model_file"])
+    assert trained_epochs(last) == len(validations)  # one validation per epoch (eval_step 1)
+    assert trained_epochs(best) == int(np.argmax(validations)) + 1  # the first of equal best scores is kept
+    assert last["stage"]["index"] == 1 and last["epoch"] + 1 < trained_epochs(last)  # "epoch" is the stage's own
 
 
 def test_learns_from_text_better_than_the_backbone_alone(settings):

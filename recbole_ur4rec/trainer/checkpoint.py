@@ -79,6 +79,7 @@ class SafeCheckpointMixin:
     _pending_rng_state = None  # set by resume_checkpoint, applied by fit (which has the train loader)
     _best_state_dict = None  # a copy of the weights last written to the best-model file
     _best_epoch = None  # the epoch of those weights (RecBole re-saves a finished run's best as epoch -1)
+    _best_trained_epochs = None  # epochs of the whole run up to those weights (staged trainers: over their stages)
     _keep_in_memory = False  # fit(saved=False): the best model's state is kept here instead of in a file
     _best_in_memory = None
     last_valid_result = None  # the latest validation's metrics (set by _valid_epoch)
@@ -101,6 +102,7 @@ class SafeCheckpointMixin:
             "dataset": self.config["dataset"],
             "config": checkpoint_config(self.config),
             "epoch": epoch,
+            "trained_epochs": self._trained_epochs(epoch),  # the run's budget so far; "epoch" is a staged trainer's stage-local one
             "cur_step": self.cur_step,
             "best_valid_score": float(best_score),
             "best_valid_result": plain_data(best_result, "best_valid_result"),
@@ -119,6 +121,7 @@ class SafeCheckpointMixin:
             self.best_valid_result = self.last_valid_result
         self._best_epoch = epoch
         state = self._model_state(epoch, *self._run_best())
+        self._best_trained_epochs = state["trained_epochs"]
         if self._keep_in_memory and not explicit_file:  # fit(saved=False): nothing is written, the best stays here
             state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
             self._best_in_memory = self._best_state_dict = state
@@ -139,6 +142,7 @@ class SafeCheckpointMixin:
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
             best_epoch=self._best_epoch,  # None until this process saved a best (or resumed one that names it)
+            best_trained_epochs=self._best_trained_epochs,
             run_validations=self.run_validations or [],
             **self._extra_resume_state(),
         )
@@ -157,6 +161,11 @@ class SafeCheckpointMixin:
     def _run_epoch(self, epoch_idx):
         """The epoch's index in the whole run (staged trainers count over their stages)."""
         return epoch_idx
+
+    def _trained_epochs(self, epoch_idx):
+        """Epochs the whole run has trained up to and including ``epoch_idx`` (staged trainers: over their stages,
+        as trained, not as scheduled); None when unknown."""
+        return epoch_idx + 1 if epoch_idx >= 0 else None
 
     def _record_validation(self, epoch_idx, valid_score):
         self.run_validations = self.run_validations or []
@@ -234,7 +243,8 @@ class SafeCheckpointMixin:
         best = dict(state, state_dict=state["best_state_dict"], epoch=state["epoch"] if self._best_epoch is None else self._best_epoch)
         best_score, best_result = self._run_best()
         best.update(best_valid_score=float(best_score), best_valid_result=plain_data(best_result, "best_valid_result"))
-        for key in ("optimizer", "rng", "best_state_dict", "best_epoch", "stopped", "format", "run_validations", "run_best_score", "run_best_result"):
+        self._best_trained_epochs = best["trained_epochs"] = state.get("best_trained_epochs")  # None in older files
+        for key in ("optimizer", "rng", "best_state_dict", "best_epoch", "best_trained_epochs", "stopped", "format", "run_validations", "run_best_score", "run_best_result"):
             best.pop(key, None)
         save_checkpoint(best, self.saved_model_file)
         self._best_state_dict = state["best_state_dict"]

@@ -123,6 +123,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         self.stage_index, self.stage_step, self.steps_per_epoch, self.epoch_offset = 0, 0, 1, 0
         self.alternator, self._stage_best_state, self._resumed, self._run_improved = None, None, False, False
         self._validating, self._epoch_idx = True, 0
+        self._epochs_before_stage, self._stage_epochs_done = 0, 0  # epochs trained (not scheduled): the run's budget
         self.run_best_score = -np.inf if self.valid_metric_bigger else np.inf
         self.run_best_result, self.run_best_stage = None, None
 
@@ -232,6 +233,9 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         self.stage_index = index
         stage = self.stage
         self.epoch_offset = sum(s.epochs for s in self.stages[:index])
+        if self._epochs_before_stage is not None:
+            self._epochs_before_stage += self._stage_epochs_done
+        self._stage_epochs_done = 0
         self.epochs, self.start_epoch, self.cur_step, self.stage_step = stage.epochs, 0, 0, 0
         self.eval_step = min(self.config["eval_step"], max(stage.epochs, 1))
         self.best_valid_score = -np.inf if self.valid_metric_bigger else np.inf
@@ -333,6 +337,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         self.model.train()
         self._set_trainable(epoch_idx)
         self._epoch_idx, stage = epoch_idx, self.stage
+        self._stage_epochs_done = epoch_idx + 1
         totals, diagnostics, batches, interaction = defaultdict(float), defaultdict(float), 0, None
         iter_data = tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {stage.name} {epoch_idx:>3}", "pink")) if show_progress else train_data
         for interaction in iter_data:
@@ -403,6 +408,11 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
     def _run_epoch(self, epoch_idx):
         return self.epoch_offset + epoch_idx
 
+    def _trained_epochs(self, epoch_idx):
+        if self._epochs_before_stage is None or epoch_idx < 0:
+            return None
+        return self._epochs_before_stage + epoch_idx + 1
+
     def _run_best(self):
         return self.run_best_score, self.run_best_result
 
@@ -414,6 +424,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
                 "alternator": self.alternator.state_dict() if self.alternator is not None else None,
                 "stage_best_state": self._stage_best_state,
                 "run_best_stage": self.run_best_stage,
+                "epochs_before_stage": self._epochs_before_stage,
             }
         }
 
@@ -424,10 +435,11 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         if not 0 <= staged["stage_index"] < len(self.stages):
             raise CheckpointError(f"checkpoint {resume_file} is at stage {staged['stage_index']}, but this run has {len(self.stages)} stages")
         self._enter_stage(staged["stage_index"])
+        self._epochs_before_stage = staged.get("epochs_before_stage")  # None in older files: the budget is unknown
         self.run_best_score, self.run_best_result = run_best(state)
         self.run_best_stage = staged["run_best_stage"]
         super()._restore(state, resume_file)  # writes the best-model file, with the run's best (_run_best)
-        self.stage_step = staged["stage_step"]
+        self.stage_step, self._stage_epochs_done = staged["stage_step"], self.start_epoch
         if self.alternator is not None:
             self.alternator.load_state_dict(staged["alternator"])
         self._stage_best_state = staged["stage_best_state"]
