@@ -161,6 +161,7 @@ def run_cell(spec):
             num_parameters=sum(t.numel() for t in best["state_dict"].values() if t.is_floating_point()),
             best_epoch=trained_epochs(best),
             epochs_trained=trained_epochs(last),
+            epochs_over_stages=last.get("trained_epochs") is not None,  # False: a staged run's counts are its last stage's
         )
         # each user's value of the valid metric, for paired comparisons over users; one line: 2 lists per split
         write_json(spec["user_values_json"], result["user_values"], indent=None)

@@ -58,22 +58,27 @@ def summarize(cells, models, seeds):
 BUDGET_KEYS = ("epochs", "stopping_step", "stage_epochs")  # training budget: may differ per model, shown per model
 
 
-def _budget(protocol):
+def _budget(protocol, last_stage_only=()):
+    """The training budget of a model's cells; ``last_stage_only``: its staged cells written before the epochs were
+    counted over all stages (their epochs columns count within the last stage)."""
     if protocol.get("stage_epochs"):
-        cap = "staged, at most " + ", ".join(f"{stage} {n}" for stage, n in protocol["stage_epochs"].items())
-        cap += " epochs (the epochs columns count within the last stage)"
+        cap = "staged, at most " + ", ".join(f"{stage} {n}" for stage, n in protocol["stage_epochs"].items()) + " epochs"
+        cap += f" (the epochs columns of {', '.join(sorted(last_stage_only))} count within the last stage)" if last_stage_only else " (epochs counted over all stages)"
     else:
         cap = f"at most {protocol['epochs']} epochs"
     return f"{cap}, early stopping after {protocol['stopping_step']} validations without improvement"
 
 
 def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
-    protocols, budgets, unrecorded = {}, {}, []
+    protocols, budgets, unrecorded, last_stage_only = {}, {}, [], {}
+    for cell in cells.values():
+        if cell.get("protocol") and cell["protocol"].get("stage_epochs") and not cell.get("epochs_over_stages"):
+            last_stage_only.setdefault(cell["model"], []).append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
     for cell in cells.values():
         if cell.get("protocol"):
             evaluation = {k: v for k, v in cell["protocol"].items() if k not in BUDGET_KEYS}
             protocols.setdefault(json.dumps(evaluation, sort_keys=True), set()).add(cell["model"])
-            budgets.setdefault(cell["model"], _budget(cell["protocol"]))
+            budgets.setdefault(cell["model"], _budget(cell["protocol"], last_stage_only.get(cell["model"], ())))
             if "history_masked" not in evaluation:
                 unrecorded.append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
     # cells written before masking was recorded differ from the others only by not saying: named, not a protocol

@@ -182,6 +182,29 @@ def test_history_masking_is_recorded_and_general_models_can_rank_without_it(walk
     assert md.count("- protocol") == 1 and "training items ranked too (no masking)" in md
 
 
+def test_a_staged_cell_counts_its_epochs_over_all_stages_and_older_cells_are_named(walk_root, tmp_path):
+    """A staged model's epochs and best epoch count every stage's trained epochs (4 + 2 here, no early stopping), not
+    its last stage's; cells written before that was recorded are named in the budget line, not passed as the run's."""
+    from recbole_ur4rec.compare_report import write_report
+
+    settings = {
+        **quick_settings(walk_root), "stopping_step": 100,
+        "stages": ["pretrain_backbone", "retriever"], "stage_epochs": {"pretrain_backbone": 4, "retriever": 2, "finetune": 1},
+    }
+    settings.pop("learning_rate")  # staged models refuse it
+    output_dir = str(tmp_path / "compare")
+    result = run_compare(models=["FTRagRec"], dataset="walk", seeds=[1], overrides=settings, output_dir=output_dir)
+    cell = result["cells"]["FTRagRec-seed1"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["epochs_trained"] == 6 and cell["epochs_over_stages"] is True and 1 <= cell["best_epoch"] <= 6
+    assert "(epochs counted over all stages)" in open(result["md"]).read()
+    old = {key: value for key, value in cell.items() if key != "epochs_over_stages"}
+    old.update(seed=2, epochs_trained=2)
+    report = dict(output_dir=output_dir, models=["FTRagRec"], seeds=[1, 2], dataset="walk", files_of={"FTRagRec": []}, overrides={})
+    md = open(write_report({"FTRagRec-seed1": cell, "FTRagRec-seed2": old}, **report)["md"]).read()
+    assert "(the epochs columns of FTRagRec-seed2 count within the last stage)" in md
+
+
 def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
     """``results/ml-100k-repro`` (``python run_compare.py --models FastSASRec --dataset ml-100k --seeds 1 --epochs 3 --threads=1
     --output_dir results/ml-100k-repro``, RecBole's shipped ml-100k) and the same run made where torch picks other CPU
