@@ -72,7 +72,8 @@ def _budget(protocol, last_stage_only=()):
 def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
     protocols, budgets, unrecorded, last_stage_only = {}, {}, [], {}
     for cell in cells.values():
-        if cell.get("protocol") and cell["protocol"].get("stage_epochs") and not cell.get("epochs_over_stages"):
+        # a run of one stage counted the whole run either way
+        if len((cell.get("protocol") or {}).get("stage_epochs") or {}) > 1 and not cell.get("epochs_over_stages"):
             last_stage_only.setdefault(cell["model"], []).append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
     for cell in cells.values():
         if cell.get("protocol"):

@@ -203,6 +203,9 @@ def test_a_staged_cell_counts_its_epochs_over_all_stages_and_older_cells_are_nam
     report = dict(output_dir=output_dir, models=["FTRagRec"], seeds=[1, 2], dataset="walk", files_of={"FTRagRec": []}, overrides={})
     md = open(write_report({"FTRagRec-seed1": cell, "FTRagRec-seed2": old}, **report)["md"]).read()
     assert "(the epochs columns of FTRagRec-seed2 count within the last stage)" in md
+    one_stage = {**old, "protocol": {**old["protocol"], "stage_epochs": {"pretrain_backbone": 4}}}
+    md = open(write_report({"FTRagRec-seed1": one_stage}, **{**report, "seeds": [1]})["md"]).read()
+    assert "last stage" not in md and "(epochs counted over all stages)" in md  # one stage: its epochs are the run's
 
 
 def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
