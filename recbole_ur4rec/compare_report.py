@@ -58,6 +58,11 @@ def summarize(cells, models, seeds):
 BUDGET_KEYS = ("epochs", "stopping_step", "stage_epochs")  # training budget: may differ per model, shown per model
 
 
+def _cell_label(cell):
+    """The cell's name in the header's lists (its model alone when it names no seed)."""
+    return cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"]
+
+
 def _budget(protocol, last_stage_only=()):
     """The training budget of a model's cells; ``last_stage_only``: its staged cells written before the epochs were
     counted over all stages (their epochs columns count within the last stage)."""
@@ -74,14 +79,14 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
     for cell in cells.values():
         # a run of one stage counted the whole run either way
         if len((cell.get("protocol") or {}).get("stage_epochs") or {}) > 1 and not cell.get("epochs_over_stages"):
-            last_stage_only.setdefault(cell["model"], []).append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
+            last_stage_only.setdefault(cell["model"], []).append(_cell_label(cell))
     for cell in cells.values():
         if cell.get("protocol"):
             evaluation = {k: v for k, v in cell["protocol"].items() if k not in BUDGET_KEYS}
             protocols.setdefault(json.dumps(evaluation, sort_keys=True), set()).add(cell["model"])
             budgets.setdefault(cell["model"], _budget(cell["protocol"], last_stage_only.get(cell["model"], ())))
             if "history_masked" not in evaluation:
-                unrecorded.append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
+                unrecorded.append(_cell_label(cell))
     # cells written before masking was recorded differ from the others only by not saying: named, not a protocol
     masking = {json.loads(key).get("history_masked") for key in protocols} - {None}
     only_unrecorded = bool(unrecorded) and len(masking) == 1 and len({
@@ -112,7 +117,7 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
         label = code.get("source") or "not recorded"
         if code.get("commit"):
             label += f" (commit {code['commit'][:10]}{'' if code.get('clean') else ', uncommitted changes'})"
-        versions.setdefault(label, []).append(cell_name(cell["model"], cell["seed"]) if "seed" in cell else cell["model"])
+        versions.setdefault(label, []).append(_cell_label(cell))
     if len(versions) == 1:
         lines.append(f"- code version of every cell: {next(iter(versions))}")
     elif versions:

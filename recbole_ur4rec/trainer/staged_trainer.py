@@ -424,7 +424,6 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
                 "alternator": self.alternator.state_dict() if self.alternator is not None else None,
                 "stage_best_state": self._stage_best_state,
                 "run_best_stage": self.run_best_stage,
-                "epochs_before_stage": self._epochs_before_stage,
             }
         }
 
@@ -435,7 +434,8 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         if not 0 <= staged["stage_index"] < len(self.stages):
             raise CheckpointError(f"checkpoint {resume_file} is at stage {staged['stage_index']}, but this run has {len(self.stages)} stages")
         self._enter_stage(staged["stage_index"])
-        self._epochs_before_stage = staged.get("epochs_before_stage")  # None in older files: the budget is unknown
+        trained = state.get("trained_epochs")  # the run's epochs up to this stage's saved one; None in older files
+        self._epochs_before_stage = None if trained is None else trained - state["epoch"] - 1
         self.run_best_score, self.run_best_result = run_best(state)
         self.run_best_stage = staged["run_best_stage"]
         super()._restore(state, resume_file)  # writes the best-model file, with the run's best (_run_best)
