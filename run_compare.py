@@ -15,8 +15,8 @@ import argparse
 import logging
 import sys
 
-from recbole_ur4rec.cli import parse_overrides
-from recbole_ur4rec.compare import DEFAULT_MODELS, parse_seeds, run_compare
+from recbole_ur4rec.common.argv import parse_overrides
+from recbole_ur4rec.experiments.compare import DEFAULT_MODELS, parse_seeds, run_compare
 
 
 def parse_args(argv):

@@ -12,8 +12,8 @@ shared by every trial (e.g. --epochs=20 --train_batch_size=512).
 import argparse
 import sys
 
-from recbole_ur4rec.cli import parse_overrides
-from recbole_ur4rec.tuning import run_search
+from recbole_ur4rec.common.argv import parse_overrides
+from recbole_ur4rec.experiments.tuning import run_search
 
 
 def parse_args(argv):

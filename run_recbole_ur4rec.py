@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from recbole_ur4rec.cli import isolated_argv, parse_overrides
+from recbole_ur4rec.common.argv import isolated_argv, parse_overrides
 from recbole_ur4rec.quick_start import evaluate_checkpoint, run_recbole_ur4rec
 
 

@@ -21,7 +21,7 @@ install_requires = [
     "matplotlib",
     "pyyaml",
     "flwr==1.41.*",  # federated_engine: flower (Flower's deployment runtime; its [simulation] extra needs another Ray)
-    "tomli-w",  # the loopback Flower runtime writes run configs (recbole_ur4rec/federated/flower/local.py)
+    "tomli-w",  # the loopback Flower runtime writes run configs (recbole_ur4rec/apps/flower/loopback.py)
     "psutil",  # ... and stops its process trees
 ]
 
@@ -31,7 +31,7 @@ setup(
     description="RecBole plugin: UR4Rec, FTRagRec and FedDMMR sequential recommenders",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["recbole_ur4rec", "recbole_ur4rec.*"]),
-    package_data={"recbole_ur4rec": ["properties/*.yaml", "properties/*/*.yaml", "federated/flower_app/pyproject.toml"]},
+    package_data={"recbole_ur4rec": ["properties/*.yaml", "properties/*/*.yaml", "apps/flower/app/pyproject.toml"]},
     include_package_data=True,
     install_requires=install_requires,
     # No [clip] extra: open_clip needs torchvision, which imports only beside torch 2.14.1 here, and an extra

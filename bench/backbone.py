@@ -30,7 +30,10 @@ import sys
 import tempfile
 import time
 
-from recbole_ur4rec.report import read_json, write_json  # a missing or unreadable file reads as None; atomic writes
+from recbole_ur4rec.common.tables import (  # a missing or unreadable file reads as None; atomic writes
+    read_json,
+    write_json,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("SASRec", "FastSASRec")
@@ -94,7 +97,7 @@ def run_cell(model_name, dataset, seed, budget_minutes, threads, config_dict, st
     import torch
 
     from recbole_ur4rec.build import build
-    from recbole_ur4rec.checkpoints import newest_resume_file
+    from recbole_ur4rec.common.checkpoint_io import newest_resume_file
     from recbole_ur4rec.registry import get_trainer
 
     data_start = time.monotonic()

@@ -17,7 +17,7 @@ import time
 import torch
 
 from recbole_ur4rec.build import build
-from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.common.argv import isolated_argv
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import ENGINES, BatchedEngine, ClientData, FedAvg, round_plan
 

@@ -1,12 +1,12 @@
 """Benchmark: seconds per federated round of FedDMMR on ml-100k: in-process nodes against Flower SuperNodes.
 
-The dataset is partitioned (``python -m recbole_ur4rec.federated.partition``: node ``k`` holds the users ``u % nodes
+The dataset is partitioned (``python -m recbole_ur4rec.apps.partition_dataset``: node ``k`` holds the users ``u % nodes
 == k``); the server reads no interaction. FedDMMR's defaults (item-text expert, dropout), ``client_fraction: 0.2``,
 ``threads: 1``, no validation, ``--rounds`` rounds per engine, on this machine:
 
 - ``loop``: the server and every node in this process (:class:`~recbole_ur4rec.federated.node.LocalNodes`, each node
   reading only its partition): the in-process engine's cost with node-side state;
-- ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.federated.flower.local.LocalFederation` (a SuperLink
+- ``flower``: the Flower ServerApp on a :class:`~recbole_ur4rec.apps.flower.loopback.LocalFederation` (a SuperLink
   and ``--nodes`` SuperNodes on 127.0.0.1, each its own process, TLS and SuperNode authentication, each with its node
   worker holding the node across rounds, built when the server asks which partition it holds, before round 1); a
   round sends each node one message (global parameters, its users' ids and row orders) and gets one partial
@@ -42,8 +42,8 @@ def settings(work, rounds):
 
 
 def partition(work, rounds, nodes):
+    from recbole_ur4rec.apps.partition_dataset import write_partitions
     from recbole_ur4rec.build import build
-    from recbole_ur4rec.federated.partition import write_partitions
 
     root = os.path.join(work, "fed")
     write_partitions(build("FedDMMR", "ml-100k", config_dict=settings(work, rounds), log=False), root, nodes)
@@ -71,7 +71,7 @@ def loop_rounds(work, rounds, root):
 
 def flower_rounds(work, rounds, nodes, root, secagg, workers=True):
     """Per round: seconds of the Flower ServerApp's round and payload bytes; and the whole ``flwr run``'s seconds."""
-    from recbole_ur4rec.federated.flower.local import LocalFederation
+    from recbole_ur4rec.apps.flower.loopback import LocalFederation
 
     with LocalFederation(num_nodes=nodes, cwd=work, partition_root=root, workers=workers) as federation:
         begin = time.time()

@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 import torch
 
-from recbole_ur4rec.model.layers.retrieval_memory import RetrievalMemory
+from recbole_ur4rec.index.retrieval_memory import RetrievalMemory
 
 DIM, CLUSTERS, NOISE, CHUNK, QUERIES, K = 64, 5000, 0.5, 65536, 1000, 10
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -18,7 +18,7 @@ import time
 import torch
 
 from recbole_ur4rec.build import build
-from recbole_ur4rec.cli import isolated_argv
+from recbole_ur4rec.common.argv import isolated_argv
 from recbole_ur4rec.features.item_text import item_texts
 from recbole_ur4rec.features.llm import LLMWriter
 

@@ -268,7 +268,7 @@ def build_features(size, data_root, out_dir, model):
             return json.load(f)["features_s"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     overrides = [f"--{key}={value}" for key, value in TEXT_FIELDS.items()]
-    command = [sys.executable, "-m", "recbole_ur4rec.features", "-d", f"synth-{size}", "-m", model, f"--data_path={data_root}", *overrides]
+    command = [sys.executable, "-m", "recbole_ur4rec.apps.precompute_features", "-d", f"synth-{size}", "-m", model, f"--data_path={data_root}", *overrides]
     started = time.monotonic()
     with open(path.replace(".json", ".log"), "w") as f:
         subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=True)
@@ -374,7 +374,7 @@ def write_table(out_dir):
                 with open(path) as f:
                     features.append(f"{size} {what} ({model}): {json.load(f)['features_s']:.0f} s")
     if features:
-        lines += ["", "Text features (`python -m recbole_ur4rec.features -m <model>`, all-MiniLM-L6-v2 on the CPU, built "
+        lines += ["", "Text features (`python -m recbole_ur4rec.apps.precompute_features -m <model>`, all-MiniLM-L6-v2 on the CPU, built "
                   "once per dataset and read from the cache by the UR4Rec and FedDMMR cells; a store already cached "
                   "is read, not rebuilt): " + "; ".join(features) + "."]
     lines += ["", "Exponent b of cost ~ interactions^b (least squares over the sizes measured):", ""]

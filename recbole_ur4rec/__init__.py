@@ -3,7 +3,7 @@
 The names below are imported on first use (PEP 562), so that a light submodule (the Flower ClientApp that only
 forwards requests to a node worker) does not pay for torch and RecBole.
 """
-from recbole_ur4rec.lazy import lazy_exports
+from recbole_ur4rec.common.lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_checkpoint": "recbole_ur4rec.quick_start",

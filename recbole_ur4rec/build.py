@@ -13,6 +13,7 @@ from recbole.utils import ModelType, init_logger, init_seed
 
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.federated.catalog import federation_data
 from recbole_ur4rec.registry import get_model
 
 _anomaly_switch_logged = False
@@ -91,7 +92,6 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
         logger.info(config)
 
     if config["federation_dir"]:  # a federated server: the interactions stay on the nodes
-        from recbole_ur4rec.federated.catalog import federation_data
 
         dataset, train_data, valid_data, test_data = federation_data(config)
     else:

@@ -9,7 +9,7 @@ import os
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-from recbole_ur4rec.paths import PLUGIN_PROPERTIES, RECBOLE_EXAMPLE_DATA, RECBOLE_PROPERTIES
+from recbole_ur4rec.common.paths import PLUGIN_PROPERTIES, RECBOLE_EXAMPLE_DATA, RECBOLE_PROPERTIES
 from recbole_ur4rec.registry import get_model, plugin_models
 
 

@@ -4,9 +4,9 @@ from logging import getLogger
 from recbole.utils import set_color
 
 from recbole_ur4rec.build import build
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
+from recbole_ur4rec.evaluation.slices import user_values
 from recbole_ur4rec.registry import get_trainer
-from recbole_ur4rec.slices import user_values
 
 
 def _resume_settings(resume_file, model, dataset, config_dict, state=None):

@@ -27,7 +27,7 @@ def count_checkpoint_reads(monkeypatch):
     """The list of paths ``load_checkpoint`` reads from now on (it grows as checkpoints are read)."""
     import builtins
 
-    import recbole_ur4rec.checkpoints as checkpoints
+    import recbole_ur4rec.common.checkpoint_io as checkpoints
 
     paths = []
 
@@ -42,7 +42,7 @@ def count_checkpoint_reads(monkeypatch):
 def assert_best_file_holds(run, expected):
     """``run``'s best-model file names the best validation's score and metrics (``expected``'s), not the improvement
     before it (RecBole sets ``best_valid_result`` after saving)."""
-    from recbole_ur4rec.checkpoints import load_checkpoint
+    from recbole_ur4rec.common.checkpoint_io import load_checkpoint
 
     best = load_checkpoint(run["model_file"])
     assert best["best_valid_result"] == expected["best_valid_result"]

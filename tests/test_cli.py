@@ -112,7 +112,7 @@ def test_a_killed_federated_server_resumes_with_its_nodes_state(quick_config, tm
     extra, kill_after = KILL_CASES["FedDMMR"]
     common = ["-m", "FedDMMR", "-d", "tiny", *cli_args(quick_config), *extra]
     done = subprocess.run(
-        [sys.executable, "-m", "recbole_ur4rec.federated.partition", "--nodes", "2", "--out", str(tmp_path / "fed"), *common[:4],
+        [sys.executable, "-m", "recbole_ur4rec.apps.partition_dataset", "--nodes", "2", "--out", str(tmp_path / "fed"), *common[:4],
          *[a for a in common[4:] if not a.startswith("--epochs")]],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
@@ -128,7 +128,7 @@ def test_a_killed_federated_server_resumes_with_its_nodes_state(quick_config, tm
 def test_overrides_are_parsed_one_way_for_every_cli():
     import argparse
 
-    from recbole_ur4rec.cli import parse_overrides
+    from recbole_ur4rec.common.argv import parse_overrides
 
     parser = argparse.ArgumentParser(prog="x")
     overrides = parse_overrides(

@@ -7,7 +7,7 @@ import statistics
 import pytest
 from tune_fixtures import quick_settings, read_csv
 
-from recbole_ur4rec.compare import parse_seeds, run_compare
+from recbole_ur4rec.experiments.compare import parse_seeds, run_compare
 
 
 def cell_json(output_dir, model, seed):
@@ -171,7 +171,7 @@ def test_history_masking_is_recorded_and_general_models_can_rank_without_it(walk
     assert cell_json(output_dir, "SASRec", 1)["protocol"]["history_masked"] is False
     assert "WARNING: the models ran under different protocols" in md and "training items removed from the ranking" in md
     # a cell written before masking was recorded is named, and is no protocol of its own
-    from recbole_ur4rec.compare_report import write_report
+    from recbole_ur4rec.experiments.compare_report import write_report
 
     sasrec = cell_json(output_dir, "SASRec", 1)
     old = {**sasrec, "seed": 2, "protocol": {k: v for k, v in sasrec["protocol"].items() if k != "history_masked"}}
@@ -185,7 +185,7 @@ def test_history_masking_is_recorded_and_general_models_can_rank_without_it(walk
 def test_a_staged_cell_counts_its_epochs_over_all_stages_and_older_cells_are_named(walk_root, tmp_path):
     """A staged model's epochs and best epoch count every stage's trained epochs (4 + 2 here, no early stopping), not
     its last stage's; cells written before that was recorded are named in the budget line, not passed as the run's."""
-    from recbole_ur4rec.compare_report import write_report
+    from recbole_ur4rec.experiments.compare_report import write_report
 
     settings = {
         **quick_settings(walk_root), "stopping_step": 100,
@@ -254,7 +254,7 @@ def test_a_cell_killed_without_notice_continues_from_its_resume_state(walk_root,
     settings = {**quick_settings(walk_root, epochs=40), "stopping_step": 100}
     whole = run_compare(models=["SASRec"], dataset="walk", seeds=[1], overrides=settings, output_dir=str(tmp_path / "whole"))
     output_dir = str(tmp_path / "killed")
-    code = f"from recbole_ur4rec.compare import run_compare; run_compare(models=['SASRec'], dataset='walk', seeds=[1], overrides={settings!r}, output_dir={output_dir!r})"
+    code = f"from recbole_ur4rec.experiments.compare import run_compare; run_compare(models=['SASRec'], dataset='walk', seeds=[1], overrides={settings!r}, output_dir={output_dir!r})"
     process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = os.path.join(output_dir, "cells", "checkpoints", "SASRec-seed1")
     deadline = time.time() + 300

@@ -8,7 +8,7 @@ import pytest
 import torch
 from features_fixtures import encoder, feat_root  # noqa: F401 (fixtures)
 
-from recbole_ur4rec.features.__main__ import main
+from recbole_ur4rec.apps.precompute_features import main
 from recbole_ur4rec.features.errors import FeatureError
 from recbole_ur4rec.features.llm import LLMWriter
 

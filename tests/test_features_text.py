@@ -14,8 +14,8 @@ from features_fixtures import (  # noqa: F401
     title,
 )
 
+from recbole_ur4rec.apps.precompute_features import main
 from recbole_ur4rec.features import FeatureError, item_text_features, user_text_features
-from recbole_ur4rec.features.__main__ import main
 from recbole_ur4rec.features.item_text import item_texts
 from recbole_ur4rec.features.pipeline import user_texts_of
 

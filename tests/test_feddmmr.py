@@ -7,10 +7,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from model_fixtures import assert_best_file_holds, assert_user_values_are_the_results, build_model, count_checkpoint_reads, snapshot
+from model_fixtures import (
+    assert_best_file_holds,
+    assert_user_values_are_the_results,
+    build_model,
+    count_checkpoint_reads,
+    snapshot,
+)
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write_image_features
 
-from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.common.checkpoint_io import load_checkpoint
 from recbole_ur4rec.federated import FedAvg, LoopEngine, ServerOptimizer, round_plan
 from recbole_ur4rec.model import FedDMMR
 from recbole_ur4rec.model.layers import SampledCandidates

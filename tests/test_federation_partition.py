@@ -9,12 +9,12 @@ import pytest
 import torch
 from model_fixtures import build_model
 
+from recbole_ur4rec.apps.partition_dataset import write_partitions
 from recbole_ur4rec.build import build
-from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.common.checkpoint_io import load_checkpoint
+from recbole_ur4rec.federated.catalog import PartitionError
 from recbole_ur4rec.federated.node import LocalStore, Node
 from recbole_ur4rec.model import FedDMMR
-from recbole_ur4rec.federated.catalog import PartitionError
-from recbole_ur4rec.federated.partition import write_partitions
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
 
@@ -141,8 +141,8 @@ def test_a_wrong_partition_is_named(plain, tmp_path):
 
 
 def test_node_side_evaluation_equals_recboles_evaluation_of_the_same_parameters(plain, tmp_path):
-    from recbole_ur4rec.federated.node import LocalNodes, merge_metric_sums
     from recbole_ur4rec.federated.catalog import FederationClients, read_federation
+    from recbole_ur4rec.federated.node import LocalNodes, merge_metric_sums
     from recbole_ur4rec.trainer import FedDMMRTrainer
 
     settings = {**plain, "local_groups": ["backbone"], "partial_aggregation_warmup_rounds": 0}

@@ -13,14 +13,14 @@ pytest.importorskip("flwr", reason="flwr is not installed: the Flower engine nee
 from conftest import write_sequential_dataset  # noqa: E402
 from model_fixtures import build_model  # noqa: E402
 
+from recbole_ur4rec.apps.flower.loopback import LocalFederation  # noqa: E402
+from recbole_ur4rec.apps.partition_dataset import write_partitions  # noqa: E402
 from recbole_ur4rec.build import build  # noqa: E402
-from recbole_ur4rec.checkpoints import load_checkpoint  # noqa: E402
+from recbole_ur4rec.common.checkpoint_io import load_checkpoint  # noqa: E402
 from recbole_ur4rec.federated import FedAvg, round_plan  # noqa: E402
-from recbole_ur4rec.federated.flower.engine import FlowerNodes, FlowerSession  # noqa: E402
-from recbole_ur4rec.federated.flower.local import LocalFederation  # noqa: E402
-from recbole_ur4rec.federated.node import LocalNodes  # noqa: E402
 from recbole_ur4rec.federated.catalog import FederationClients, read_federation  # noqa: E402
-from recbole_ur4rec.federated.partition import write_partitions  # noqa: E402
+from recbole_ur4rec.federated.flower_nodes import FlowerNodes, FlowerSession  # noqa: E402
+from recbole_ur4rec.federated.node import LocalNodes  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
 
@@ -107,7 +107,7 @@ class LoopbackSession(FlowerSession):
         return sorted(self.contexts)
 
     def exchange(self, messages, timeout=None):
-        from recbole_ur4rec.federated.flower import client_app
+        from recbole_ur4rec.apps.flower import client_app
 
         handlers = {"query": client_app._node_query, "train.plain": client_app._node_train, "evaluate": client_app._node_evaluate}
         replies = {}
@@ -238,7 +238,7 @@ class LoopbackGrid:
 
         from flwr.app import Error, Message
 
-        from recbole_ur4rec.federated.flower.client_app import client_app
+        from recbole_ur4rec.apps.flower.client_app import client_app
 
         replies = []
         for message in messages:
@@ -294,7 +294,7 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three
 
 def test_a_node_runs_on_the_run_settings_threads(settings, partitions, tmp_path):
     """A node worker is its own process: it takes the run's ``threads`` (and anomaly mode) from the settings."""
-    from recbole_ur4rec.federated.flower.node_service import NodeService
+    from recbole_ur4rec.apps.flower.node_service import NodeService
 
     before = torch.get_num_threads()
     service = NodeService(str(partitions / "node-0"), str(tmp_path / "state"), reuse=True)
@@ -313,7 +313,7 @@ def test_the_client_app_imports_neither_torch_nor_recbole(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, recbole_ur4rec.federated.flower.client_app; print(sorted(m for m in ('torch', 'recbole') if m in sys.modules))"
+    code = "import sys, recbole_ur4rec.apps.flower.client_app; print(sorted(m for m in ('torch', 'recbole') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -321,10 +321,10 @@ def test_the_client_app_imports_neither_torch_nor_recbole(tmp_path):
 
 @pytest.fixture
 def workers(partitions, tmp_path):
-    """A node worker per partition (``python -m recbole_ur4rec.federated.flower.worker``), each its own process."""
+    """A node worker per partition (``python -m recbole_ur4rec.apps.flower.worker``), each its own process."""
     import subprocess
 
-    from recbole_ur4rec.federated.flower import worker
+    from recbole_ur4rec.apps.flower import worker
 
     sockets = [tmp_path / f"worker-{k}" / "worker.sock" for k in range(2)]
     processes = [subprocess.Popen(worker.command(partitions / f"node-{k}", tmp_path / f"worker-{k}", sockets[k])) for k in range(2)]
@@ -342,7 +342,7 @@ def test_node_workers_answer_as_the_in_process_nodes_across_rounds_and_refuse_a_
     from multiprocessing import AuthenticationError
     from multiprocessing.connection import Client
 
-    from recbole_ur4rec.federated.flower import worker
+    from recbole_ur4rec.apps.flower import worker
 
     server, config, model, clients = loopback_server(settings, partitions, tmp_path, monkeypatch)
     session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, partitions, tmp_path / "unused")
@@ -374,5 +374,5 @@ def test_node_workers_answer_as_the_in_process_nodes_across_rounds_and_refuse_a_
         worker.call(workers[0], {"op": "nope"}, {})
     with pytest.raises(RuntimeError, match="another node worker is listening on"):  # a second worker on the same socket
         worker.serve(workers[0], None)
-    with pytest.raises(ConnectionError, match="no node worker answers at .*python -m recbole_ur4rec.federated.flower.worker"):
+    with pytest.raises(ConnectionError, match="no node worker answers at .*python -m recbole_ur4rec.apps.flower.worker"):
         worker.call(tmp_path / "nowhere.sock", {"op": "evaluate"}, {})

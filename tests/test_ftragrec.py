@@ -9,19 +9,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_sequential_dataset
-from model_fixtures import assert_user_values_are_the_results, build_model, changed_groups, snapshot, untrained_test_ndcg10
+from model_fixtures import (
+    assert_user_values_are_the_results,
+    build_model,
+    changed_groups,
+    snapshot,
+    untrained_test_ndcg10,
+)
 
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from recbole_ur4rec.data.sequence_dataset import training_histories
+from recbole_ur4rec.evaluation.slices import row_metrics
+from recbole_ur4rec.index.retrieval_memory import RetrievalMemory
 from recbole_ur4rec.model import FTRagRec
 from recbole_ur4rec.model.ftragrec import ALIGNMENTS, FUSIONS, alignment_loss
-from recbole_ur4rec.model.layers.retrieval_memory import RetrievalMemory
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_model, get_trainer
-from recbole_ur4rec.slices import row_metrics
 from recbole_ur4rec.trainer import FTRagRecTrainer
-from recbole_ur4rec.trainer.checkpoint import plain_data
 from recbole_ur4rec.trainer.ftragrec_trainer import refresh_interval
+from recbole_ur4rec.trainer.safe_checkpoint import plain_data
 
 SMALL = {
     "train_batch_size": 16,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from recbole_ur4rec.apps.precompute_features import main as features_main
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.data.atomic import AtomicFileError
-from recbole_ur4rec.features.__main__ import main as features_main
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import pytest
 from model_fixtures import ranks_by_hand
 from tune_fixtures import quick_settings
 
-from recbole_ur4rec.compare import run_compare
+from recbole_ur4rec.experiments.compare import run_compare
 from recbole_ur4rec.quick_start import load_data_and_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "baselines"))

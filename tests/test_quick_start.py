@@ -7,7 +7,7 @@ import pytest
 import torch
 from model_fixtures import assert_best_file_holds, count_checkpoint_reads
 
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
 from recbole_ur4rec.quick_start import evaluate_checkpoint, load_data_and_model, run_recbole_ur4rec
 
 METRICS = [f"{m}@{k}" for m in ("hit", "ndcg", "mrr") for k in (5, 10, 20)]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from model_fixtures import build_model, ranks_by_hand
 
+from recbole_ur4rec.evaluation.slices import TrainingCounts, head_items, row_metrics, slice_masks
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_trainer
-from recbole_ur4rec.slices import TrainingCounts, head_items, row_metrics, slice_masks
 
 
 def test_head_is_the_most_interacted_share_with_ties_by_id():

@@ -8,8 +8,8 @@ import yaml
 from tune_fixtures import quick_settings, read_csv
 
 from recbole_ur4rec.config import Config
-from recbole_ur4rec.search_space import SearchSpaceError, parse_params_file, to_tune_space
-from recbole_ur4rec.tuning import run_search
+from recbole_ur4rec.experiments.search_space import SearchSpaceError, parse_params_file, to_tune_space
+from recbole_ur4rec.experiments.tuning import run_search
 
 
 def write(path, text):
@@ -177,7 +177,7 @@ def test_failing_trial_is_reported_and_others_finish(local_ray, walk_root, tmp_p
 
 
 def test_asha_budget_follows_the_real_schedule(walk_root):
-    from recbole_ur4rec.tuning import validation_budget
+    from recbole_ur4rec.experiments.tuning import validation_budget
 
     settings = quick_settings(walk_root, epochs=300)
     config = Config(model="SASRec", dataset="walk", config_dict=settings)
@@ -220,7 +220,7 @@ def test_asha_stops_a_bad_staged_trial_early(local_ray, walk_root, tmp_path):
 
 def test_the_best_yaml_names_itself_relative_to_the_working_directory(tmp_path, monkeypatch):
     """Results hold no machine paths: a best.yaml under the working directory names itself relatively."""
-    from recbole_ur4rec.tuning_results import best_config_yaml
+    from recbole_ur4rec.experiments.tuning_results import best_config_yaml
 
     monkeypatch.chdir(tmp_path)
     path = str(tmp_path / "results" / "hyper" / "best.yaml")
@@ -239,8 +239,8 @@ def test_the_best_trial_is_chosen_on_the_runs_best_validation_not_the_stages(tmp
     best was kept outside the stage state."""
     from types import SimpleNamespace
 
-    from recbole_ur4rec.checkpoints import save_checkpoint
-    from recbole_ur4rec.tuning_results import SearchRecorder, trial_checkpoint_dir
+    from recbole_ur4rec.common.checkpoint_io import save_checkpoint
+    from recbole_ur4rec.experiments.tuning_results import SearchRecorder, trial_checkpoint_dir
 
     recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
     resume_states = {
@@ -267,7 +267,7 @@ def test_a_search_table_says_it_is_live_until_the_search_finishes(tmp_path):
     (with the time it was written), so a killed search's `running` trials are not read as running; finish() drops it."""
     from types import SimpleNamespace
 
-    from recbole_ur4rec.tuning_results import SearchRecorder
+    from recbole_ur4rec.experiments.tuning_results import SearchRecorder
 
     recorder = SearchRecorder(str(tmp_path), {"lr": None}, "# search\n", "NDCG@10", True, str(tmp_path / "checkpoints"))
     trial = SimpleNamespace(trial_id="trial_00000", config={"lr": 0.1})
@@ -286,8 +286,8 @@ def test_the_table_shows_the_values_a_resumed_trial_trained_with(tmp_path):
     last bits (another machine), and the table and best.yaml give the checkpoint's values, not the draw."""
     from types import SimpleNamespace
 
-    from recbole_ur4rec.checkpoints import save_checkpoint
-    from recbole_ur4rec.tuning_results import SearchRecorder, trial_checkpoint_dir
+    from recbole_ur4rec.common.checkpoint_io import save_checkpoint
+    from recbole_ur4rec.experiments.tuning_results import SearchRecorder, trial_checkpoint_dir
 
     stored, drawn = 0.0025, 0.0025 * (1 + 4e-16)
     assert stored != drawn
@@ -307,7 +307,7 @@ def test_the_table_shows_the_values_a_resumed_trial_trained_with(tmp_path):
 def test_an_interrupted_search_continues_where_it_stopped(local_ray, walk_root, tmp_path):
     """A search longer than a session: its rerun in the same folder replays each trial's validations to ASHA and
     continues training from the trial's checkpoint, to exactly the uninterrupted search's results."""
-    from recbole_ur4rec.tuning import earlier_trial_state
+    from recbole_ur4rec.experiments.tuning import earlier_trial_state
 
     params = write(tmp_path / "lr.hyper", "learning_rate choice [1e-5, 5e-3]\n")
     common = dict(config_dict=quick_settings(walk_root, epochs=4), grid=True, seed=3, max_concurrent=1, grace_period=1)
@@ -398,7 +398,7 @@ def test_trials_read_relative_paths_from_the_search_directory(local_ray, walk_ro
 
 
 def test_search_settings_name_paths_inside_the_working_directory_relatively(tmp_path, monkeypatch):
-    from recbole_ur4rec.tuning import check_same_search
+    from recbole_ur4rec.experiments.tuning import check_same_search
 
     monkeypatch.chdir(tmp_path)
     settings = {"config_files": [str(tmp_path / "a.yaml")], "config_dict": {"data_path": str(tmp_path / "data"), "x": "/elsewhere"}}
@@ -412,7 +412,7 @@ def test_search_settings_name_paths_inside_the_working_directory_relatively(tmp_
 def test_a_failed_trial_shows_its_exception_or_that_ray_kept_no_error_file(tmp_path):
     from types import SimpleNamespace
 
-    from recbole_ur4rec.tuning_results import SearchRecorder
+    from recbole_ur4rec.experiments.tuning_results import SearchRecorder
 
     error_file = tmp_path / "error.txt"
     error_file.write_text("Traceback (most recent call last):\n  ...\nValueError: config key 'x' expects a float\n\n")

@@ -7,10 +7,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_fixtures import assert_best_file_holds, assert_user_values_are_the_results, build_model, changed_groups, count_checkpoint_reads, snapshot
+from model_fixtures import (
+    assert_best_file_holds,
+    assert_user_values_are_the_results,
+    build_model,
+    changed_groups,
+    count_checkpoint_reads,
+    snapshot,
+)
 from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre_dataset, write_image_features
 
-from recbole_ur4rec.checkpoints import load_checkpoint
+from recbole_ur4rec.common.checkpoint_io import load_checkpoint
 from recbole_ur4rec.model import UR4Rec
 from recbole_ur4rec.model.layers import SampledCandidates, ranking_loss, supervised_positions, view_info_nce
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -449,7 +456,7 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(settings, tmp_path, monke
 def test_trained_epochs_count_what_every_stage_trained_not_its_schedule(settings, tmp_path):
     """A stage that stops early counts the epochs it trained: the run's budget (run_compare's epochs and best epoch)
     is the sum over the stages, and the best file's is the epoch of the run's best validation."""
-    from recbole_ur4rec.compare import trained_epochs
+    from recbole_ur4rec.experiments.compare import trained_epochs
 
     schedule = {"pretrain_backbone": 12, "pretrain_retriever": 12}
     validations = []

@@ -20,11 +20,11 @@ import statistics
 import numpy as np
 import torch
 
-from recbole_ur4rec.compare_report import cell_name
+from recbole_ur4rec.common.tables import read_json, write_json
+from recbole_ur4rec.evaluation.slices import user_values
+from recbole_ur4rec.experiments.compare_report import cell_name
 from recbole_ur4rec.quick_start import load_data_and_model
 from recbole_ur4rec.registry import get_trainer
-from recbole_ur4rec.report import read_json, write_json
-from recbole_ur4rec.slices import user_values
 
 RESAMPLES = 10000
 TOLERANCE = 0.5e-4 + 1e-9  # RecBole rounds a recorded metric to 4 decimals (metric_decimal_place)

@@ -5,7 +5,7 @@ Among the items that are some user's validation or test target (time-ordered lea
 from the dataset before it is split, so they reach no training row, user text, retrieval memory or federated
 client, and no evaluated user's history before its held-out interactions. Their content (text, images) stays: an
 item's description is known when it is created. The held-out interactions and the rest of the protocol are unchanged;
-the evaluation slice ``cold`` reports the users whose target is cold (``recbole_ur4rec/slices.py``).
+the evaluation slice ``cold`` reports the users whose target is cold (``recbole_ur4rec/evaluation/slices.py``).
 """
 from logging import getLogger
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from recbole.utils import set_color
 
-from recbole_ur4rec.checks import check_config_value
+from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.data.sequence_dataset import _block_positions, split_counts, user_blocks
 
 

@@ -28,7 +28,7 @@ from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
-from recbole_ur4rec.checks import check_config_value
+from recbole_ur4rec.common.checks import check_config_value
 
 # the training rows of each loss_position (checked by SequenceBackbone's config check): 'all' = one row per user
 # (windows of MAX_ITEM_LIST_LENGTH), a loss at every position; 'last' = RecBole's one row per prefix, a loss at its end

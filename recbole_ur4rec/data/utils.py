@@ -8,7 +8,7 @@ from recbole.data.utils import create_samplers, get_dataloader
 from recbole.sampler import KGSampler
 from recbole.utils import ModelType, set_color
 
-from recbole_ur4rec.checks import check_config_value
+from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.data.atomic import check_dataset_files
 from recbole_ur4rec.data.cold_items import withhold_cold_items
 from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader
@@ -18,7 +18,7 @@ from recbole_ur4rec.data.sequence_dataset import (
     build_prefix_train_dataset,
     build_window_train_dataset,
 )
-from recbole_ur4rec.slices import training_counts
+from recbole_ur4rec.evaluation.slices import training_counts
 
 MODEL_TYPE_DATASETS = {
     ModelType.GENERAL: "Dataset",

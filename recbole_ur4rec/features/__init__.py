@@ -1,5 +1,5 @@
 """Multimodal features for the plugin's models: item and user text, offline sentence encoding, CLIP image
-features, aligned to RecBole's ids and cached. Build them ahead with ``python -m recbole_ur4rec.features``.
+features, aligned to RecBole's ids and cached. Build them ahead with ``python -m recbole_ur4rec.apps.precompute_features``.
 """
 
 from recbole_ur4rec.features.encoder import TextEncoder

@@ -2,8 +2,8 @@
 
 import os
 
+from recbole_ur4rec.common.paths import RECBOLE_EXAMPLE_DATA
 from recbole_ur4rec.features.errors import FeatureError
-from recbole_ur4rec.paths import RECBOLE_EXAMPLE_DATA
 
 DEFAULTS = {
     "item_text_template": None,  # None: DATASET_ITEM_TEMPLATES[dataset], else every .item field as "name: value"

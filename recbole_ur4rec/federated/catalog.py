@@ -1,4 +1,4 @@
-"""Reading a partitioned federation (written by :mod:`recbole_ur4rec.federated.partition`) without interactions:
+"""Reading a partitioned federation (written by :mod:`recbole_ur4rec.apps.partition_dataset`) without interactions:
 the server's :func:`federation_data` and :class:`FederationClients`, a node's :class:`NodePartition`, the shared item
 information (:func:`read_items`) and the :class:`ItemCatalog` that stands in for RecBole's dataset when a model is
 built. Files are JSON and ``.npz`` read with ``allow_pickle=False``: loading a partition runs no code."""
@@ -64,7 +64,7 @@ def read_items(items, dataset):
 
 def read_federation(root):
     """The server's view of a partitioned dataset (``<root>/server/federation.json``)."""
-    return _read_json(os.path.join(root, "server", "federation.json"), "write it with python -m recbole_ur4rec.federated.partition")
+    return _read_json(os.path.join(root, "server", "federation.json"), "write it with python -m recbole_ur4rec.apps.partition_dataset")
 
 
 class NodePartition:
@@ -108,7 +108,7 @@ class NodePartition:
     @staticmethod
     def read_meta(folder):
         """The partition's ``node.json`` (its node index, users, dataset and sizes)."""
-        return _read_json(os.path.join(folder, "node.json"), "the node's partition (python -m recbole_ur4rec.federated.partition)")
+        return _read_json(os.path.join(folder, "node.json"), "the node's partition (python -m recbole_ur4rec.apps.partition_dataset)")
 
     def check_users(self, users):
         """Raise when ``users`` are not this node's (a server that assigns a user to the wrong node)."""

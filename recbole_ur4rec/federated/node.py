@@ -2,7 +2,7 @@
 
 A :class:`Node` reads only its partition (:class:`~recbole_ur4rec.federated.catalog.NodePartition`) and the shared
 item side information. It answers two requests, whatever carries them (in process: :class:`LocalNodes`; or Flower
-messages: :mod:`recbole_ur4rec.federated.flower`):
+messages: :mod:`recbole_ur4rec.apps.flower`):
 
 - :meth:`Node.train`: the round's client updates of its sampled users (:class:`~recbole_ur4rec.federated.LoopEngine`'s
   update, from the global parameters and each user's own local parameters); it replies one partial aggregate (the
@@ -21,10 +21,11 @@ from logging import getLogger
 import numpy as np
 import torch
 
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.evaluation.slices import row_metrics
 from recbole_ur4rec.federated.aggregation import FedAvg
 from recbole_ur4rec.federated.catalog import ItemCatalog, NodePartition, PartitionError, read_items
-from recbole_ur4rec.federated.engine import ClientData, LoopEngine
-from recbole_ur4rec.slices import row_metrics
+from recbole_ur4rec.federated.local_engines import ClientData, LoopEngine
 
 
 def default_items(partition):
@@ -166,7 +167,6 @@ class Node:
     def __init__(self, config, partition, state_dir, model_class, items=None):
         from recbole.evaluator import Collector, Evaluator
 
-        from recbole_ur4rec.data.sequence_dataset import target_list_field
 
         catalog = read_items(items or default_items(partition), config["dataset"])
         self.config = config

@@ -16,7 +16,7 @@ item, and the other representations of the batch are the negatives (InfoNCE with
 import torch
 from torch.nn import functional as F
 
-from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import PREFIX_START, gather_lists
 from recbole_ur4rec.model.fastsasrec import FastSASRec
 from recbole_ur4rec.model.layers import position_loss, supervised_positions

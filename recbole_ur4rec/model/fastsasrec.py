@@ -9,7 +9,7 @@ on :class:`~recbole_ur4rec.model.layers.SequenceBackbone`.
 """
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss, supervised_positions
 

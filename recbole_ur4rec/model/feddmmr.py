@@ -21,7 +21,7 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.features import item_image_features, item_text_features, stores_fingerprint
 from recbole_ur4rec.federated.functional import MethodCall

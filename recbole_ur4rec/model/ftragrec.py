@@ -11,7 +11,7 @@ Reference:
 
 FTRagRec (the research prototype of ``shared/seeds/002``): a DuoRec encoder, warm-started from a trained DuoRec,
 whose sequence representation is enhanced with knowledge retrieved from the training prefixes most similar to it:
-a FAISS memory (:class:`~recbole_ur4rec.model.layers.retrieval_memory.RetrievalMemory`) returns the top-k
+a FAISS memory (:class:`~recbole_ur4rec.index.retrieval_memory.RetrievalMemory`) returns the top-k
 training prefixes and their next items, small retriever encoder layers read them, attention with a temperature
 pools them, and the pooled knowledge is mixed into the sequence representation (fixed alpha, alpha from retrieval
 quality, or a per-dimension gate). Trained in stages by :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`.
@@ -23,13 +23,13 @@ from logging import getLogger
 import torch
 from torch.nn import functional as F
 
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint
-from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
+from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
+from recbole_ur4rec.index.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
 from recbole_ur4rec.model.duorec import DuoRec
 from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
 from recbole_ur4rec.model.layers.fusion import RetrievalFusion
-from recbole_ur4rec.model.layers.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
 from recbole_ur4rec.model.layers.staged import StagedModelMixin
 
 OBJECTIVES = ("backbone", "retrieval")

@@ -18,8 +18,9 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.evaluation.slices import training_counts
 from recbole_ur4rec.features import load_features, stores_fingerprint
 from recbole_ur4rec.model.layers import (
     RANKING_LOSSES,
@@ -36,7 +37,6 @@ from recbole_ur4rec.model.layers import (
     view_info_nce,
 )
 from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin, StagedModelMixin
-from recbole_ur4rec.slices import training_counts
 
 OBJECTIVES = ("backbone", "retriever", "fused")
 MOE_TYPES = ("flat", "hierarchical")

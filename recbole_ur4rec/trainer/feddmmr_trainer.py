@@ -15,7 +15,7 @@ Failed rounds: a round in which fewer than ``min_round_clients`` sampled clients
 node replied) leaves the global model and the server optimizer's state unchanged, is logged and counted; after
 ``max_failed_rounds`` consecutive failed rounds the run stops with a RuntimeError. The count is resumed with the run.
 
-Partitioned data (``federation_dir``, :mod:`recbole_ur4rec.federated.partition`): this process is the server and
+Partitioned data (``federation_dir``, :mod:`recbole_ur4rec.apps.partition_dataset`): this process is the server and
 holds no interaction. The nodes (in this process with ``federated_engine: loop``, or Flower SuperNodes) train their
 sampled users, keep the users' local parameters, and evaluate their users' validation and test rows with RecBole's
 metric code, replying only metric sums (:mod:`recbole_ur4rec.federated.node`); the server's checkpoints hold the
@@ -32,7 +32,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_ur4rec.checks import check_config_value as _check
+from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.federated import (
     ENGINES,
@@ -43,10 +43,18 @@ from recbole_ur4rec.federated import (
     ServerOptimizer,
     round_plan,
 )
-from recbole_ur4rec.federated.node import merge_metric_sums
-from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
+from recbole_ur4rec.federated.catalog import FederationClients, NodeSplit, read_federation
+from recbole_ur4rec.federated.node import LocalNodes, merge_metric_sums
+from recbole_ur4rec.trainer.safe_checkpoint import SafeCheckpointMixin
 
-ENGINE_NAMES = (*ENGINES, "flower")  # flower: recbole_ur4rec.federated.flower (imports flwr only when chosen)
+ENGINE_NAMES = (*ENGINES, "flower")  # flower: the nodes are Flower SuperNodes (recbole_ur4rec.federated.flower_nodes)
+
+
+def _flower_nodes():
+    """The Flower side of a round, imported only when chosen: flwr is heavy and unused by in-process runs."""
+    from recbole_ur4rec.federated import flower_nodes
+
+    return flower_nodes
 
 
 class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
@@ -80,7 +88,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         if self.federated and self.engine_name == "flower" and not self.partitioned:
             raise ValueError(
                 "federated_engine 'flower' trains on SuperNodes that each hold one partition of the data: write the "
-                "partitions with python -m recbole_ur4rec.federated.partition and set config key 'federation_dir' (the "
+                "partitions with python -m recbole_ur4rec.apps.partition_dataset and set config key 'federation_dir' (the "
                 "server's copy: server/ and items/ only)"
             )
         if self.partitioned and not (self.federated and self.engine_name in ("loop", "flower")):
@@ -90,9 +98,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
                 f"federated_engine: {self.engine_name!r}"
             )
         if self.federated and self.engine_name == "flower":
-            from recbole_ur4rec.federated.flower.engine import require_session
-
-            require_session()  # fail before the data is built when not inside the Flower ServerApp
+            _flower_nodes().require_session()  # fail before the data is built when not inside the Flower ServerApp
         self.min_round_clients = _check(config, "min_round_clients", int, 1)
         self.max_failed_rounds = _check(config, "max_failed_rounds", int, 1)
         self.seed = int(config["seed"])
@@ -104,15 +110,10 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
     def _setup(self, train_data):
         lr, batch = self.local_learning_rate, self.config["train_batch_size"]
         if self.partitioned:
-            from recbole_ur4rec.federated.node import LocalNodes
-            from recbole_ur4rec.federated.catalog import FederationClients, read_federation
-
             self.clients = FederationClients(read_federation(self.config["federation_dir"]))
             self.task = {"learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer, "dp_clip_norm": self.dp_clip_norm}
             if self.engine_name == "flower":
-                from recbole_ur4rec.federated.flower.engine import FlowerNodes
-
-                self.engine = FlowerNodes(self.clients)
+                self.engine = _flower_nodes().FlowerNodes(self.clients)
             else:
                 state = self.config["node_state_dir"] or os.path.join(self.config["checkpoint_dir"], "node-state")
                 self.engine = LocalNodes(self.config, self.clients, state, type(self.model))
@@ -209,8 +210,6 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        from recbole_ur4rec.federated.catalog import NodeSplit
-
         if not isinstance(eval_data, NodeSplit):
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)
         local_round = self.round_idx

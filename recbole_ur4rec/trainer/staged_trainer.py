@@ -19,9 +19,9 @@ from recbole.utils import early_stopping, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_ur4rec.checkpoints import CheckpointError, run_best
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, run_best
 from recbole_ur4rec.model.layers.staged import weighted_loss
-from recbole_ur4rec.trainer.checkpoint import SafeCheckpointMixin
+from recbole_ur4rec.trainer.safe_checkpoint import SafeCheckpointMixin
 
 ALTERNATION_MODES = ("fixed", "adaptive")
 

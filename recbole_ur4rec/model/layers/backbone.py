@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_ur4rec.checks import check_config_value
+from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.data.sequence_dataset import LOSS_POSITIONS
 
 LOSS_TYPES = ("CE", "SSM", "BPR", "BCE")

@@ -1,6 +1,6 @@
 """Side-by-side comparison of models x seeds on one dataset and one protocol.
 
-Every (model, seed) cell trains and tests in its own subprocess (``python -m recbole_ur4rec.compare --cell``),
+Every (model, seed) cell trains and tests in its own subprocess (``python -m recbole_ur4rec.experiments.compare --cell``),
 so its peak memory is that process's maximum resident set size and a crash stays inside the cell. Each cell
 writes ``<output_dir>/cells/<model>-seed<seed>.json`` (beside it its log and ``<model>-seed<seed>.users.json``:
 each evaluated user's value of the valid metric on validation and test, for paired tests over users); finished
@@ -21,9 +21,13 @@ import time
 import traceback
 from logging import getLogger
 
-from recbole_ur4rec.cli import isolated_argv
-from recbole_ur4rec.compare_report import cell_name, shown_path, write_report
-from recbole_ur4rec.report import describe, plain, read_json, write_json
+from recbole_ur4rec.build import history_masked
+from recbole_ur4rec.common.argv import isolated_argv
+from recbole_ur4rec.common.checkpoint_io import load_checkpoint, newest_resume_file
+from recbole_ur4rec.common.tables import describe, plain, read_json, write_json
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.experiments.compare_report import cell_name, shown_path, write_report
+from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
 logger = getLogger(__name__)
 DEFAULT_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec", "FEARec")
@@ -112,10 +116,6 @@ def trained_epochs(state):
 
 def run_cell(spec):
     """Train and test one (model, seed) cell; runs in the child process and writes ``spec['child_json']``."""
-    from recbole_ur4rec.build import history_masked
-    from recbole_ur4rec.checkpoints import load_checkpoint, newest_resume_file
-    from recbole_ur4rec.config import Config
-    from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
     out = {"status": "failed", "error": None, "code": code_version()}  # the code this process runs
     try:
@@ -195,7 +195,7 @@ def _run_cell_process(spec, log_path):
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec['model']} seed {spec['seed']}\n")
         log.flush()
         process = subprocess.Popen(
-            [sys.executable, "-m", "recbole_ur4rec.compare", "--cell", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "recbole_ur4rec.experiments.compare", "--cell", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT
         )
         try:
             _, status, usage = os.wait4(process.pid, 0)
@@ -337,7 +337,6 @@ def run_compare(
 
 def _trained_seconds(checkpoint_dir):
     """Training and validation seconds of the cell's run so far, from its newest resume state (0 without one)."""
-    from recbole_ur4rec.checkpoints import load_checkpoint, newest_resume_file
 
     last = newest_resume_file(checkpoint_dir)
     if last is None:

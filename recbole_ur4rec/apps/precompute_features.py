@@ -1,9 +1,9 @@
 """Build the feature stores of a dataset ahead of training (a second run reads the caches).
 
-    python -m recbole_ur4rec.features --dataset ml-100k
-    python -m recbole_ur4rec.features -d ml-100k --item_text_file=descriptions.jsonl --text_encoder=/models/my-st
-    python -m recbole_ur4rec.features -d ml-100k --poster_dir=posters/ --clip_model=/models/clip-vit-b32-hf
-    python -m recbole_ur4rec.features -d ml-100k --poster_dir=posters/ --clip_backend=open_clip \\
+    python -m recbole_ur4rec.apps.precompute_features --dataset ml-100k
+    python -m recbole_ur4rec.apps.precompute_features -d ml-100k --item_text_file=descriptions.jsonl --text_encoder=/models/my-st
+    python -m recbole_ur4rec.apps.precompute_features -d ml-100k --poster_dir=posters/ --clip_model=/models/clip-vit-b32-hf
+    python -m recbole_ur4rec.apps.precompute_features -d ml-100k --poster_dir=posters/ --clip_backend=open_clip \\
         --clip_model=ViT-B-32 --clip_checkpoint=/models/ViT-B-32.pt
 
 Any config key can be given as --key=value (RecBole's syntax), or in --config_files.
@@ -15,7 +15,7 @@ import time
 
 from recbole.utils import init_logger
 
-from recbole_ur4rec.cli import isolated_argv, parse_overrides
+from recbole_ur4rec.common.argv import isolated_argv, parse_overrides
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset
 from recbole_ur4rec.features.pipeline import item_image_features, item_text_features, text_encoder, user_text_features
@@ -42,7 +42,7 @@ MODEL_STORES = {"FedDMMR": ("item_text", "item_image")}
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m recbole_ur4rec.features",
+        prog="python -m recbole_ur4rec.apps.precompute_features",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,7 +2,7 @@
 item features) in memory and answers the ClientApp's requests, so a round costs the training, not a Python start,
 the imports and the node's construction (Flower starts a ClientApp process per message).
 
-    python -m recbole_ur4rec.federated.flower.worker --partition <root>/node-0 [--state-dir S] [--items I] [--socket P]
+    python -m recbole_ur4rec.apps.flower.worker --partition <root>/node-0 [--state-dir S] [--items I] [--socket P]
     flower-supernode ... --node-config 'partition="<root>/node-0" worker="<root>/node-0/state/worker.sock"'
 
 The worker listens on a Unix socket (default ``<state-dir>/worker.sock``, only on this machine) and writes a fresh
@@ -41,7 +41,7 @@ def _key_path(address):
 def command(partition, state_dir, address=None):
     """The command line that starts a node worker on ``partition`` (socket ``address``, default in ``state_dir``)."""
     address = address or default_socket(state_dir)
-    return [sys.executable, "-m", "recbole_ur4rec.federated.flower.worker", "--partition", str(partition), "--state-dir", str(state_dir), "--socket", str(address)]
+    return [sys.executable, "-m", "recbole_ur4rec.apps.flower.worker", "--partition", str(partition), "--state-dir", str(state_dir), "--socket", str(address)]
 
 
 def wait_listening(address, process, timeout, log_tail=lambda: ""):
@@ -77,7 +77,7 @@ def call(address, header, arrays):
     except (OSError, EOFError, AuthenticationError) as error:
         raise ConnectionError(
             f"no node worker answers at {address} (node config 'worker'): start it on this machine with "
-            f"`python -m recbole_ur4rec.federated.flower.worker --partition <this node's partition> --socket {address}` "
+            f"`python -m recbole_ur4rec.apps.flower.worker --partition <this node's partition> --socket {address}` "
             f"({type(error).__name__}: {error})"
         ) from None
     with connection:
@@ -140,14 +140,15 @@ def serve(address, service):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m recbole_ur4rec.federated.flower.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--partition", required=True, help="the node's partition folder (python -m recbole_ur4rec.federated.partition)")
+    parser = argparse.ArgumentParser(prog="python -m recbole_ur4rec.apps.flower.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--partition", required=True, help="the node's partition folder (python -m recbole_ur4rec.apps.partition_dataset)")
     parser.add_argument("--state-dir", help="its users' local parameters (default <partition>/state)")
     parser.add_argument("--items", help="the shared item information (default: items beside the partition)")
     parser.add_argument("--socket", help="the Unix socket to listen on (default <state-dir>/worker.sock)")
     args = parser.parse_args(argv)
+    # lazy: ClientApps import this module to send requests, and must not pay for torch and RecBole
+    from recbole_ur4rec.apps.flower.node_service import NodeService
     from recbole_ur4rec.federated.catalog import NodePartition
-    from recbole_ur4rec.federated.flower.node_service import NodeService
 
     NodePartition.read_meta(args.partition)  # a missing or foreign folder fails here, not at the first round
     service = NodeService(args.partition, args.state_dir, args.items, reuse=True)

@@ -1,10 +1,10 @@
-"""The tables and chart of a comparison (:mod:`recbole_ur4rec.compare`): ``compare.md`` (mean ± std over seeds,
+"""The tables and chart of a comparison (:mod:`recbole_ur4rec.experiments.compare`): ``compare.md`` (mean ± std over seeds,
 with the protocol in its header), ``compare.csv``, ``compare_cells.csv`` and ``compare.png``."""
 import json
 import os
 import statistics
 
-from recbole_ur4rec.report import markdown_table, write_csv, write_text
+from recbole_ur4rec.common.tables import markdown_table, write_csv, write_text
 
 
 def cell_name(model, seed):
@@ -177,7 +177,7 @@ def write_report(cells, output_dir, models, seeds, dataset, files_of, overrides)
             slice_rows.append(r)
         groups = [m.split("/", 1)[1] for m in slices]
         text += (
-            f"\nTest {valid_metric} per slice (recbole_ur4rec/slices.py: head = the target is among the slice_head_share (default 20%) most-interacted "
+            f"\nTest {valid_metric} per slice (recbole_ur4rec/evaluation/slices.py: head = the target is among the slice_head_share (default 20%) most-interacted "
             "training items, tail = the others; short / long = the user's training history at most / above the evaluated "
             "users' median; users = evaluated users in the group, mean over seeds):\n\n"
             + markdown_table(["model"] + groups + [f"users {g}" for g in groups], slice_rows)

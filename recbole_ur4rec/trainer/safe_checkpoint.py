@@ -21,9 +21,9 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import set_color
 
-from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from recbole_ur4rec.checks import check_config_value
-from recbole_ur4rec.slices import EvaluatedRows, batch_rows, slice_masks, slice_results
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
+from recbole_ur4rec.common.checks import check_config_value
+from recbole_ur4rec.evaluation.slices import EvaluatedRows, batch_rows, slice_masks, slice_results
 
 
 def plain_data(value, key="config"):

@@ -9,7 +9,7 @@ SuperNode's long-lived node worker, :mod:`.worker`), :mod:`.secagg` (SecAgg+ rou
 Importing this package imports no Flower module.
 
 ``federated_engine: flower`` with ``federation_dir`` (a partition written by ``python -m
-recbole_ur4rec.federated.partition``) makes the RecBole run inside the ServerApp the server of the federation:
+recbole_ur4rec.apps.partition_dataset``) makes the RecBole run inside the ServerApp the server of the federation:
 
 - the server asks each connected SuperNode which partition it holds (a ``query`` message; node config
   ``partition``), then each round sends every partition with sampled users one ``train.plain`` message: the

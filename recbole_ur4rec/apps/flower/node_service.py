@@ -23,9 +23,12 @@ import os
 import numpy as np
 import torch
 
-from recbole_ur4rec.federated.flower.engine import read_orders
-from recbole_ur4rec.federated.flower.secagg import ordered_names
+from recbole_ur4rec.build import set_anomaly_detection, set_threads
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.federated.flower_nodes import read_orders
 from recbole_ur4rec.federated.node import Node, default_items
+from recbole_ur4rec.federated.secagg import ordered_names
+from recbole_ur4rec.registry import get_model
 
 
 def named(arrays, prefix):
@@ -72,9 +75,6 @@ class NodeService:
         key = (settings_text, _mtime(os.path.join(self.partition, "node.json")), _mtime(os.path.join(self.items, "items.json")))
         if self._built is not None and self._built[0] == key:
             return self._built[1]
-        from recbole_ur4rec.build import set_anomaly_detection, set_threads
-        from recbole_ur4rec.config import Config
-        from recbole_ur4rec.registry import get_model
 
         self._built = None  # free the previous run's node first
         settings = json.loads(settings_text)

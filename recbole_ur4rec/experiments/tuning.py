@@ -5,7 +5,7 @@ trial reports its *validation* score after every epoch (so ASHA can stop poor tr
 is evaluated for the best trial only, after the search, and every trial writes its checkpoints to its own
 absolute folder, so trials work from the working directories Ray gives them.
 
-Search spaces: :mod:`recbole_ur4rec.search_space`; records and tables: :mod:`recbole_ur4rec.tuning_results`.
+Search spaces: :mod:`recbole_ur4rec.experiments.search_space`; records and tables: :mod:`recbole_ur4rec.experiments.tuning_results`.
 """
 import json
 import math
@@ -13,13 +13,22 @@ import os
 import time
 import traceback
 
-from recbole_ur4rec.cli import isolated_argv
-from recbole_ur4rec.compare_report import shown_path
-from recbole_ur4rec.report import describe, plain, write_json
-from recbole_ur4rec.search_space import parse_params_file, to_tune_space
-from recbole_ur4rec.tuning_results import (
-    TRIAL_METRIC, SearchRecorder, best_config_yaml, ray_callback, trial_checkpoint_dir,
+from recbole_ur4rec.common.argv import isolated_argv
+from recbole_ur4rec.common.checkpoint_io import load_checkpoint, newest_resume_file
+from recbole_ur4rec.common.tables import describe, plain, write_json
+from recbole_ur4rec.config import Config
+from recbole_ur4rec.experiments.compare_report import shown_path
+from recbole_ur4rec.experiments.search_space import parse_params_file, to_tune_space
+from recbole_ur4rec.experiments.tuning_results import (
+    TRIAL_METRIC,
+    SearchRecorder,
+    best_config_yaml,
+    ray_callback,
+    trial_checkpoint_dir,
 )
+from recbole_ur4rec.quick_start import evaluate_checkpoint, run_recbole_ur4rec
+from recbole_ur4rec.registry import get_trainer
+from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 
 TRIAL_ID_PREFIX = "trial"  # trial ids trial_00000, trial_00001, ...: the same sample gets the same id in every run
 FINISHED_FILE = "finished.json"  # written in a trial's folder once it has trained to its end
@@ -41,7 +50,6 @@ def same_value(stored, sampled):
 def earlier_trial_state(trial_dir, params):
     """The latest ``-last.pth`` in ``trial_dir`` and its state (``None, None`` when the trial never validated).
     Raises ValueError when that state was written for other values of the searched ``params``."""
-    from recbole_ur4rec.checkpoints import load_checkpoint, newest_resume_file
 
     last = newest_resume_file(trial_dir)
     if last is None:
@@ -72,7 +80,6 @@ def run_trial(config, setup):
     import ray
     from ray.air import session
 
-    from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
     if os.path.isdir(setup.get("working_dir") or ""):  # relative paths in the settings (duorec_checkpoint, feature files) mean
         os.chdir(setup["working_dir"])  # what they mean where the search runs; outputs go to absolute folders
@@ -126,8 +133,6 @@ def validation_budget(config):
     """The most validations a trial reports (ASHA's ``max_t``; its time axis counts reports): ``epochs // eval_step``
     (federated models: one round per epoch); staged trainers, which ignore ``epochs``, validate every ``eval_step``
     epochs within each stage of ``stages``, ``stage_epochs`` long."""
-    from recbole_ur4rec.registry import get_trainer
-    from recbole_ur4rec.trainer.staged_trainer import StagedTrainer
 
     eval_step = max(1, config["eval_step"])
     if issubclass(get_trainer(config["MODEL_TYPE"], config["model"]), StagedTrainer):
@@ -265,8 +270,6 @@ def run_search(
     from ray import air, tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from recbole_ur4rec.config import Config
-    from recbole_ur4rec.quick_start import evaluate_checkpoint
 
     space = parse_params_file(params_file)
     output_dir = os.path.abspath(output_dir or os.path.join("results", "hyper", dataset, model))

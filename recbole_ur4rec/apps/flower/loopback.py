@@ -10,8 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from recbole_ur4rec.federated.flower.engine import APP_DIR
-from recbole_ur4rec.federated.flower import worker
+from recbole_ur4rec.apps.flower import worker
+
+APP_DIR = Path(__file__).parent / "app"  # the Flower App (pyproject.toml) that `flwr run` starts
 
 
 def write_credentials(folder, num_nodes, host="127.0.0.1"):
@@ -192,7 +193,7 @@ class LocalFederation:
         return done.stdout
 
     def run(self, run_config, timeout=900.0):
-        """``flwr run`` the FedDMMR app with ``run_config`` (keys of flower_app/pyproject.toml); wait for it to end.
+        """``flwr run`` the FedDMMR app with ``run_config`` (keys of apps/flower/app/pyproject.toml); wait for it to end.
 
         Returns:
             dict: ``result`` (of ``run_recbole_ur4rec``) and ``rounds`` (one record per round) of the ServerApp.

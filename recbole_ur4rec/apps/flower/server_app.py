@@ -1,17 +1,18 @@
 """The ServerApp: the whole RecBole run (:func:`~recbole_ur4rec.quick_start.run_recbole_ur4rec` with
-``federated_engine: flower``) inside a :class:`~recbole_ur4rec.federated.flower.engine.FlowerSession`."""
+``federated_engine: flower``) inside a :class:`~recbole_ur4rec.federated.flower_nodes.FlowerSession`."""
 import json
 import traceback
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from recbole_ur4rec.federated.flower.engine import FlowerSession
-from recbole_ur4rec.report import write_json
+from recbole_ur4rec.common.tables import write_json
+from recbole_ur4rec.federated.flower_nodes import FlowerSession
+from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
 
 def _settings(run_config):
-    """RecBole settings from the run config (keys of flower_app/pyproject.toml)."""
+    """RecBole settings from the run config (keys of apps/flower/app/pyproject.toml)."""
     text = str(run_config.get("config-json", "{}"))
     try:
         config_dict = json.loads(text or "{}")
@@ -42,7 +43,6 @@ def _secagg(run_config):
 
 def _server_main(grid: Grid, context: Context) -> None:
     """Run the whole RecBole training with ``federated_engine: flower``; write the result to run config ``output``."""
-    from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
     run_config = context.run_config
     output = str(run_config.get("output", ""))

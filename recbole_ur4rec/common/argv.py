@@ -1,5 +1,5 @@
 """Command-line helpers shared by the four CLIs (run_recbole_ur4rec.py, run_hyper.py, run_compare.py and
-``python -m recbole_ur4rec.features``): ``--key=value`` overrides parsed one way, into a dict that travels as
+``python -m recbole_ur4rec.apps.precompute_features``): ``--key=value`` overrides parsed one way, into a dict that travels as
 ``config_dict``, and RecBole's Config kept from reading ``sys.argv`` itself."""
 import ast
 import contextlib

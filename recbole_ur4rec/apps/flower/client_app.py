@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from recbole_ur4rec.federated.flower import worker
+from recbole_ur4rec.apps.flower import worker
 
 
 def _ids(text):
@@ -42,7 +42,7 @@ def _meta(context):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: the node's partition (python -m recbole_ur4rec.federated.partition) cannot be read ({error})") from None
+        raise ValueError(f"{path}: the node's partition (python -m recbole_ur4rec.apps.partition_dataset) cannot be read ({error})") from None
 
 
 def _request(context, header, arrays):
@@ -52,7 +52,7 @@ def _request(context, header, arrays):
     address = context.node_config.get("worker")
     if address:
         return worker.call(str(address), header, arrays)
-    from recbole_ur4rec.federated.flower.node_service import NodeService
+    from recbole_ur4rec.apps.flower.node_service import NodeService  # lazy: a ClientApp that forwards imports no torch
 
     service = NodeService(_partition(context), context.node_config.get("state-dir") or None, context.node_config.get("items") or None)
     return service.handle(header, arrays)

@@ -1,6 +1,6 @@
 """Per-node datasets for federated deployments: each node holds only its users' rows; the server holds none.
 
-    python -m recbole_ur4rec.federated.partition --dataset ml-100k --nodes 2 --out fed/ml-100k [--key=value ...]
+    python -m recbole_ur4rec.apps.partition_dataset --dataset ml-100k --nodes 2 --out fed/ml-100k [--key=value ...]
 
 RecBole loads, filters, remaps and splits the dataset once, as for any run (time-ordered leave-one-out; the
 cold-item protocol when ``cold_items`` is on), and the command writes:
@@ -28,8 +28,13 @@ import sys
 import numpy as np
 import torch
 
+from recbole_ur4rec.build import build
+from recbole_ur4rec.common.argv import isolated_argv, parse_overrides
+from recbole_ur4rec.common.tables import write_json
+from recbole_ur4rec.data.sequence_dataset import target_list_field
+from recbole_ur4rec.features.settings import cache_dir
 from recbole_ur4rec.federated.catalog import FORMAT
-from recbole_ur4rec.report import write_json
+from recbole_ur4rec.federated.local_engines import ClientData
 
 
 def _columns(dataset, mask):
@@ -42,9 +47,6 @@ def write_partitions(run, out, nodes):
     Returns:
         dict: the server's federation file content.
     """
-    from recbole_ur4rec.data.sequence_dataset import target_list_field
-    from recbole_ur4rec.federated.engine import ClientData
-    from recbole_ur4rec.features.settings import cache_dir
 
     config, dataset = run.config, run.dataset
     if nodes < 1:
@@ -93,23 +95,19 @@ def write_partitions(run, out, nodes):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m recbole_ur4rec.federated.partition", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recbole_ur4rec.apps.partition_dataset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", "-d", required=True, help="RecBole dataset name")
     parser.add_argument("--model", "-m", default="FedDMMR", help="model whose settings build the rows (default FedDMMR)")
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config_files", default=None, help="config files, separated by spaces")
-    from recbole_ur4rec.cli import parse_overrides
 
     args, unknown = parser.parse_known_args(argv)
     return args, parse_overrides(parser, unknown)
 
 
 def main(argv=None):
-    from recbole_ur4rec.build import build
-    from recbole_ur4rec.cli import isolated_argv
-
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     with isolated_argv():
         run = build(args.model, args.dataset, args.config_files.split() if args.config_files else None, overrides, log=False)

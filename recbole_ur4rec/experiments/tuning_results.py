@@ -1,12 +1,13 @@
 """What a Ray Tune search writes: each trial's record, the result tables (``results.md``, ``results.csv``) and the
-best configuration (``best.yaml``). The search and its trainable: :mod:`recbole_ur4rec.tuning`."""
+best configuration (``best.yaml``). The search and its trainable: :mod:`recbole_ur4rec.experiments.tuning`."""
 import os
 import time
 
 import yaml
 
-from recbole_ur4rec.compare_report import shown_path
-from recbole_ur4rec.report import markdown_table, plain, write_csv, write_text
+from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint, newest_resume_file, run_best
+from recbole_ur4rec.common.tables import markdown_table, plain, write_csv, write_text
+from recbole_ur4rec.experiments.compare_report import shown_path
 
 TRIAL_METRIC = "valid_score"  # the key every trial reports after each validation; ASHA watches it
 
@@ -92,7 +93,6 @@ class SearchRecorder:
     def finish(self, interrupted):
         """Final statuses, the valid metrics and searched values stored in each trial's checkpoint, the best trial (on
         validation)."""
-        from recbole_ur4rec.checkpoints import CheckpointError, load_checkpoint, newest_resume_file, run_best
 
         self.finished = True
         for rec in self.trials.values():

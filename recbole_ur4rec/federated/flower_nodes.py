@@ -3,14 +3,13 @@ running ServerApp's :class:`FlowerSession` and merges their replies into the agg
 import json
 import time
 from logging import getLogger
-from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from recbole_ur4rec.federated.node import assign, merge_replies
+from recbole_ur4rec.federated.secagg import ordered_names, secure_sum
 
-APP_DIR = Path(__file__).parent.parent / "flower_app"
 PLAIN_TRAIN = f"{MessageType.TRAIN}.plain"  # a round without SecAgg+ (whose messages are plain "train" ones)
 _ACTIVE = None  # the FlowerSession of the running ServerApp
 
@@ -85,7 +84,8 @@ def require_session():
     if _ACTIVE is None:
         raise ValueError(
             "config key 'federated_engine' is 'flower', which trains inside the Flower ServerApp of "
-            f"{APP_DIR}: start a SuperLink and SuperNodes and `flwr run` that app (see the recbole_ur4rec.federated.flower package)"
+            "recbole_ur4rec/apps/flower/app: start a SuperLink and SuperNodes and `flwr run` that app (see the "
+            "recbole_ur4rec.apps.flower package)"
         )
     return _ACTIVE
 
@@ -212,7 +212,6 @@ class FlowerNodes:
 
     def _secure_round(self, nodes, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
         """The round with SecAgg+: every node with sampled clients takes part; the server gets only their sum."""
-        from recbole_ur4rec.federated.flower.secagg import ordered_names, secure_sum
 
         by_partition = assign(clients, self.federation)
         taking_part = {p: users for p, users in by_partition.items() if p in nodes}

@@ -1,0 +1,1 @@
+"""Indexes over learned representations: the FAISS retrieval memory of FTRagRec."""
