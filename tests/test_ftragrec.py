@@ -234,11 +234,46 @@ def test_compressed_memory_agrees_with_exact_search_and_keeps_no_float_keys(tmp_
     assert "keys" not in state and not any(torch.is_tensor(v) and v.is_floating_point() and v.dim() > 1 for v in state.values())
     save_checkpoint({"memory": state}, str(tmp_path / "memory.pth"))
     restored = RetrievalMemory("flat")  # the saved type comes back whatever index_type says now
-    restored.load_state_dict(load_checkpoint(str(tmp_path / "memory.pth"))["memory"])
+    restored.load_state_dict(load_checkpoint(str(tmp_path / "memory.pth"))["memory"], 16)
     assert restored.built_type == "ivfsq8" and restored.keys is None
     expected = compressed.search(queries, query_users, query_positions, k=10)
     assert all(torch.equal(a, b) for a, b in zip(expected, restored.search(queries, query_users, query_positions, k=10)))
     assert torch.equal(restored.neighbour_keys(found), compressed.neighbour_keys(found))
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "ivfsq8"])
+def test_saved_index_bytes_are_checked_before_faiss_reads_them(index_type, tmp_path):
+    """A corrupted, truncated, foreign or mismatched index in a checkpoint is a CheckpointError naming what differs;
+    FAISS never parses bytes that fail the checks."""
+    keys, n = spread_keys(3000), 3000
+    targets, users, positions = torch.randint(1, 50, (n,)), torch.arange(n), torch.zeros(n, dtype=torch.long)
+    memory = RetrievalMemory(index_type, nlist=8)
+    memory.build(keys, targets, users, positions, "fp")
+    state = memory.state_dict()
+    good = state["index_bytes"]
+
+    def load(index_bytes, dim=16, **changes):
+        RetrievalMemory(index_type).load_state_dict({**state, "index_bytes": index_bytes, **changes}, dim)
+
+    load(good)  # the saved index itself loads
+    other = RetrievalMemory("ivfsq8" if index_type == "ivf" else "ivf", nlist=8)
+    other.build(keys, targets, users, positions, "fp")
+    cases = {
+        "a 1-d uint8 tensor": good.float(),
+        "shorter than an index header": good[:20],
+        "header": torch.cat([torch.tensor(list(b"XXXX"), dtype=torch.uint8), good[4:]]),  # foreign bytes
+        "got header": other.state_dict()["index_bytes"],  # the other saved type
+        "bytes, where": good[: len(good) // 2],  # truncated
+    }
+    for message, index_bytes in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            load(index_bytes)
+    with pytest.raises(CheckpointError, match="dimension 32"):  # a memory saved by a model of another hidden size
+        load(good, dim=32)
+    flipped = good.clone()
+    flipped[8] ^= 1  # ntotal
+    with pytest.raises(CheckpointError, match="expected a trained inner-product index of 3000 entries"):
+        load(flipped)
 
 
 def crowded_keys(n, dim=32, seed=0, spread=0.2):
@@ -288,7 +323,7 @@ def test_compressed_memory_reranks_a_shortlist_with_exact_keys_on_disk(tmp_path)
     reranked.build_stream(iter(chunks), n, "fp")
     assert (tmp_path / state["exact_keys"]).exists() and len(list(tmp_path.glob("ftragrec-keys-*.npy"))) == 2
     restored = RetrievalMemory("flat", rerank=50, exact_keys_dir=str(tmp_path))
-    restored.load_state_dict(load_checkpoint(str(tmp_path / "memory.pth"))["memory"])
+    restored.load_state_dict(load_checkpoint(str(tmp_path / "memory.pth"))["memory"], 32)
     expected = reranked.search(queries, query_users, query_positions, k=10)
     assert all(torch.equal(a, b) for a, b in zip(expected, restored.search(queries, query_users, query_positions, k=10)))
     # the current, unsaved file goes with its memory
@@ -298,10 +333,10 @@ def test_compressed_memory_reranks_a_shortlist_with_exact_keys_on_disk(tmp_path)
     # a missing or different file is named
     (tmp_path / state["exact_keys"]).unlink()
     with pytest.raises(ValueError, match=r"exact keys file .*ftragrec-keys-.*\.npy is missing"):
-        RetrievalMemory(rerank=50, exact_keys_dir=str(tmp_path)).load_state_dict(state)
+        RetrievalMemory(rerank=50, exact_keys_dir=str(tmp_path)).load_state_dict(state, 32)
     np.save(tmp_path / state["exact_keys"], np.zeros((n, 16), dtype=np.float32))
     with pytest.raises(ValueError, match=r"holds float32 \(6000, 16\) .* expected float32 \(6000, 32\)"):
-        RetrievalMemory(rerank=50, exact_keys_dir=str(tmp_path)).load_state_dict(state)
+        RetrievalMemory(rerank=50, exact_keys_dir=str(tmp_path)).load_state_dict(state, 32)
 
 
 def test_compressed_memory_refuses_metadata_beyond_int32():

@@ -3,6 +3,7 @@ import os
 
 import recbole
 
-PLUGIN_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # recbole_ur4rec/
+PLUGIN_PROPERTIES = os.path.join(PACKAGE_DIR, "properties")
 RECBOLE_PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "properties")
 RECBOLE_EXAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(recbole.__file__)), "dataset_example")

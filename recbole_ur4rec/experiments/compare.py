@@ -24,6 +24,7 @@ from logging import getLogger
 from recbole_ur4rec.build import history_masked
 from recbole_ur4rec.common.argv import isolated_argv
 from recbole_ur4rec.common.checkpoint_io import load_checkpoint, newest_resume_file
+from recbole_ur4rec.common.paths import PACKAGE_DIR
 from recbole_ur4rec.common.tables import describe, plain, read_json, write_json
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.experiments.compare_report import cell_name, shown_path, write_report
@@ -68,7 +69,6 @@ def cell_settings(model, dataset, seed, config_files, overrides):
     )
 
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def code_version():

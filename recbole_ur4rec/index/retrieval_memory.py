@@ -36,9 +36,13 @@ import os
 import tempfile
 import weakref
 
+import struct
+
 import faiss
 import numpy as np
 import torch
+
+from recbole_ur4rec.common.checkpoint_io import CheckpointError
 
 INDEX_TYPES = ("auto", "flat", "ivf", "ivfsq8")
 COMPRESSED = "ivfsq8"
@@ -46,6 +50,43 @@ MIN_TRAIN_SIZE = 65536  # keys that train the ivfsq8 index at least (when there 
 ADD_CHUNK = 65536  # streamed keys are encoded in chunks of about this many
 LIST_GROUPS = 64  # ivfsq8 codes wait for the end of the stream in this many groups of IVF lists, written one at a time
 INT32 = torch.iinfo(torch.int32)
+# What FAISS writes first for each saved index type (its fourcc), and bytes per entry beyond the id (codes)
+SAVED_INDEXES = {"ivf": (b"IwFl", faiss.IndexIVFFlat, 4), COMPRESSED: (b"IwSq", faiss.IndexIVFScalarQuantizer, 1)}
+INDEX_HEADER = struct.Struct("<4siqqq?i")  # fourcc, d, ntotal, two placeholders, is_trained, metric_type
+
+
+def read_index_bytes(index_bytes, index_type, n, dim):
+    """The FAISS index of ``index_type`` with ``n`` entries of dimension ``dim`` saved as ``index_bytes`` (a uint8
+    tensor from a checkpoint), checked before FAISS parses it: its type, dimension, entry count, metric and byte
+    size; anything else raises :class:`CheckpointError` naming what differs."""
+    def corrupt(what):
+        return CheckpointError(f"the saved retrieval memory's index (checkpoint key 'index_bytes') is corrupt or foreign: {what}")
+
+    if not isinstance(index_bytes, torch.Tensor) or index_bytes.dtype != torch.uint8 or index_bytes.dim() != 1:
+        raise corrupt(f"expected a 1-d uint8 tensor, got {type(index_bytes).__name__} {getattr(index_bytes, 'dtype', '')}")
+    data = index_bytes.numpy()
+    if data.size < INDEX_HEADER.size:
+        raise corrupt(f"{data.size} bytes, shorter than an index header ({INDEX_HEADER.size})")
+    fourcc, d, ntotal, _, _, trained, metric = INDEX_HEADER.unpack_from(data.tobytes()[: INDEX_HEADER.size])
+    expected_fourcc, expected_class, code_bytes = SAVED_INDEXES[index_type]
+    if fourcc != expected_fourcc:
+        raise corrupt(f"expected a FAISS {expected_class.__name__} (header {expected_fourcc!r}) for index type {index_type!r}, got header {fourcc!r}")
+    if d != dim or ntotal != n or not trained or metric != faiss.METRIC_INNER_PRODUCT:
+        raise corrupt(
+            f"expected a trained inner-product index of {n} entries of dimension {dim}, got {ntotal} entries of dimension "
+            f"{d} (trained: {trained}, metric {metric})"
+        )
+    least = n * (dim * code_bytes + 8)  # every entry's code and id
+    most = least + (n + 1) * dim * 8 + (1 << 20)  # with IVF centroids (at most one per entry), trainer state, lists
+    if not least <= data.size <= most:
+        raise corrupt(f"{data.size} bytes, where {n} entries of dimension {dim} take between {least} and {most}")
+    try:
+        index = faiss.deserialize_index(data)  # FAISS returns the concrete index class
+    except RuntimeError as error:
+        raise corrupt(f"FAISS could not read it ({str(error).splitlines()[0]})") from None
+    if not isinstance(index, expected_class) or index.d != dim or index.ntotal != n:
+        raise corrupt(f"expected {expected_class.__name__} of {n} x {dim}, read {type(index).__name__} of {index.ntotal} x {index.d}")
+    return index
 
 
 def weights_fingerprint(tensors):
@@ -297,7 +338,7 @@ class RetrievalMemory:
         self.fingerprint = fingerprint
         vectors = self._vectors(self.keys)
         if self.built_type == "ivf" and index_bytes is not None:
-            self.index = faiss.deserialize_index(index_bytes.numpy())
+            self.index = read_index_bytes(index_bytes, "ivf", n, vectors.shape[1])
         elif self.built_type == "ivf":
             nlist = self._resolved_nlist(n)
             quantizer = faiss.IndexFlatIP(vectors.shape[1])
@@ -498,19 +539,20 @@ class RetrievalMemory:
             state["index_bytes"] = torch.from_numpy(faiss.serialize_index(self.index))
         return state
 
-    def load_state_dict(self, state):
-        """Restore a saved memory; a saved ``ivfsq8`` one comes back as it was, whatever ``index_type`` says now
-        (it has no float keys to build another from), and the next refresh builds the configured type."""
+    def load_state_dict(self, state, dim):
+        """Restore a saved memory of keys of dimension ``dim``; a saved ``ivfsq8`` one comes back as it was, whatever
+        ``index_type`` says now (it has no float keys to build another from), and the next refresh builds the
+        configured type. Saved index bytes are checked before FAISS reads them (:func:`read_index_bytes`)."""
         if state["index_type"] != COMPRESSED:
             keys, targets, users, positions = (state[name] for name in ("keys", "targets", "users", "positions"))
+            if keys.dim() != 2 or keys.size(1) != dim or not len(keys) == len(targets) == len(users) == len(positions):
+                raise CheckpointError(
+                    f"the saved retrieval memory does not fit this model: keys {tuple(keys.shape)} for dimension {dim}, "
+                    f"{len(targets)} targets, {len(users)} users, {len(positions)} positions"
+                )
             self.build(keys, targets, users, positions, state["fingerprint"], state.get("index_bytes"))
             return
-        index = faiss.deserialize_index(state["index_bytes"].numpy())
-        if index.ntotal != state["targets"].size(0):
-            raise ValueError(
-                f"the saved retrieval memory is corrupt: its index holds {index.ntotal} entries, "
-                f"its targets {state['targets'].size(0)}"
-            )
+        index = read_index_bytes(state["index_bytes"], COMPRESSED, state["targets"].size(0), dim)
         exact = None
         if self.rerank and state.get("exact_keys"):
             exact = ExactKeys.open(os.path.join(self._keys_folder(), state["exact_keys"]), index.ntotal, index.d)

@@ -312,7 +312,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         saved = para.get("memory")
         if saved is not None and self.backbone_fingerprint() in (saved["fingerprint"], saved.get("saved_with")):
             try:
-                self.memory.load_state_dict(saved)
+                self.memory.load_state_dict(saved, self.backbone.item_embedding.weight.size(1))
             except ValueError as error:  # e.g. its exact keys file is gone: the same memory is encoded again
                 getLogger().warning(f"the saved retrieval memory is rebuilt from the loaded weights: {error}")
                 self._memory_checked = False
