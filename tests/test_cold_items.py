@@ -86,3 +86,31 @@ def test_no_cold_interaction_reaches_a_user_text(tmp_path):
 def test_the_protocol_needs_leave_one_out(quick_config):
     with pytest.raises(ValueError, match="cold_items' needs the leave-one-out split"):
         build_model("FastSASRec", "tiny", {**quick_config, **COLD, "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": "user", "mode": "full"}})
+
+
+def test_the_split_is_decided_after_the_cold_items_are_removed(quick_config, tmp_path):
+    """A user whose history shrinks below four interactions when cold items are removed holds out fewer interactions
+    (RecBole keeps one training row): its validation item, a cold one, would become a training target if the split
+    were the one decided before the removal. ``u_short`` has 5 interactions, two of them other users' cold targets;
+    after their removal it is left with 3 (n, its cold validation item, its cold test item)."""
+    folder = tmp_path / "shrink" / "shrink"
+    folder.mkdir(parents=True)
+    sequences = {"u_short": ["a", "b", "n0", "v", "t"]}  # a, b: other users' held-out items; v, t: its own
+    for user, (valid, test) in enumerate([("a", "x0"), ("b", "x1"), ("y0", "y1"), ("y2", "y3")]):
+        sequences[f"u{user}"] = [f"n{k}" for k in range(1, 7)] + [valid, test]
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    lines += [f"{user}\t{item}\t{step}" for user, items in sequences.items() for step, item in enumerate(items)]
+    (folder / "shrink.inter").write_text("\n".join(lines) + "\n")
+    settings = {**quick_config, "data_path": str(tmp_path / "shrink"), "cold_items": True, "cold_item_share": 1.0}
+    _, _, train_data, valid_data, test_data = build_model("FastSASRec", "shrink", settings)
+    dataset = train_data._dataset
+    cold_tokens = set(dataset.id2token(dataset.iid_field, valid_data.training_counts.cold.numpy()))
+    assert {"a", "b", "v", "t", "x0", "y3"} <= cold_tokens  # share 1.0: every held-out item of the first split
+    train_items = items_in(dataset, "item_id", "item_id_list", target_list_field(train_data.config))
+    assert not torch.isin(train_items, valid_data.training_counts.cold).any(), "a cold item reached a training row"
+    # u_short keeps no cold interaction outside its held-out ones: v, then t, went as its history shrank
+    user = dataset.token2id(dataset.uid_field, "u_short")
+    evaluated = torch.cat([loader._dataset.inter_feat[dataset.uid_field] for loader in (valid_data, test_data)])
+    assert user not in evaluated.tolist()
+    # the other users are untouched: their held-out items are still evaluated
+    assert len(valid_data._dataset.inter_feat) == len(test_data._dataset.inter_feat) == 4

@@ -26,23 +26,38 @@ def withhold_cold_items(dataset, config):
     if not (isinstance(split, dict) and list(split) == ["LS"]):
         raise ValueError(f"config key 'cold_items' needs the leave-one-out split (eval_args.split: {{LS: ...}}), got {split}")
     feat = dataset.inter_feat
-    users, items = feat[dataset.uid_field].to_numpy(), feat[dataset.iid_field].to_numpy()
+    held_out = _held_out(dataset, feat, config)
+    items = feat[dataset.iid_field].to_numpy()
+    candidates = np.unique(items[held_out])
+    n_cold = min(len(candidates), max(1, int(round(share * len(candidates)))))
+    cold = np.sort(np.random.default_rng(seed).choice(candidates, size=n_cold, replace=False))
+    # Removing interactions shortens histories, and a shorter history holds out fewer interactions (RecBole keeps one
+    # training row): the split is decided again after each removal, until no cold item is left outside it.
+    removed = 0
+    while True:
+        drop = np.isin(items, cold) & ~held_out
+        if not drop.any():
+            break
+        removed += int(drop.sum())
+        feat = feat[~drop].reset_index(drop=True)
+        held_out, items = _held_out(dataset, feat, config), feat[dataset.iid_field].to_numpy()
+    dataset.inter_feat = feat
+    dataset.cold_items = torch.as_tensor(cold, dtype=torch.long)
+    getLogger().info(
+        set_color("[Cold items]: ", "pink")
+        + f"{n_cold} of the {len(candidates)} evaluation target items are cold (share {share}, seed {seed}): "
+        f"{removed} of their interactions removed, {int((np.isin(items, cold) & held_out).sum())} held-out kept"
+    )
+    return dataset
+
+
+def _held_out(dataset, feat, config):
+    """Which interactions of ``feat`` the time-ordered leave-one-out split holds out for validation and test."""
+    users = feat[dataset.uid_field].to_numpy()
     order = np.lexsort((feat[dataset.time_field].to_numpy(), users))  # by user, then time: the split's order
     starts, counts = user_blocks(users[order])
     _, n_valid, n_test = split_counts(counts - 1, config["eval_args"], dataset._calcu_split_ids)
     held = n_valid + n_test
     held_out = np.zeros(len(feat), dtype=bool)
     held_out[order[_block_positions(starts + counts - held, held)]] = True
-
-    candidates = np.unique(items[held_out])
-    n_cold = min(len(candidates), max(1, int(round(share * len(candidates)))))
-    cold = np.sort(np.random.default_rng(seed).choice(candidates, size=n_cold, replace=False))
-    drop = np.isin(items, cold) & ~held_out
-    dataset.inter_feat = feat[~drop].reset_index(drop=True)
-    dataset.cold_items = torch.as_tensor(cold, dtype=torch.long)
-    getLogger().info(
-        set_color("[Cold items]: ", "pink")
-        + f"{n_cold} of the {len(candidates)} evaluation target items are cold (share {share}, seed {seed}): "
-        f"{int(drop.sum())} of their interactions removed, {int((np.isin(items, cold) & held_out).sum())} held-out kept"
-    )
-    return dataset
+    return held_out
