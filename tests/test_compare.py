@@ -7,7 +7,7 @@ import statistics
 import pytest
 from tune_fixtures import quick_settings, read_csv
 
-from recbole_ur4rec.experiments.compare import parse_seeds, run_compare
+from recbole_ur4rec.experiments.compare import parse_seeds, run_compare, same_settings
 
 
 def cell_json(output_dir, model, seed):
@@ -20,6 +20,16 @@ def test_parse_seeds():
     assert parse_seeds("1,7,42") == [1, 7, 42]
     with pytest.raises(ValueError):
         parse_seeds("0")
+
+
+def test_a_config_file_that_moved_keeps_its_cells_and_one_that_changed_does_not():
+    cell = {"model": "UR4Rec", "dataset": "ml-100k", "seed": 2020, "overrides": {"threads": 1},
+            "config_files": [["bench/ur4rec_ablation/fixed.yaml", "ab12"], ["bench/compare_cpu_cap.yaml", "cd34"]]}
+    moved = {**cell, "config_files": [["results/settings/ur4rec/fixed.yaml", "ab12"], ["results/settings/cpu_cap.yaml", "cd34"]]}
+    assert same_settings(cell, moved)
+    assert not same_settings(cell, {**moved, "config_files": [["results/settings/ur4rec/fixed.yaml", "ffff"], moved["config_files"][1]]})
+    assert not same_settings(cell, {**moved, "config_files": moved["config_files"][::-1]})  # the order layers them
+    assert not same_settings(cell, {**moved, "seed": 2021}) and not same_settings(None, cell)
 
 
 def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
@@ -40,6 +50,9 @@ def test_two_models_two_seeds_table_chart_and_reuse(walk_root, tmp_path):
         assert cell["seed"] == seed and cell["model"] == model
         assert cell["wall_time_s"] > 0 and cell["peak_rss_mb"] > 50 and cell["num_parameters"] > 0
         assert cell["epochs_trained"] == 2 and set(cell["test_result"]) >= {"hit@10", "ndcg@10", "mrr@10"}
+        machine = cell["machine"]  # what decided the float kernels: CPU, torch's kernels, threads, libraries
+        assert machine["cpu_vendor"] and machine["torch_cpu_capability"] and machine["libraries"]["torch"]
+        assert machine["torch_threads"] >= 1
     assert cells[("SASRec", 1)]["test_result"] != cells[("SASRec", 2)]["test_result"]  # the seed matters
 
     rows = {r["model"]: r for r in read_csv(result["csv"])}

@@ -24,6 +24,7 @@ from logging import getLogger
 from recbole_ur4rec.build import history_masked
 from recbole_ur4rec.common.argv import isolated_argv
 from recbole_ur4rec.common.checkpoint_io import load_checkpoint, newest_resume_file
+from recbole_ur4rec.common.machine import machine_fingerprint
 from recbole_ur4rec.common.paths import PACKAGE_DIR
 from recbole_ur4rec.common.tables import describe, plain, read_json, write_json
 from recbole_ur4rec.config import Config
@@ -162,6 +163,7 @@ def run_cell(spec):
             best_epoch=trained_epochs(best),
             epochs_trained=trained_epochs(last),
             epochs_over_stages=last.get("trained_epochs") is not None,  # False: a staged run's counts are its last stage's
+            machine=machine_fingerprint(),  # read after the run set its threads
         )
         # each user's value of the valid metric, for paired comparisons over users; one line: 2 lists per split
         write_json(spec["user_values_json"], result["user_values"], indent=None)
@@ -208,9 +210,18 @@ def _run_cell_process(spec, log_path):
     return returncode, time.time() - start, usage.ru_maxrss / 1024.0
 
 
+def same_settings(a, b):
+    """Whether two cells' settings decide the same result: equal, with config files compared by content (their
+    digests, in order), not by where they lie."""
+    def content(settings):
+        return {**settings, "config_files": [digest for _, digest in settings.get("config_files", [])]}
+
+    return a is not None and b is not None and content(a) == content(b)
+
+
 def _reusable(done, settings, code, other_code):
     """Whether the finished cell record ``done`` stands for ``settings`` (run by this ``code``, or ``other_code``)."""
-    if not done or done.get("status") != "ok" or done.get("settings") != settings:
+    if not done or done.get("status") != "ok" or not same_settings(done.get("settings"), settings):
         return False
     return other_code or (done.get("code") or {}).get("source") == code["source"]
 
@@ -353,7 +364,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
     user_values_json = os.path.join(cells_dir, name + ".users.json")
     log_path = os.path.join(cells_dir, name + ".log")
     partial = read_json(partial_path)
-    if not partial or partial.get("settings") != settings:
+    if not partial or not same_settings(partial.get("settings"), settings):
         partial = {"settings": settings, "elapsed_s": 0.0, "peak_rss_mb": 0.0, "segments": 0}
     checkpoint_dir = os.path.join(cells_dir, "checkpoints", name)
     trained = _trained_seconds(checkpoint_dir)  # what the newest resume state reached
