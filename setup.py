@@ -1,7 +1,7 @@
 """Packaging for recbole-ur4rec, a RecBole 1.2.1 plugin."""
 from setuptools import find_packages, setup
 
-# Pins measured to install and import together on Python 3.11 (see DESIGN.md section 2):
+# Pins that keep the dependencies installable and importable together on Python 3.11:
 # - torch==2.13.0: the CPU wheel; an open range pulls a CUDA build of several GB.
 # - setuptools<82: ray 2.6.3 imports pkg_resources, removed in setuptools 82.
 # - numpy<2, pandas<2.3: RecBole 1.2.1 and ray 2.6.3 break on NumPy 2 / pandas 3.

@@ -12,22 +12,17 @@ Leakage rule: an entry of the query's own user at or after the query's position 
 its future) is never returned. Searches ask FAISS for more candidates than needed and drop the excluded ones,
 asking again with more candidates for the queries left short, so excluded entries never take a neighbour's place.
 
-Large memories (``ivfsq8``): an ``IndexIVFScalarQuantizer`` with 8-bit codes keeps 64 bytes per entry at hidden size 64
-instead of float keys (256 bytes, plus as much again inside an ``IndexIVFFlat``), is built from keys streamed in
+Large memories (``ivfsq8``): an ``IndexIVFScalarQuantizer`` with 8-bit codes keeps one byte per dimension and entry
+instead of float keys (four bytes, plus as much again inside an ``IndexIVFFlat``), is built from keys streamed in
 chunks (trained on a sample of the first ones, then each chunk encoded and dropped), and decodes the neighbours' keys
-from the codes: ~97 bytes per entry in all (IVF ids, direct map, int32 metadata and norms included) where ``ivf`` holds
-~545. On synthetic 64-d keys (``bench/ftragrec_memory_scale.py``) its recall@10 against exact search is 0.95 at 1M
-entries and 0.94 at 5M (nprobe 32); on 200k such keys at nprobe 16, IVF-PQ with 32 bytes of codes per entry (32
-sub-quantizers of 8 bits) reached 0.82 where SQ8 reached 0.95, so the memory uses SQ8.
+from the codes. Its metadata (targets, users, positions) is int32.
 
-Re-ranking (``ivfsq8`` with ``rerank`` > 0): keys of a trained encoder crowd together (on 1M DuoRec prefix keys the
-10th and 11th exact neighbours differ by 1.5e-4 in cosine, the median), below SQ8's resolution, so SQ8 alone found
-0.80 of the exact top 10 at any nprobe (0.73 at 20M). The memory therefore also writes every key (unit-normalised
+Re-ranking (``ivfsq8`` with ``rerank`` > 0): keys of a trained encoder crowd together, closer than SQ8's resolution,
+so the codes alone do not order near neighbours reliably. The memory therefore also writes every key (unit-normalised
 when ``normalize``) as float32 to a file on disk while it streams, asks the index for a shortlist of ``rerank``
-allowed candidates per query and orders them by their exact similarity read from that file (on those 1M keys: 0.96
-of the exact top 10 with a shortlist of 50; float16 keys lost 1.5 points, 0.94, so the file keeps float32). The
-file is memory-mapped and its pages are released after each read: it costs disk (4 bytes x hidden size per entry),
-not resident memory.
+allowed candidates per query and orders them by their exact similarity read from that file. The file is
+memory-mapped and its pages are released after each read: it costs disk (4 bytes x hidden size per entry), not
+resident memory.
 """
 import hashlib
 import math
@@ -117,8 +112,8 @@ def _int32(values, name):
 class ExactLists:
     """Writes IVF codes into an index's inverted lists with each list allocated once, at its final size.
 
-    FAISS's own ``add`` grows every list's vector by doubling: 1M keys added in chunks of 100k left 132 bytes per entry
-    resident for 80 bytes of IVF-SQ8 codes, ids and direct map. Here the codes of each chunk wait in ``LIST_GROUPS``
+    FAISS's own ``add`` grows every list's vector by doubling, which keeps unused capacity resident beyond the codes,
+    ids and direct map. Here the codes of each chunk wait in ``LIST_GROUPS``
     groups of lists (64 + 8 bytes per entry) and :meth:`finish` moves them into the lists one group at a time.
     """
 
@@ -262,11 +257,11 @@ class RetrievalMemory:
         ivf_min_size (int): entries from which ``auto`` picks IVF.
         compressed_min_size (int): entries from which ``auto`` picks ``ivfsq8``.
         compressed_nprobe (int): IVF lists searched per query by ``ivfsq8`` (its larger memories have more, smaller
-            lists: on synthetic keys nprobe 16 kept recall@10 0.94 at 1M entries but 0.92 at 5M, 32 kept 0.95 and 0.94).
+            lists).
         normalize (bool): L2-normalise keys and queries, so that similarities are cosines in [-1, 1].
         seed (int): seed of the IVF k-means.
-        kmeans_iterations (int): iterations of the IVF k-means (FAISS's default is 25; on ml-100k's 97k keys 5 keep
-            recall@10 at nprobe 16 at 0.963 vs 0.966 and train 7x faster, so refreshes cost less).
+        kmeans_iterations (int): iterations of the IVF k-means (FAISS's default is 25; fewer make refreshes
+            cheaper).
         rerank (int): ``ivfsq8``: candidates per query re-ranked by exact similarity (keys in a float32 file); 0: none.
         exact_keys_dir (str or None): folder of that file (None: the system's temporary folder).
     """
@@ -436,7 +431,7 @@ class RetrievalMemory:
         """Keys [Q k H] of the entries ``index`` [Q k] (on the CPU).
 
         ``ivfsq8`` reads them from its exact keys file (times the saved norms) when it re-ranks, else
-        decodes them from its 8-bit codes: approximate (on synthetic 64-d keys, off by ~1% of the key's norm);
+        decodes them from its 8-bit codes (approximate);
         ``flat`` and ``ivf`` return the exact keys.
         """
         if self.keys is not None:

@@ -8,10 +8,10 @@ Reference:
     Brendan McMahan et al. "Communication-Efficient Learning of Deep Networks from Decentralized Data." In AISTATS 2017
     (FedAvg, in :class:`~recbole_ur4rec.trainer.FedDMMRTrainer`).
 
-FedDMMR (the research prototype of ``shared/seeds/003``): a SASRec backbone plus a visual expert (CLIP item features)
-and a semantic expert (item-text features), each scoring all items from the sequence state, mixed by a router, and
-fused with the backbone either by residual enhancement or by a competitive mixture. Trained federated (one client per
-user) by :class:`~recbole_ur4rec.trainer.FedDMMRTrainer`, or centrally with ``federated: False``.
+FedDMMR (the prototype described in docs/design.md, section FedDMMR): a SASRec backbone plus a visual expert (CLIP
+item features) and a semantic expert (item-text features), each scoring all items from the sequence state, mixed by
+a router, and fused with the backbone either by residual enhancement or by a competitive mixture. Trained federated
+(one client per user) by :class:`~recbole_ur4rec.trainer.FedDMMRTrainer`, or centrally with ``federated: False``.
 """
 import warnings
 
@@ -68,7 +68,7 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
     A modality that is not configured has no expert; with none, the scores are exactly the backbone's.
 
     NOTE:
-        Deviations from the prototype (``shared/seeds/003``):
+        Deviations from the prototype (see docs/design.md, section FedDMMR):
 
         - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` with a loss at every position of
           whole-sequence rows (``loss_position: all``): ``CE`` (full softmax of the fused scores, padding left out) or

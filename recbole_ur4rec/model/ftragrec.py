@@ -9,9 +9,9 @@ Reference:
     Jeremy Howard and Sebastian Ruder. "Universal Language Model Fine-tuning for Text Classification." In ACL 2018
     (progressive unfreezing and differential learning rates, in :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`).
 
-FTRagRec (the research prototype of ``shared/seeds/002``): a DuoRec encoder, warm-started from a trained DuoRec,
-whose sequence representation is enhanced with knowledge retrieved from the training prefixes most similar to it:
-a FAISS memory (:class:`~recbole_ur4rec.index.retrieval_memory.RetrievalMemory`) returns the top-k
+FTRagRec (the prototype described in docs/design.md, section FTRagRec): a DuoRec encoder, warm-started from a
+trained DuoRec, whose sequence representation is enhanced with knowledge retrieved from the training prefixes most
+similar to it: a FAISS memory (:class:`~recbole_ur4rec.index.retrieval_memory.RetrievalMemory`) returns the top-k
 training prefixes and their next items, small retriever encoder layers read them, attention with a temperature
 pools them, and the pooled knowledge is mixed into the sequence representation (fixed alpha, alpha from retrieval
 quality, or a per-dimension gate). Trained in stages by :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`.
@@ -85,7 +85,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
     dual evaluation uses for the backbone-only scores).
 
     NOTE:
-        Deviations from the prototype (``shared/seeds/002``):
+        Deviations from the prototype (see docs/design.md, section FTRagRec):
 
         - The memory holds one entry per training position (prefix -> next item) of the training split,
           encoded in the windows of the whole-sequence training rows; validation and test items never enter it.
@@ -103,12 +103,11 @@ class FTRagRec(StagedModelMixin, DuoRec):
         - Large memories (``index_type: ivfsq8``, chosen by ``auto`` from ``compressed_min_size`` entries) keep 8-bit
           codes instead of float keys; with ``rerank`` > 0 (default) a shortlist from the codes is re-ranked by
           exact similarity, and the neighbours' keys are read, from float32 keys in a file on disk (``memory_dir``);
-          with ``rerank: 0`` the keys are decoded from the codes (approximate, ~1% of their norm).
+          with ``rerank: 0`` the keys are decoded from the codes (approximately).
         - The memory is saved in checkpoints (keys or, for ivfsq8, norms; targets, users, positions; for IVF
-          types, the serialised index)
-          with fingerprints of the backbone weights it was encoded with and of those saved beside it (between two
-          refreshes the memory lags behind the weights, as it did when that checkpoint was validated); loaded with
-          weights that match neither, it is rebuilt from them before its next use.
+          types, the serialised index) with fingerprints of the backbone weights it was encoded with and of those
+          saved beside it (between two refreshes the memory lags behind the weights, as it did when that checkpoint
+          was validated); loaded with weights that match neither, it is rebuilt from them before its next use.
     """
 
     OBJECTIVES = OBJECTIVES

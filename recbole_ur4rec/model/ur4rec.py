@@ -8,8 +8,12 @@ Reference:
     Geoffrey Hinton et al. "Distilling the Knowledge in a Neural Network." arXiv:1503.02531, 2015.
     Jeremy Howard and Sebastian Ruder. "Universal Language Model Fine-tuning for Text Classification." In ACL 2018
     (progressive unfreezing, in :class:`~recbole_ur4rec.trainer.UR4RecTrainer`).
+    Ziwei Zhu et al. "Recommendation for New Users and New Items via Randomized Training and Mixture-of-Experts
+    Transformation." In SIGIR 2020 (Heater; ``cold_mapping_loss: mse``).
+    Maksims Volkovs, Guangwei Yu and Tomi Poutanen. "DropoutNet: Addressing Cold Start in Recommender Systems."
+    In NeurIPS 2017 (``cold_mapping_loss: ranking``).
 
-UR4Rec (the research prototype of ``shared/seeds/000, 001, 004``): a SASRec backbone plus a preference retriever
+UR4Rec (the prototype described in docs/design.md, section UR4Rec): a SASRec backbone plus a preference retriever
 that scores every item by matching the user's preference text and sequence state against frozen item-description
 (and optionally CLIP image) embeddings through a mixture of experts, fused with the backbone's scores.
 Trained in stages by :class:`~recbole_ur4rec.trainer.UR4RecTrainer`.
@@ -56,42 +60,20 @@ LOSS_WEIGHT_KEYS = {
 
 
 class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
-    r"""SASRec backbone + multi-modal mixture-of-experts preference retriever, fused.
-
-    ``set_objective`` chooses what :meth:`calculate_loss` trains and what the predictions use: the backbone
-    alone, the retriever alone, or the fused scores (the trainer sets it per stage).
+    r"""SASRec backbone + multi-modal mixture-of-experts preference retriever, fused; ``set_objective`` picks what
+    :meth:`calculate_loss` trains and predicts with (backbone, retriever or fused scores; set per stage).
 
     NOTE:
-        Deviations from the prototype (``shared/seeds``):
+        Deviations from the prototype (see docs/design.md, section UR4Rec):
 
-        - The backbone is :class:`~recbole_ur4rec.model.layers.SequenceBackbone` trained with a loss at every position
-          of whole-sequence rows (``loss_position: all``); the retriever scores every position too. The sampled
-          ranking losses (``InfoNCE``, ``BPR``) share ``ranking_negatives`` uniform negatives across the batch and
-          score only those and the targets (distillation is then over these candidates), not every item.
-        - The text encoder stays frozen; its embeddings (and CLIP's) are non-persistent buffers: they are rebuilt from
-          the feature cache when the model is built, so checkpoints hold only the trained weights; a checkpoint
-          records a fingerprint of the features it was trained on and refuses to load on others.
-        - The preference text is written from the training split and summarises the whole training history, so at
-          early training positions it also describes later items; ``user_text_recent_items: 0`` (this model's
-          default) keeps the titles of the last training items, the targets of the last positions, out of it.
-        - Experts are per item modality (text, image): flat = one expert each, hierarchical = ``num_sub_experts``
-          each with a router of their own, then a cross-modal router. Items without a modality are scored by the
-          others only (by mask); users without text get a learned vector.
-        - Modality consistency and the contrastive loss align the two views of a user: the projected sequence state
-          at the last position and the projected preference text (plus, with images, text and image keys of the
-          target items for consistency). The memory bank is MoCo's queue without the momentum encoder.
-        - The memory of recent user states (``memory_size``) is written during training only.
-        - Items without a training interaction (new items; the cold items of the cold-item protocol) have ID
-          embeddings that training only pushes down, as negatives. With ``cold_item_mapping`` (default) a linear map
-          from an item's text embedding to its ID embedding is trained on the batch's target items (the
-          ``cold_mapping`` term), and at evaluation the backbone scores such items with their mapped embeddings;
-          warm items keep their own. ``cold_mapping_loss``: ``mse`` fits the detached ID embeddings (Heater-style,
-          Zhu et al., SIGIR 2020); ``ranking`` trains the map the way new items are evaluated: in every batch a random
-          ``cold_mapping_share`` of the items are scored through the map, every other item through its ID embedding,
-          and the cross-entropy of every row is minimised (states and ID embeddings detached; DropoutNet-style
-          simulation of new items, Volkovs et al., NeurIPS 2017). Training on the rows whose target was mapped only
-          (or mapping the batch's own targets) taught the map to score every mapped item high: on ml-100k's cold
-          protocol cold NDCG@10 0.13-0.15 but 0.015 over all users, the cold items flooding every list.
+        - Every position of whole-sequence rows is trained (``loss_position: all``); ``InfoNCE`` and ``BPR`` score
+          only the targets and ``ranking_negatives`` negatives shared by the batch.
+        - Text and CLIP embeddings are frozen buffers rebuilt from the feature cache; a checkpoint records their
+          fingerprint and refuses to load on other features.
+        - The preference text comes from the training split; ``user_text_recent_items: 0`` keeps the last training
+          targets out of it. The memory bank is MoCo's queue without the momentum encoder.
+        - Items without a training interaction are scored by the backbone through a linear map from their text
+          embedding (``cold_item_mapping``), trained as Heater (``cold_mapping_loss: mse``) or DropoutNet (``ranking``).
     """
 
     input_type = InputType.POINTWISE  # negatives are sampled inside the model, not by RecBole

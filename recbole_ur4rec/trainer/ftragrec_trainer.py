@@ -1,4 +1,4 @@
-"""FTRagRec's training stages (``shared/seeds/002``) on :class:`StagedTrainer`.
+"""FTRagRec's training stages (see docs/design.md, section FTRagRec) on :class:`StagedTrainer`.
 
 1. ``pretrain_backbone``: the DuoRec encoder with its own loss; skipped (0 epochs) when the model was warm-started
    from ``duorec_checkpoint``;

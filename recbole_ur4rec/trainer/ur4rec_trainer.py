@@ -1,4 +1,4 @@
-"""UR4Rec's four training stages (``shared/seeds/001`` and ``004``) on :class:`StagedTrainer`.
+"""UR4Rec's four training stages (see docs/design.md, section UR4Rec) on :class:`StagedTrainer`.
 
 1. ``pretrain_backbone``: the SASRec backbone alone (its own ranking loss);
 2. ``pretrain_retriever``: the retriever (and the fusion) with the backbone frozen;
