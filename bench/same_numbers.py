@@ -14,8 +14,8 @@ out = {}
 common = {"seed": 2020, "threads": 1, "show_progress": False, "state": "WARNING", "checkpoint_dir": sys.argv[2] + "/saved"}
 runs = {
     "FastSASRec": ("FastSASRec", None, {"epochs": 3}),
-    "UR4Rec": ("UR4Rec", ["bench/ur4rec_ablation/fixed.yaml"], {"stage_epochs": {"pretrain_backbone": 2, "pretrain_retriever": 2}}),
-    "FedDMMR": ("FedDMMR", ["bench/feddmmr/federated.yaml"], {"epochs": 3}),
+    "UR4Rec": ("UR4Rec", ["results/settings/ur4rec/fixed.yaml"], {"stage_epochs": {"pretrain_backbone": 2, "pretrain_retriever": 2}}),
+    "FedDMMR": ("FedDMMR", ["results/settings/feddmmr/federated.yaml"], {"epochs": 3}),
 }
 for name, (model, files, extra) in runs.items():
     r = run_recbole_ur4rec(model, "ml-100k", config_file_list=files, config_dict={**common, **extra})

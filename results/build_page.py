@@ -19,7 +19,7 @@ is not indented). Every generated table is followed by a line naming the files i
                             (short commit of ``code.commit``; ``*``: uncommitted changes) are always shown, and a
                             row resting on cells without a code version says so.
 ``@table paired``           one row per ``DIR/paired_A_B_split`` line (``results/DIR/paired_A_B_split.json``,
-                            bench/baselines/paired_users.py).
+                            recbole_ur4rec/experiments/paired_users.py).
 ``@table compare [ratio]``  one row per ``label A = DIR/CELL ; label B = DIR/CELL [; paired = DIR/paired_A_B]``
                             line: both means, the difference A - B and its paired 95% interval on test and
                             validation (``DIR/paired_A_B_test.json`` / ``_valid.json``), and a reading that calls a

@@ -24,7 +24,7 @@ def test_parse_seeds():
 
 def test_a_config_file_that_moved_keeps_its_cells_and_one_that_changed_does_not():
     cell = {"model": "UR4Rec", "dataset": "ml-100k", "seed": 2020, "overrides": {"threads": 1},
-            "config_files": [["bench/ur4rec_ablation/fixed.yaml", "ab12"], ["bench/compare_cpu_cap.yaml", "cd34"]]}
+            "config_files": [["results/settings/ur4rec/fixed.yaml", "ab12"], ["results/settings/cpu_cap.yaml", "cd34"]]}
     moved = {**cell, "config_files": [["results/settings/ur4rec/fixed.yaml", "ab12"], ["results/settings/cpu_cap.yaml", "cd34"]]}
     assert same_settings(cell, moved)
     assert not same_settings(cell, {**moved, "config_files": [["results/settings/ur4rec/fixed.yaml", "ffff"], moved["config_files"][1]]})

@@ -1,8 +1,8 @@
-"""bench/baselines/default_vs_tuned.py: the README's default-against-tuned table from the comparisons' CSV files."""
+"""results/ml-100k-tuned/default_vs_tuned.py: the results page's default-against-tuned table from the comparisons' CSV files."""
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "baselines"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "ml-100k-tuned"))
 
 import default_vs_tuned  # noqa: E402
 
@@ -54,10 +54,10 @@ def test_a_converged_default_replaces_the_capped_one_once_a_seed_has_finished(tm
 
 
 def test_readme_table_is_the_committed_report():
-    """The README's default-against-tuned table is results/ml-100k-tuned/default_vs_tuned.md, row for row."""
+    """The results page's default-against-tuned table is results/ml-100k-tuned/default_vs_tuned.md, row for row."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     report = os.path.join(repo, "results", "ml-100k-tuned", "default_vs_tuned.md")
-    readme = open(os.path.join(repo, "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(repo, "results", "README.md"), encoding="utf-8").read()
     rows = [line for line in open(report, encoding="utf-8").read().splitlines() if line.startswith("|")]
     assert len(rows) == 2 + len(default_vs_tuned.MODELS)
     assert [row for row in rows if row not in readme] == []

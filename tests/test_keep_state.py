@@ -1,4 +1,4 @@
-"""bench/baselines/keep_state.sh: stages the ignored resume files of unfinished runs, unstages those of finished ones."""
+"""results/keep_state.sh: stages the ignored resume files of unfinished runs, unstages those of finished ones."""
 import os
 import shutil
 import subprocess
@@ -27,8 +27,8 @@ def staged(root):
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     root = str(tmp_path)
-    for name in ("keep_state.sh", "lib.sh"):
-        write(root, f"bench/baselines/{name}", open(os.path.join(ROOT, "bench", "baselines", name)).read())
+    for name in ("keep_state.sh", "settings/lib.sh"):
+        write(root, f"results/{name}", open(os.path.join(ROOT, "results", name)).read())
     shutil.copy(os.path.join(ROOT, ".gitignore"), os.path.join(root, ".gitignore"))
     git(root, "init", "-q")
     # a finished search, an interrupted one, the DuoRec search whose best trial FTRagRec's unfinished search needs
@@ -51,7 +51,7 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     write(root, "results/ml-100k-tuned/cells/checkpoints/DuoRec-seed2021/E.pth")
     write(root, "bench/results/backbone_state/SASRec-seed2020/B-last.pth")
 
-    subprocess.run(["bash", "bench/baselines/keep_state.sh"], cwd=root, check=True, capture_output=True)
+    subprocess.run(["bash", "results/keep_state.sh"], cwd=root, check=True, capture_output=True)
     assert staged(root) == {
         f"{H}/SASRec/checkpoints/trial_00000/S-last.pth",
         f"{H}/SASRec/checkpoints/trial_00000/S.pth",
@@ -70,6 +70,6 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     os.remove(os.path.join(root, "results/ml-100k-tuned/cells/SASRec-seed2020.partial.json"))
     write(root, f"{H}/FTRagRec/best.yaml")
     write(root, f"{H}/FTRagRec/results.md", "Search time: 9 s.\n")
-    subprocess.run(["bash", "bench/baselines/keep_state.sh"], cwd=root, check=True, capture_output=True)
+    subprocess.run(["bash", "results/keep_state.sh"], cwd=root, check=True, capture_output=True)
     assert staged(root) == {"bench/results/backbone_state/SASRec-seed2020/B-last.pth"}
     assert os.path.isfile(os.path.join(root, f"{H}/SASRec/checkpoints/trial_00000/S.pth"))  # unstaged, not deleted

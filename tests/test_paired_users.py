@@ -1,21 +1,17 @@
-"""bench/baselines/paired_users.py: two comparisons' model files evaluated user by user, paired bootstrap over users."""
+"""recbole_ur4rec/experiments/paired_users.py: two comparisons' model files evaluated user by user, paired bootstrap over users."""
 import json
 import math
 import os
 import statistics
-import sys
 
 import numpy as np
 import pytest
 from model_fixtures import ranks_by_hand
 from tune_fixtures import quick_settings
 
+from recbole_ur4rec.experiments import paired_users
 from recbole_ur4rec.experiments.compare import run_compare
 from recbole_ur4rec.quick_start import load_data_and_model
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "baselines"))
-
-import paired_users  # noqa: E402
 
 
 def test_bootstrap_of_known_differences():

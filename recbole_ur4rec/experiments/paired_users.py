@@ -1,6 +1,6 @@
 """Two models' cells compared user by user: how much of a gap between their means the test users can tell apart.
 
-    python bench/baselines/paired_users.py --cells results/ml-100k-tuned/cells --models FastSASRec,SASRec
+    python -m recbole_ur4rec.experiments.paired_users --cells results/ml-100k-tuned/cells --models FastSASRec,SASRec
 
 A comparison's seed std measures training noise only: every seed is evaluated on the same users, whose sampling
 noise it leaves out. This script takes each cell's per-user values of ``--metric`` on ``--split`` (the seeds both
@@ -152,7 +152,7 @@ def markdown(r):
         "",
         f"Cells: `{r['cells']}`, seeds {seeds}; each cell's per-user values (their mean equals its cell's), each "
         f"user's value averaged over the seeds; paired bootstrap over the {r['users']} users, {r['resamples']} resamples "
-        "(`bench/baselines/paired_users.py`).",
+        "(`recbole_ur4rec/experiments/paired_users.py`).",
         "",
         f"| model | {r['metric']} per seed | mean over seeds | standard error over users |",
         "|---|---|---|---|",

@@ -5,14 +5,14 @@
 # Resumable: a finished search (best.yaml, not marked interrupted) is skipped; an interrupted one continues where it
 # stopped (its trials replay their validations to ASHA and resume from their checkpoints).
 # OUT=<folder> writes the searches there (default results/hyper/ml-100k).
-#   bash bench/baselines/searches.sh                 # every model, in this order
-#   bash bench/baselines/searches.sh SASRec SASRecF  # some
-#   CONCURRENT=2 bash bench/baselines/searches.sh    # trials at once (default 1)
-#   GPUS=0.25 CONCURRENT=4 bash bench/baselines/searches.sh GRU4Rec  # on a GPU machine: GPU share per trial (default 0:
+#   bash results/hyper/run.sh                 # every model, in this order
+#   bash results/hyper/run.sh SASRec SASRecF  # some
+#   CONCURRENT=2 bash results/hyper/run.sh    # trials at once (default 1)
+#   GPUS=0.25 CONCURRENT=4 bash results/hyper/run.sh GRU4Rec  # on a GPU machine: GPU share per trial (default 0:
 #                                     # Ray then hides the GPU from the trial, which trains on the CPU)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source bench/baselines/lib.sh
+source results/settings/lib.sh
 OUT=${OUT:-results/hyper/ml-100k}
 # name | model | search space | config files (space-separated)
 SEARCHES=(
@@ -20,10 +20,10 @@ SEARCHES=(
   "DuoRec|DuoRec|hyper/duorec.hyper|"
   "UR4Rec|UR4Rec|hyper/ur4rec.yaml|"
   "FTRagRec|FTRagRec|hyper/ftragrec.hyper|"
-  "FedDMMR_central|FedDMMR|hyper/feddmmr_central.hyper|bench/feddmmr/central.yaml"
-  "FedDMMR_federated_asha5|FedDMMR|hyper/feddmmr_federated.hyper|bench/feddmmr/federated.yaml"
+  "FedDMMR_central|FedDMMR|hyper/feddmmr_central.hyper|results/settings/feddmmr/central.yaml"
+  "FedDMMR_federated_asha5|FedDMMR|hyper/feddmmr_federated.hyper|results/settings/feddmmr/federated.yaml"
   "SASRec|SASRec|hyper/sasrec.hyper|"
-  "SASRecF|SASRecF|hyper/sasrecf.hyper|bench/slices/sasrecf.yaml"
+  "SASRecF|SASRecF|hyper/sasrecf.hyper|results/settings/sasrecf.yaml"
   "GRU4Rec|GRU4Rec|hyper/gru4rec.hyper|"
   "BERT4Rec|BERT4Rec|hyper/bert4rec.hyper|"
   "FEARec|FEARec|hyper/fearec.hyper|"

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Stages (git add -f) the git-ignored files that a later session needs to continue issue 17's long runs, because a
+# Stages (git add -f) the git-ignored files that a later session needs to continue long runs (searches, comparison cells, backbone cells), because a
 # new checkout holds only what was committed: the checkpoints of every unfinished search (every trial's folder: the
 # finished trials' files are read again when the search ends), the resume files (-last.pth and its best .pth) of
 # unfinished run_compare cells and bench/backbone.py cells, and the DuoRec search's best trial while the FTRagRec
 # search (warm-started from it) has not finished. Files of runs that have finished are unstaged again (git rm
 # --cached), so the tree carries resume state only while it is needed. Run it before committing; it commits nothing.
-#   bash bench/baselines/keep_state.sh          # stage, then list what is staged
+#   bash results/keep_state.sh          # stage, then list what is staged
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 H=results/hyper/ml-100k
-source bench/baselines/lib.sh
+source results/settings/lib.sh
 keep=(); drop=()
 for search in "$H"/*/; do
   search=${search%/}

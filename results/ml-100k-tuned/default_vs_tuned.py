@@ -1,12 +1,12 @@
-"""Default against tuned, per model, on ml-100k (issue 17): the README's table.
+"""Default against tuned, per model, on ml-100k: the default-vs-tuned table of results/README.md.
 
-    python bench/baselines/default_vs_tuned.py   # writes results/ml-100k-tuned/default_vs_tuned.md
+    python results/ml-100k-tuned/default_vs_tuned.py   # writes results/ml-100k-tuned/default_vs_tuned.md
 
 Default: the model's settings as shipped, from the earlier comparisons (``results/ml-100k-slices``, and
 ``results/ml-100k`` for RecBole's SASRec, GRU4Rec, BERT4Rec and FEARec, which ran capped at 2 epochs there); for
-RecBole's baselines the converged run (``results/ml-100k-converged``, bench/baselines/compare_defaults.sh: no epoch
+RecBole's baselines the converged run (``results/ml-100k-converged``, results/ml-100k-converged/run.sh: no epoch
 cap) replaces the capped one as soon as one of its seeds has finished.
-Tuned: ``results/ml-100k-tuned`` (bench/baselines/compare_tuned.sh: each search's best.yaml, 3 seeds, early
+Tuned: ``results/ml-100k-tuned`` (results/ml-100k-tuned/run.sh: each search's best.yaml, 3 seeds, early
 stopping). The search's trials and wall time come from ``results/hyper/ml-100k/<search>/results.md``; a model
 without that folder shows as not searched, one whose search has not finished as not finished. A difference
 smaller than the larger of the two seed stds is called noise.
