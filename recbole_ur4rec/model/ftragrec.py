@@ -28,7 +28,7 @@ from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.index.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
 from recbole_ur4rec.model.duorec import DuoRec
-from recbole_ur4rec.model.layers.backbone import position_loss, supervised_positions
+from recbole_ur4rec.model.layers.sequence_backbone import position_loss, supervised_positions
 from recbole_ur4rec.model.layers.fusion import RetrievalFusion
 from recbole_ur4rec.model.layers.staged import StagedModelMixin
 

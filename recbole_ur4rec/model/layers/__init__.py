@@ -1,5 +1,5 @@
 """Building blocks shared by the plugin's models."""
-from recbole_ur4rec.model.layers.backbone import (
+from recbole_ur4rec.model.layers.sequence_backbone import (
     LOSS_POSITIONS,
     LOSS_TYPES,
     SequenceBackbone,
