@@ -38,7 +38,7 @@ Inline values, anywhere in a line (``X`` and ``Y`` are ``DIR/CELL``, ``M`` a met
 difference and whether it is under the larger seed std, ``{{meets X Y M PERCENT}}`` "met" / "not met" (mean X at least
 PERCENT% of mean Y), ``{{code X}}`` the code
 version(s), ``{{paired DIR/paired_A_B_split}}`` a paired difference with its interval and file,
-``{{json PATH key.key.0 [format]}}`` a value of a JSON file, ``{{cells}}`` / ``{{cells_without_code}}`` counts.
+``{{json PATH key.key.0 [format]}}`` a value of a JSON file, ``{{cells}}`` / ``{{cells_without_code}}`` / ``{{cells_with_machine}}`` counts.
 """
 import argparse
 import csv
@@ -132,14 +132,15 @@ def study_folders(root):
 
 
 def all_cells(root):
-    """(number of cells under results/, number of them without a code version)."""
-    total = without = 0
+    """(number of cells under results/, number of them without a code version, number that record their machine)."""
+    total = without = machines = 0
     for study in study_folders(root):
         for runs in cell_files(root, study[len("results/"):]).values():
             for _, _, cell in runs:
                 total += 1
                 without += not cell.get("code")
-    return total, without
+                machines += bool(cell.get("machine"))
+    return total, without, machines
 
 
 # ---------------------------------------------------------------- numbers
@@ -624,12 +625,15 @@ def table_llm_texts(root, args):
 
 
 def table_machine(root, args):
+    """The machines that cells (``args``: cell files) recorded: CPU, torch's kernels, threads, kernel settings."""
     body = []
     for path in args:
-        d = read_json(root, path)
-        body.append([f"`{path}`", d.get("torch_cpu_capability", ""), d.get("torch", ""), d.get("machine", ""),
-                     d.get("note", "")])
-    return markdown_table(["file", "torch CPU kernels", "torch", "machine", "note"], body)
+        d = read_json(root, path).get("machine") or {}
+        cpu = f"{d.get('cpu_vendor', '')} {d.get('cpu_model', '')} (family, model, stepping {', '.join(d.get('cpu_family_model_stepping') or [])})"
+        body.append([f"`{path}`", cpu, d.get("torch_cpu_capability", ""), str(d.get("torch_threads", "")),
+                     " ".join(f"{k}={v}" for k, v in (d.get("kernel_env") or {}).items()) or "none",
+                     (d.get("libraries") or {}).get("torch", "")])
+    return markdown_table(["cell", "CPU", "torch CPU kernels", "threads", "kernel settings", "torch"], body)
 
 
 def render_table(root, kind, args, lines, cache):
@@ -715,6 +719,8 @@ def inline(root, expression, cache):
         return str(all_cells(root)[0])
     if kind == "cells_without_code":
         return str(all_cells(root)[1])
+    if kind == "cells_with_machine":
+        return str(all_cells(root)[2])
     raise PageError(f"{{{{{expression}}}}}: unknown value")
 
 

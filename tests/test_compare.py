@@ -7,6 +7,7 @@ import statistics
 import pytest
 from tune_fixtures import quick_settings, read_csv
 
+from recbole_ur4rec.common.machine import same_kernels
 from recbole_ur4rec.experiments.compare import parse_seeds, run_compare, same_settings
 
 
@@ -221,28 +222,69 @@ def test_a_staged_cell_counts_its_epochs_over_all_stages_and_older_cells_are_nam
     assert "last stage" not in md and "(epochs counted over all stages)" in md  # one stage: its epochs are the run's
 
 
-def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
-    """``results/ml-100k-repro`` (``python run_compare.py --models FastSASRec --dataset ml-100k --seeds 1 --epochs 3 --threads=1
-    --output_dir results/ml-100k-repro``, RecBole's shipped ml-100k) and the same run made where torch picks other CPU
-    kernels (``results/ml-100k-repro-avx512``): the current code gives the reference of this machine's kernels the
-    same best epoch, validation and test metrics (every slice), to the last rounded digit. A change that moves a
-    trajectory fails here and says to rerun the committed results."""
-    import platform
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = os.path.join(REPO, "results", "ml-100k-repro-kernels", "kernels.json")
+# The summed training loss of the first epoch moved by at most 0.065 over the kernel sets measured in KERNELS
+# (521.8846 to 521.9493), and by 1.04 over seeds: twice the kernel spread, rounded up.
+FIRST_LOSS_TOLERANCE = 0.15
 
-    import torch
 
-    here = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__.split("+")[0], "machine": platform.machine()}
-    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
-    made_on = {}
-    for machine_file in sorted(glob.glob(os.path.join(results, "ml-100k-repro*", "machine.json"))):
-        with open(machine_file) as f:
-            made_on[os.path.dirname(machine_file)] = json.load(f)
-    assert len(made_on) >= 2, f"the committed references are missing: {sorted(made_on)}"
-    matching = [root for root, machine in made_on.items() if all(here[key] == machine[key] for key in here)]
-    if not matching:  # other float kernels: the last digits may differ, by design
-        pytest.skip(f"the committed cells were made with {list(made_on.values())}, this machine has {here}: bit-equal training is not expected")
-    root = matching[0]
-    committed = cell_json(root, "FastSASRec", 2020)
+def reproduction_failures(cell, reference, tolerances):
+    """What keeps ``cell`` from reproducing the committed ``reference`` cell: bit for bit where both ran on the same
+    float kernels (:func:`same_kernels`); elsewhere the same epochs and evaluated users, the first epoch's training
+    loss within FIRST_LOSS_TOLERANCE and every metric of ``tolerances`` within its tolerance (twice the spread
+    measured over kernel sets, results/ml-100k-repro-kernels/). An empty list: reproduced."""
+    keys = ("best_epoch", "epochs_trained", "valid_result", "test_result", "train_losses")
+    if same_kernels(cell.get("machine") or {}, reference.get("machine") or {}):
+        return [f"{key}: {cell.get(key)} != {reference.get(key)} (same kernels)" for key in keys if cell.get(key) != reference.get(key)]
+    failures = [] if cell["epochs_trained"] == reference["epochs_trained"] else ["epochs_trained differs"]
+    for split in ("valid_result", "test_result"):
+        for key, value in reference[split].items():
+            got = cell[split].get(key)
+            if key.startswith("users/"):
+                if got != value:
+                    failures.append(f"{split} {key}: {got} != {value}")
+                continue
+            family = f"{split}/{key}" if "/" not in key else f"{split}/{key.split('/')[0]}/<slice>"  # a slice's: m/<group>
+            if family in tolerances and not abs(got - value) <= tolerances[family]:
+                failures.append(f"{split} {key}: {got} vs {value}, beyond {tolerances[family]}")
+    if abs(cell["train_losses"][0] - reference["train_losses"][0]) > FIRST_LOSS_TOLERANCE:
+        failures.append(f"first training loss {cell['train_losses'][0]} vs {reference['train_losses'][0]}, beyond {FIRST_LOSS_TOLERANCE}")
+    return failures
+
+
+def kernel_tolerances():
+    summary = json.load(open(KERNELS))["summary"]
+    return {key: value["tolerance"] for part in ("overall_metrics", "slice_metric_families") for key, value in summary[part].items()}
+
+
+def test_the_reproduction_rule_is_exact_on_the_same_kernels_and_tolerant_elsewhere():
+    machine = {"cpu_vendor": "GenuineIntel", "cpu_model": "Xeon", "cpu_family_model_stepping": ["6", "167", "1"],
+               "machine": "x86_64", "torch_cpu_capability": "AVX512", "torch_threads": 1, "kernel_env": {}, "libraries": {"torch": "2.13.0"}}
+    reference = {"machine": machine, "best_epoch": 3, "epochs_trained": 3, "train_losses": [521.88, 400.1, 380.2],
+                 "valid_result": {"ndcg@10": 0.0465, "users/head": 563}, "test_result": {"ndcg@10": 0.0477}}
+    tolerances = {"valid_result/ndcg@10": 0.01, "test_result/ndcg@10": 0.03}
+    assert reproduction_failures(dict(reference), reference, tolerances) == []
+    moved = {**reference, "test_result": {"ndcg@10": 0.0478}}  # a last-digit move on the same kernels fails
+    assert reproduction_failures(moved, reference, tolerances) == ["test_result: {'ndcg@10': 0.0478} != {'ndcg@10': 0.0477} (same kernels)"]
+    amd = {**machine, "cpu_vendor": "AuthenticAMD", "cpu_family_model_stepping": ["25", "17", "1"], "kernel_env": {"OPENBLAS_CORETYPE": "Haswell"}}
+    assert not same_kernels(amd, machine) and not same_kernels({**machine, "torch_threads": 2}, machine)
+    other = {**moved, "machine": amd, "best_epoch": 2, "train_losses": [521.95, 401.0, 379.0]}
+    assert reproduction_failures(other, reference, tolerances) == []  # another machine: within the measured spread
+    broken = {**other, "train_losses": [522.5, 401.0, 379.0], "valid_result": {"ndcg@10": 0.03, "users/head": 560}}
+    assert reproduction_failures(broken, reference, tolerances) == [
+        "valid_result ndcg@10: 0.03 vs 0.0465, beyond 0.01",
+        "valid_result users/head: 560 != 563",
+        "first training loss 522.5 vs 521.88, beyond 0.15",
+    ]
+
+
+def test_the_committed_repro_cell_is_reproduced(tmp_path):
+    """``results/ml-100k-repro`` (``python run_compare.py --models FastSASRec --dataset ml-100k --seeds 1 --epochs 3
+    --threads=1 --output_dir results/ml-100k-repro``, RecBole's shipped ml-100k) is reproduced by the current code: bit
+    for bit on a machine with the reference's float kernels, within the measured cross-kernel spread elsewhere. A
+    change that moves a trajectory fails here and says to rerun the committed results."""
+    committed = cell_json(os.path.join(REPO, "results", "ml-100k-repro"), "FastSASRec", 2020)
     settings = committed["settings"]
     result = run_compare(
         models=[settings["model"]], dataset=settings["dataset"], seeds=[settings["seed"]], overrides=settings["overrides"],
@@ -250,10 +292,9 @@ def test_the_committed_repro_cell_is_reproduced_exactly(tmp_path):
     )
     cell = result["cells"]["FastSASRec-seed2020"]
     assert cell["status"] == "ok", cell.get("error")
-    assert cell["settings"] == settings
-    got = {key: cell[key] for key in ("best_epoch", "epochs_trained", "valid_result", "test_result")}
-    expected = {key: committed[key] for key in got}
-    assert got == expected, "the committed results no longer reproduce: rerun them (run_compare reruns changed-code cells)"
+    assert cell["settings"] == settings and cell["machine"]["torch_threads"] == 1
+    failures = reproduction_failures(cell, committed, kernel_tolerances())
+    assert failures == [], "the committed results no longer reproduce: rerun them (run_compare reruns changed-code cells)"
 
 
 def test_a_cell_killed_without_notice_continues_from_its_resume_state(walk_root, tmp_path):

@@ -4,26 +4,37 @@ import os
 import platform
 from importlib import metadata
 
-# Environment variables that change which float kernels run (torch's vectorised ops, MKL's and OpenBLAS's BLAS)
-KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# Environment variables that change which float kernels run: torch's vectorised ops, MKL's BLAS, oneDNN's JIT
+# kernels (torch's GELU), numpy's OpenBLAS
+KERNEL_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)
+CPUINFO_KEYS = ("vendor_id", "model name", "cpu family", "model", "stepping")
 LIBRARIES = ("torch", "numpy", "recbole", "faiss-cpu", "sentence-transformers")
 
 
 def _cpuinfo():
-    """``vendor_id`` and ``model name`` of the first processor in /proc/cpuinfo (empty off Linux)."""
+    """The CPUINFO_KEYS of the first processor in /proc/cpuinfo (empty off Linux): a model name alone may be generic
+    ("Intel(R) Xeon(R) Processor"), its family, model and stepping are not."""
     found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("vendor_id", "model name") and key not in found:
+                if key in CPUINFO_KEYS and key not in found:
                     found[key] = value.strip()
-                if len(found) == 2:
+                if not line.strip() and found:  # the end of the first processor's block
                     break
     except OSError:
         pass
-    return found.get("vendor_id") or platform.processor() or "", found.get("model name") or ""
+    return found
 
 
 def machine_fingerprint():
@@ -31,7 +42,7 @@ def machine_fingerprint():
     settings, the threads and the library versions a result was computed with."""
     import torch
 
-    vendor, model = _cpuinfo()
+    cpu = _cpuinfo()
     versions = {}
     for name in LIBRARIES:
         try:
@@ -39,8 +50,9 @@ def machine_fingerprint():
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "cpu_vendor": vendor,
-        "cpu_model": model,
+        "cpu_vendor": cpu.get("vendor_id") or platform.processor(),
+        "cpu_model": cpu.get("model name", ""),
+        "cpu_family_model_stepping": [cpu.get("cpu family"), cpu.get("model"), cpu.get("stepping")],
         "machine": platform.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
@@ -52,5 +64,6 @@ def machine_fingerprint():
 
 def same_kernels(a, b):
     """Whether two fingerprints describe the same float kernels: every key equal (a missing key never matches)."""
-    keys = ("cpu_vendor", "cpu_model", "machine", "torch_cpu_capability", "torch_threads", "kernel_env", "libraries")
+    keys = ("cpu_vendor", "cpu_model", "cpu_family_model_stepping", "machine", "torch_cpu_capability", "torch_threads",
+            "kernel_env", "libraries")
     return all(key in a and key in b and a[key] == b[key] for key in keys)

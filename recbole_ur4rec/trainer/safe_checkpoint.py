@@ -6,7 +6,7 @@ refuses. This mixin writes two files per run:
 - ``<model>-<time>.pth``: the best model so far (weights, the user's config, training state);
 - ``<model>-<time>-last.pth``: the state after the latest validation, including the best weights and their metrics
   (``run_best_score``, ``run_best_result``), every random number generator and the run's validations so far
-  (``run_validations``), so ``--resume`` continues exactly where the run stopped and a resumed Ray Tune trial can
+  (``run_validations``: epoch, training loss, validation score and metrics, seconds), so ``--resume`` continues exactly where the run stopped and a resumed Ray Tune trial can
   report its earlier validations again. Its ``best_valid_score``/``best_valid_result`` are what early stopping
   continues from: a staged trainer's are its stage's.
 """
@@ -24,6 +24,13 @@ from recbole.utils import set_color
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.evaluation.slices import EvaluatedRows, batch_rows, slice_masks, slice_results
+
+
+def _plain_loss(loss):
+    """A training epoch's loss as RecBole records it (a number, or a tuple of the loss's parts) as plain data."""
+    if loss is None:
+        return None
+    return [float(part) for part in loss] if isinstance(loss, tuple) else float(loss)
 
 
 def plain_data(value, key="config"):
@@ -173,6 +180,7 @@ class SafeCheckpointMixin:
             {
                 "epoch": self._run_epoch(epoch_idx),
                 "score": float(valid_score),
+                "train_loss": _plain_loss(self.train_loss_dict.get(epoch_idx)),  # the epoch's, before this validation
                 "result": plain_data(self.last_valid_result or {}, "valid_result"),
                 "seconds": round(self._seconds_before + time.monotonic() - self._clock, 3),
             }
