@@ -143,9 +143,10 @@ def test_every_study_folder_with_cells_has_a_section():
     assert [s for s in studies if "/".join(s.split("/")[:2]) + "/" not in headings] == []
 
 
-def test_page_counts_every_cell_and_every_cell_without_a_code_version():
-    total, without = build_page.all_cells(REPO)
+def test_page_counts_every_cell_every_cell_without_a_code_version_and_those_with_a_machine():
+    total, without, machines = build_page.all_cells(REPO)
     with open(os.path.join(REPO, build_page.OUTPUT), encoding="utf-8") as f:
         page = f.read()
     assert f"Of the {total} cells under `results/`, {without} record no code" in page
+    assert 1 <= machines < total and f"{machines} of the {total} cells do" in " ".join(page.split())
     assert page.count(build_page.NOT_RECORDED) > 1
