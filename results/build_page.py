@@ -636,29 +636,22 @@ def table_machine(root, args):
     return markdown_table(["cell", "CPU", "torch CPU kernels", "threads", "kernel settings", "torch"], body)
 
 
+# @table kinds: those that read the fragment's lines below the @table line (and the cache), and those that read only
+# their arguments (files)
+TABLES_OF_LINES = {"cells": table_cells, "paired": table_paired, "searches": table_searches}
+TABLES_OF_FILES = {"file": table_file, "backbone": table_backbone, "ftragrec_cost": table_ftragrec_cost,
+                   "federated_scaling": table_federated_scaling, "llm_texts": table_llm_texts, "machine": table_machine}
+
+
 def render_table(root, kind, args, lines, cache):
-    if kind == "cells":
-        return table_cells(root, lines, cache)
-    if kind == "paired":
-        return table_paired(root, lines, cache)
+    if kind in TABLES_OF_LINES:
+        return TABLES_OF_LINES[kind](root, lines, cache)
+    if kind in TABLES_OF_FILES:
+        return TABLES_OF_FILES[kind](root, args)
     if kind == "compare":
         return table_compare(root, lines, cache, ratio="ratio" in args)
-    if kind == "searches":
-        return table_searches(root, lines, cache)
-    if kind == "file":
-        return table_file(root, args)
-    if kind == "backbone":
-        return table_backbone(root, args)
     if kind == "ftragrec_dual":
         return table_ftragrec_dual(root, args, cache)
-    if kind == "ftragrec_cost":
-        return table_ftragrec_cost(root, args)
-    if kind == "federated_scaling":
-        return table_federated_scaling(root, args)
-    if kind == "llm_texts":
-        return table_llm_texts(root, args)
-    if kind == "machine":
-        return table_machine(root, args)
     raise PageError(f"@table {kind}: unknown kind")
 
 
