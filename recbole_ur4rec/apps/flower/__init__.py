@@ -1,12 +1,14 @@
 """FedDMMR's federated rounds on Flower's deployment runtime: partitions on SuperNodes, separate processes or machines.
 
-Modules: :mod:`.engine` (:class:`FlowerNodes`, the server's side of a round and of an evaluation, and the
-:class:`FlowerSession` it runs in), :mod:`.server_app` (the ServerApp: the whole RecBole run, on a partitioned
-dataset's ``server/`` and ``items/`` only), :mod:`.client_app` (the ClientApp on every SuperNode: one partition's
+The applications: :mod:`.server_app` (the ServerApp: the whole RecBole run, on a partitioned dataset's ``server/``
+and ``items/`` only), :mod:`.client_app` (the ClientApp on every SuperNode: one partition's
 :class:`~recbole_ur4rec.federated.node.Node`, served by :mod:`.node_service` in the ClientApp's process or in the
-SuperNode's long-lived node worker, :mod:`.worker`), :mod:`.secagg` (SecAgg+ rounds) and :mod:`.local`
-(:class:`LocalFederation`, a loopback runtime with TLS and SuperNode authentication for tests and benchmarks).
-Importing this package imports no Flower module.
+SuperNode's long-lived node worker, :mod:`.worker`) and :mod:`.loopback` (:class:`LocalFederation`, a loopback runtime
+with TLS and SuperNode authentication for tests and benchmarks); ``app/`` is the Flower App that ``flwr run`` starts.
+The server's side of a round and of an evaluation (:class:`~recbole_ur4rec.federated.flower_nodes.FlowerNodes`, the
+:class:`~recbole_ur4rec.federated.flower_nodes.FlowerSession` it runs in) and SecAgg+ rounds
+(:mod:`recbole_ur4rec.federated.secagg`) are part of the federated core that the trainer uses. Importing this package
+imports no Flower module.
 
 ``federated_engine: flower`` with ``federation_dir`` (a partition written by ``python -m
 recbole_ur4rec.apps.partition_dataset``) makes the RecBole run inside the ServerApp the server of the federation:
