@@ -20,7 +20,7 @@ from ur4rec_fixtures import NO_TEXT_ITEM, item_token, ur4rec_config, write_genre
 from recbole_ur4rec.common.checkpoint_io import load_checkpoint
 from recbole_ur4rec.model import UR4Rec
 from recbole_ur4rec.model.layers import SampledCandidates, ranking_loss, supervised_positions, view_info_nce
-from recbole_ur4rec.quick_start import run_recbole_ur4rec
+from recbole_ur4rec.quick_start import load_data_and_model, run_recbole_ur4rec
 from recbole_ur4rec.registry import get_model, get_trainer
 from recbole_ur4rec.trainer import UR4RecTrainer
 from recbole_ur4rec.trainer.staged_trainer import Alternator
@@ -210,8 +210,9 @@ def test_contrastive_other_windows_of_the_same_user_are_not_negatives():
     assert not torch.allclose(view_info_nce(anchors, positives, temperature=0.1), expected, atol=1e-3)
 
 
-def test_items_and_users_without_text_never_read_other_rows(settings):
-    config, model, _, valid_data, _ = build(settings, hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+@pytest.mark.parametrize("design", ["modality", "experts"])
+def test_items_and_users_without_text_never_read_other_rows(settings, design):
+    config, model, _, valid_data, _ = build(settings, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, moe_design=design)
     model.eval()
     model.set_objective("retriever")
     retriever = model.retriever
@@ -220,7 +221,10 @@ def test_items_and_users_without_text_never_read_other_rows(settings):
     assert not retriever.text_mask[no_text] and retriever.text_mask[1:].sum() == model.n_items - 2
     batch = next(iter(valid_data))[0]
     scores = model.full_sort_predict(batch)
-    assert torch.all(scores[:, no_text] == 0), "an item with no modality is scored by none"
+    if design == "modality":
+        assert torch.all(scores[:, no_text] == 0), "an item with no modality is scored by none"
+    else:  # the item-ID expert scores it (it has training interactions), the text experts do not
+        assert retriever.id_mask[no_text] and torch.all(scores[:, no_text] != 0)
 
     # the feature row of an item without text is never read; an item's row changes only its own scores
     retriever.text_features[no_text] = torch.randn(retriever.text_features.size(1))
@@ -246,6 +250,7 @@ def test_image_modality_trains_and_an_item_without_an_image_keeps_its_text_score
     )
     retriever = model.retriever
     assert retriever.modalities == ["text", "image"]
+    assert retriever.expert_names == ["user_preference", "item_description", "item_id", "image"]
     no_image = valid_data._dataset.token2id(valid_data._dataset.iid_field, no_image_token)
     assert not retriever.image_mask[no_image] and retriever.text_mask[no_image]
     batch = next(iter(train_data))
@@ -553,3 +558,24 @@ def test_learning_rate_is_refused_by_staged_models(settings, model_name):
     config, model, *_ = build_model(model_name, "genre", settings)
     trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)  # without it, the stages' own rates
     assert [stage.learning_rate for stage in trainer.stages] == [config["stage_learning_rate"][s.name] for s in trainer.stages]
+
+
+@pytest.mark.parametrize("moe_type", ["flat", "hierarchical"])
+def test_the_experts_router_routes_users_differently_after_training(settings, moe_type):
+    """The prototype's experts (user preference, item description, item ID) under a learned router: after training,
+    the router's weights at the last position differ across users, for each expert."""
+    result = run_recbole_ur4rec(
+        "UR4Rec", "genre",
+        config_dict={**settings, "moe_design": "experts", "moe_type": moe_type, "stages": ["pretrain_backbone", "pretrain_retriever"],
+                     "stage_epochs": {"pretrain_backbone": 2, "pretrain_retriever": 3}},
+    )
+    config, model, _, _, valid_data, _ = load_data_and_model(result["model_file"])
+    model.eval()
+    assert model.retriever.expert_names == ["user_preference", "item_description", "item_id"]  # no images here
+    weights = torch.cat([model.router_weights(batch[0]) for batch in valid_data])  # [users E]
+    assert weights.shape == (len(valid_data._dataset.inter_feat), 3)
+    assert torch.allclose(weights.sum(1), torch.ones(len(weights)))
+    spread = weights.max(0).values - weights.min(0).values  # per expert, over users
+    assert (spread > 0.01).all(), f"the router gives every user nearly the same weights: spread {spread.tolist()}"
+    if moe_type == "hierarchical":  # every expert has its own sub-experts and router, the user preference's included
+        assert all(len(model.retriever.experts[name].query_proj) == config["num_sub_experts"] for name in model.retriever.expert_names)

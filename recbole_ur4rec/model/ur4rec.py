@@ -40,6 +40,7 @@ from recbole_ur4rec.model.layers import (
     supervised_positions,
     view_info_nce,
 )
+from recbole_ur4rec.model.layers.retriever import DESIGNS, EXPERTS
 from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin, StagedModelMixin
 
 OBJECTIVES = ("backbone", "retriever", "fused")
@@ -106,6 +107,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         self.feature_fingerprint = stores_fingerprint({"user_text": stores["user_text"], **item_modalities})
         self.other_parameter_name = ["objective", "feature_fingerprint"]
         dim = config["retriever_dim"]
+        warm = training_counts(getattr(dataset, "training_split", dataset)).items > 0  # [n] items with training interactions
         self.retriever = PreferenceRetriever(
             hidden_size=config["hidden_size"],
             user_text=stores["user_text"],
@@ -117,6 +119,9 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             temperature=config["retriever_temperature"],
             memory_size=config["memory_size"],
             dropout=config["retriever_dropout"],
+            design=config["moe_design"],
+            experts=config["moe_experts"],
+            warm_items=warm,
         )
         self.fusion = ScoreFusion(
             config["fusion_type"], config["fusion_weight"], config["hidden_size"] + dim, config["fusion_calibration"]
@@ -127,7 +132,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         if config["cold_item_mapping"]:
             text = stores["item_text"]
             self.cold_mapping = torch.nn.Linear(text.features.size(1), config["hidden_size"])
-            unseen = training_counts(getattr(dataset, "training_split", dataset)).items == 0  # [n]
+            unseen = ~warm
             unseen[0] = False  # padding
             self.register_buffer("mapped_items", unseen & text.mask, persistent=False)  # [n] scored by the map
     def _check_config(self, config):
@@ -143,6 +148,10 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         _check(config, "fusion_weight", (int, float), low=0)
         _check(config, "ranking_loss_type", None, choices=RANKING_LOSSES)
         _check(config, "moe_type", None, choices=MOE_TYPES)
+        _check(config, "moe_design", None, choices=DESIGNS)
+        experts = config["moe_experts"]
+        if not isinstance(experts, list) or not experts or any(name not in EXPERTS for name in experts) or len(set(experts)) < len(experts):
+            raise ValueError(f"config key 'moe_experts' must be a non-empty list of distinct experts among {', '.join(EXPERTS)}, got {experts!r}")
         _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
         _check(config, "use_image", None, choices=(True, False))
         _check(config, "cold_item_mapping", None, choices=(True, False))
@@ -260,14 +269,14 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             )
             if self.memory_bank is not None and self.training:
                 self.memory_bank.push(user_view[has_text])
-        keys = retrieved["keys"]
-        if len(keys) > 1:  # text and image keys of the target items that have both
-            both = self.retriever.item_mask()[:, targets].all(0)  # [N]
+        content = self.retriever.content_keys(retrieved["keys"])
+        if content is not None:  # text and image keys of the target items that have both
+            both = self.retriever.text_mask[targets] & self.retriever.image_mask[targets]  # [N]
             if both.any():
                 columns = target_columns[both]
-                text, image = keys["text"][0, columns], keys["image"][0, columns]  # [N' D]
+                text, image = content[0][0, columns], content[1][0, columns]  # [N' D]
                 consistency = consistency + (1 - torch.cosine_similarity(text, image, dim=-1)).mean()
-        routers = [retrieved["modality_weights"], *retrieved["sub_weights"].values()]
+        routers = [retrieved["expert_weights"], *retrieved["sub_weights"].values()]
         return {
             "consistency": consistency,
             "contrastive": contrastive,
@@ -295,15 +304,25 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
     def full_sort_predict(self, interaction):
         return self._scores(interaction)  # [B n]
 
-    @torch.no_grad()
-    def routing(self, interaction):
-        """Mean fusion weight, modality and sub-expert weights at the last positions of ``interaction`` (for logs)."""
+    def _retrieve_last(self, interaction):
+        """The last sequence states [B H] of ``interaction`` and the retriever's output there."""
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         last = self.backbone.gather_last(self.forward(interaction[self.ITEM_SEQ], item_seq_len), item_seq_len)
-        retrieved = self.retriever(last, interaction[self.USER_ID])
+        return last, self.retriever(last, interaction[self.USER_ID])
+
+    @torch.no_grad()
+    def router_weights(self, interaction):
+        """The router's expert weights at the last position of every row of ``interaction``: [B E], columns in the
+        order of ``retriever.expert_names``."""
+        return self._retrieve_last(interaction)[1]["expert_weights"]
+
+    @torch.no_grad()
+    def routing(self, interaction):
+        """Mean fusion weight, expert and sub-expert weights at the last positions of ``interaction`` (for logs)."""
+        last, retrieved = self._retrieve_last(interaction)
         weights = {"fusion": self.fusion.weight(torch.cat([last, retrieved["query"]], dim=-1)).mean().item()}
-        for m, name in enumerate(self.retriever.modalities):
-            weights[f"modality/{name}"] = retrieved["modality_weights"][:, m].mean().item()
+        for e, name in enumerate(self.retriever.expert_names):
+            weights[f"router/{name}"] = retrieved["expert_weights"][:, e].mean().item()
             for s, value in enumerate(retrieved["sub_weights"][name].mean(0).tolist()):
-                weights[f"expert/{name}/{s}"] = value
+                weights[f"sub_expert/{name}/{s}"] = value
         return weights

@@ -1,10 +1,19 @@
-"""The preference retriever: scores every item by matching a user's preference against item modality features.
+"""The preference retriever: scores every item by a mixture of experts over the user's preference and the items.
 
-The query of a position is the sum of projections of its sequence state, of the user's preference-text
-embedding (a learned vector for users without text) and, optionally, of the mean of the user's recent states
-(memory). Each item modality (text, image) has a :class:`~recbole_ur4rec.model.layers.moe.ModalityExperts`;
-a cross-modal router mixes their scores, and an item without a modality is scored by the others only: its
-row of that modality is never read.
+Two designs (``moe_design``):
+
+- ``experts`` (the prototype's): one expert per source of evidence, each a
+  :class:`~recbole_ur4rec.model.layers.moe.ModalityExperts`: ``user_preference`` matches the user's preference-text
+  embedding against the item descriptions, ``item_description`` the sequence state against the item descriptions,
+  ``item_id`` the sequence state against learned item-ID keys (items with training interactions only) and
+  ``image`` the sequence state against the item images (when there are images). A router on the joint query (the
+  sequence state, the user's preference text and the optional memory) mixes their scores per position.
+- ``modality``: one expert per item modality (text, image), all reading the joint query; the user's preference text
+  enters through the query only.
+
+The sequence side is the projected sequence state plus, optionally, the mean of the user's recent states (memory);
+users without text get a learned vector. An item is scored by the experts that have its evidence (its text, image
+or training interactions): the rows of the others are never read.
 """
 import torch
 from torch import nn
@@ -35,22 +44,31 @@ class UserMemory(nn.Module):
         self.count[users] += 1
 
 
+DESIGNS = ("experts", "modality")
+EXPERTS = ("user_preference", "item_description", "item_id", "image")
+EXPERT_EVIDENCE = {"user_preference": "text", "item_description": "text", "item_id": "id", "image": "image"}
+
+
 class PreferenceRetriever(nn.Module):
     """Multi-modal, mixture-of-experts preference retriever.
 
     Args:
         hidden_size (int): size of the sequence states.
         user_text (AlignedFeatures): user preference-text store (features + mask over user ids).
-        item_modalities (dict): modality name -> AlignedFeatures over item ids.
-        dim (int): retriever size ``D``; n_sub, n_heads, n_proxies: experts per modality, proxy heads, proxies per head.
+        item_modalities (dict): modality name (``text``, ``image``) -> AlignedFeatures over item ids.
+        dim (int): retriever size ``D``; n_sub, n_heads, n_proxies: sub-experts per expert, proxy heads, proxies per head.
         temperature (float): divides the cosine scores.
         memory_size (int): recent states kept per user; 0 disables the memory.
         dropout (float): dropout on the frozen features before their projections.
+        design (str): ``experts`` or ``modality`` (module docstring).
+        experts (list of str): ``design: experts``: the experts among EXPERTS (``image`` only where there are images).
+        warm_items (torch.Tensor): ``item_id`` expert: bool [n], the items with training interactions.
     """
 
-    def __init__(self, hidden_size, user_text, item_modalities, dim, n_sub, n_heads, n_proxies, temperature, memory_size, dropout):
+    def __init__(self, hidden_size, user_text, item_modalities, dim, n_sub, n_heads, n_proxies, temperature, memory_size,
+                 dropout, design="modality", experts=EXPERTS, warm_items=None):
         super().__init__()
-        self.temperature = temperature
+        self.temperature, self.design = temperature, design
         self.modalities = list(item_modalities)
         # frozen features: recomputable from the feature cache, so not part of the state dict (see UR4Rec's NOTE)
         self.register_buffer("user_features", user_text.features, persistent=False)
@@ -64,64 +82,106 @@ class PreferenceRetriever(nn.Module):
         self.memory = UserMemory(user_text.features.size(0), memory_size, hidden_size) if memory_size else None
         self.memory_proj = nn.Linear(hidden_size, dim) if memory_size else None
         self.query_norm = nn.LayerNorm(dim)
+        if design == "modality":
+            self.expert_names = list(self.modalities)
+            self.evidence = {name: name for name in self.modalities}
+            self.experts = nn.ModuleDict(
+                {
+                    name: ModalityExperts(dim, store.dim, dim, n_sub, n_heads, n_proxies, dropout)
+                    for name, store in item_modalities.items()
+                }
+            )
+            self.modality_router = Router(dim, len(self.modalities))
+            return
+        self.expert_names = [name for name in experts if EXPERT_EVIDENCE[name] != "image" or "image" in item_modalities]
+        if not self.expert_names:
+            raise ValueError(f"config key 'moe_experts' names no expert this data has (text only, no images): {list(experts)}")
+        self.evidence = {name: EXPERT_EVIDENCE[name] for name in self.expert_names}
+        if "id" in self.evidence.values():
+            self.id_keys = nn.Embedding(item_modalities["text"].features.size(0), dim)
+            nn.init.normal_(self.id_keys.weight, std=0.02)
+            self.register_buffer("id_mask", warm_items.clone(), persistent=False)
+        feature_dim = {name: store.dim for name, store in item_modalities.items()}
+        feature_dim["id"] = dim
         self.experts = nn.ModuleDict(
             {
-                name: ModalityExperts(dim, store.dim, dim, n_sub, n_heads, n_proxies, dropout)
-                for name, store in item_modalities.items()
+                name: ModalityExperts(dim, feature_dim[self.evidence[name]], dim, n_sub, n_heads, n_proxies, dropout)
+                for name in self.expert_names
             }
         )
-        self.modality_router = Router(dim, len(self.modalities))
+        self.sequence_norm, self.user_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.expert_router = Router(dim, len(self.expert_names))
 
     def user_view(self, users):
         """Projected preference text of ``users`` [B] -> [B D]; users without text get ``missing_user``."""
         has_text = self.user_mask[users].unsqueeze(-1)  # [B 1]
         return torch.where(has_text, self.user_proj(self.user_features[users]), self.missing_user)
 
+    def _evidence(self, name):
+        """Features [n d] and mask [n] of an evidence source: ``text``, ``image`` or ``id``."""
+        if name == "id":
+            return self.id_keys.weight, self.id_mask
+        return getattr(self, f"{name}_features"), getattr(self, f"{name}_mask")
+
     def item_mask(self):
-        """Which items have each modality: [M n] bool."""
-        return torch.stack([getattr(self, f"{name}_mask") for name in self.modalities])
+        """Which items each expert scores: [E n] bool."""
+        return torch.stack([self._evidence(self.evidence[name])[1] for name in self.expert_names])
 
     def forward(self, states, users, items=None):
         """Retriever scores of all items, or of the candidate ``items`` [K] only (then every ``n`` below reads ``K``),
         for sequence states ``states`` [B L H] (or [B H]) of ``users`` [B].
 
         Returns:
-            dict: ``scores`` [.. n] (cosine mixtures / temperature), ``query`` [.. D], ``user_view`` [B D],
-            ``modality_weights`` [.. M], ``sub_weights`` {modality: [.. S]}, ``expert_queries`` [.. E D] (every
-            sub-expert of every modality), ``keys`` {modality: [S n D]}.
+            dict: ``scores`` [.. n] (cosine mixtures / temperature), ``query`` [.. D] (the joint query),
+            ``user_view`` [B D], ``expert_weights`` [.. E], ``sub_weights`` {expert: [.. S]}, ``expert_queries``
+            [.. E*S D] (every sub-expert of every expert), ``keys`` {expert: [S n D]}.
         """
         extra = (1,) * (states.dim() - 2)  # broadcast user-level vectors over positions
         user_view = self.user_view(users)  # [B D]
-        query = self.state_proj(states) + user_view.view(user_view.size(0), *extra, -1)  # [.. D]
+        sequence = self.state_proj(states)  # [.. D]
         if self.memory is not None:
             memory = self.memory_proj(self.memory.read(users))  # [B D]
-            query = query + memory.view(memory.size(0), *extra, -1)
-        query = self.query_norm(query)  # [.. D]
+            sequence = sequence + memory.view(memory.size(0), *extra, -1)
+        user = user_view.view(user_view.size(0), *extra, -1)  # [B 1.. D]
+        query = self.query_norm(sequence + user)  # [.. D]
+        if self.design == "modality":
+            router, expert_query = self.modality_router, {name: query for name in self.expert_names}
+        else:
+            sequence_query, user_query = self.sequence_norm(sequence), self.user_norm(user).expand_as(query)
+            router = self.expert_router
+            expert_query = {name: user_query if name == "user_preference" else sequence_query for name in self.expert_names}
 
-        modality_weights = self.modality_router(query)  # [.. M]
-        item_mask = self.item_mask().float()  # [M n]
+        expert_weights = router(query)  # [.. E]
+        item_mask = self.item_mask().float()  # [E n]
         if items is not None:
-            item_mask = item_mask[:, items]  # [M K]
+            item_mask = item_mask[:, items]  # [E K]
         numerator, sub_weights, expert_queries, keys = 0, {}, [], {}
-        for m, name in enumerate(self.modalities):
-            features = getattr(self, f"{name}_features")  # [n d]
+        for e, name in enumerate(self.expert_names):
+            features = self._evidence(self.evidence[name])[0]  # [n d]
             if items is not None:
                 features = features[items]  # [K d]
-            scores, sub_weights[name], queries, keys[name] = self.experts[name](query, features)  # [.. n]
+            scores, sub_weights[name], queries, keys[name] = self.experts[name](expert_query[name], features)  # [.. n]
             expert_queries.append(queries)
-            numerator = numerator + modality_weights[..., m : m + 1] * item_mask[m] * scores
-        # each item is scored by the modalities it has; an item with none scores 0
-        denominator = modality_weights @ item_mask  # [.. n]
+            numerator = numerator + expert_weights[..., e : e + 1] * item_mask[e] * scores
+        # each item is scored by the experts that have its evidence; an item with none scores 0
+        denominator = expert_weights @ item_mask  # [.. n]
         scores = numerator / denominator.clamp(min=1e-6) / self.temperature  # [.. n]
         return {
             "scores": scores,
             "query": query,
             "user_view": user_view,
-            "modality_weights": modality_weights,
+            "expert_weights": expert_weights,
             "sub_weights": sub_weights,
-            "expert_queries": torch.cat(expert_queries, dim=-2),  # [.. E D]
+            "expert_queries": torch.cat(expert_queries, dim=-2),  # [.. E*S D]
             "keys": keys,
         }
+
+    def content_keys(self, keys):
+        """(text keys, image keys) [S n D] of the experts that read the item descriptions and the images, or None
+        when one of them is missing (the modality consistency of text and image keys)."""
+        text = next((keys[name] for name in self.expert_names if self.evidence[name] == "text" and name != "user_preference"), None)
+        image = next((keys[name] for name in self.expert_names if self.evidence[name] == "image"), None)
+        return None if text is None or image is None else (text, image)
 
     def state_view(self, states):
         """Projected sequence states [.. H] -> [.. D], the sequence side of the user-view consistency."""
