@@ -23,6 +23,7 @@ from recbole_ur4rec.evaluation.slices import row_metrics
 from recbole_ur4rec.index.retrieval_memory import RetrievalMemory
 from recbole_ur4rec.model import FTRagRec
 from recbole_ur4rec.model.ftragrec import ALIGNMENTS, FUSIONS, alignment_loss
+from recbole_ur4rec.model.layers import position_loss, supervised_positions
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 from recbole_ur4rec.registry import get_model, get_trainer
 from recbole_ur4rec.trainer import FTRagRecTrainer
@@ -602,3 +603,95 @@ def test_learns_the_sequential_pattern(settings, duorec_file):
     )
     untrained = untrained_test_ndcg10("FTRagRec", "tiny", settings)  # no warm start, no training
     assert result["test_result"]["ndcg@10"] > 0.5 and result["test_result"]["ndcg@10"] > 4 * untrained
+
+
+# ---- schedules ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_alpha_grows_and_the_enhanced_weight_ramps_over_the_retrieval_stages(settings, fusion):
+    """alpha moves linearly from alpha to alpha_end, and the enhanced loss's weight from enhanced_rec_weight_start to
+    enhanced_rec_weight, over the retrieval stages' scheduled steps; both follow the checkpoint."""
+    trainer, model, train_data, valid_data, _ = trainer_for(
+        settings, stages=["retriever", "finetune"], stage_epochs={"retriever": 2, "finetune": 2}, fusion=fusion,
+        alpha=0.1, alpha_end=0.3, enhanced_rec_weight=0.5, enhanced_rec_weight_start=0.1,
+    )
+    seen = []
+    original = model.loss_terms
+
+    def loss_terms(interaction):
+        seen.append((model.schedule_progress, model.fusion.alpha, trainer.loss_weights()["enhanced"]))
+        return original(interaction)
+
+    model.loss_terms = loss_terms
+    trainer.fit(train_data, valid_data, saved=True)
+    steps = 4 * len(train_data)
+    progress, alphas, weights = map(list, zip(*seen))
+    assert progress == [step / steps for step in range(steps)]
+    assert alphas == pytest.approx([0.1 + 0.2 * p for p in progress]) and weights == pytest.approx([0.1 + 0.4 * p for p in progress])
+    interaction = next(iter(train_data))
+    if fusion == "gate":  # the gate's weights shift with alpha's logit: at the end alpha = 0.3 for a gate still at its start
+        model.set_schedule_progress(0.0)
+        start = model.retrieve(*_query(model, interaction))["weight"]
+        model.set_schedule_progress(1.0)
+        end = model.retrieve(*_query(model, interaction))["weight"]
+        shift = math.log(0.3 / 0.7) - math.log(0.1 / 0.9)
+        assert torch.allclose(torch.logit(end), torch.logit(start) + shift, atol=1e-4)
+    elif fusion == "fixed":
+        model.set_schedule_progress(1.0)
+        assert torch.allclose(model.retrieve(*_query(model, interaction))["weight"][model.retrieve(*_query(model, interaction))["has"]], torch.tensor(0.3))
+    # the best checkpoint keeps the schedule's point: a reloaded model predicts with the alpha of its epoch
+    state = load_checkpoint(trainer.saved_model_file)
+    _, reloaded, _, _, _ = build(settings, fusion=fusion, alpha=0.1, alpha_end=0.3)
+    reloaded.load_other_parameter(state["other_parameter"])
+    assert reloaded.schedule_progress == state["other_parameter"]["schedule_progress"] > 0
+    assert reloaded.fusion.alpha == pytest.approx(0.1 + 0.2 * reloaded.schedule_progress)
+
+
+def _query(model, interaction):
+    hidden = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
+    states, _, users = supervised_positions(model, interaction, hidden)
+    return states[:32].detach(), users[:32], torch.zeros_like(users[:32])
+
+
+def test_the_enhanced_loss_counts_only_queries_with_good_enough_neighbours(settings):
+    _, model, train_data, _, _ = build(settings, enhanced_quality_threshold=0.0, retrieval_max_positions=10_000)
+    interaction = next(iter(train_data))
+    torch.manual_seed(0)
+    out = model.retrieve(*_query(model, interaction))
+    assert out["has"].any()
+    # a threshold above every query's quality leaves no query: the enhanced term is 0 and reaches nothing
+    model.enhanced_quality_threshold = float(out["quality"].max()) + 1.0
+    terms = model.loss_terms(interaction)
+    assert terms["enhanced"] == 0 and not terms["enhanced"].requires_grad
+    # at the median quality: the term is the enhanced loss of the queries at or above it only (no dropout)
+    model.eval()
+    hidden = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
+    states, targets, users = supervised_positions(model, interaction, hidden)
+    everything = model.retrieve(states, users, torch.zeros_like(users))
+    threshold = float(everything["quality"].median())
+    keep = everything["has"] & (everything["quality"] >= threshold)
+    expected = position_loss(everything["enhanced"][keep], targets[keep], model.backbone.item_embedding.weight, model.loss_type, model.neg_sample_num)
+    model.enhanced_quality_threshold = threshold  # retrieval_max_positions covers every position
+    assert torch.allclose(model.loss_terms(interaction)["enhanced"], expected, atol=1e-5)
+    assert 0 < keep.sum() < len(keep)
+
+
+@pytest.mark.parametrize("knowledge_targets", ["direct", "encoded", "learned"])
+def test_knowledge_targets_decide_the_direct_path_of_the_neighbours_next_items(settings, knowledge_targets):
+    """'direct' adds the neighbours' target embeddings to the knowledge, 'encoded' lets them in through the encoder only
+    (so the knowledge comes from the similar sequences), 'learned' adds them with a learned weight."""
+    _, model, train_data, _, _ = build(settings, knowledge_targets=knowledge_targets, retriever_dropout=0.0,
+                                       hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    model.eval()
+    fusion = model.fusion
+    q, k = 5, 4
+    states, keys = torch.randn(q, 16), torch.randn(q, k, 16)
+    targets, similarity, mask = torch.randn(q, k, 16), torch.rand(q, k), torch.ones(q, k, dtype=torch.bool)
+    base = fusion(states, keys, targets, similarity, mask, 0.1)["knowledge"]
+    # the direct path is linear in the target embeddings' contribution: what it adds is known exactly
+    x = fusion.encode(fusion.neighbour_proj(torch.cat([keys, targets], dim=-1)), mask)
+    attention = torch.softmax(torch.nn.functional.cosine_similarity(fusion.query_proj(states).unsqueeze(1), x, dim=-1) / 0.1, -1)
+    encoded_only = (attention.unsqueeze(-1) * fusion.value_proj(x)).sum(1)
+    direct = (attention.unsqueeze(-1) * targets).sum(1)
+    weight = {"direct": 1.0, "encoded": 0.0, "learned": 0.5}[knowledge_targets]
+    assert torch.allclose(base, encoded_only + weight * direct, atol=1e-5)
+    assert hasattr(fusion, "target_logit") == (knowledge_targets == "learned")

@@ -36,6 +36,7 @@ OBJECTIVES = ("backbone", "retrieval")
 FUSIONS = ("fixed", "dynamic", "gate")
 ALIGNMENTS = ("kl", "reverse_kl", "js", "none")
 ENCODERS = ("transformer", "mlp")
+KNOWLEDGE_TARGETS = ("direct", "encoded", "learned")
 EVERY_PAST_ENTRY = 2**62  # query position that lets the same user's training entries (all in its past) be retrieved
 
 
@@ -128,6 +129,10 @@ class FTRagRec(StagedModelMixin, DuoRec):
         }
         self.alignment = config["alignment"]
         self.alignment_quality_threshold = config["alignment_quality_threshold"]
+        self.enhanced_quality_threshold = config["enhanced_quality_threshold"]
+        # schedules over the retrieval stages (the trainer sets schedule_progress, in [0, 1], before every step)
+        self.alpha_end, self.enhanced_rec_weight_start = config["alpha_end"], config["enhanced_rec_weight_start"]
+        self.schedule_progress = 0.0
         self.temperature = float(config["retriever_temperature"])
         self.memory_batch_size = config["eval_batch_size"]
         self.objective, self.use_retrieval = "retrieval", True
@@ -142,6 +147,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
             fusion=config["fusion"],
             alpha=float(config["alpha"]),
             layer_norm_eps=config["layer_norm_eps"],
+            knowledge_targets=config["knowledge_targets"],
         )
         self.memory = RetrievalMemory(
             index_type=config["index_type"],
@@ -177,6 +183,12 @@ class FTRagRec(StagedModelMixin, DuoRec):
         _check(config, "compressed_nprobe", int, low=1)
         _check(config, "similarity_threshold", (int, float), optional=True)
         _check(config, "alignment_quality_threshold", (int, float), optional=True)
+        _check(config, "enhanced_quality_threshold", (int, float), optional=True)
+        _check(config, "knowledge_targets", None, choices=KNOWLEDGE_TARGETS)
+        _check(config, "enhanced_rec_weight_start", (int, float), low=0, optional=True)
+        end = _check(config, "alpha_end", (int, float), low=0, high=1, optional=True)
+        if end is not None and config["fusion"] == "gate" and not 0 < end < 1:
+            raise ValueError(f"config key 'alpha_end' must be in (0, 1) with fusion: gate, got {end!r}")
         _check(config, "retriever_dropout", (int, float), low=0, high=0.99)
         _check(config, "retriever_temperature", (int, float), low=0, low_open=True)
         _check(config, "enhanced_rec_weight", (int, float), low=0)
@@ -299,7 +311,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         memory = self.memory.state_dict()
         if memory is not None:  # the weights saved beside it: a memory between two refreshes lags behind them
             memory["saved_with"] = self.backbone_fingerprint()
-        return {"objective": self.objective, "memory": memory}
+        return {"objective": self.objective, "memory": memory, "schedule_progress": self.schedule_progress}
 
     def load_other_parameter(self, para):
         """Restore the objective and the saved memory, if it was saved with (or encoded by) the current weights;
@@ -308,6 +320,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         if not para:
             return
         self.set_objective(para.get("objective", self.objective))
+        self.set_schedule_progress(para.get("schedule_progress", 0.0))
         saved = para.get("memory")
         if saved is not None and self.backbone_fingerprint() in (saved["fingerprint"], saved.get("saved_with")):
             try:
@@ -344,9 +357,24 @@ class FTRagRec(StagedModelMixin, DuoRec):
         target_emb = self.backbone.item_embedding(targets[index])  # [Q k H]
         return self.fusion(states, neighbour_keys, target_emb, similarity, mask, self.temperature)
 
+    def set_schedule_progress(self, progress):
+        """Move the schedules to ``progress`` in [0, 1] of the retrieval stages' steps: alpha goes linearly from
+        ``alpha`` to ``alpha_end`` (the fixed weight, the dynamic weight's maximum, or the gate's logit shift), the
+        enhanced loss's weight from ``enhanced_rec_weight_start`` to ``enhanced_rec_weight``."""
+        self.schedule_progress = float(progress)
+        if self.alpha_end is not None:
+            self.fusion.alpha = self.fusion.start_alpha + (self.alpha_end - self.fusion.start_alpha) * self.schedule_progress
+
+    def current_loss_weights(self):
+        """``loss_weights`` with the enhanced loss's weight at the current point of its ramp."""
+        if self.enhanced_rec_weight_start is None:
+            return self.loss_weights
+        start, end = float(self.enhanced_rec_weight_start), self.loss_weights["enhanced"]
+        return {**self.loss_weights, "enhanced": start + (end - start) * self.schedule_progress}
+
     def loss_terms(self, interaction):
-        """Unweighted loss terms of the current objective (weights: ``loss_weights``); the mean retrieval ``quality``
-        and ``fusion_weight`` of the batch go to ``loss_diagnostics``."""
+        """Unweighted loss terms of the current objective (weights: ``current_loss_weights``); the mean retrieval
+        ``quality`` and ``fusion_weight`` of the batch go to ``loss_diagnostics``."""
         if self.objective == "backbone":
             self._loss_diagnostics = {}
             return {"backbone": DuoRec.calculate_loss(self, interaction)}
@@ -358,7 +386,14 @@ class FTRagRec(StagedModelMixin, DuoRec):
         states, targets, users = states[chosen], targets[chosen], users[chosen]
         # the user is excluded entirely: a training row does not say where its window starts in the history
         out = self.retrieve(states, users, torch.zeros_like(users))
-        terms["enhanced"] = position_loss(out["enhanced"], targets, item_weight, self.loss_type, self.neg_sample_num)
+        if self.enhanced_quality_threshold is None:
+            terms["enhanced"] = position_loss(out["enhanced"], targets, item_weight, self.loss_type, self.neg_sample_num)
+        else:  # only queries whose neighbours are similar enough train the enhanced representation
+            keep = out["has"] & (out["quality"] >= self.enhanced_quality_threshold)  # [M]
+            terms["enhanced"] = (
+                position_loss(out["enhanced"][keep], targets[keep], item_weight, self.loss_type, self.neg_sample_num)
+                if keep.any() else states.new_zeros(())
+            )
         if self.alignment != "none":
             weights = None
             if self.alignment_quality_threshold is not None:

@@ -7,9 +7,10 @@
    (``progressive_unfreezing``, ``unfreeze_every``), with differential learning rates (``stage_lr_scale``).
 
 In the retrieval stages the memory is refreshed at the start of an epoch on the ``refresh_every`` schedule (only
-re-encoded when the backbone changed), the attention temperature follows ``temperature_anneal``, and every
-evaluation also reports the metrics without retrieval (``dual_evaluation``); the with-retrieval score stays the
-validation score.
+re-encoded when the backbone changed), the attention temperature follows ``temperature_anneal``, alpha
+(``alpha_end``) and the enhanced loss's weight (``enhanced_rec_weight_start``) follow their schedules over the
+retrieval stages' steps, and every evaluation also reports the metrics without retrieval (``dual_evaluation``); the
+with-retrieval score stays the validation score.
 """
 import torch
 from recbole.utils import dict2str, set_color
@@ -46,6 +47,7 @@ class FTRagRecTrainer(StagedTrainer):
             raise ValueError(f"config key 'dual_evaluation' must be True or False, got {config['dual_evaluation']!r}")
         self.dual_evaluation = config["dual_evaluation"]
         self.retrieval_epoch, self.last_refresh, self.refresh_log = 0, None, []
+        self.retrieval_step = 0  # training steps of the retrieval objective so far: the schedules' clock
         self.result_without_retrieval, self.valid_history = None, []
         super().__init__(config, model)
 
@@ -115,13 +117,24 @@ class FTRagRecTrainer(StagedTrainer):
             self.refresh_if_due()
         return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
 
+    def schedule_progress(self):
+        """Share of the retrieval stages' scheduled training steps done, in [0, 1]."""
+        total = sum(stage.epochs for stage in self.stages if stage.objective == "retrieval") * self.steps_per_epoch
+        return min(self.retrieval_step / max(total, 1), 1.0)
+
     def _loss_terms(self, interaction):
         if self.model.objective == "retrieval":
             self.model.temperature = self._temperature()
+            self.model.set_schedule_progress(self.schedule_progress())
+            self.retrieval_step += 1
         return super()._loss_terms(interaction)
 
     def _epoch_logs(self, interaction):
-        return {"retrieval/temperature": self.model.temperature} if self.model.objective == "retrieval" else {}
+        if self.model.objective != "retrieval":
+            return {}
+        weights = self.model.current_loss_weights()
+        return {"retrieval/temperature": self.model.temperature, "retrieval/alpha": self.model.fusion.alpha,
+                "retrieval/enhanced_rec_weight": weights["enhanced"]}
 
     # ---- dual evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +162,7 @@ class FTRagRecTrainer(StagedTrainer):
     # ---- resume ------------------------------------------------------------------------------------------------
     def _extra_resume_state(self):
         state = super()._extra_resume_state()
-        state["ftragrec"] = {"retrieval_epoch": self.retrieval_epoch, "last_refresh": self.last_refresh}
+        state["ftragrec"] = {"retrieval_epoch": self.retrieval_epoch, "last_refresh": self.last_refresh, "retrieval_step": self.retrieval_step}
         return state
 
     def _restore(self, state, resume_file):
@@ -157,3 +170,4 @@ class FTRagRecTrainer(StagedTrainer):
         super()._restore(state, resume_file)
         self.retrieval_epoch = saved.get("retrieval_epoch", 0)
         self.last_refresh = saved.get("last_refresh")
+        self.retrieval_step = saved.get("retrieval_step", 0)

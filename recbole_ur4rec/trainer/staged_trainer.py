@@ -304,7 +304,7 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
     # ---- one epoch -----------------------------------------------------------------------------------------
     def loss_weights(self):
         """The weight of every loss term at this step (the model's ``loss_weights``; subclasses may ramp them)."""
-        return self.model.loss_weights
+        return self.model.current_loss_weights()
 
     def _loss_terms(self, interaction):
         """The model's unweighted loss terms of one batch ({name: scalar tensor}, see

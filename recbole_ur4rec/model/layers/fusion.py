@@ -75,9 +75,12 @@ class RetrievalFusion(nn.Module):
     """Reads retrieved neighbours (their representation and their target item), pools them by attention with a
     temperature, and mixes the result into the sequence representation."""
 
-    def __init__(self, hidden_size, n_heads, inner_size, n_layers, encoder, dropout, fusion, alpha, layer_norm_eps):
+    def __init__(self, hidden_size, n_heads, inner_size, n_layers, encoder, dropout, fusion, alpha, layer_norm_eps,
+                 knowledge_targets="direct"):
         super().__init__()
         self.fusion, self.alpha, self.encoder_type = fusion, alpha, encoder
+        self.start_alpha = alpha  # ``alpha`` moves from here on a schedule (FTRagRec's alpha_end); the gate's bias starts here
+        self.knowledge_targets = knowledge_targets
         self.neighbour_proj = nn.Linear(2 * hidden_size, hidden_size)
         if encoder == "transformer":
             layer = nn.TransformerEncoderLayer(
@@ -99,6 +102,8 @@ class RetrievalFusion(nn.Module):
         elif fusion == "dynamic":
             self.quality_scale = nn.Parameter(torch.tensor(5.0))
             self.quality_center = nn.Parameter(torch.tensor(0.5))
+        if knowledge_targets == "learned":  # the direct path's weight, sigmoid(0) = 0.5 at the start
+            self.target_logit = nn.Parameter(torch.zeros(()))
 
     def encode(self, x, mask):
         """Neighbour encodings [Q k H] from inputs [Q k H]; ``mask`` [Q k] True for real neighbours."""
@@ -128,18 +133,29 @@ class RetrievalFusion(nn.Module):
         logits = F.cosine_similarity(query.unsqueeze(1), x, dim=-1) / temperature  # [Q k]
         logits = logits.masked_fill(~mask, float("-inf")).masked_fill(~has.unsqueeze(1), 0.0)
         attention = torch.softmax(logits, dim=-1) * has.unsqueeze(1)  # [Q k]
-        # the neighbours' target embeddings enter the knowledge directly as well as through the encoder
-        knowledge = (attention.unsqueeze(-1) * (self.value_proj(x) + target_emb)).sum(1)  # [Q H]
+        # the neighbours (prefix and target, through the encoder), and their target embeddings directly unless
+        # knowledge_targets says otherwise: 'encoded' drops the direct path, 'learned' weighs it
+        values = self.value_proj(x)  # [Q k H]
+        if self.knowledge_targets == "direct":
+            values = values + target_emb
+        elif self.knowledge_targets == "learned":
+            values = values + torch.sigmoid(self.target_logit) * target_emb
+        knowledge = (attention.unsqueeze(-1) * values).sum(1)  # [Q H]
         quality = (similarity * mask).sum(1) / mask.sum(1).clamp(min=1)  # [Q]
         if self.fusion == "fixed":
             weight = states.new_full((states.size(0), 1), self.alpha)
         elif self.fusion == "dynamic":
             weight = self.alpha * torch.sigmoid(self.quality_scale * (quality - self.quality_center)).unsqueeze(1)
-        else:
-            weight = torch.sigmoid(self.gate(torch.cat([states, knowledge], dim=-1)))  # [Q H]
+        else:  # the gate's logit follows alpha's schedule: shifted by logit(alpha) - logit(start_alpha)
+            shift = _logit(self.alpha) - _logit(self.start_alpha)
+            weight = torch.sigmoid(self.gate(torch.cat([states, knowledge], dim=-1)) + shift)  # [Q H]
         weight = weight * has.unsqueeze(1)
         enhanced = (1 - weight) * states + weight * knowledge
         return {"enhanced": enhanced, "knowledge": knowledge, "quality": quality, "weight": weight, "has": has}
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
 
 
 def bidirectional_distillation(scores_a, scores_b, temperature, padding_column=True):

@@ -33,8 +33,12 @@ class StagedModelMixin:
         """{name: float} of the last batch's ``loss_terms``: logged, never trained on."""
         return getattr(self, "_loss_diagnostics", {})
 
+    def current_loss_weights(self):
+        """``loss_weights`` at this step (a model whose weights follow a schedule overrides it)."""
+        return self.loss_weights
+
     def calculate_loss(self, interaction):
-        return weighted_loss(self.loss_terms(interaction), self.loss_weights)
+        return weighted_loss(self.loss_terms(interaction), self.current_loss_weights())
 
 
 class FeatureFingerprintMixin:
