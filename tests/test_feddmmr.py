@@ -11,6 +11,7 @@ from model_fixtures import (
     assert_best_file_holds,
     assert_user_values_are_the_results,
     build_model,
+    changed_groups,
     count_checkpoint_reads,
     snapshot,
 )
@@ -436,3 +437,25 @@ def test_federated_feddmmr_learns_the_tiny_dataset(plain):
     # 40 items, each followed by the next: random ranking gives NDCG@10 about 0.07
     print(result["test_result"])
     assert result["test_result"]["ndcg@10"] > 0.5
+
+
+def test_partial_aggregation_from_its_flag_alone_keeps_the_multimodal_groups_local(genre_root, cache_dir, tmp_path):
+    """partial_aggregation_warmup_rounds without local_groups is never inert: the experts, the router and the gate
+    (the groups that have parameters) stay on the clients after the warm-up, and the other groups are aggregated."""
+    settings = text_settings(genre_root, cache_dir, tmp_path, client_fraction=0.3, partial_aggregation_warmup_rounds=1,
+                             learning_rate=0.01, fusion="competitive")
+    config, model, train_data, _, _ = build(settings)
+    assert config["local_groups"] == [] and model.local_groups == ["experts", "router", "gate"]
+    trainer = FedDMMRTrainer(config, model)
+    trainer.run_round(train_data, 0)  # the warm-up round aggregates everything
+    assert trainer.last_round["local"] == []
+    before = snapshot(model)
+    trainer.run_round(train_data, 1)
+    assert bool(model.local_active) and sorted(trainer.last_round["local"]) == sorted(model.local_names)
+    moved = changed_groups(model, before)
+    assert "backbone" in moved and not moved & {"experts", "router", "gate"}  # the global copies of local groups stay
+    sampled = trainer.last_round["sampled"]  # competitive fusion routes with the router (the gate is unused there)
+    assert all(not torch.equal(model.local__router__linear__weight[u], model.router.linear.weight) for u in sampled)
+    # no warm-up and no local_groups: nothing is local
+    _, plain_model, _, _, _ = build({**settings, "partial_aggregation_warmup_rounds": 0})
+    assert plain_model.local_groups == []

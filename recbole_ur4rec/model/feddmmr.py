@@ -14,6 +14,7 @@ a router, and fused with the backbone either by residual enhancement or by a com
 (one client per user) by :class:`~recbole_ur4rec.trainer.FedDMMRTrainer`, or centrally with ``federated: False``.
 """
 import warnings
+from logging import getLogger
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -31,6 +32,7 @@ from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin
 
 FUSIONS = ("residual", "competitive")
 FEDDMMR_LOSS_TYPES = ("CE", "SSM")
+PARTIAL_AGGREGATION_GROUPS = ("experts", "router", "gate")  # kept local by partial aggregation without local_groups
 
 
 class ItemExpert(nn.Module):
@@ -79,7 +81,9 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
           router weights per item).
         - Parameters of the groups in ``local_groups`` (``router``, ``gate``, ...; see ``parameter_groups``) have a
           per-user copy in buffers ``local__<name>`` ([n_users, ...]); once the trainer sets ``local_active``, every
-          prediction for user ``u`` uses the global weights with user ``u``'s copies of those parameters.
+          prediction for user ``u`` uses the global weights with user ``u``'s copies of those parameters. With
+          ``partial_aggregation_warmup_rounds`` > 0 and no ``local_groups``, the groups of PARTIAL_AGGREGATION_GROUPS
+          that have parameters (the experts, the router and the gate: how each user weighs the modalities) are local.
     """
 
     input_type = InputType.POINTWISE  # no negatives from RecBole's sampler
@@ -114,8 +118,15 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
         self.router = Router(config["hidden_size"], max(n_routed, 1))
         self.gate = nn.Parameter(torch.tensor(float(config["gating_init"])))
 
-        self.local_groups = list(config["local_groups"] or [])
         groups = self.parameter_groups()
+        self.local_groups = list(config["local_groups"] or [])
+        if not self.local_groups and config["partial_aggregation_warmup_rounds"] > 0:
+            # partial aggregation without named groups: the multimodal part of the model becomes personal
+            self.local_groups = [g for g in PARTIAL_AGGREGATION_GROUPS if groups[g]]
+            getLogger().info(
+                f"partial_aggregation_warmup_rounds is {config['partial_aggregation_warmup_rounds']} and local_groups is "
+                f"empty: {', '.join(self.local_groups)} stay on the clients after the warm-up"
+            )
         unknown = [g for g in self.local_groups if g not in groups]
         if unknown:
             raise ValueError(f"config key 'local_groups' names unknown groups {unknown}; the groups are {', '.join(groups)}")
@@ -143,6 +154,7 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
         _check(config, "loss_type", None, choices=FEDDMMR_LOSS_TYPES)
         if config["loss_type"] == "SSM":
             _check(config, "neg_sample_num", int, low=1)
+        _check(config, "partial_aggregation_warmup_rounds", int, 0)
         local = config["local_groups"]
         if local is not None and (not isinstance(local, list) or not all(isinstance(g, str) for g in local)):
             raise ValueError(f"config key 'local_groups' must be a list of parameter group names, got {local!r}")
