@@ -44,8 +44,8 @@ def run_recbole_ur4rec(
             with the settings it stored (``config_dict`` may update them), writing on in the same files when it lies
             in the run's checkpoint folder (to branch a run, give another ``checkpoint_dir``).
         callback_fn (callable): called as ``callback_fn(epoch_idx, valid_score)`` after each validation; a callback
-            that names ``valid_result`` (the validation's metrics) or ``validation`` (its record: epoch, score,
-            result, seconds of the run) gets them as keywords.
+            that names ``valid_result`` (the validation's metrics) or ``validation`` (its record: epoch, training loss
+            of that epoch, score, result, seconds of the run) gets them as keywords.
         evaluate_test (bool): evaluate the test split; tuning trials set it to False.
         resume_state (dict): ``resume_file``'s checkpoint when the caller has read it already (a resumed search
             trial), so that it is not read again.
