@@ -26,12 +26,18 @@ SPACE_MODELS = {  # the shipped search spaces (hyper/<stem>.*) and the model eac
 }
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "hyper", "*"))), ids=os.path.basename)
+SPACES = sorted(glob.glob(os.path.join(REPO, "hyper", "*.*")) + glob.glob(os.path.join(REPO, "hyper", "*", "*.*")))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda path: os.path.relpath(path, os.path.join(REPO, "hyper")))
 def test_every_shipped_search_space_names_keys_its_model_has(path):
-    """A misspelt key would be accepted by RecBole's Config and searched for nothing."""
+    """A misspelt key would be accepted by RecBole's Config and searched for nothing. hyper/<dataset>/ holds a
+    dataset's own spaces."""
     stem = os.path.splitext(os.path.basename(path))[0]
     assert stem in SPACE_MODELS, f"{path}: which model does it tune? add it to SPACE_MODELS"
-    config = Config(model=SPACE_MODELS[stem], dataset="ml-100k")
+    folder = os.path.basename(os.path.dirname(path))
+    dataset = "ml-100k" if folder == "hyper" else folder
+    config = Config(model=SPACE_MODELS[stem], dataset=dataset, config_dict={"data_path": os.path.join(REPO, "dataset")})
     unknown = [key for key in parse_params_file(path) if key not in config.final_config_dict]
     assert not unknown, f"{path}: {unknown} are not config keys of {SPACE_MODELS[stem]}"
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 17's searches on ml-100k: every model gets the same budget: 8 trials, ASHA on validation NDCG@10 with a
+# The searches of the tuned comparisons: every model gets the same budget: 8 trials, ASHA on validation NDCG@10 with a
 # grace period of 5 validations and reduction factor 2 (max_t: the model's own schedule; no epoch cap, early
 # stopping as configured), one thread per trial, sampler seed 2020. Test is evaluated for each best trial only.
 # Resumable: a finished search (best.yaml, not marked interrupted) is skipped; an interrupted one continues where it
 # stopped (its trials replay their validations to ASHA and resume from their checkpoints).
-# OUT=<folder> writes the searches there (default results/hyper/ml-100k).
+# DATASET=<name> searches another dataset (default ml-100k), with its own spaces where hyper/<name>/ has one (else
+# hyper/'s); OUT=<folder> writes the searches there (default results/hyper/<name>).
 #   bash results/hyper/run.sh                 # every model, in this order
 #   bash results/hyper/run.sh SASRec SASRecF  # some
 #   CONCURRENT=2 bash results/hyper/run.sh    # trials at once (default 1)
@@ -13,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source results/settings/lib.sh
-OUT=${OUT:-results/hyper/ml-100k}
+DATASET=${DATASET:-ml-100k}
+OUT=${OUT:-results/hyper/$DATASET}
 # name | model | search space | config files (space-separated)
 SEARCHES=(
   "FastSASRec|FastSASRec|hyper/fastsasrec.hyper|"
@@ -41,8 +43,9 @@ for entry in "${SEARCHES[@]}"; do
     [[ -n $trial ]] || { echo "[searches] FTRagRec needs the DuoRec search first ($OUT/DuoRec/best.yaml)"; exit 1; }
     extra+=("--duorec_checkpoint=$OUT/DuoRec/checkpoints/$trial")
   fi
-  echo "[searches] $name: started $(date -u +%FT%TZ)"
-  python run_hyper.py --model "$model" --dataset ml-100k ${files:+--config_files "$files"} --params_file "$space" \
+  [[ -f hyper/$DATASET/$(basename "$space") ]] && space=hyper/$DATASET/$(basename "$space")
+  echo "[searches] $name: started $(date -u +%FT%TZ) ($space)"
+  python run_hyper.py --model "$model" --dataset "$DATASET" ${files:+--config_files "$files"} --params_file "$space" \
     --num_samples 8 --cpus_per_trial 1 --gpus_per_trial "${GPUS:-0}" --max_concurrent "${CONCURRENT:-1}" --grace_period 5 --reduction_factor 2 \
     --seed 2020 --output_dir "$OUT/$name" --threads=1 "${extra[@]}"
 done
