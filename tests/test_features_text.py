@@ -16,7 +16,7 @@ from features_fixtures import (  # noqa: F401
 
 from recbole_ur4rec.apps.precompute_features import main
 from recbole_ur4rec.features import FeatureError, item_text_features, user_text_features
-from recbole_ur4rec.features.item_text import item_texts
+from recbole_ur4rec.features.item_text import format_item_texts, item_texts
 from recbole_ur4rec.features.pipeline import user_texts_of
 
 
@@ -185,3 +185,25 @@ def test_user_text_refuses_rows_it_cannot_read_as_interactions(feat_root, tmp_pa
     rows = train.copy(Interaction({field: train.inter_feat[field] for field in fields}))
     with pytest.raises(FeatureError, match=r"user text needs RecBole's training split of 'feat'"):
         user_texts_of(config, rows)
+
+
+def test_optional_template_segments_are_left_out_where_a_field_is_empty():
+    fields = ["item_id", "title", "brand", "categories"]
+    rows = [
+        {"item_id": "1", "title": "Nail Lacquer", "brand": "OPI", "categories": ["Makeup", "Nails"]},
+        {"item_id": "2", "title": "Palette [15 colours]", "brand": "", "categories": ["Makeup"]},
+        {"item_id": "3", "title": "Clips", "brand": "Oyang", "categories": []},
+    ]
+    template = "{title}.[ Brand: {brand}.][ Categories: {categories:, }.] [[new]]"
+    tokens, texts = format_item_texts(template, fields, rows, "x.item", "item_id")
+    assert tokens == ["1", "2", "3"]
+    assert texts == [
+        "Nail Lacquer. Brand: OPI. Categories: Makeup, Nails. [new]",
+        "Palette [15 colours]. Categories: Makeup. [new]",  # brackets in a value are text
+        "Clips. Brand: Oyang. [new]",
+    ]
+    for bad in ("{title}[ Brand: {brand}.", "{title}] x", "{title}[ a [ {brand} ] ]"):
+        with pytest.raises(FeatureError, match=r"item_text_template .*'\[\.\.\.\]'|without its"):
+            format_item_texts(bad, fields, rows, "x.item", "item_id")
+    with pytest.raises(FeatureError, match=r"names field\(s\) \['colour'\]"):
+        format_item_texts("{title}[ {colour}]", fields, rows, "x.item", "item_id")

@@ -30,25 +30,64 @@ def read_item_table(config):
     return read_atomic_table(path, config["ITEM_ID_FIELD"], config["field_separator"], config["seq_separator"])
 
 
+def template_segments(template):
+    """``template`` cut into ``(text, optional)`` segments: a part in ``[...]`` (outside ``{}``) is optional, left out
+    of an item's text when a field it names is empty; ``[[`` and ``]]`` are literal brackets.
+
+    Raises:
+        FeatureError: an unbalanced or nested ``[...]``.
+    """
+    segments, current, optional, depth, i = [], [], False, 0, 0
+    while i < len(template):
+        char, pair = template[i], template[i : i + 2]
+        if depth == 0 and pair in ("[[", "]]"):
+            current.append(char)
+            i += 2
+            continue
+        if char in "{}":
+            depth += 1 if char == "{" else -1
+        elif depth == 0 and char in "[]":
+            if (char == "[") == optional:
+                raise FeatureError(f"item_text_template {template!r}: unbalanced or nested '[...]' at character {i}")
+            segments.append(("".join(current), optional))
+            current, optional = [], char == "["
+            i += 1
+            continue
+        current.append(char)
+        i += 1
+    if optional:
+        raise FeatureError(f"item_text_template {template!r}: '[' without its ']'")
+    segments.append(("".join(current), False))
+    return [(text, optional) for text, optional in segments if text]
+
+
 def format_item_texts(template, fields, rows, path, id_field):
-    """``template`` filled with each row's fields, as ``(tokens, texts)``.
+    """``template`` filled with each row's fields, as ``(tokens, texts)``; an optional segment (``[...]``, see
+    :func:`template_segments`) is left out where a field it names is empty.
 
     Raises:
         FeatureError: the template names a field the file does not have, or is malformed.
     """
     formatter = _TemplateFormatter()
-    try:
-        names = {name.split(".")[0].split("[")[0] for _, name, _, _ in formatter.parse(template) if name is not None}
-    except ValueError as err:
-        raise FeatureError(f"item_text_template {template!r} is malformed ({err})") from None
-    missing = sorted(names - set(fields))
-    if missing or "" in names:
-        raise FeatureError(
-            f"item_text_template {template!r} names field(s) {missing or ['{}']} that {path} does not have; "
-            f"its fields are {list(fields)}"
-        )
-    texts = [" ".join(formatter.format(template, **row).split()) for row in rows]
-    return [row[id_field] for row in rows], texts
+    segments = []
+    for text, optional in template_segments(template):
+        try:
+            names = {name.split(".")[0].split("[")[0] for _, name, _, _ in formatter.parse(text) if name is not None}
+        except ValueError as err:
+            raise FeatureError(f"item_text_template {template!r} is malformed ({err})") from None
+        missing = sorted(names - set(fields))
+        if missing or "" in names:
+            raise FeatureError(
+                f"item_text_template {template!r} names field(s) {missing or ['{}']} that {path} does not have; "
+                f"its fields are {list(fields)}"
+            )
+        segments.append((text, names if optional else set()))
+
+    def fill(row):
+        kept = [text for text, needed in segments if all(row[name] not in ("", [], None) for name in needed)]
+        return " ".join(formatter.format("".join(kept), **row).split())
+
+    return [row[id_field] for row in rows], [fill(row) for row in rows]
 
 
 def item_texts(config):
