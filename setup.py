@@ -36,5 +36,6 @@ setup(
     install_requires=install_requires,
     # No [clip] extra: open_clip needs torchvision, which imports only beside torch 2.14.1 here, and an extra
     # cannot lift the torch==2.13.0 pin above. requirements-clip.txt is the second step (see the README).
-    extras_require={"dev": ["pytest>=8"]},
+    # [llm]: language-model texts from GGUF files (transformers reads them, dequantised); a HF folder needs nothing more
+    extras_require={"dev": ["pytest>=8"], "llm": ["gguf>=0.10,<1", "accelerate>=1.0,<2"]},
 )

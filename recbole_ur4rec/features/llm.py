@@ -5,7 +5,9 @@ template text: title, year, genres) or of a user (the template text written from
 recent titles, rating habits) and writes a multi-aspect text: for items their themes, mood, era and audience; for
 users their preferred genres, themes, mood and era, what they avoid and how their taste moved recently.
 
-- The model is a local Hugging Face folder (``AutoModelForCausalLM`` and its tokenizer); nothing is downloaded.
+- The model is a local Hugging Face folder (``AutoModelForCausalLM`` and its tokenizer) or a GGUF file (read by
+  transformers, dequantised; needs the ``gguf`` and ``accelerate`` packages: ``pip install -e ".[llm]"``); nothing is
+  downloaded. An instruction model's chat template wraps every prompt (``llm_chat_template``).
 - Decoding is greedy (deterministic) with ``llm_max_new_tokens`` new tokens, ``llm_batch_size`` prompts per batch
   (left-padded), on the GPU when there is one, with a progress bar.
 - Every output is cached in ``<feature cache>/<dataset>.llm.jsonl``, one JSON line per (model, prompt version,
@@ -16,6 +18,7 @@ users their preferred genres, themes, mood and era, what they avoid and how thei
 """
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -27,6 +30,7 @@ from recbole_ur4rec.features.errors import FeatureError
 from recbole_ur4rec.features.fingerprint import files_fingerprint
 
 PROMPT_VERSION = "ur4rec-llm/1"
+CHAT_TEMPLATE = ("auto", "on", "off")
 PROMPTS = {
     "item": (
         "Item: {text}\n"
@@ -41,18 +45,30 @@ PROMPTS = {
 }
 
 
+def missing_gguf_packages():
+    """The packages transformers needs to read a GGUF file that are not installed (the [llm] extra)."""
+    return [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+
+
 @functools.lru_cache(maxsize=2)
 def _load_model(path, identity, device):
-    """(model, tokenizer) of the folder ``path``, loaded once per (folder, its files, device) and process: the item
-    and the user texts of one features run share it (as the sentence encoders share theirs)."""
+    """(model, tokenizer) of the folder or GGUF file ``path``, loaded once per (model, its files, device) and
+    process: the item and the user texts of one features run share it (as the sentence encoders share theirs)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder, gguf = (os.path.dirname(path), {"gguf_file": os.path.basename(path)}) if os.path.isfile(path) else (path, {})
+    if gguf:
+        missing = missing_gguf_packages()
+        if missing:
+            raise FeatureError(
+                f"llm_path {path}: reading a GGUF file needs the packages {', '.join(missing)}: pip install -e \".[llm]\""
+            )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FeatureError(f"llm_path {path}: not a loadable causal language model folder ({err})") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **gguf)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise FeatureError(f"llm_path {path}: not a loadable causal language model ({err})") from None
     tokenizer.padding_side = "left"  # generation continues every row at its end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -64,21 +80,27 @@ class LLMWriter:
     loads it).
 
     Args:
-        path (str): a local folder with a causal LM and its tokenizer (``save_pretrained`` layout).
+        path (str): a local folder with a causal LM and its tokenizer (``save_pretrained`` layout), or a GGUF file.
         cache_file (str): the JSONL cache of outputs.
         max_new_tokens (int), batch_size (int), max_chars (int): see the module docstring.
         device (str): torch device; None = cuda when available, else cpu.
         show_progress (bool): a tqdm progress bar over the batches.
+        chat_template (str): ``auto`` (the tokenizer's chat template when it has one), ``on`` or ``off``.
     """
 
-    def __init__(self, path, cache_file, max_new_tokens=96, batch_size=8, max_chars=600, device=None, show_progress=True):
+    def __init__(self, path, cache_file, max_new_tokens=96, batch_size=8, max_chars=600, device=None, show_progress=True,
+                 chat_template="auto"):
         self.path = os.path.realpath(str(path))
-        if not os.path.isdir(self.path):
+        is_gguf = os.path.isfile(self.path) and self.path.endswith(".gguf")
+        if not (os.path.isdir(self.path) or is_gguf):
             raise FeatureError(
-                f"config key 'llm_path' = {path}: not a local folder; give a folder with a causal language model and "
-                f"its tokenizer (saved with save_pretrained; recbole_ur4rec never downloads models)"
+                f"config key 'llm_path' = {path}: not a local folder or .gguf file; give a folder with a causal language "
+                f"model and its tokenizer (saved with save_pretrained) or a GGUF file (recbole_ur4rec never downloads models)"
             )
-        self.identity = f"llm:{self.path}:{files_fingerprint(self.path)[:16]}"
+        if chat_template not in CHAT_TEMPLATE:
+            raise FeatureError(f"config key 'llm_chat_template' must be one of {', '.join(CHAT_TEMPLATE)}, got {chat_template!r}")
+        self.chat_template = chat_template
+        self.identity = f"llm:{self.path}:{files_fingerprint(self.path)[:16]}:chat-{chat_template}"
         self.cache_file = cache_file
         self.max_new_tokens, self.batch_size, self.max_chars = max_new_tokens, batch_size, max_chars
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,9 +112,18 @@ class LLMWriter:
         return _load_model(self.path, self.identity, self.device)
 
     def generate(self, prompts):
-        """The decoded continuations of ``prompts`` (greedy), one string each."""
+        """The decoded continuations of ``prompts`` (greedy), one string each; inside the model's chat template when
+        ``chat_template`` says so."""
         model, tokenizer = self._load()
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        chat = self.chat_template == "on" or (self.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise FeatureError(f"llm_chat_template is 'on' but the model {self.path} has no chat template")
+            prompts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(self.device)
         with torch.no_grad():
             out = model.generate(
                 **batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id

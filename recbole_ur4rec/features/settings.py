@@ -25,7 +25,8 @@ DEFAULTS = {
     "image_feature_dim": None,
     "feature_cache_dir": None,  # None: dataset/<name>/ (see cache_dir)
     "strict_features": False,
-    "llm_path": None,  # None: template texts; a local causal-LM folder: texts written by it (features/llm.py)
+    "llm_path": None,  # None: template texts; a local causal-LM folder or GGUF file: texts written by it (features/llm.py)
+    "llm_chat_template": "auto",
     "llm_max_new_tokens": 96,
     "llm_batch_size": 8,
     "llm_max_chars": 600,
