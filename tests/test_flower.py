@@ -335,6 +335,30 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three
     assert session.grid.calls >= 4 * (3 - dropout)
 
 
+def test_secure_aggregation_under_dp_sums_the_nodes_noisy_partials(settings, three_partitions, tmp_path, monkeypatch):
+    """Under DP each node adds its own noise (std 2 z C) before masking; the server gets their sum, weighted 1 per
+    user, and no loss."""
+    from flwr.app import Context, RecordDict
+
+    server, config, model, clients = loopback_server(settings, three_partitions, tmp_path, monkeypatch)
+    sampled, orders = round_plan(7, 0, clients.clients, 0.5, 1, clients.n_rows)
+    contexts = {
+        10 + k: Context(run_id=1, node_id=10 + k, state=RecordDict(), run_config={},
+                        node_config={"partition": str(three_partitions / f"node-{k}"), "state-dir": str(tmp_path / f"secure-{k}")})
+        for k in range(3)
+    }
+    session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, three_partitions, tmp_path)
+    session.contexts, session.grid = contexts, LoopbackGrid(contexts)
+    session.secagg = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 2**22, "timeout": None}
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "sgd", "dp_clip_norm": 0.1, "dp_noise_multiplier": 1.0}
+    aggregator = FedAvg(global_params, uniform=True)
+    assert FlowerNodes(clients, session=session).train_round(0, sampled, orders, global_params, [], None, task, aggregator) == (None, 0)
+    assert aggregator.n_included == len(sampled) and aggregator.total == pytest.approx(len(sampled), abs=1e-3)
+    noise = torch.cat([v.reshape(-1) for v in aggregator.sums.values()]).double()
+    assert noise.std().item() == pytest.approx(3**0.5 * 2 * 1.0 * 0.1, rel=0.05)  # three nodes' draws
+
+
 def test_a_node_runs_on_the_run_settings_threads(settings, partitions, tmp_path):
     """A node worker is its own process: it takes the run's ``threads`` (and anomaly mode) from the settings."""
     from recbole_ur4rec.apps.flower.node_service import NodeService

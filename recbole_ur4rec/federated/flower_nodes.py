@@ -232,7 +232,9 @@ class FlowerNodes:
                 for user in users:
                     aggregator.fail(user, refusal)
             return None, 0
-        scale = float(sum(self.federation.counts[c] for c in clients))
+        # the values travel divided by the round's total weight (DP: one per user), well inside the quantisation range
+        dp = float(task.get("dp_noise_multiplier") or 0.0) > 0
+        scale = float(len(clients) if dp else sum(self.federation.counts[c] for c in clients))
         config = {**self._round_spec(round_idx, local_names, task), "weight_scale": scale, "local_init": bool(local_init)}
         for partition, users in taking_part.items():
             config[f"clients.{partition}"] = list(users)

@@ -8,7 +8,8 @@ Flower 1.41 runs SecAgg+ through its legacy ``fit`` records only: the round's gl
 ``num_examples / max_weight``: every node sends ``num_examples`` 1 (``max_weight`` 1), so the mean times the number
 of contributing nodes is their sum. Each node sends ``[its weighted sum of client updates, EXTRAS]`` (its total
 weight, how many clients it included and left out, the sum of their losses and their number: :data:`EXTRAS`)
-divided by the round's ``weight_scale`` (the sampled clients' total sample count), so that the values lie well
+divided by the round's ``weight_scale`` (the sampled clients' total sample count; under DP, where every client
+weighs 1, their number), so that the values lie well
 inside the quantisation range; the server multiplies back. A node whose values fall outside SecAgg+'s clipping
 range refuses the round (SecAgg+ would clip them silently), and so does a node in a SecAgg+ round of fewer than
 :data:`~.privacy.SECAGG_MIN_NODES` nodes.
