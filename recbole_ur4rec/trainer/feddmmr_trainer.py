@@ -79,7 +79,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.dp_noise_multiplier = _check(config, "dp_noise_multiplier", (int, float), 0)
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm is None:
             raise ValueError("config key 'dp_noise_multiplier' > 0 needs 'dp_clip_norm' (the noise is scaled by the clipping norm)")
-        self.dp = self.dp_noise_multiplier > 0
+        self.dp = bool(self.federated) and self.dp_noise_multiplier > 0  # central training (federated: False) has no DP
         dp_delta = _check(config, "dp_delta", float, 0, 1, low_open=True, high_open=True)
         self.accountant = UserLevelAccountant(self.dp_noise_multiplier, dp_delta) if self.dp else None
         self.epsilons = []  # (round, epsilon) after every round under DP
