@@ -21,6 +21,7 @@ install_requires = [
     "matplotlib",
     "pyyaml",
     "flwr==1.41.*",  # federated_engine: flower (Flower's deployment runtime; its [simulation] extra needs another Ray)
+    "opacus>=1.5,<1.7",  # FedDMMR's DP accountant (RDP); dp-accounting 0.6 would pin attrs<24 and add dm-tree
     "tomli-w",  # the loopback Flower runtime writes run configs (recbole_ur4rec/apps/flower/loopback.py)
     "psutil",  # ... and stops its process trees
 ]

@@ -16,6 +16,7 @@ The dataset is partitioned (``python -m recbole_ur4rec.apps.partition_dataset``:
 
     python bench/flower_round_time.py                          # 3 rounds each, 2 SuperNodes
     python bench/flower_round_time.py --nodes 3 --secagg
+    python bench/flower_round_time.py --nodes 3 --secagg --dp 1.0     # with user-level DP (node-side noise)
 
 Prints a markdown table: seconds per round (mean, per round) and bytes per sampled client per round (the message
 payloads, arrays and settings, both ways; Flower's framing not counted).
@@ -32,12 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 CLIENT_FRACTION = 0.2  # --client_fraction
+DP = {}  # --dp: dp_clip_norm and dp_noise_multiplier of every engine
 
 
 def settings(work, rounds):
     return {
         "threads": 1, "client_fraction": CLIENT_FRACTION, "epochs": rounds, "eval_step": 0, "state": "WARNING", "show_progress": False,
-        "checkpoint_dir": os.path.join(work, "saved"), "feature_cache_dir": os.path.join(ROOT, "dataset", "ml-100k"),
+        "checkpoint_dir": os.path.join(work, "saved"), "feature_cache_dir": os.path.join(ROOT, "dataset", "ml-100k"), **DP,
     }
 
 
@@ -86,7 +88,7 @@ def flower_rounds(work, rounds, nodes, root, secagg, workers=True):
                 r["slowest_node_s"] = max(seconds)
     for r in out["rounds"]:
         if r["excluded"]:
-            print(f"warning: round {r['call']}: {len(r['excluded'])} clients left out", file=sys.stderr)
+            print(f"warning: round {r['call']}: {r['excluded']} clients left out", file=sys.stderr)
     return out["rounds"], total
 
 
@@ -98,8 +100,11 @@ def main():
     parser.add_argument("--secagg", action="store_true", help="also run the Flower rounds with SecAgg+ (3 nodes or more)")
     parser.add_argument("--without_workers", action="store_true", help="also run the Flower rounds without node workers (a node built per message)")
     parser.add_argument("--client_fraction", type=float, default=CLIENT_FRACTION, help="clients sampled per round")
+    parser.add_argument("--dp", type=float, metavar="Z", help="user-level DP on every engine: dp_noise_multiplier Z, dp_clip_norm 0.1")
     args = parser.parse_args()
     CLIENT_FRACTION = args.client_fraction
+    if args.dp:
+        DP.update(dp_clip_norm=0.1, dp_noise_multiplier=args.dp)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as work:
         os.chdir(work)  # RecBole's log/ goes there
@@ -110,7 +115,8 @@ def main():
             runs.append(("flower, no node worker", *flower_rounds(work, args.rounds, args.nodes, root, False, workers=False)))
         if args.secagg:
             runs.append(("flower + SecAgg+", *flower_rounds(work, args.rounds, args.nodes, root, True)))
-    print(f"\nFedDMMR on ml-100k, client_fraction {CLIENT_FRACTION}, threads 1, {args.nodes} nodes, {platform.node()} ({os.cpu_count()} CPUs)\n")
+    dp = f", DP z {args.dp} C 0.1" if args.dp else ""
+    print(f"\nFedDMMR on ml-100k, client_fraction {CLIENT_FRACTION}{dp}, threads 1, {args.nodes} nodes, {platform.node()} ({os.cpu_count()} CPUs)\n")
     print("| engine | s / round (mean) | rounds (s) | bytes per sampled client per round |")
     print("|---|---:|---|---:|")
     print(f"| in-process nodes | {sum(loop) / len(loop):.1f} | {', '.join(f'{s:.1f}' for s in loop)} | 0 |")

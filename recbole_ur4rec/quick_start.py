@@ -54,7 +54,8 @@ def run_recbole_ur4rec(
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (None when
-        not evaluated), ``model_file`` (the best-model checkpoint, None when not saved) and, with
+        not evaluated), ``model_file`` (the best-model checkpoint, None when not saved), ``privacy`` (a trainer's DP
+        accounting, FedDMMR's under ``dp_noise_multiplier`` > 0) and, with
         ``keep_user_values``, ``user_values``: ``{"valid": ..., "test": ...}``, each :func:`slices.user_values` (None
         where the evaluation kept no rows).
     """
@@ -83,6 +84,8 @@ def run_recbole_ur4rec(
         "test_result": test_result,
         "model_file": trainer.saved_model_file if saved else None,
     }
+    if getattr(trainer, "privacy", None) is not None:  # FedDMMR under DP: epsilon at delta after every round
+        result["privacy"] = trainer.privacy
     if keep_user_values:
         metric = config["valid_metric"].lower()
         per_user = {"test": user_values(trainer, dataset, metric) if evaluate_test else None}

@@ -19,6 +19,7 @@ from ur4rec_fixtures import NO_TEXT_ITEM, item_token, write_genre_dataset, write
 
 from recbole_ur4rec.common.checkpoint_io import load_checkpoint
 from recbole_ur4rec.federated import FedAvg, LoopEngine, ServerOptimizer, round_plan
+from recbole_ur4rec.federated.privacy import node_noise_std
 from recbole_ur4rec.model import FedDMMR
 from recbole_ur4rec.model.layers import SampledCandidates
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -127,7 +128,7 @@ def test_sampled_softmax_scores_candidates_as_the_full_scores_do(genre_root, cac
     assert model.experts["semantic"].query.weight.grad.abs().sum() > 0
     trainer = FedDMMRTrainer(config, model)  # a federated round on the loop engine
     trainer.run_round(train_data, 0)
-    assert trainer.last_round["included"] == trainer.last_round["sampled"]
+    assert trainer.last_round["included"] == len(trainer.last_round["sampled"])
     assert all(p.isfinite().all() for p in model.parameters())
 
 
@@ -160,7 +161,7 @@ def test_visual_expert_trains_and_items_without_an_image_are_masked(genre_root, 
     model.zero_grad()
     trainer = FedDMMRTrainer(config, model)  # a federated round with the visual expert
     trainer.run_round(train_data, 0)
-    assert trainer.last_round["included"] == trainer.last_round["sampled"]
+    assert trainer.last_round["included"] == len(trainer.last_round["sampled"])
     assert all(p.isfinite().all() for p in model.parameters())
 
 
@@ -199,9 +200,12 @@ def test_dp_clipping_bounds_each_update_and_noise_follows_the_formula():
     clipped.add([0, 1], {"w": torch.tensor([[3.0, 4.0, 0.0], [0.1, 0.0, 0.0]])}, [1, 1])
     new = clipped.result()["w"]
     assert torch.allclose(new, (torch.tensor([0.3, 0.4, 0.0]) + torch.tensor([0.1, 0.0, 0.0])) / 2)
-    noisy = FedAvg({"w": torch.zeros(20000)}, clip_norm=0.5, noise_multiplier=2.0, generator=torch.Generator().manual_seed(0))
+    # DP: weight 1 per client, a node's noise std 2 z C (replace-one sensitivity), divided by the public count
+    noisy = FedAvg({"w": torch.zeros(20000)}, clip_norm=0.5, uniform=True)
     noisy.add([0, 1], {"w": torch.zeros(2, 20000)}, [1, 3])
-    assert noisy.result()["w"].std().item() == pytest.approx(2.0 * 0.5 * 3 / 4, rel=0.03)
+    assert noisy.total == 2 and noisy.n_included == 2
+    noisy.add_noise(node_noise_std(0.5, 2.0))
+    assert noisy.result(denominator=4)["w"].std().item() == pytest.approx(2 * 2.0 * 0.5 / 4, rel=0.03)
 
 
 def test_server_optimizers_match_a_hand_computation():
@@ -253,7 +257,7 @@ def test_round_aggregate_is_fedavg_of_the_clients_own_updates(plain):
     before = snapshot(model)
     trainer.run_round(train_data, 0)
     sampled = trainer.last_round["sampled"]
-    assert trainer.last_round["included"] == sampled
+    assert trainer.last_round["included"] == len(sampled)
     data = trainer.clients
     # each client's raw rows are only its own: the rows of a client all belong to that user
     users = data.interaction["user_id"]
@@ -335,8 +339,8 @@ def test_failing_client_is_left_out_and_the_round_completes(plain):
     bad = sampled[3]
     trainer.clients.targets[trainer.clients.rows[bad][0], 0] = model.n_items + 5  # this client's update raises
     trainer.run_round(train_data, 0)
-    assert trainer.last_round["excluded"] == [bad]
-    assert sorted(trainer.last_round["included"]) == sorted(c for c in sampled if c != bad)
+    assert trainer.last_round["excluded_known"] == [bad] and trainer.last_round["excluded"] == 1
+    assert trainer.last_round["included"] == len(sampled) - 1
     assert all(p.isfinite().all() for p in model.parameters())
 
 
@@ -351,7 +355,7 @@ def test_a_round_without_enough_clients_fails_visibly_and_stops_the_run(plain, c
     trainer.clients.targets[:, 0] = model.n_items + 5  # every client's update raises
     before, momentum = snapshot(model), trainer.server_optimizer.state_dict()
     trainer.run_round(train_data, 0)
-    assert trainer.last_round["failed"] and trainer.failed_rounds == 1 and trainer.last_round["included"] == []
+    assert trainer.last_round["failed"] and trainer.failed_rounds == 1 and trainer.last_round["included"] == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a failed round leaves the model as it was"
     assert trainer.server_optimizer.state_dict() == momentum
     assert "round 0 failed: 0 of" in caplog.text and "'max_failed_rounds' = 2" in caplog.text
@@ -364,7 +368,7 @@ def test_a_round_without_enough_clients_fails_visibly_and_stops_the_run(plain, c
     for client in sampled[1:]:
         trainer.clients.targets[trainer.clients.rows[client], 0] = model.n_items + 5
     trainer.run_round(train_data, 2)
-    assert trainer.last_round["failed"] and trainer.last_round["included"] == sampled[:1] and trainer.failed_rounds == 1
+    assert trainer.last_round["failed"] and trainer.last_round["included"] == 1 and trainer.failed_rounds == 1
     # max_failed_rounds failed rounds in a row stop the run with the reason
     trainer.clients.targets[:, 0] = model.n_items + 5
     with pytest.raises(RuntimeError, match=r"federated training stopped: round 3 failed: 0 of \d+ sampled clients aggregated"):

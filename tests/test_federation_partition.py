@@ -14,6 +14,7 @@ from recbole_ur4rec.build import build
 from recbole_ur4rec.common.checkpoint_io import load_checkpoint
 from recbole_ur4rec.federated.catalog import PartitionError
 from recbole_ur4rec.federated.node import LocalStore, Node
+from recbole_ur4rec.federated.privacy import NodePolicy, PrivacyRefusal
 from recbole_ur4rec.model import FedDMMR
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
@@ -89,30 +90,32 @@ def test_partitioned_run_equals_the_whole_dataset_run_and_the_server_reads_no_in
     assert os.listdir(tmp_path / "nodes" / "node-0") and os.listdir(tmp_path / "nodes" / "node-1")
 
 
-def test_node_state_survives_a_restart_and_a_missing_state_fails_clearly(plain, tmp_path):
+def test_node_state_survives_a_restart_and_a_missing_state_fails_clearly(plain, tmp_path, caplog):
     settings = {**plain, "local_groups": ["backbone"], "partial_aggregation_warmup_rounds": 0}
     run, _ = partition(settings, tmp_path / "fed")
     config = run.config
-    node = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"), FedDMMR)
+    policy = NodePolicy(min_users=3)
+    node = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"), FedDMMR, policy=policy)
     local = list(node.model.local_names)
     users = node.partition.users[:3]
     orders = {u: [torch.arange(len(node.clients.rows[u]))] for u in users}
     params = {n: p.detach().clone() for n, p in node.model.named_parameters() if n not in local}
     init = {n: p.detach().clone() for n, p in node.model.named_parameters() if n in local}
     task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam"}
-    partial, losses, failed = node.train(0, users, orders, params, local, init, task)
-    assert sorted(partial["included"]) == sorted(users) == sorted(losses) and not failed
+    partial, (_, count) = node.train(0, users, orders, params, local, init, task)
+    assert partial["included"] == count == len(users) and partial["excluded"] == 0
     # the node replies one weighted sum of its clients' updates, of the global parameters only
     assert set(partial["sums"]) == set(params) and partial["total"] == sum(node.clients.counts[u] for u in users)
-    restarted = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"), FedDMMR)  # a new process, same folder
+    restarted = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "state"), FedDMMR, policy=policy)  # a new process, same folder
     before = node.store.load(users, local, 0)
     after_restart = restarted.store.load(users, local, 0)
     assert all(torch.equal(after_restart[n], before[n]) for n in local)
     assert any(not torch.equal(before[n][0], init[n]) for n in local), "training moved the users' local parameters"
     assert not torch.equal(before[local[0]][0], before[local[0]][1]), "each user has its own copy"
-    fresh = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "lost"), FedDMMR)
-    partial, losses, failed = fresh.train(1, users, orders, params, local, None, task)
-    assert not partial["included"] and not losses and set(failed) == set(users) and "was the node state lost?" in failed[users[0]]
+    fresh = Node(config, str(tmp_path / "fed" / "node-0"), str(tmp_path / "lost"), FedDMMR, policy=policy)
+    with pytest.raises(PrivacyRefusal, match=r"after 3 failed client\(s\)\) would cover 0 user\(s\)"):  # the reason: in its log
+        fresh.train(1, users, orders, params, local, None, task)
+    assert "was the node state lost?" in caplog.text
     # a user this node does not hold
     stranger = next(u for u in range(1, 60) if u not in node.partition.users)
     with pytest.raises(PartitionError, match=rf"node 0 .* does not hold users \[{stranger}\]: the server assigned them to the wrong node"):

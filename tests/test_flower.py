@@ -21,6 +21,7 @@ from recbole_ur4rec.federated import FedAvg, round_plan  # noqa: E402
 from recbole_ur4rec.federated.catalog import FederationClients, read_federation  # noqa: E402
 from recbole_ur4rec.federated.flower_nodes import FlowerNodes, FlowerSession  # noqa: E402
 from recbole_ur4rec.federated.node import LocalNodes  # noqa: E402
+from recbole_ur4rec.federated.privacy import TEST_HOOKS_ENV  # noqa: E402
 from recbole_ur4rec.quick_start import run_recbole_ur4rec  # noqa: E402
 from recbole_ur4rec.trainer import FedDMMRTrainer  # noqa: E402
 
@@ -101,19 +102,25 @@ class LoopbackSession(FlowerSession):
                             node_config={"partition": str(partitions / f"node-{k}"), "state-dir": str(state / f"node-{k}")})
             for k in range(2)
         }
-        self.sent = []
+        self.sent, self.replies = [], []
 
     def nodes(self):
         return sorted(self.contexts)
 
     def exchange(self, messages, timeout=None):
+        from flwr.app import Error, Message
+
         from recbole_ur4rec.apps.flower import client_app
 
         handlers = {"query": client_app._node_query, "train.plain": client_app._node_train, "evaluate": client_app._node_evaluate}
         replies = {}
         for node, message in messages.items():
             self.sent.append(message)
-            replies[node] = handlers[message.metadata.message_type](message, self.contexts[node])
+            try:
+                replies[node] = handlers[message.metadata.message_type](message, self.contexts[node])
+            except Exception as error:  # as the SuperNode does: an error reply (ClientApp raised)
+                replies[node] = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+            self.replies.append(replies[node])
         return replies
 
 
@@ -141,11 +148,11 @@ def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_
     a, b = FedAvg(global_params), FedAvg(global_params)
     losses_a = flower.train_round(1, sampled, orders, global_params, local_names, local_init, task, a)
     losses_b = local.train_round(1, sampled, orders, global_params, local_names, local_init, task, b)
-    assert sorted(a.included) == sorted(b.included) == sorted(sampled) and losses_a == pytest.approx(losses_b)
+    assert a.n_included == b.n_included == len(sampled) and losses_a == pytest.approx(losses_b) and losses_a[1] == len(sampled)
     for name, value in b.result().items():
         assert torch.equal(a.result()[name], value), name
     # what crossed: to a node the global parameters (no personal ones), its users' ids, row counts and orders;
-    # from a node one weighted sum of its users' updates of the global parameters
+    # from a node one weighted sum of its users' updates of the global parameters, counts and a loss sum
     train = [m for m in session.sent if m.metadata.message_type == "train.plain"]
     assert len(train) == 2
     for message in train:
@@ -153,6 +160,9 @@ def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_
         assert set(message.content["global"]) == set(global_params) and not set(message.content["global"]) & set(local_names)
         assert set(spec) == {"settings", "round", "clients", "rows", "epochs", "orders", "local_names", "keep_round", "task"}
         assert len(spec["orders"]) == 2 * sum(spec["rows"])  # row permutations, no item id or target
+    for reply in session.replies:
+        if reply.metadata.message_type == "train.plain":
+            assert set(reply.content["result"]) == {"total", "included", "excluded", "loss_sum", "loss_count"}  # no per-user value
     for k in range(2):
         stored = list((tmp_path / "flower" / f"node-{k}").iterdir())
         assert {p.name for p in stored} == {"init.npz", "local-1.npz"}, "the personal parameters stay on the node"
@@ -165,7 +175,7 @@ def test_messages_carry_no_interaction_nor_personal_parameter_and_replies_match_
 def test_flower_run_equals_the_in_process_nodes_and_the_server_has_no_data(federation, settings, partitions, tmp_path):
     flower = flower_run(federation, settings, partitions, tmp_path / "flower")
     rounds = flower["rounds"]
-    assert len(rounds) == ROUNDS and all(r["nodes"] == 2 and r["included"] == sorted(r["sampled"]) for r in rounds)
+    assert len(rounds) == ROUNDS and all(r["nodes"] == 2 and r["included"] == len(r["sampled"]) for r in rounds)
     assert [r["sampled"] for r in rounds] == sampled_per_round(settings, partitions)
     loop = run_recbole_ur4rec("FedDMMR", "tiny", config_dict={
         **server_settings(settings, partitions, tmp_path / "loop"), "federated_engine": "loop", "node_state_dir": str(tmp_path / "nodes"),
@@ -185,12 +195,13 @@ def test_failing_client_and_failing_node_are_left_out_and_rounds_complete(federa
     flower = flower_run(federation, settings, partitions, tmp_path / "flower", **{"fail-clients": str(bad_client), "fail-node-of": str(bad_node_user)})
     rounds = flower["rounds"]
     assert len(rounds) == ROUNDS
-    assert rounds[0]["excluded"] == [bad_client]
+    assert rounds[0]["excluded"] == 1 and rounds[0]["excluded_known"] == []  # a node says how many failed, not which
     # users are on node u % 2: the failed node's users are those of bad_node_user's parity
-    lost = sorted({u for u in second if u % 2 == bad_node_user % 2} | ({bad_client} & set(second)))
-    assert rounds[1]["excluded"] == lost
+    down = sorted(u for u in second if u % 2 == bad_node_user % 2)
+    assert rounds[1]["excluded_known"] == down
+    assert rounds[1]["excluded"] == len(set(down) | ({bad_client} & set(second)))
     for r in rounds:
-        assert sorted(r["included"] + r["excluded"]) == sorted(r["sampled"]) and r["included"]
+        assert r["included"] + r["excluded"] == len(r["sampled"]) and r["included"]
     state = load_checkpoint(flower["result"]["model_file"])["state_dict"]
     assert all(value.isfinite().all() for value in state.values() if value.is_floating_point())
     assert flower["result"]["test_result"] is not None
@@ -205,11 +216,42 @@ def test_a_node_without_a_reply_in_time_is_left_out_and_the_round_completes(fede
     )
     rounds = flower["rounds"]
     assert len(rounds) == ROUNDS
-    assert rounds[0]["excluded"] == sorted(u for u in first if u % 2 == late_user % 2)
-    assert rounds[0]["included"] == sorted(u for u in first if u % 2 != late_user % 2)
+    assert rounds[0]["excluded_known"] == sorted(u for u in first if u % 2 == late_user % 2)
+    assert rounds[0]["included"] == len([u for u in first if u % 2 != late_user % 2])
     for r in rounds:
-        assert sorted(r["included"] + r["excluded"]) == sorted(r["sampled"])
+        assert r["included"] + r["excluded"] == len(r["sampled"])
     assert flower["result"]["test_result"] is not None
+
+
+def test_non_finite_partials_are_dropped_and_a_round_without_any_leaves_the_model_unchanged(federation, settings, partitions, tmp_path):
+    """Every node replies NaN sums (test hook nan-node-of): the server drops each partial as a failed node, both
+    rounds fail, and the run's model is the initial one."""
+    everyone = FederationClients(read_federation(str(partitions))).clients.tolist()
+    flower = flower_run(federation, settings, partitions, tmp_path / "flower", **{"nan-node-of": ",".join(map(str, everyone))})
+    rounds = flower["rounds"]
+    assert len(rounds) == ROUNDS
+    for r in rounds:
+        assert r["included"] == 0 and r["excluded_known"] == sorted(r["sampled"])
+    _, initial, *_ = build_model("FedDMMR", "tiny", server_settings(settings, partitions, tmp_path / "initial"))
+    got = load_checkpoint(flower["result"]["model_file"])["state_dict"]
+    for name, value in initial.named_parameters():  # (buffers: local_active turns on with the partial aggregation)
+        assert torch.equal(got[name], value), name
+
+
+def test_the_server_drops_a_non_finite_partial_and_merges_the_others(settings, partitions, tmp_path, monkeypatch):
+    monkeypatch.setenv(TEST_HOOKS_ENV, "1")
+    server, config, model, clients = loopback_server(settings, partitions, tmp_path, monkeypatch)
+    session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, partitions, tmp_path / "flower")
+    sampled, orders = round_plan(7, 0, clients.clients, 0.5, 1, clients.n_rows)
+    for context in session.contexts.values():
+        context.run_config["nan-node-of"] = str(sampled[0])  # the node of this user replies NaN sums
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam", "dp_clip_norm": None, "dp_noise_multiplier": 0.0}
+    aggregator = FedAvg(global_params)
+    FlowerNodes(clients, session=session).train_round(0, sampled, orders, global_params, [], None, task, aggregator)
+    dropped = sorted(u for u in sampled if u % 2 == sampled[0] % 2)
+    assert sorted(aggregator.excluded) == dropped and aggregator.n_included == len(sampled) - len(dropped)
+    assert all(v.isfinite().all() for v in aggregator.result().values())
 
 
 def test_the_superlink_speaks_tls_and_refuses_an_unregistered_node(federation):
@@ -263,6 +305,7 @@ def three_partitions(settings, tmp_path_factory):
 def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three_partitions, tmp_path, monkeypatch, dropout):
     from flwr.app import Context, RecordDict
 
+    monkeypatch.setenv(TEST_HOOKS_ENV, "1")  # the fail-node-of hook
     server, config, model, clients = loopback_server(settings, three_partitions, tmp_path, monkeypatch)
     sampled, orders = round_plan(7, 0, clients.clients, 0.5, 1, clients.n_rows)
     dropped = sampled[0] % 3 if dropout else None  # this partition's node fails inside SecAgg+ (stage 2)
@@ -280,16 +323,40 @@ def test_secure_aggregation_equals_fedavg_and_survives_a_dropout(settings, three
     global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "adam", "dp_clip_norm": None}
     a, b = FedAvg(global_params), FedAvg(global_params)
-    secure.train_round(0, sampled, orders, global_params, [], None, task, a)
+    losses_a = secure.train_round(0, sampled, orders, global_params, [], None, task, a)
     kept = [c for c in sampled if c % 3 != dropped]
-    local.train_round(0, kept, orders, global_params, [], None, task, b)
-    assert sorted(a.included) == sorted(kept) and sorted(a.excluded) == sorted(set(sampled) - set(kept))
-    assert a.total == pytest.approx(b.total, rel=1e-5)
+    losses_b = local.train_round(0, kept, orders, global_params, [], None, task, b)
+    assert a.n_included == len(kept) and sorted(a.excluded) == sorted(set(sampled) - set(kept))
+    assert a.total == pytest.approx(b.total, rel=1e-5) and losses_a[1] == losses_b[1] and losses_a[0] == pytest.approx(losses_b[0], rel=1e-4)
     step = 2 * 8.0 / 2**22 * sum(clients.counts[c] for c in sampled)  # quantisation step, times the weight scale
     for name, value in b.result().items():
         assert torch.allclose(a.result()[name], value, atol=3 * step / b.total), name
     # the server saw only the sum: no reply carried a node's update in the clear
     assert session.grid.calls >= 4 * (3 - dropout)
+
+
+def test_secure_aggregation_under_dp_sums_the_nodes_noisy_partials(settings, three_partitions, tmp_path, monkeypatch):
+    """Under DP each node adds its own noise (std 2 z C) before masking; the server gets their sum, weighted 1 per
+    user, and no loss."""
+    from flwr.app import Context, RecordDict
+
+    server, config, model, clients = loopback_server(settings, three_partitions, tmp_path, monkeypatch)
+    sampled, orders = round_plan(7, 0, clients.clients, 0.5, 1, clients.n_rows)
+    contexts = {
+        10 + k: Context(run_id=1, node_id=10 + k, state=RecordDict(), run_config={},
+                        node_config={"partition": str(three_partitions / f"node-{k}"), "state-dir": str(tmp_path / f"secure-{k}")})
+        for k in range(3)
+    }
+    session = LoopbackSession({"model": "FedDMMR", "dataset": "tiny", "config_file_list": None, "config_dict": server}, three_partitions, tmp_path)
+    session.contexts, session.grid = contexts, LoopbackGrid(contexts)
+    session.secagg = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0, "quantization_range": 2**22, "timeout": None}
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = {"learning_rate": 0.01, "batch_size": 4, "optimizer": "sgd", "dp_clip_norm": 0.1, "dp_noise_multiplier": 1.0}
+    aggregator = FedAvg(global_params, uniform=True)
+    assert FlowerNodes(clients, session=session).train_round(0, sampled, orders, global_params, [], None, task, aggregator) == (None, 0)
+    assert aggregator.n_included == len(sampled) and aggregator.total == pytest.approx(len(sampled), abs=1e-3)
+    noise = torch.cat([v.reshape(-1) for v in aggregator.sums.values()]).double()
+    assert noise.std().item() == pytest.approx(3**0.5 * 2 * 1.0 * 0.1, rel=0.05)  # three nodes' draws
 
 
 def test_a_node_runs_on_the_run_settings_threads(settings, partitions, tmp_path):
@@ -361,7 +428,7 @@ def test_node_workers_answer_as_the_in_process_nodes_across_rounds_and_refuse_a_
         a, b = FedAvg(global_params), FedAvg(global_params)
         losses_a = flower.train_round(round_idx, sampled, orders, global_params, local_names, local_init, task, a)
         losses_b = local.train_round(round_idx, sampled, orders, global_params, local_names, local_init, task, b)
-        assert sorted(a.included) == sorted(b.included) == sorted(sampled) and losses_a == pytest.approx(losses_b)
+        assert a.n_included == b.n_included == len(sampled) and losses_a == pytest.approx(losses_b)
         for name, value in b.result().items():
             assert torch.equal(a.result()[name], value), name
         global_params = {n: v.clone() for n, v in b.result().items()}

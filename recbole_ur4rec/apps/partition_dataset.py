@@ -21,6 +21,7 @@ Files are ``.npz`` (read with ``allow_pickle=False``) and JSON: loading a partit
 """
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -30,6 +31,7 @@ import torch
 
 from recbole_ur4rec.build import build
 from recbole_ur4rec.common.argv import isolated_argv, parse_overrides
+from recbole_ur4rec.common.private_files import private_dir, write_private
 from recbole_ur4rec.common.tables import write_json
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.features.settings import cache_dir
@@ -57,19 +59,18 @@ def write_partitions(run, out, nodes):
     n_items = dataset.item_num
     os.makedirs(out, exist_ok=True)
     for node in range(nodes):
-        folder = os.path.join(out, f"node-{node}")
-        os.makedirs(folder, exist_ok=True)
+        folder = private_dir(os.path.join(out, f"node-{node}"))  # a node's users' rows: owner-only
         users = sorted(int(u) for u in clients.clients if int(u) % nodes == node)
         arrays = {}
         for split, data in splits.items():
             mask = torch.as_tensor(np.isin(data.inter_feat[uid].numpy(), users))
             arrays.update({f"{split}.{field}": value for field, value in _columns(data, mask).items()})
-        np.savez(os.path.join(folder, "partition.npz"), **arrays)
+        write_private(os.path.join(folder, "partition.npz"), lambda f: np.savez(f, **arrays))
         meta = {
             "format": FORMAT, "dataset": name, "node": node, "nodes": nodes, "users": users, "n_items": n_items,
             "n_users": dataset.user_num, "uid_field": uid,
         }
-        write_json(os.path.join(folder, "node.json"), meta, indent=None)
+        write_private(os.path.join(folder, "node.json"), lambda f: f.write(json.dumps(meta).encode()))
     # item side information: the .item file and the item feature caches
     items = os.path.join(out, "items", name)
     os.makedirs(items, exist_ok=True)

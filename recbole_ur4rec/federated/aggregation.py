@@ -1,34 +1,49 @@
-"""FedAvg weighted by sample counts, with the client-failure rule and optional DP clipping and Gaussian noise.
+"""FedAvg weighted by sample counts, with the client-failure rule, optional clipping, and the sum a node (or the
+in-process trainer, the only node then) releases under user-level differential privacy.
 
 The aggregator sees only parameter updates (``delta_k = theta_k - theta``) and sample counts ``n_k``; no client data.
 
-    theta' = theta + sum_k n_k * c_k * delta_k / sum_k n_k  (+ noise)
-    c_k    = min(1, dp_clip_norm / ||delta_k||_2)             (1 without clipping; the norm is over all aggregated parameters)
-    noise  ~ N(0, (dp_noise_multiplier * dp_clip_norm * max_k n_k / sum_k n_k)^2) per coordinate
+    theta' = theta + sum_k w_k * c_k * delta_k / W
+    c_k    = min(1, dp_clip_norm / ||delta_k||_2)   (1 without clipping; the norm is over all aggregated parameters)
+    w_k    = n_k, W = sum_k w_k                      (without DP)
+    w_k    = 1,   W = the round's sampled users       (DP, ``uniform``: W is public; see :mod:`.privacy`)
 
-``dp_clip_norm * max_k n_k / sum_k n_k`` bounds how far one client can move the weighted average (its L2
-sensitivity), so the noise is ``dp_noise_multiplier`` times that bound (Gaussian mechanism, as in DP-FedAvg,
-McMahan et al., ICLR 2018, with sample-count weights). A client whose update holds a NaN or an infinity is left out.
+Under DP each node adds its noise to its sum (:meth:`FedAvg.add_noise`) before the sum leaves it. A client whose
+update holds a NaN or an infinity is left out; under DP it adds a zero update and counts as included instead, so
+that whether a user's update was finite (which a server could provoke with parameters chosen to overflow on some
+users' data) does not reach the server. The server drops a node's partial that is not finite or larger than the node
+could send (:func:`partial_problem`) as a failed node.
 """
+import math
 from logging import getLogger
 
 import torch
 
+from recbole_ur4rec.federated.privacy import node_noise, secure_generator
+
 
 class FedAvg:
-    """Accumulates client updates of one round; :meth:`result` gives the new global parameters."""
+    """Accumulates client updates of one round; :meth:`result` gives the new global parameters.
 
-    def __init__(self, global_params, clip_norm=None, noise_multiplier=0.0, generator=None):
-        self.global_params = global_params  # name -> tensor (the aggregated parameters only)
-        self.clip_norm, self.noise_multiplier, self.generator = clip_norm, noise_multiplier, generator
+    Args:
+        global_params (dict): name -> tensor (the aggregated parameters only).
+        clip_norm (float or None): clip every client's update to this L2 norm.
+        uniform (bool): weight every client 1 and count a non-finite update as a zero one (DP).
+    """
+
+    def __init__(self, global_params, clip_norm=None, uniform=False):
+        self.global_params = global_params
+        self.clip_norm, self.uniform = clip_norm, uniform
         self.sums = {name: torch.zeros_like(p) for name, p in global_params.items()}
-        self.total, self.max_count, self.included, self.excluded = 0.0, 0.0, [], []
+        self.total = 0.0
+        self.included, self.excluded = [], []  # the clients known by id (in this process, or a whole failed node)
+        self.n_included, self.n_excluded = 0, 0  # all clients, those of node replies (counts only) included
 
     def add(self, clients, deltas, counts):
         """Add the updates of ``clients`` (a list): ``deltas`` name -> [C ..], ``counts`` [C] sample counts.
 
         Returns:
-            list: the clients left out because their update is not finite.
+            list: the clients left out because their update is not finite (none when ``uniform``).
         """
         counts = torch.as_tensor(counts, dtype=torch.float64)
         flat = [deltas[name].reshape(len(clients), -1) for name in self.global_params]
@@ -37,57 +52,87 @@ class FedAvg:
         if self.clip_norm is not None and flat:
             norms = torch.sqrt(sum(f.double().nan_to_num(0.0, 0.0, 0.0).pow(2).sum(1) for f in flat))  # [C]
             scale = torch.clamp(self.clip_norm / norms.clamp(min=1e-12), max=1.0)
-        weights = torch.where(finite, counts * scale, torch.zeros_like(counts))  # [C]
+        base = torch.ones_like(counts) if self.uniform else counts
+        weights = torch.where(finite, base * scale, torch.zeros_like(counts))  # [C]
         for name in self.global_params:
             delta = torch.where(finite.view(-1, *[1] * (deltas[name].dim() - 1)), deltas[name], torch.zeros_like(deltas[name]))
             self.sums[name] += torch.tensordot(weights.to(delta.dtype), delta, dims=1)
-        left_out = [c for c, ok in zip(clients, finite.tolist()) if not ok]
-        for client in left_out:
-            getLogger().warning(f"client {client}: non-finite update, left out of this round's aggregate")
-        self.included += [c for c, ok in zip(clients, finite.tolist()) if ok]
+        counted = torch.ones_like(finite) if self.uniform else finite
+        left_out = [c for c, ok in zip(clients, counted.tolist()) if not ok]
+        for client, ok in zip(clients, finite.tolist()):
+            if not ok:
+                getLogger().warning(f"client {client}: non-finite update, " + ("added as a zero update (DP)" if self.uniform else "left out of this round's aggregate"))
+        self.included += [c for c, ok in zip(clients, counted.tolist()) if ok]
         self.excluded += left_out
-        if finite.any():
-            self.total += float(counts[finite].sum())
-            self.max_count = max(self.max_count, float(counts[finite].max()))
+        self.n_included += int(counted.sum())
+        self.n_excluded += len(left_out)
+        self.total += float(base[counted].sum())
         return left_out
 
     def fail(self, client, error):
         """Leave out a client whose update raised ``error``."""
         getLogger().warning(f"client {client}: update failed ({type(error).__name__}: {error}), left out of this round's aggregate")
         self.excluded.append(client)
+        self.n_excluded += 1
+
+    def add_noise(self, std, rng=None):
+        """Add ``N(0, std^2)`` to every coordinate of the sums, from a secure generator (:mod:`.privacy`)."""
+        rng = rng or secure_generator()
+        for name, noise in node_noise({n: v.shape for n, v in self.sums.items()}, std, rng).items():
+            self.sums[name] += torch.from_numpy(noise).to(self.sums[name].dtype)
 
     def partial(self):
         """The running sums (a node's share of the round), for :meth:`merge` on the server: the server learns the
-        node's weighted sum of its clients' updates, not the updates themselves."""
+        node's weighted sum of its clients' updates and how many were included or left out, not which."""
         return {
             "sums": {name: value.clone() for name, value in self.sums.items()}, "total": self.total,
-            "max_count": self.max_count, "included": list(self.included), "excluded": list(self.excluded),
+            "included": self.n_included, "excluded": self.n_excluded,
         }
 
     def merge(self, partial):
-        """Add another aggregator's :meth:`partial` (clipping was applied there, per client)."""
+        """Add another aggregator's :meth:`partial` (clipping, and noise, were applied there)."""
         for name, value in self.sums.items():
             value += partial["sums"][name].to(value.dtype)
         self.total += float(partial["total"])
-        self.max_count = max(self.max_count, float(partial["max_count"]))
-        self.included += [int(c) for c in partial["included"]]
-        self.excluded += [int(c) for c in partial["excluded"]]
+        self.n_included += int(partial["included"])
+        self.n_excluded += int(partial["excluded"])
 
-    def result(self):
-        """The new global parameters: unchanged when no client contributed."""
+    def result(self, denominator=None):
+        """The new global parameters: the sums over ``denominator`` (DP: the round's sampled users, public) or over
+        the total weight; unchanged when no client contributed."""
         if self.total == 0:
             getLogger().warning("no client contributed to this round: the global model is unchanged")
             return {name: p.clone() for name, p in self.global_params.items()}
-        new = {}
-        std = 0.0
-        if self.clip_norm is not None and self.noise_multiplier > 0:
-            std = self.noise_multiplier * self.clip_norm * self.max_count / self.total
-        for name, p in self.global_params.items():
-            update = self.sums[name] / self.total
-            if std > 0:
-                update = update + std * torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
-            new[name] = p + update
-        return new
+        divide = float(denominator) if denominator else self.total
+        return {name: p + self.sums[name] / divide for name, p in self.global_params.items()}
+
+
+def partial_problem(partial, global_params, max_total, max_norm=None):
+    """Why the server must drop a node's ``partial`` (:meth:`FedAvg.partial`), or None when it is fine: sums that
+    do not match the parameters or are not finite, a total weight outside [0, ``max_total``] (what the node's
+    sampled users can weigh), a norm above ``max_norm`` (clipping and noise bound it; None: unbounded)."""
+    sums = partial["sums"]
+    if set(sums) != set(global_params) or any(tuple(sums[n].shape) != tuple(global_params[n].shape) for n in sums):
+        return "its sums do not match the global parameters"
+    if not all(bool(v.isfinite().all()) for v in sums.values()):
+        return "its sums are not finite"
+    total = float(partial["total"])
+    if not math.isfinite(total) or total < 0 or total > max_total * (1 + 1e-6) + 1e-6:
+        return f"its total weight {total} is outside [0, {max_total}] (its sampled users' weight)"
+    if max_norm is not None:
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in sums.values()))
+        if norm > max_norm:
+            return f"the norm of its sums, {norm:.4g}, exceeds {max_norm:.4g} (what clipping and noise allow)"
+    return None
+
+
+def partial_norm_bound(total, clip_norm, noise_std, size):
+    """The largest norm an honest partial of weight ``total`` reaches: ``total * C`` (weights times clipped norms)
+    plus its noise's norm (``size`` coordinates), which exceeds ``std * (sqrt(size) + 10)`` with probability below
+    ``exp(-50)``; None without clipping."""
+    if clip_norm is None:
+        return None
+    return total * clip_norm * (1 + 1e-5) + (noise_std * (math.sqrt(size) + 10) if noise_std else 0.0)
 
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")

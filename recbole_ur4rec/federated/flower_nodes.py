@@ -7,8 +7,10 @@ from logging import getLogger
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from recbole_ur4rec.federated.aggregation import partial_norm_bound, partial_problem
 from recbole_ur4rec.federated.node import assign, merge_replies
-from recbole_ur4rec.federated.secagg import ordered_names, secure_sum
+from recbole_ur4rec.federated.privacy import SECAGG_MIN_NODES, node_noise_std
+from recbole_ur4rec.federated.secagg import EXTRAS, ordered_names, secure_sum
 
 PLAIN_TRAIN = f"{MessageType.TRAIN}.plain"  # a round without SecAgg+ (whose messages are plain "train" ones)
 _ACTIVE = None  # the FlowerSession of the running ServerApp
@@ -168,7 +170,8 @@ class FlowerNodes:
         return mapping
 
     def train_round(self, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
-        """Train ``clients`` on their SuperNodes; merge the replies into ``aggregator``; return the clients' losses."""
+        """Train ``clients`` on their SuperNodes; merge the replies into ``aggregator``; return ``(loss sum,
+        clients)`` (:func:`~recbole_ur4rec.federated.node.merge_replies`)."""
         begin, self.calls = time.time(), self.calls + 1
         nodes = self._nodes()
         if self.session.secagg:
@@ -190,7 +193,7 @@ class FlowerNodes:
         by_node = self.session.exchange({nodes[p]: m for p, m in messages.items()}) if messages else {}
         for partition in messages:
             replies[partition] = self._partial(partition, by_node[nodes[partition]], global_params)
-        losses = merge_replies(clients, self.federation, replies, aggregator)
+        losses = merge_replies(clients, self.federation, replies, aggregator, task)
         sent = sum(payload_bytes(m.content) for m in messages.values())
         received = sum(payload_bytes(r.content) for r in by_node.values() if not isinstance(r, Exception) and not r.has_error())
         self._record(round_idx, nodes, clients, aggregator, begin, sent, received)
@@ -206,20 +209,32 @@ class FlowerNodes:
     def _record(self, round_idx, nodes, clients, aggregator, begin, sent=None, received=None):
         self.session.rounds.append({
             "call": self.calls, "round": int(round_idx), "nodes": len(nodes), "sampled": list(clients),
-            "included": sorted(aggregator.included), "excluded": sorted(aggregator.excluded), "seconds": time.time() - begin,
-            "secagg": bool(self.session.secagg), "bytes_sent": sent, "bytes_received": received,
+            "included": aggregator.n_included, "excluded": aggregator.n_excluded, "excluded_known": sorted(aggregator.excluded),
+            "seconds": time.time() - begin, "secagg": bool(self.session.secagg), "bytes_sent": sent, "bytes_received": received,
         })
 
     def _secure_round(self, nodes, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
-        """The round with SecAgg+: every node with sampled clients takes part; the server gets only their sum."""
-
+        """The round with SecAgg+: every node with sampled clients takes part; the server gets only their sum (the
+        partial aggregates, their weights, client counts and loss sums: :data:`~.secagg.EXTRAS`). Fewer than
+        :data:`~.privacy.SECAGG_MIN_NODES` nodes are refused: their clients fail."""
         by_partition = assign(clients, self.federation)
         taking_part = {p: users for p, users in by_partition.items() if p in nodes}
         for partition, users in by_partition.items():
             if partition not in nodes:
                 for user in users:
                     aggregator.fail(user, RuntimeError(f"no SuperNode holds partition {partition}"))
-        scale = float(sum(self.federation.counts[c] for c in clients))
+        if len(taking_part) < SECAGG_MIN_NODES:
+            refusal = RuntimeError(
+                f"SecAgg+ needs at least {SECAGG_MIN_NODES} nodes with sampled clients, this round has {len(taking_part)}: "
+                "with fewer, a node can subtract its own vector from the sum and learn the other's"
+            )
+            for users in taking_part.values():
+                for user in users:
+                    aggregator.fail(user, refusal)
+            return None, 0
+        # the values travel divided by the round's total weight (DP: one per user), well inside the quantisation range
+        dp = float(task.get("dp_noise_multiplier") or 0.0) > 0
+        scale = float(len(clients) if dp else sum(self.federation.counts[c] for c in clients))
         config = {**self._round_spec(round_idx, local_names, task), "weight_scale": scale, "local_init": bool(local_init)}
         for partition, users in taking_part.items():
             config[f"clients.{partition}"] = list(users)
@@ -230,47 +245,63 @@ class FlowerNodes:
         arrays = [global_params[n].detach().cpu().numpy() for n in names]
         arrays += [local_init[n].detach().cpu().numpy() for n in local_names] if local_init else []
         summed, contributions = secure_sum(self.session.grid, [nodes[p] for p in taking_part], arrays, config, self.session.secagg)
-        losses = {}
-        contributions = {node: {key: json.loads(v) if isinstance(v, str) else v for key, v in m.items()} for node, m in contributions.items()}
-        for metrics in contributions.values():
-            losses.update({int(u): float(x) for u, x in metrics["losses"].items()})
+        contributing = {p: users for p, users in taking_part.items() if nodes[p] in contributions}
+        reason = "SecAgg+ halted (too few nodes left for its threshold)" if summed is None else "its node dropped out of SecAgg+"
+        loss = (None, 0)
         if summed is not None:
+            extras = dict(zip(EXTRAS, (summed[len(names)].reshape(-1) * scale).tolist()))
             merged = {
                 "sums": {n: torch.from_numpy(summed[i] * scale).to(global_params[n].dtype).reshape(global_params[n].shape) for i, n in enumerate(names)},
-                "total": float(summed[len(names)].reshape(-1)[0] * scale),
-                "max_count": max(float(m["max_count"]) for m in contributions.values()),
-                "included": [int(u) for m in contributions.values() for u in m["included"]],
-                "excluded": [int(u) for m in contributions.values() for u in m["excluded"]],
+                "total": extras["total"], "included": int(round(extras["included"])), "excluded": int(round(extras["excluded"])),
             }
-            aggregator.merge(merged)
+            problem = self._secure_problem(merged, contributing, task, scale, global_params)
+            if problem is None:
+                aggregator.merge(merged)
+                if round(extras["loss_count"]) > 0:
+                    loss = (extras["loss_sum"], int(round(extras["loss_count"])))
+            else:
+                reason, contributing = f"the secure sum is dropped: {problem}", {}
         for partition, users in taking_part.items():
-            if summed is None or nodes[partition] not in contributions:
-                reason = "SecAgg+ halted (too few nodes left for its threshold)" if summed is None else "its node dropped out of SecAgg+"
+            if partition not in contributing:
                 for user in users:
                     aggregator.fail(user, RuntimeError(f"partition {partition}: {reason}"))
-        included = set(aggregator.included)
-        return [losses[c] for c in clients if c in included and c in losses]
+        return loss
+
+    def _secure_problem(self, merged, contributing, task, scale, global_params):
+        """Why the server must drop a secure sum (as :func:`~recbole_ur4rec.federated.aggregation.partial_problem`
+        for one node's partial), or None; the bounds allow SecAgg+'s quantisation error."""
+        nodes = len(contributing)
+        users = [u for members in contributing.values() for u in members]
+        noise = float(task.get("dp_noise_multiplier") or 0.0)
+        max_total = len(users) if noise > 0 else sum(self.federation.counts[u] for u in users)
+        secagg = self.session.secagg
+        step = 2 * secagg["clipping_range"] / secagg["quantization_range"] * scale * nodes  # per coordinate, all nodes
+        size = sum(v.numel() for v in merged["sums"].values())
+        std = node_noise_std(task.get("dp_clip_norm"), noise) * nodes**0.5 if noise > 0 else 0.0
+        bound = partial_norm_bound(min(merged["total"], max_total), task.get("dp_clip_norm"), std, size)
+        bound = bound + step * size**0.5 if bound is not None else None
+        # the total may exceed its bound by the quantisation error
+        problem = partial_problem({**merged, "total": max(merged["total"] - step, 0.0)}, global_params, max_total, bound)
+        if problem is None and merged["included"] + merged["excluded"] != len(users):
+            problem = f"it counts {merged['included']} included and {merged['excluded']} failed clients of {len(users)}"
+        return problem
 
     def _partial(self, partition, reply, global_params):
-        """A node's reply as ``(partial, losses, failed)``, or the Exception that stands for it."""
+        """A node's reply as ``(partial, (loss sum, clients))``, or the Exception that stands for it."""
         if isinstance(reply, Exception):
             return reply
         if reply.has_error():
             return RuntimeError(f"the SuperNode of partition {partition} failed: {reply.error.reason}")
         try:
             result = reply.content["result"]
-            sums = tensors_of(reply.content["sums"])
-            if set(sums) != set(global_params) or any(sums[n].shape != global_params[n].shape for n in sums):
-                raise ValueError("its sums do not match the global parameters")
             partial = {
-                "sums": sums, "total": float(result["total"]), "max_count": float(result["max_count"]),
-                "included": [int(u) for u in result["included"]], "excluded": [int(u) for u in result["excluded"]],
+                "sums": tensors_of(reply.content["sums"]), "total": float(result["total"]),
+                "included": int(result["included"]), "excluded": int(result["excluded"]),
             }
-            losses = dict(zip([int(u) for u in result["loss_clients"]], [float(x) for x in result["losses"]]))
-            failed = dict(zip([int(u) for u in result["failed"]], [str(e) for e in result["errors"]]))
+            loss = (None if result["loss_count"] == 0 else float(result["loss_sum"]), int(result["loss_count"]))
         except Exception as error:  # a reply that does not fit the request: none of it is used
             return ValueError(f"the SuperNode of partition {partition} sent a malformed reply ({type(error).__name__}: {error})")
-        return partial, losses, failed
+        return partial, loss
 
     def evaluate(self, split, global_params, local_names, local_round, local_init=None):
         """Every partition's ``(metric sums, users)`` for ``split``; a partition without a reply is an error."""

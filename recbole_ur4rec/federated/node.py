@@ -6,26 +6,34 @@ messages: :mod:`recbole_ur4rec.apps.flower`):
 
 - :meth:`Node.train`: the round's client updates of its sampled users (:class:`~recbole_ur4rec.federated.LoopEngine`'s
   update, from the global parameters and each user's own local parameters); it replies one partial aggregate (the
-  weighted sum of its clients' clipped updates and their total weight, :meth:`FedAvg.partial`), which clients were
-  included or failed and their losses. Local parameters never leave the node: they are kept in :class:`LocalStore`,
-  on disk under the node's state folder, one version per round;
+  weighted sum of its clients' clipped updates and their total weight, :meth:`FedAvg.partial`; under DP with its
+  own noise, :mod:`.privacy`), how many clients were included or failed (not which) and the sum of their losses
+  (none under DP). Local parameters never leave the node: they are kept in :class:`LocalStore`, on disk under the
+  node's state folder (owner-only), one version per round;
 - :meth:`Node.evaluate`: its users' validation or test rows, ranked over all items with the global parameters and
   each user's local parameters as of a given round, scored by RecBole's own metric code; it replies only the metric
   sums over its users and their number (:func:`metric_sums`), which the server adds up (:func:`merge_metric_sums`).
+
+Whatever the server asks, a node answers within its :class:`~.privacy.NodePolicy`: at least ``min-users`` users per
+reply, row orders that are permutations of its users' own rows, DP settings within its limits, SecAgg+ only when it
+says so, at most ``max-evaluations`` evaluations per run; otherwise it refuses (:class:`~.privacy.PrivacyRefusal`).
 """
 import glob
+import json
+import math
 import os
 import re
-from logging import getLogger
 
 import numpy as np
 import torch
 
+from recbole_ur4rec.common.private_files import private_dir, write_private
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.evaluation.slices import row_metrics
-from recbole_ur4rec.federated.aggregation import FedAvg
+from recbole_ur4rec.federated.aggregation import FedAvg, partial_norm_bound, partial_problem
 from recbole_ur4rec.federated.catalog import ItemCatalog, NodePartition, PartitionError, read_items
 from recbole_ur4rec.federated.local_engines import ClientData, LoopEngine
+from recbole_ur4rec.federated.privacy import NodePolicy, PrivacyRefusal, check_orders, node_noise_std
 
 
 def default_items(partition):
@@ -49,7 +57,8 @@ def merge_metric_sums(replies, decimal_place):
 
 
 class LocalStore:
-    """A node's local parameters per user and round, in ``<folder>/local-<round>.npz`` files (no pickle).
+    """A node's local parameters per user and round, in ``<folder>/local-<round>.npz`` files (no pickle), the
+    folder and its files readable by their owner only.
 
     ``init`` holds the values every user starts from when partial aggregation begins (the global values then).
     """
@@ -58,7 +67,7 @@ class LocalStore:
 
     def __init__(self, folder):
         self.folder = folder
-        os.makedirs(folder, exist_ok=True)
+        private_dir(folder)
         self.versions = {}  # user -> sorted rounds with a saved version
         for path in glob.glob(os.path.join(folder, "local-*.npz")):
             match = self.PATTERN.search(path)
@@ -73,7 +82,7 @@ class LocalStore:
         return os.path.join(self.folder, "init.npz" if round_idx is None else f"local-{round_idx}.npz")
 
     def save_init(self, values):
-        np.savez(self._path(None), **{name: v.detach().cpu().numpy() for name, v in values.items()})
+        write_private(self._path(None), lambda f: np.savez(f, **{name: v.detach().cpu().numpy() for name, v in values.items()}))
 
     def keep_init(self, values):
         """Save ``values`` (or None) as ``init`` unless the node holds it already."""
@@ -90,9 +99,7 @@ class LocalStore:
         users = sorted(values)
         names = list(values[users[0]])
         arrays = {name: np.stack([values[u][name].detach().cpu().numpy() for u in users]) for name in names}
-        tmp = self._path(round_idx) + ".tmp.npz"
-        np.savez(tmp, users=np.asarray(users, dtype=np.int64), **arrays)
-        os.replace(tmp, self._path(round_idx))
+        write_private(self._path(round_idx), lambda f: np.savez(f, users=np.asarray(users, dtype=np.int64), **arrays))
         for user in users:
             rounds = self.versions.setdefault(user, [])
             if round_idx not in rounds:
@@ -139,8 +146,8 @@ class _Collect(FedAvg):
     """The node's FedAvg (per-client clipping as on the server, no noise), keeping which clients were counted
     (they returned a loss) and why the others failed."""
 
-    def __init__(self, global_params, clip_norm=None):
-        super().__init__(global_params, clip_norm)
+    def __init__(self, global_params, clip_norm=None, uniform=False):
+        super().__init__(global_params, clip_norm, uniform)
         self.counted, self.failed = [], {}
 
     def add(self, clients, deltas, counts):
@@ -162,12 +169,13 @@ class Node:
         state_dir (str): where the node keeps its users' local parameters (survives a node restart).
         model_class: the model's class (built from an item catalog, without interactions).
         items (str or None): the shared item side information folder (default: ``items`` beside the partition).
+        policy (NodePolicy or None): the node's limits (default: :class:`NodePolicy`'s defaults).
     """
 
-    def __init__(self, config, partition, state_dir, model_class, items=None):
+    def __init__(self, config, partition, state_dir, model_class, items=None, policy=None):
         from recbole.evaluator import Collector, Evaluator
 
-
+        self.policy = policy or NodePolicy()
         catalog = read_items(items or default_items(partition), config["dataset"])
         self.config = config
         self.partition = NodePartition(partition, config["dataset"], len(catalog["item_tokens"]))
@@ -190,7 +198,7 @@ class Node:
                 params[name].copy_(value)
 
     # ---- requests --------------------------------------------------------------------------------------------
-    def train(self, round_idx, users, orders, global_params, local_names, local_init, task):
+    def train(self, round_idx, users, orders, global_params, local_names, local_init, task, secure=False):
         """Train ``users`` (this node's) for round ``round_idx``; keep their new local parameters here.
 
         Args:
@@ -198,14 +206,27 @@ class Node:
             local_names (list): the parameters kept on the clients this round (empty during the warm-up).
             local_init (dict or None): the values of ``local_names`` every user starts from (the server's copy,
                 frozen since the warm-up ended), kept by a node that does not hold them yet.
-            task (dict): ``learning_rate``, ``batch_size``, ``optimizer`` (local) and ``dp_clip_norm`` (or None).
+            task (dict): ``learning_rate``, ``batch_size``, ``optimizer`` (local), ``dp_clip_norm`` (or None) and
+                ``dp_noise_multiplier`` (0: no DP).
+            secure (bool): the request came inside SecAgg+.
 
         Returns:
             tuple: the node's partial aggregate (:meth:`FedAvg.partial`: the weighted sum of its clients' clipped
-            updates, their total weight, the included and excluded clients), ``losses`` (user -> mean local loss)
-            and ``failed`` (user -> error text).
+            updates, with its noise under DP, their total weight, how many clients were included or left out) and
+            ``(loss sum, clients)`` over the included clients' mean local losses (``(None, 0)`` under DP).
+
+        Raises:
+            PrivacyRefusal: the request is outside the node's policy (see the module docstring).
         """
+        if self.policy.secagg_only and not secure:
+            raise PrivacyRefusal(f"node {self.partition.node} trains only inside SecAgg+ (node policy 'secagg-only'): a plain round is refused")
+        clip_norm, noise = task.get("dp_clip_norm"), float(task.get("dp_noise_multiplier") or 0.0)
+        if noise > 0 and clip_norm is None:
+            raise PrivacyRefusal("the server asks for dp_noise_multiplier > 0 without dp_clip_norm: the noise has no scale")
+        self.policy.check_dp(clip_norm, noise)
         self.partition.check_users(users)
+        self.policy.check_users(len(users), f"node {self.partition.node}'s training reply")
+        check_orders([u for u in users if u in self.clients.rows], orders, self.clients.n_rows, self.partition.node)
         self.store.keep_init(local_init)
         self._load_global(global_params)
         problems = {}
@@ -219,31 +240,38 @@ class Node:
         for user in users:
             if user not in self.clients.rows:
                 problems.setdefault(user, PartitionError(f"user {user} has no training rows on node {self.partition.node}"))
-            elif len(orders[user][0]) != len(self.clients.rows[user]):
-                problems.setdefault(user, PartitionError(
-                    f"user {user}: node {self.partition.node} holds {len(self.clients.rows[user])} training rows, the "
-                    f"server's plan {len(orders[user][0])}: the server's federation.json and this partition differ"
-                ))
         engine = _NodeEngine(self.model, self.clients, task["learning_rate"], task["batch_size"], task["optimizer"], problems)
-        collect = _Collect(global_params, task.get("dp_clip_norm"))
+        collect = _Collect(global_params, clip_norm, uniform=noise > 0)
         new_local, losses = engine.run(users, orders, global_params, local, collect)
+        self.policy.check_users(collect.n_included, f"node {self.partition.node}'s training reply (after {collect.n_excluded} failed client(s))")
         if local_names:
             self.store.save(round_idx, {u: new_local[u] for u in new_local})
-        return collect.partial(), dict(zip(collect.counted, losses)), collect.failed  # the engine's order
+        if noise > 0:
+            collect.add_noise(node_noise_std(clip_norm, noise))
+            return collect.partial(), (None, 0)
+        included = set(collect.included)
+        kept = [x for c, x in zip(collect.counted, losses) if c in included and math.isfinite(x)]  # the engine's order
+        return collect.partial(), (float(sum(kept)), len(kept))
 
     @torch.no_grad()
-    def evaluate(self, split, global_params, local_names, local_round, local_init=None, batch_size=None):
+    def evaluate(self, split, global_params, local_names, local_round, local_init=None, batch_size=None, run_key="run"):
         """Metric sums over this node's users' ``split`` rows and their number (see :func:`metric_sums`).
 
         Args:
             local_names (list): local parameters in use (empty: none); each user's version of ``local_round``
                 (its latest at or before it) is used, ``local_init`` for users never trained since the warm-up.
+            run_key (str): the run the evaluation counts against (node policy ``max-evaluations``).
+
+        Raises:
+            PrivacyRefusal: fewer users than ``min-users``, or the run's evaluations are spent.
         """
-        self.store.keep_init(local_init)
-        self._load_global(global_params)
         model, rows = self.model, self.partition.rows[split]
         uid, iid = self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]
         users = rows[uid].tolist()
+        self.policy.check_users(len(set(users)), f"node {self.partition.node}'s {split} evaluation")
+        self._count_evaluation(run_key)
+        self.store.keep_init(local_init)
+        self._load_global(global_params)
         if local_names:
             values = self.store.load(users, local_names, local_round)
             for name in local_names:
@@ -260,6 +288,22 @@ class Node:
             self.collector.eval_batch_collect(scores, batch, torch.arange(len(batch)), batch[iid])
         struct = self.collector.get_data_struct()
         return metric_sums(self.evaluator, struct), len(rows)
+
+
+    def _count_evaluation(self, run_key):
+        """Count one evaluation of ``run_key`` in ``<state>/evaluations.json``; refuse once the run's are spent."""
+        path = os.path.join(self.store.folder, "evaluations.json")
+        counts = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                counts = json.load(f)
+        if counts.get(run_key, 0) >= self.policy.max_evaluations:
+            raise PrivacyRefusal(
+                f"node {self.partition.node} has answered {counts[run_key]} evaluations of this run, its limit (node policy "
+                "'max-evaluations'): repeated evaluations of chosen parameters would reveal its users' rows"
+            )
+        counts[run_key] = counts.get(run_key, 0) + 1
+        write_private(path, lambda f: f.write(json.dumps(counts).encode()))
 
 
 class _Rows(dict):
@@ -286,10 +330,11 @@ class _NodeEngine(LoopEngine):
 
 class LocalNodes:
     """Every node of a partition in this process, each reading only its own partition and state folder: the
-    in-process counterpart of the Flower deployment (same requests, same replies).
+    in-process counterpart of the Flower deployment (same requests, same replies, same refusals).
 
     Args:
-        config: the server's Config (``federation_dir`` set; ``data_path`` and ``feature_cache_dir`` at the items).
+        config: the server's Config (``federation_dir`` set; ``data_path`` and ``feature_cache_dir`` at the items;
+            ``node_policy``: every node's :class:`~.privacy.NodePolicy` settings).
         federation (FederationClients): the server's clients and their nodes.
         state_root (str): ``<state_root>/node-<k>`` is node ``k``'s state folder.
         model_class: the model's class.
@@ -299,21 +344,26 @@ class LocalNodes:
     def __init__(self, config, federation, state_root, model_class, root=None):
         root = root or config["federation_dir"]
         self.federation = federation
+        policy = NodePolicy.from_settings(config["node_policy"], "config key 'node_policy'")
         self.nodes = [
-            Node(config, os.path.join(root, f"node-{k}"), os.path.join(state_root, f"node-{k}"), model_class)
+            Node(config, os.path.join(root, f"node-{k}"), os.path.join(state_root, f"node-{k}"), model_class, policy=policy)
             for k in range(federation.nodes)
         ]
+        self.run_key = os.urandom(8).hex()  # this run's evaluations, counted by each node
 
     def train_round(self, round_idx, clients, orders, global_params, local_names, local_init, task, aggregator):
-        """Train ``clients`` on their nodes; merge the nodes' partial aggregates into ``aggregator``; return the
-        clients' losses."""
+        """Train ``clients`` on their nodes; merge the nodes' partial aggregates into ``aggregator`` (a node that
+        refuses leaves its clients out); return ``(loss sum, clients)`` (see :func:`merge_replies`)."""
         replies = {}
         for k, users in assign(clients, self.federation).items():
-            replies[k] = self.nodes[k].train(round_idx, users, {u: orders[u] for u in users}, global_params, local_names, local_init, task)
-        return merge_replies(clients, self.federation, replies, aggregator)
+            try:
+                replies[k] = self.nodes[k].train(round_idx, users, {u: orders[u] for u in users}, global_params, local_names, local_init, task)
+            except PrivacyRefusal as refusal:
+                replies[k] = refusal
+        return merge_replies(clients, self.federation, replies, aggregator, task)
 
     def evaluate(self, split, global_params, local_names, local_round, local_init=None):
-        return [node.evaluate(split, global_params, local_names, local_round, local_init) for node in self.nodes]
+        return [node.evaluate(split, global_params, local_names, local_round, local_init, run_key=self.run_key) for node in self.nodes]
 
     def prune(self, keep_round):
         for node in self.nodes:
@@ -328,21 +378,36 @@ def assign(clients, federation):
     return by_node
 
 
-def merge_replies(clients, federation, replies, aggregator):
-    """Merge the nodes' replies (node -> (partial, losses, failed), or an Exception for a node without a reply) into
-    ``aggregator``; every client of a node without a reply fails with the node's reason. Returns the losses of
-    the included clients, in the sampled order."""
-    losses = {}
+def merge_replies(clients, federation, replies, aggregator, task):
+    """Merge the nodes' replies (node -> ``(partial, (loss sum, clients))``, or an Exception for a node without a
+    reply) into ``aggregator``. A partial that :func:`~.aggregation.partial_problem` finds wrong (not finite, or
+    larger than the node's sampled users, clipping and noise allow) is dropped: its node failed. Every client of a
+    failed node fails with the node's reason.
+
+    Returns:
+        tuple: the sum of the included clients' mean local losses and their number (``(None, 0)`` when no node
+        reported a loss, as under DP).
+    """
+    clip_norm, noise = task.get("dp_clip_norm"), float(task.get("dp_noise_multiplier") or 0.0)
+    std = node_noise_std(clip_norm, noise) if noise > 0 else 0.0
+    size = sum(p.numel() for p in aggregator.global_params.values())
+    loss_sum, loss_count = 0.0, 0
     for node, users in assign(clients, federation).items():
         reply = replies.get(node, RuntimeError(f"node {node} was not asked"))
+        if not isinstance(reply, Exception):
+            partial, (node_loss, node_count) = reply
+            max_total = len(users) if noise > 0 else sum(federation.counts[u] for u in users)
+            bound = partial_norm_bound(min(float(partial["total"]), max_total), clip_norm, std, size)
+            problem = partial_problem(partial, aggregator.global_params, max_total, bound)
+            if problem is None and int(partial["included"]) + int(partial["excluded"]) != len(users):
+                problem = f"it counts {partial['included']} included and {partial['excluded']} failed clients of {len(users)}"
+            if problem is not None:
+                reply = ValueError(f"node {node}'s partial aggregate is dropped: {problem}")
         if isinstance(reply, Exception):
             for user in users:
                 aggregator.fail(user, reply)
             continue
-        partial, node_losses, failed = reply
-        for user, error in failed.items():
-            getLogger().warning(f"client {user}: update failed on node {node} ({error}), left out of this round's aggregate")
         aggregator.merge(partial)
-        losses.update(node_losses)
-    included = set(aggregator.included)
-    return [losses[c] for c in clients if c in included and c in losses]
+        if node_loss is not None:
+            loss_sum, loss_count = loss_sum + float(node_loss), loss_count + int(node_count)
+    return (loss_sum, loss_count) if loss_count else (None, 0)

@@ -6,18 +6,21 @@ Flower 1.41 runs SecAgg+ through its legacy ``fit`` records only: the round's gl
 ``fitins.config``, and a node replies ``fitres.parameters`` (the only masked record), ``fitres.num_examples``,
 ``fitres.metrics`` and ``fitres.status``. SecAgg+ returns the *mean* of the masked vectors weighted by
 ``num_examples / max_weight``: every node sends ``num_examples`` 1 (``max_weight`` 1), so the mean times the number
-of contributing nodes is their sum. Each node sends ``[its weighted sum of client updates, its total weight]``
-divided by the round's ``weight_scale`` (the sampled clients' total sample count), so that the values lie well
-inside the quantisation range; the server multiplies back.
+of contributing nodes is their sum. Each node sends ``[its weighted sum of client updates, EXTRAS]`` (its total
+weight, how many clients it included and left out, the sum of their losses and their number: :data:`EXTRAS`)
+divided by the round's ``weight_scale`` (the sampled clients' total sample count; under DP, where every client
+weighs 1, their number), so that the values lie well
+inside the quantisation range; the server multiplies back. A node whose values fall outside SecAgg+'s clipping
+range refuses the round (SecAgg+ would clip them silently), and so does a node in a SecAgg+ round of fewer than
+:data:`~.privacy.SECAGG_MIN_NODES` nodes.
 
-In the clear (``fitres.metrics``): the node's largest client sample count (the DP noise scale needs the maximum),
-which of its clients were included or left out, and their losses. SecAgg+ quantises every value to a step of
+Nothing travels in the clear (``fitres.metrics`` is empty). SecAgg+ quantises every value to a step of
 ``2 * clipping_range / quantization_range`` (with Flower's defaults 8 and 2^22: 3.8e-6, on values divided by
 ``weight_scale``), so the aggregate equals plain FedAvg's to that tolerance.
 """
 import numpy as np
 
-NAMES_KEY = "names"
+EXTRAS = ("total", "included", "excluded", "loss_sum", "loss_count")  # after the parameters, in one array
 
 
 def ordered_names(names):

@@ -15,6 +15,13 @@ Failed rounds: a round in which fewer than ``min_round_clients`` sampled clients
 node replied) leaves the global model and the server optimizer's state unchanged, is logged and counted; after
 ``max_failed_rounds`` consecutive failed rounds the run stops with a RuntimeError. The count is resumed with the run.
 
+Differential privacy (``dp_noise_multiplier`` > 0, :mod:`recbole_ur4rec.federated.privacy`): user-level DP with
+noise added where the clients' updates are summed, before the sum leaves its node (on the nodes of a partition; in
+this process for the in-process engines, the one node there), from a secure random source; the aggregate is the
+sum over the round's number of sampled users. After every round the log and the round record give epsilon at
+``dp_delta`` for the user sampled most often so far (against the server, which knows the samples); the run's result
+holds it under ``privacy``.
+
 Partitioned data (``federation_dir``, :mod:`recbole_ur4rec.apps.partition_dataset`): this process is the server and
 holds no interaction. The nodes (in this process with ``federated_engine: loop``, or Flower SuperNodes) train their
 sampled users, keep the users' local parameters, and evaluate their users' validation and test rows with RecBole's
@@ -45,6 +52,7 @@ from recbole_ur4rec.federated import (
 )
 from recbole_ur4rec.federated.catalog import FederationClients, NodeSplit, read_federation
 from recbole_ur4rec.federated.node import LocalNodes, merge_metric_sums
+from recbole_ur4rec.federated.privacy import UserLevelAccountant, node_noise_std
 from recbole_ur4rec.trainer.safe_checkpoint import SafeCheckpointMixin
 
 ENGINE_NAMES = (*ENGINES, "flower")  # flower: the nodes are Flower SuperNodes (recbole_ur4rec.federated.flower_nodes)
@@ -71,6 +79,10 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.dp_noise_multiplier = _check(config, "dp_noise_multiplier", (int, float), 0)
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm is None:
             raise ValueError("config key 'dp_noise_multiplier' > 0 needs 'dp_clip_norm' (the noise is scaled by the clipping norm)")
+        self.dp = bool(self.federated) and self.dp_noise_multiplier > 0  # central training (federated: False) has no DP
+        dp_delta = _check(config, "dp_delta", float, 0, 1, low_open=True, high_open=True)
+        self.accountant = UserLevelAccountant(self.dp_noise_multiplier, dp_delta) if self.dp else None
+        self.epsilons = []  # (round, epsilon) after every round under DP
         self.engine_name = _check(config, "federated_engine", None, choices=ENGINE_NAMES)
         if self.federated and config["loss_position"] != "all":
             raise ValueError(f"federated training needs loss_position: all (whole-sequence rows per client), got {config['loss_position']!r}")
@@ -111,7 +123,10 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         lr, batch = self.local_learning_rate, self.config["train_batch_size"]
         if self.partitioned:
             self.clients = FederationClients(read_federation(self.config["federation_dir"]))
-            self.task = {"learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer, "dp_clip_norm": self.dp_clip_norm}
+            self.task = {
+                "learning_rate": lr, "batch_size": batch, "optimizer": self.local_optimizer,
+                "dp_clip_norm": self.dp_clip_norm, "dp_noise_multiplier": float(self.dp_noise_multiplier),
+            }
             if self.engine_name == "flower":
                 self.engine = _flower_nodes().FlowerNodes(self.clients)
             else:
@@ -151,38 +166,61 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         sampled, orders = round_plan(self.seed, round_idx, self.clients.clients, self.client_fraction, self.local_epochs, n_rows)
         params = dict(model.named_parameters())
         global_params, local_init = self._split_parameters(local)
-        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round_idx, 1]).integers(2**62)))
-        aggregator = FedAvg(global_params, self.dp_clip_norm, self.dp_noise_multiplier, generator)
+        aggregator = FedAvg(global_params, self.dp_clip_norm, uniform=self.dp)
         if self.partitioned:
             new_local = {}
-            losses = self.engine.train_round(round_idx, sampled, orders, global_params, local, local_init, self.task, aggregator)
+            loss_sum, loss_count = self.engine.train_round(round_idx, sampled, orders, global_params, local, local_init, self.task, aggregator)
+            loss = loss_sum / loss_count if loss_count else float("nan")
             self.engine.prune(self.best_round)
         else:
             new_local, losses = self.engine.run(sampled, orders, global_params, buffers, aggregator)
-        failed = len(aggregator.included) < min(self.min_round_clients, len(sampled))
+            loss = float(np.mean(losses)) if losses else float("nan")
+            if self.dp:  # this process is the only node: its sum gets the node's noise
+                aggregator.add_noise(node_noise_std(self.dp_clip_norm, self.dp_noise_multiplier))
+        epsilon = None
+        if self.dp:
+            self.accountant.step(sampled)
+            epsilon = self.accountant.epsilon()
+            self.epsilons.append((round_idx, epsilon))
+        failed = aggregator.n_included < min(self.min_round_clients, len(sampled))
         if failed:
             self._fail_round(round_idx, aggregator, sampled)
         else:
             self.failed_rounds = 0
             with torch.no_grad():
-                for name, value in self.server_optimizer.step(global_params, aggregator.result()).items():
+                aggregate = aggregator.result(len(sampled) if self.dp else None)
+                for name, value in self.server_optimizer.step(global_params, aggregate).items():
                     params[name].copy_(value)
                 for client, values in new_local.items():
                     for name, value in values.items():
                         buffers[name][client] = value
         seconds = time.time() - begin
         self.last_round = {
-            "round": round_idx, "sampled": sampled, "included": aggregator.included, "excluded": aggregator.excluded,
-            "seconds": seconds, "local": local, "failed": failed,
+            "round": round_idx, "sampled": sampled, "included": aggregator.n_included, "excluded": aggregator.n_excluded,
+            "excluded_known": aggregator.excluded, "seconds": seconds, "local": local, "failed": failed, "epsilon": epsilon,
         }
         self.logger.info(
             set_color(f"round {round_idx}", "green")
-            + f": {len(aggregator.included)}/{len(sampled)} clients aggregated"
-            + (f", {len(aggregator.excluded)} left out" if aggregator.excluded else "")
+            + f": {aggregator.n_included}/{len(sampled)} clients aggregated"
+            + (f", {aggregator.n_excluded} left out" if aggregator.n_excluded else "")
             + f", {seconds:.1f} s, gate {model.gate.item():.4f}"
             + (f", local: {', '.join(model.local_groups)}" if local else "")
+            + (f", DP epsilon {epsilon:.3f} at delta {self.accountant.delta:g} ({self.accountant.max_participations()} rounds of the most sampled user)" if self.dp else "")
         )
-        return float(np.mean(losses)) if losses else float("nan")
+        return loss
+
+    @property
+    def privacy(self):
+        """The run's DP accounting (None without DP): epsilon at delta after every round, the noise multiplier, the
+        clip norm, and the rounds of the user sampled most often."""
+        if not self.dp:
+            return None
+        return {
+            "epsilon": self.epsilons[-1][1] if self.epsilons else 0.0, "delta": self.accountant.delta,
+            "noise_multiplier": float(self.dp_noise_multiplier), "clip_norm": float(self.dp_clip_norm),
+            "max_rounds_per_user": self.accountant.max_participations(), "epsilon_per_round": [list(e) for e in self.epsilons],
+            "neighbouring": "replace one user", "accountant": "Opacus RDP (Gaussian mechanism, no subsampling amplification)",
+        }
 
     def _split_parameters(self, local):
         """Copies of the aggregated (global) trainable parameters and of the ``local`` ones: the values every user
@@ -194,7 +232,7 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         """Count a failed round (the global model stays as it was); stop after ``max_failed_rounds`` in a row."""
         self.failed_rounds += 1
         message = (
-            f"round {round_idx} failed: {len(aggregator.included)} of {len(sampled)} sampled clients aggregated, "
+            f"round {round_idx} failed: {aggregator.n_included} of {len(sampled)} sampled clients aggregated, "
             f"config key 'min_round_clients' asks for {min(self.min_round_clients, len(sampled))}; the global model is "
             f"unchanged ({self.failed_rounds} failed round(s) in a row, config key 'max_failed_rounds' = {self.max_failed_rounds})"
         )
@@ -232,6 +270,8 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
             "server_optimizer": self.server_optimizer.state_dict(),
             "failed_rounds": self.failed_rounds,
             "best_round": self.best_round,
+            "privacy_accountant": self.accountant.state_dict() if self.dp else None,
+            "epsilons": [list(e) for e in self.epsilons],
         }
 
     def _restore(self, state, resume_file):
@@ -239,6 +279,9 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         self.server_optimizer.load_state_dict(state.get("server_optimizer"))
         self.failed_rounds = int(state.get("failed_rounds", 0))
         self.best_round = int(state.get("best_round", -1))
+        if self.dp:
+            self.accountant.load_state_dict(state.get("privacy_accountant"))
+            self.epsilons = [(int(r), float(e)) for r, e in state.get("epsilons", [])]
         self.round_idx = self.start_epoch - 1
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):

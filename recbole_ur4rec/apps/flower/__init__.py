@@ -20,12 +20,13 @@ recbole_ur4rec.apps.partition_dataset``) makes the RecBole run inside the Server
   parameters when ``local_groups`` are kept on the clients (what a user starts from);
 - the node trains its users (the loop engine's update), keeps their new local parameters in its state folder and
   replies one partial aggregate (:meth:`~recbole_ur4rec.federated.FedAvg.partial`: the weighted sum of its clients'
-  clipped updates, their total weight, which clients were included or failed, their losses); with run config
-  ``secagg`` the same travels masked inside SecAgg+ (plain ``train`` messages, :mod:`.secagg`);
+  clipped updates, with its DP noise under DP, their total weight, how many clients were included or failed, their
+  loss sum), within its limits (:class:`~recbole_ur4rec.federated.privacy.NodePolicy`); with run config ``secagg``
+  the same travels masked inside SecAgg+ (plain ``train`` messages, :mod:`recbole_ur4rec.federated.secagg`);
 - validation and test are ``evaluate`` messages: each node ranks its users' rows with the global parameters and
   each user's local parameters and replies metric sums and counts (:func:`~recbole_ur4rec.federated.node.metric_sums`).
 
-A node that fails, or does not reply within ``round-timeout`` seconds, is logged and its clients left out (an
-evaluation needs every partition). Relative paths in the settings resolve against each process's working
+A node that fails, refuses, or does not reply within ``round-timeout`` seconds, and a partial that is not finite or
+out of range, are logged and the node's clients left out (an evaluation needs every partition). Relative paths in the settings resolve against each process's working
 directory. See the README ("Federated deployment") for the commands with TLS and SuperNode authentication.
 """

@@ -10,6 +10,13 @@ the node's worker, :mod:`.worker`). Flower starts a ClientApp process per messag
 only translates the message into a request for the worker, which keeps the node built across rounds (no torch or
 RecBole import here); without it, the node is built here from its partition file and the item catalog for every
 message (:class:`~.node_service.NodeService`). Either way what must last lives in ``state-dir``.
+
+The node's limits (:class:`~recbole_ur4rec.federated.privacy.NodePolicy`: ``min-users``, ``secagg-only``,
+``max-evaluations``, ``max-clip-norm``, ``min-noise-multiplier``) are node config keys without a worker, and the
+worker's own options with one (the worker serves whatever calls it, so the limits live there). The run config's
+test hooks (``fail-clients``, ``fail-node-of``, ``stall-node-of``, ``stall-seconds``, ``nan-node-of``) are obeyed
+only where the environment variable ``RECBOLE_UR4REC_TEST_HOOKS`` is ``1`` (set by the loopback test federation);
+elsewhere a run that sets one is refused.
 """
 import json
 import os
@@ -18,9 +25,13 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.clientapp import ClientApp
 
 from recbole_ur4rec.apps.flower import worker
+from recbole_ur4rec.federated.privacy import TEST_HOOKS_ENV, NodePolicy
+
+MAX_STALL_SECONDS = 600.0  # test hook stall-seconds, at most
 
 
 def _ids(text):
@@ -45,16 +56,43 @@ def _meta(context):
         raise ValueError(f"{path}: the node's partition (python -m recbole_ur4rec.apps.partition_dataset) cannot be read ({error})") from None
 
 
-def _request(context, header, arrays):
-    """The node's reply ``(header, arrays)`` to a request: from the node worker (node config ``worker``) or from a
-    node built in this process."""
-    header = {**header, "fail_users": sorted(_ids(context.run_config.get("fail-clients", "")))}  # tests
+def _test_hooks(context):
+    """The run config's test hooks that are set (see the module docstring); refused unless test hooks are on."""
+    defaults = {"fail-clients": "", "fail-node-of": "", "stall-node-of": "", "stall-seconds": 0.0, "nan-node-of": ""}
+    hooks = {key: context.run_config.get(key, value) for key, value in defaults.items()}
+    used = sorted(key for key, value in hooks.items() if value not in ("", 0, 0.0, None))
+    if used and os.environ.get(TEST_HOOKS_ENV) != "1":
+        raise PermissionError(
+            f"run config sets the test hook(s) {', '.join(used)}; this SuperNode obeys them only with {TEST_HOOKS_ENV}=1 in "
+            "its environment (the loopback test federation): the run is refused"
+        )
+    return hooks
+
+
+def _request(context, header, arrays, users=()):
+    """The node's reply ``(header, arrays)`` to a request of ``users``: from the node worker (node config
+    ``worker``) or from a node built in this process."""
+    hooks = _test_hooks(context)
+    fail_users = sorted(_ids(hooks["fail-clients"]))
+    if fail_users:
+        header = {**header, "fail_users": fail_users}
+    if _ids(hooks["nan-node-of"]) & set(users):
+        header = {**header, "nan_partial": True}
     address = context.node_config.get("worker")
+    policy = {key: context.node_config[key] for key in NodePolicy.KEYS if key in context.node_config}
     if address:
+        if policy:
+            raise ValueError(
+                f"node config {sorted(policy)} has no effect beside 'worker': give the node worker these limits "
+                f"(python -m recbole_ur4rec.apps.flower.worker --{' --'.join(sorted(policy))} ...)"
+            )
         return worker.call(str(address), header, arrays)
     from recbole_ur4rec.apps.flower.node_service import NodeService  # lazy: a ClientApp that forwards imports no torch
 
-    service = NodeService(_partition(context), context.node_config.get("state-dir") or None, context.node_config.get("items") or None)
+    service = NodeService(
+        _partition(context), context.node_config.get("state-dir") or None, context.node_config.get("items") or None,
+        policy=NodePolicy.from_settings(policy, "node config"),
+    )
     return service.handle(header, arrays)
 
 
@@ -63,11 +101,12 @@ def _arrays(record, prefix):
 
 
 def _failures(context, users):
-    """For tests: raise for a whole node (run config ``fail-node-of``) or wait (``stall-node-of``)."""
-    if _ids(context.run_config.get("fail-node-of", "")) & set(users):
+    """Test hooks: raise for a whole node (run config ``fail-node-of``) or wait (``stall-node-of``)."""
+    hooks = _test_hooks(context)
+    if _ids(hooks["fail-node-of"]) & set(users):
         raise RuntimeError("run config 'fail-node-of' names a user of this node (test failure of a whole node)")
-    if _ids(context.run_config.get("stall-node-of", "")) & set(users):  # a node too slow for the round
-        time.sleep(float(context.run_config.get("stall-seconds", 0.0)))
+    if _ids(hooks["stall-node-of"]) & set(users):  # a node too slow for the round
+        time.sleep(min(float(hooks["stall-seconds"]), MAX_STALL_SECONDS))
 
 
 def _node_query(msg, context):
@@ -85,27 +124,27 @@ def _node_train(msg, context):
     _failures(context, users)
     header = {key: task[key] for key in ("settings", "round", "epochs", "clients", "rows", "local_names", "keep_round", "task")}
     arrays = {"orders": np.asarray(task["orders"], dtype=np.int64), **_arrays(msg.content["global"], "global"), **_arrays(msg.content["local_init"], "local_init")}
-    reply, reply_arrays = _request(context, {"op": "train", **header}, arrays)
+    reply, reply_arrays = _request(context, {"op": "train", **header}, arrays, users)
     sums = ArrayRecord({name[len("sums/") :]: Array(value) for name, value in reply_arrays.items()})
     return Message(RecordDict({"result": ConfigRecord(reply), "sums": sums}), reply_to=msg)
 
 
 def _node_train_secure(msg, context):
     """A SecAgg+ round's training (stage 2 of ``secaggplus_mod``): the task in ``fitins.config``, the global
-    parameters in ``fitins.parameters``; reply the node's partial aggregate as one vector for the masked sum."""
+    parameters in ``fitins.parameters``; reply the node's partial aggregate as one vector for the masked sum. The
+    round's clipping range and number of nodes come from the node's own SecAgg+ state (what the mod will use)."""
     config = dict(msg.content["fitins.config"])
     partition = int(_meta(context)["node"])
-    _failures(context, [int(u) for u in config[f"clients.{partition}"]])
+    users = [int(u) for u in config[f"clients.{partition}"]]
+    _failures(context, users)
+    state = context.state.config_records[RECORD_KEY_STATE]
+    secagg = {"clipping_range": float(state["clipping_range"]), "nodes": int(state["sample_num"])}
     fit = {f"fit/{i}": array.numpy() for i, array in enumerate(msg.content["fitins.parameters"].values())}
-    reply, vector = _request(context, {"op": "train_secure", "config": config}, fit)
-    metrics = ConfigRecord({  # legacy fit metrics hold scalars only: the lists travel as JSON text
-        "max_count": float(reply["max_count"]), "included": json.dumps(reply["included"]),
-        "excluded": json.dumps(reply["excluded"]), "losses": json.dumps(reply["losses"]),
-    })
+    _, vector = _request(context, {"op": "train_secure", "config": config, "secagg": secagg}, fit, users)
     return Message(RecordDict({
         "fitres.parameters": ArrayRecord({str(i): Array(vector[f"vector/{i}"]) for i in range(len(vector))}),
         "fitres.num_examples": MetricRecord({"num_examples": 1}),
-        "fitres.metrics": metrics,
+        "fitres.metrics": ConfigRecord({}),  # nothing in the clear
         "fitres.status": ConfigRecord({"code": 0, "message": ""}),
     }), reply_to=msg)
 

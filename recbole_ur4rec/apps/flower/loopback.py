@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from recbole_ur4rec.apps.flower import worker
+from recbole_ur4rec.common.private_files import private_dir, write_private
+from recbole_ur4rec.federated.privacy import TEST_HOOKS_ENV
 
 APP_DIR = Path(__file__).parent / "app"  # the Flower App (pyproject.toml) that `flwr run` starts
 
@@ -18,7 +20,8 @@ APP_DIR = Path(__file__).parent / "app"  # the Flower App (pyproject.toml) that 
 def write_credentials(folder, num_nodes, host="127.0.0.1"):
     """A CA, the SuperLink's TLS certificate and key (signed by the CA, valid for ``host`` and localhost) and one
     authentication key pair per SuperNode (EC P-384, OpenSSH format, as ``flwr supernode register`` expects), in
-    ``folder``: ``ca.crt``, ``server.pem``, ``server.key``, ``node<i>`` and ``node<i>.pub``."""
+    ``folder``: ``ca.crt``, ``server.pem``, ``server.key``, ``node<i>`` and ``node<i>.pub``; the folder and the
+    private keys owner-only (0700, 0600)."""
     import datetime
     import ipaddress
 
@@ -27,8 +30,7 @@ def write_credentials(folder, num_nodes, host="127.0.0.1"):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(private_dir(folder))
     now = datetime.datetime.now(datetime.timezone.utc)
     valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=30)}
 
@@ -56,10 +58,12 @@ def write_credentials(folder, num_nodes, host="127.0.0.1"):
     pem = serialization.Encoding.PEM
     (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
     (folder / "server.pem").write_bytes(server.public_bytes(pem))
-    (folder / "server.key").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server_pem = server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_private(folder / "server.key", lambda f: f.write(server_pem))
     for i in range(num_nodes):
         key = ec.generate_private_key(ec.SECP384R1())
-        (folder / f"node{i}").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        node_pem = key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        write_private(folder / f"node{i}", lambda f: f.write(node_pem))
         (folder / f"node{i}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return folder
 
@@ -79,18 +83,23 @@ class LocalFederation:
     TLS with a CA made for this federation and SuperNode authentication, each SuperNode's public key registered with
     ``flwr supernode register`` before it starts; False: ``--insecure``, for comparison. ``workers`` (default, with
     ``partition_root``): each SuperNode's node runs in a node worker of its own (:mod:`.worker`), started before the
-    SuperNode; False: every ClientApp process builds its node.
+    SuperNode; False: every ClientApp process builds its node. ``policy``: every node's limits (settings of
+    :class:`~recbole_ur4rec.federated.privacy.NodePolicy`, e.g. ``{"min-users": 3}``), given to its worker or in its
+    node config. Its processes obey the run config's test hooks (``RECBOLE_UR4REC_TEST_HOOKS=1``).
     """
 
-    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None, secure=True, workers=True):
+    def __init__(self, num_nodes=2, cwd=None, startup_timeout=60.0, partition_root=None, secure=True, workers=True, policy=None):
         self.num_nodes, self.cwd, self.startup_timeout = num_nodes, cwd, startup_timeout
-        self.partition_root, self.secure = partition_root, secure
+        self.partition_root, self.secure, self.policy = partition_root, secure, dict(policy or {})
         self.workers = workers and partition_root is not None
         self.processes, self.logs = [], []
         self.home = Path(tempfile.mkdtemp(prefix="ur4rec-flower-"))
         self.port = None
         self.bin = Path(sys.executable).parent
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.env = {
+            **os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            TEST_HOOKS_ENV: "1",
+        }
         self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # a message waits for its ClientApp 0.1 s, not 0.5 s, on average
         self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"  # Flower starts flower-superexec by name
         self.certs = self.home / "certs"
@@ -155,7 +164,7 @@ class LocalFederation:
 
     def start_worker(self, i, name=None):
         """Start node ``i``'s worker (:mod:`.worker`) on its partition and state folder; returns its process."""
-        self._spawn(name or f"worker{i}", worker.command(self._partition(i), self._state_dir(i), self.worker_socket(i)))
+        self._spawn(name or f"worker{i}", worker.command(self._partition(i), self._state_dir(i), self.worker_socket(i), self.policy))
         return self.processes[-1]
 
     def wait_worker(self, i, process):
@@ -166,7 +175,9 @@ class LocalFederation:
         if self.partition_root is None:
             return f"partition-id={i} num-partitions={self.num_nodes}"
         config = f'partition="{self._partition(i)}" state-dir="{self._state_dir(i)}"'
-        return config + (f' worker="{self.worker_socket(i)}"' if self.workers else "")
+        if self.workers:
+            return config + f' worker="{self.worker_socket(i)}"'
+        return " ".join([config] + [f"{key}={json.dumps(value)}" for key, value in self.policy.items()])
 
     def start_node(self, i, key=True, name=None):
         """Start SuperNode ``i`` (its partition and state folder); with TLS, authenticated by its registered key

@@ -5,18 +5,24 @@ worker (:mod:`.worker`), which builds it once per run and reuses it across round
 A request is a JSON-able ``header`` and named numpy ``arrays``; so is the reply (:meth:`NodeService.handle`):
 
 - ``train``: header ``settings``, ``round``, ``epochs``, ``clients``, ``rows``, ``local_names``, ``keep_round``,
-  ``task``, ``fail_users`` (tests); arrays ``orders`` (:func:`~.engine.flat_orders`), ``global/<name>`` and
-  ``local_init/<name>``. Reply: the node's partial aggregate (header ``total``, ``max_count``, ``included``,
-  ``excluded``, ``loss_clients``, ``losses``, ``failed``, ``errors``; arrays ``sums/<name>``);
-- ``train_secure``: header ``config`` (SecAgg+'s ``fitins.config``) and ``fail_users``; arrays ``fit/<i>`` (its
-  ``fitins.parameters`` in order). Reply: arrays ``vector/<i>`` (what SecAgg+ masks), header ``max_count``,
-  ``included``, ``excluded``, ``losses`` (in the clear);
+  ``task``; arrays ``orders`` (:func:`~.engine.flat_orders`), ``global/<name>`` and ``local_init/<name>``. Reply:
+  the node's partial aggregate (header ``total``, ``included`` and ``excluded`` (counts), ``loss_sum`` and
+  ``loss_count`` (0 under DP); arrays ``sums/<name>``);
+- ``train_secure``: header ``config`` (SecAgg+'s ``fitins.config``) and ``secagg`` (``clipping_range`` and
+  ``nodes`` of the SecAgg+ round, from the node's SecAgg+ state); arrays ``fit/<i>`` (its ``fitins.parameters`` in
+  order). Reply: arrays ``vector/<i>`` (what SecAgg+ masks, :data:`~..secagg.EXTRAS` last), nothing in the clear;
 - ``evaluate``: header ``settings``, ``split``, ``local_names``, ``local_round``; arrays ``global/<name>``,
   ``local_init/<name>``. Reply: header ``keys``, ``sums``, ``users`` (metric sums, :func:`~..node.metric_sums`);
 - ``prepare``: header ``settings``: build the run's node now (a worker answering the server's ``query``, so the
   first round does not wait for it). Reply: header ``partition`` and ``built`` (False: it was built already).
+
+The node answers within its :class:`~..privacy.NodePolicy` (the worker's command line, or the SuperNode's node
+config without a worker): whatever calls it, a ClientApp of this project or of another app, gets no more. Test hooks
+(header ``fail_users``: those users' updates raise; ``nan_partial``: the reply's sums are NaN) are served only where
+the environment variable :data:`~..privacy.TEST_HOOKS_ENV` is ``1`` (the loopback test federation sets it).
 """
 import contextlib
+import hashlib
 import json
 import os
 
@@ -27,7 +33,8 @@ from recbole_ur4rec.build import set_anomaly_detection, set_threads
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.federated.flower_nodes import read_orders
 from recbole_ur4rec.federated.node import Node, default_items
-from recbole_ur4rec.federated.secagg import ordered_names
+from recbole_ur4rec.federated.privacy import SECAGG_MIN_NODES, TEST_HOOKS_ENV, NodePolicy, PrivacyRefusal
+from recbole_ur4rec.federated.secagg import EXTRAS, ordered_names
 from recbole_ur4rec.registry import get_model
 
 
@@ -59,13 +66,14 @@ class NodeService:
         items (str or None): the shared item information (default ``items`` beside the partition).
         reuse (bool): keep the built node for the next request of the same run (a worker); False: build it for
             every request (a ClientApp process, which serves one message).
+        policy (NodePolicy or None): the node's limits (default: :class:`NodePolicy`'s defaults).
     """
 
-    def __init__(self, partition, state_dir=None, items=None, reuse=False):
+    def __init__(self, partition, state_dir=None, items=None, reuse=False, policy=None):
         self.partition = str(partition)
         self.state_dir = str(state_dir or os.path.join(self.partition, "state"))
         self.items = str(items or default_items(self.partition))
-        self.reuse = reuse
+        self.reuse, self.policy = reuse, policy or NodePolicy()
         self._built = None  # (key, Node)
 
     def node(self, settings_text):
@@ -82,7 +90,7 @@ class NodeService:
         config = Config(model=settings["model"], dataset=settings["dataset"], config_file_list=settings["config_file_list"], config_dict=config_dict)
         set_threads(config)  # the run's threads and anomaly mode, as on the server
         set_anomaly_detection(config["detect_anomaly"])
-        node = Node(config, self.partition, self.state_dir, get_model(settings["model"]), self.items)
+        node = Node(config, self.partition, self.state_dir, get_model(settings["model"]), self.items, self.policy)
         if self.reuse:
             self._built = (key, node)
         return node
@@ -92,6 +100,12 @@ class NodeService:
         handlers = {"train": self._train_plain, "train_secure": self._train_secure, "evaluate": self._evaluate, "prepare": self._prepare}
         if header.get("op") not in handlers:
             raise ValueError(f"unknown node request {header.get('op')!r}: expected one of {', '.join(handlers)}")
+        hooks = [key for key in ("fail_users", "nan_partial") if header.get(key)]
+        if hooks and os.environ.get(TEST_HOOKS_ENV) != "1":
+            raise PrivacyRefusal(
+                f"the request asks for test hooks ({', '.join(hooks)}); this node serves them only with {TEST_HOOKS_ENV}=1 "
+                "in its environment (the loopback test federation)"
+            )
         return handlers[header["op"]](header, arrays)
 
     @contextlib.contextmanager
@@ -107,7 +121,7 @@ class NodeService:
             for user, value in saved.items():
                 targets[node.clients.rows[user], 0] = value
 
-    def _train(self, spec, users, rows, flat, global_params, local_init, fail_users):
+    def _train(self, spec, users, rows, flat, global_params, local_init, fail_users, secure=False):
         """Train the node's ``users`` for the round of ``spec`` (``settings``, ``round``, ``epochs``,
         ``local_names``, ``task``, ``keep_round``; ``rows`` and ``flat``: their row counts and row orders); prune
         its local versions. Returns :meth:`~..node.Node.train`'s reply."""
@@ -115,27 +129,34 @@ class NodeService:
         _seed(json.loads(spec["settings"]), spec["round"], node.partition.node)
         orders = read_orders(users, rows, flat, int(spec["epochs"]))
         with self._failing(node, set(fail_users or ()) & set(users)):
-            result = node.train(int(spec["round"]), users, orders, global_params, list(spec["local_names"]), local_init, json.loads(spec["task"]))
+            result = node.train(int(spec["round"]), users, orders, global_params, list(spec["local_names"]), local_init, json.loads(spec["task"]), secure)
         node.store.prune(int(spec["keep_round"]))
         return result
 
     def _train_plain(self, header, arrays):
         users = [int(u) for u in header["clients"]]
-        partial, losses, failed = self._train(
+        partial, (loss_sum, loss_count) = self._train(
             header, users, header["rows"], arrays["orders"], named(arrays, "global"), named(arrays, "local_init") or None,
             header.get("fail_users"),
         )
         reply = {
-            "total": float(partial["total"]), "max_count": float(partial["max_count"]),
-            "included": [int(u) for u in partial["included"]], "excluded": [int(u) for u in partial["excluded"]],
-            "loss_clients": [int(u) for u in losses], "losses": [float(x) for x in losses.values()],
-            "failed": [int(u) for u in failed], "errors": [str(e) for e in failed.values()],
+            "total": float(partial["total"]), "included": int(partial["included"]), "excluded": int(partial["excluded"]),
+            "loss_sum": float(loss_sum or 0.0), "loss_count": int(loss_count),
         }
-        return reply, {f"sums/{n}": t.detach().cpu().numpy() for n, t in partial["sums"].items()}
+        sums = {f"sums/{n}": t.detach().cpu().numpy() for n, t in partial["sums"].items()}
+        if header.get("nan_partial"):  # test hook: a node whose reply is not finite
+            sums = {name: np.full_like(value, np.nan) for name, value in sums.items()}
+        return reply, sums
 
     def _train_secure(self, header, arrays):
-        """A SecAgg+ round's training: the node's partial aggregate as one vector (divided by ``weight_scale``)."""
-        config = header["config"]
+        """A SecAgg+ round's training: the node's partial aggregate and :data:`EXTRAS` as one vector (divided by
+        ``weight_scale``); refused in a round of fewer than 3 nodes or when a value exceeds the clipping range."""
+        config, secagg = header["config"], header["secagg"]
+        if int(secagg["nodes"]) < SECAGG_MIN_NODES:
+            raise PrivacyRefusal(
+                f"this SecAgg+ round has {secagg['nodes']} nodes; this node takes part in rounds of at least {SECAGG_MIN_NODES}: "
+                "with fewer, the sum minus a node's own vector is the other's"
+            )
         node = self.node(config["settings"])
         partition = node.partition.node
         users = [int(u) for u in config[f"clients.{partition}"]]
@@ -147,16 +168,23 @@ class NodeService:
             return {n: torch.from_numpy(np.asarray(fit[first + i], dtype=np.float32)).reshape(node.model.get_parameter(n).shape) for i, n in enumerate(names)}
 
         local_init = parameters(local_names, len(names)) if config["local_init"] else None
-        partial, losses, _ = self._train(
-            config, users, config[f"rows.{partition}"], config[f"orders.{partition}"], parameters(names, 0), local_init, header.get("fail_users")
+        partial, (loss_sum, loss_count) = self._train(
+            config, users, config[f"rows.{partition}"], config[f"orders.{partition}"], parameters(names, 0), local_init,
+            header.get("fail_users"), secure=True,
         )
         scale = float(config["weight_scale"])
-        vector = [(partial["sums"][n] / scale).numpy() for n in names] + [np.asarray([partial["total"] / scale], dtype=np.float32)]
-        reply = {
-            "max_count": float(partial["max_count"]), "included": [int(u) for u in partial["included"]],
-            "excluded": [int(u) for u in partial["excluded"]], "losses": {str(int(u)): float(x) for u, x in losses.items()},
-        }
-        return reply, {f"vector/{i}": np.ascontiguousarray(v) for i, v in enumerate(vector)}
+        extras = {"total": partial["total"], "included": partial["included"], "excluded": partial["excluded"],
+                  "loss_sum": loss_sum or 0.0, "loss_count": loss_count}
+        vector = [(partial["sums"][n] / scale).numpy() for n in names] + [np.asarray([extras[k] for k in EXTRAS], dtype=np.float64) / scale]
+        if header.get("nan_partial"):  # test hook
+            vector = [np.full_like(v, np.nan) for v in vector]
+        largest = max(float(np.abs(v).max()) for v in vector if v.size)
+        if not largest <= float(secagg["clipping_range"]):  # NaN too
+            raise PrivacyRefusal(
+                f"node {partition}'s SecAgg+ vector reaches {largest:.4g}, beyond the clipping range {secagg['clipping_range']} "
+                "(run config 'secagg-clipping-range'), which SecAgg+ would clip silently: refused"
+            )
+        return {}, {f"vector/{i}": np.ascontiguousarray(v) for i, v in enumerate(vector)}
 
     def _prepare(self, header, arrays):
         before = self._built
@@ -165,7 +193,9 @@ class NodeService:
 
     def _evaluate(self, header, arrays):
         node = self.node(header["settings"])
+        run_key = hashlib.sha256(header["settings"].encode()).hexdigest()[:16]  # a run's evaluations count together
         sums, users = node.evaluate(
-            str(header["split"]), named(arrays, "global"), list(header["local_names"]), int(header["local_round"]), named(arrays, "local_init") or None
+            str(header["split"]), named(arrays, "global"), list(header["local_names"]), int(header["local_round"]),
+            named(arrays, "local_init") or None, run_key=run_key,
         )
         return {"keys": list(sums), "sums": [float(v) for v in sums.values()], "users": int(users)}, {}

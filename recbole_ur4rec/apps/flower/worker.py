@@ -3,6 +3,7 @@ item features) in memory and answers the ClientApp's requests, so a round costs 
 the imports and the node's construction (Flower starts a ClientApp process per message).
 
     python -m recbole_ur4rec.apps.flower.worker --partition <root>/node-0 [--state-dir S] [--items I] [--socket P]
+        [--min-users 5] [--secagg-only] [--max-evaluations 300] [--max-clip-norm C] [--min-noise-multiplier Z]
     flower-supernode ... --node-config 'partition="<root>/node-0" worker="<root>/node-0/state/worker.sock"'
 
 The worker listens on a Unix socket (default ``<state-dir>/worker.sock``, only on this machine) and writes a fresh
@@ -11,7 +12,10 @@ served. A request and its reply are a JSON header and an ``.npz`` of named array
 nothing is unpickled. Requests are served one at a time (the node's model is shared), by
 :class:`~.node_service.NodeService`, which keeps the node of the current run and rebuilds it when the run's settings
 or the partition's files change. Everything that must outlive the worker (local parameters) is on disk in the state
-folder, as without a worker.
+folder (owner-only, 0700), as without a worker.
+
+The node's limits (:class:`~recbole_ur4rec.federated.privacy.NodePolicy`) are the worker's options: every caller,
+this project's ClientApp or any other code on the machine that holds the key, gets only what they allow.
 
 This module imports no torch and no RecBole until the worker starts: the ClientApp imports it to send requests.
 """
@@ -27,6 +31,9 @@ from multiprocessing.connection import Client, Listener
 
 import numpy as np
 
+from recbole_ur4rec.common.private_files import private_dir
+from recbole_ur4rec.federated.privacy import NodePolicy
+
 KEY_BYTES = 32
 
 
@@ -38,10 +45,18 @@ def _key_path(address):
     return f"{address}.key"
 
 
-def command(partition, state_dir, address=None):
-    """The command line that starts a node worker on ``partition`` (socket ``address``, default in ``state_dir``)."""
+def command(partition, state_dir, address=None, policy=None):
+    """The command line that starts a node worker on ``partition`` (socket ``address``, default in ``state_dir``)
+    with the node ``policy`` (settings of :class:`~recbole_ur4rec.federated.privacy.NodePolicy`, e.g.
+    ``{"min-users": 3}``)."""
     address = address or default_socket(state_dir)
-    return [sys.executable, "-m", "recbole_ur4rec.apps.flower.worker", "--partition", str(partition), "--state-dir", str(state_dir), "--socket", str(address)]
+    options = []
+    for key, value in NodePolicy.from_settings(policy, "node policy").as_settings().items():
+        options += [f"--{key}"] if value is True else [] if value is False else [f"--{key}", str(value)]
+    return [
+        sys.executable, "-m", "recbole_ur4rec.apps.flower.worker", "--partition", str(partition), "--state-dir", str(state_dir),
+        "--socket", str(address), *options,
+    ]
 
 
 def wait_listening(address, process, timeout, log_tail=lambda: ""):
@@ -96,7 +111,7 @@ def serve(address, service):
     from logging import getLogger
 
     address = str(address)
-    os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
+    private_dir(os.path.dirname(os.path.abspath(address)))
     if os.path.exists(address):  # a previous worker's socket, unless a live worker still answers on it
         import socket
 
@@ -145,13 +160,23 @@ def main(argv=None):
     parser.add_argument("--state-dir", help="its users' local parameters (default <partition>/state)")
     parser.add_argument("--items", help="the shared item information (default: items beside the partition)")
     parser.add_argument("--socket", help="the Unix socket to listen on (default <state-dir>/worker.sock)")
+    defaults = NodePolicy()
+    parser.add_argument("--min-users", type=int, default=defaults.min_users, help="fewest users per training or evaluation reply (default %(default)s)")
+    parser.add_argument("--secagg-only", action="store_true", help="refuse every training request outside SecAgg+")
+    parser.add_argument("--max-evaluations", type=int, default=defaults.max_evaluations, help="evaluations answered per run (default %(default)s)")
+    parser.add_argument("--max-clip-norm", type=float, help="the largest dp_clip_norm the server may ask for (default: any)")
+    parser.add_argument("--min-noise-multiplier", type=float, default=defaults.min_noise_multiplier, help="the smallest dp_noise_multiplier the server may ask for (default %(default)s)")
     args = parser.parse_args(argv)
+    try:
+        policy = NodePolicy.from_settings({key: getattr(args, key.replace("-", "_")) for key in NodePolicy.KEYS}, "worker options")
+    except ValueError as error:
+        parser.error(str(error))
     # lazy: ClientApps import this module to send requests, and must not pay for torch and RecBole
     from recbole_ur4rec.apps.flower.node_service import NodeService
     from recbole_ur4rec.federated.catalog import NodePartition
 
     NodePartition.read_meta(args.partition)  # a missing or foreign folder fails here, not at the first round
-    service = NodeService(args.partition, args.state_dir, args.items, reuse=True)
+    service = NodeService(args.partition, args.state_dir, args.items, reuse=True, policy=policy)
     address = args.socket or default_socket(service.state_dir)
     print(f"node worker of {service.partition} listening on {address}", file=sys.stderr, flush=True)
     serve(address, service)
