@@ -85,7 +85,8 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
     set_threads(config)
     init_seed(config["seed"], config["reproducibility"])
     if log:
-        init_logger(config)
+        with distributed.first_on_each_machine(config["local_rank"]):  # RecBole creates its log folders unguarded
+            init_logger(config)
     set_anomaly_detection(config["detect_anomaly"])
     logger = getLogger()
     if log:

@@ -10,6 +10,8 @@ import io
 import os
 import shutil
 import tempfile
+import time
+import traceback
 from contextlib import contextmanager
 
 import numpy as np
@@ -71,8 +73,15 @@ def launch_settings(nproc=1, world_size=-1, ip="localhost", port="5678", group_o
 
 def _rank_main(local_rank, fn, args, settings, result_file):
     """One spawned rank: ``fn(settings with local_rank, *args)``; rank 0 writes its result to ``result_file`` (a
-    torch file of tensors and plain data; a pipe would block a large result until the launcher reads it)."""
-    result = fn({**settings, "local_rank": local_rank}, *args)
+    torch file of tensors and plain data; a pipe would block a large result until the launcher reads it). An error
+    is written beside it with its time, so that the launcher names the rank that failed first, not one whose
+    collective then lost its peer."""
+    try:
+        result = fn({**settings, "local_rank": local_rank}, *args)
+    except BaseException:
+        with open(os.path.join(os.path.dirname(result_file), f"error-{local_rank}.txt"), "w") as f:
+            f.write(f"{time.time()}\n{traceback.format_exc()}")
+        raise
     if settings["offset"] + local_rank == 0:
         torch.save(_plain(result), result_file)
     leave()
@@ -101,10 +110,10 @@ def spawn(fn, settings, *args):
     try:
         mp.spawn(_rank_main, args=(fn, args, settings, result_file), nprocs=settings["nproc"], join=True)
     except mp.ProcessRaisedException as err:
-        rank = settings["offset"] + err.error_index
+        first, error = _first_error(folder, err.error_index, str(err))
         raise RankFailed(
-            f"rank {rank} of {settings['world_size']} (local rank {err.error_index}, pid {err.error_pid}) raised an error; "
-            f"this machine's other ranks were stopped:\n{err}"
+            f"rank {settings['offset'] + first} of {settings['world_size']} (local rank {first}) raised an error; "
+            f"this machine's other ranks were stopped:\n{error}"
         ) from None
     except mp.ProcessExitedException as err:
         rank = settings["offset"] + err.error_index
@@ -119,6 +128,17 @@ def spawn(fn, settings, *args):
         return None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _first_error(folder, index, message):
+    """(local rank, traceback) of the rank whose error came first (``index``'s ``message`` without error files)."""
+    errors = []
+    for name in os.listdir(folder):
+        if name.startswith("error-"):
+            with open(os.path.join(folder, name)) as f:
+                when, _, text = f.read().partition("\n")
+            errors.append((float(when), int(name[len("error-") : -len(".txt")]), text))
+    return min(errors)[1:] if errors else (index, message)
 
 
 def init_process_group(rank, world_size, ip, port, device, timeout_s=DEFAULT_TIMEOUT_S):

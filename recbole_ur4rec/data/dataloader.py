@@ -93,6 +93,11 @@ class _RankRows(DataLoader):
 class _EvalRankRows(_RankRows):
     training = False
 
+    def __bool__(self):
+        """Whether the whole evaluation has rows: a rank without batches still evaluates (RecBole skips a falsy
+        loader), to take part in the merge."""
+        return self.sample_size > 0
+
 
 def rank_loader(loader_class, training):
     """``loader_class`` (a RecBole dataloader) with this rank's rows of a distributed run (see :class:`_RankRows`)."""

@@ -8,6 +8,8 @@ backward), each rank's gradient weighted by the loss units of its share (the sup
 so that ``W`` ranks with ``b / W`` rows each take the step one process takes with ``b`` rows. Evaluation merges the
 ranks' collected rows (not their metrics) in one process's batch order, so the metrics are one process's.
 """
+import os
+
 import torch
 from torch.autograd import Variable
 
@@ -51,6 +53,7 @@ class DistributedTrainingMixin:
         if not self.distributed:
             super().__init__(config, model)
             return
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)  # RecBole's Trainer creates it unguarded: ranks race
         config["single_spec"] = True  # RecBole's AbstractTrainer would wrap the model in DDP (CUDA device ids only)
         try:
             super().__init__(config, model)
@@ -80,24 +83,23 @@ class DistributedTrainingMixin:
 
     def average_gradients(self, units=None):
         """Replace every trained parameter's gradient by the ranks' mean, each rank weighted by its loss ``units``
-        (default: those of the current batch); a parameter no rank computed a gradient for keeps none."""
+        (default: those of the current batch), in one float32 all-reduce; a parameter no rank computed a gradient for
+        keeps none."""
         if not self.distributed:
             return
         units = self._step_units if units is None else float(units)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        counts = torch.tensor([float(p.grad is not None) for p in params] + [units], dtype=torch.float64)
-        distributed.all_reduce_sum(counts)
-        total = counts[-1].item()
-        by_dtype = {}
-        for p, count in zip(params, counts[:-1].tolist()):
-            by_dtype.setdefault(p.dtype, []).append((p, count > 0))
-        for group in by_dtype.values():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p, _ in group])
-            flat = distributed.all_reduce_sum(flat * units) / max(total, 1e-12)
-            offset = 0
-            for p, computed in group:
-                p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if computed else None
-                offset += p.numel()
+        flat = torch.cat(
+            [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() * units for p in params]
+            + [torch.tensor([float(p.grad is not None) for p in params] + [units], device=self.device)]
+        )
+        distributed.all_reduce_sum(flat)
+        total, computed = flat[-1].item(), flat[-1 - len(params) : -1].tolist()
+        offset = 0
+        for p, seen in zip(params, computed):
+            n = p.numel()
+            p.grad = (flat[offset : offset + n] / max(total, 1e-12)).view_as(p).to(p.dtype) if seen > 0 else None
+            offset += n
 
     def _map_reduce(self, result, num_sample):
         """RecBole's merge of the ranks' metrics (weighted by batch count); the rows are merged before the metrics
