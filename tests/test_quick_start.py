@@ -162,7 +162,7 @@ def test_callbacks_get_the_keywords_they_name(quick_config):
                        callback_fn=lambda epoch_idx, valid_score, validation: named.append(validation))
     run_recbole_ur4rec("SASRec", "tiny", config_dict={**quick_config, "epochs": 2}, saved=False,
                        callback_fn=lambda epoch_idx, valid_score, **extra: catch_all.append(extra))
-    assert [record["epoch"] for record in named] == [0, 1] and set(named[0]) == {"epoch", "score", "result", "seconds"}
+    assert [record["epoch"] for record in named] == [0, 1] and set(named[0]) == {"epoch", "score", "train_loss", "result", "seconds"}
     assert [sorted(extra) for extra in catch_all] == [["valid_result", "validation"]] * 2
     assert catch_all[1]["validation"]["score"] == catch_all[1]["valid_result"]["ndcg@10"]
 
