@@ -6,7 +6,8 @@
 Writes <output_dir>/compare.md, compare.csv (mean and std of every metric, time, memory, parameters per model),
 compare_cells.csv (one row per model and seed), compare.png and cells/ (one JSON result and log per cell).
 Every cell runs in its own process; a failed cell is reported and the others go on; finished cells are reused
-when the command is run again with the same settings (failed and changed cells are rerun).
+when the command is run again with the same settings (failed and changed cells are rerun). --nproc etc. run each
+cell distributed, as run_recbole_ur4rec.py does (docs/distributed.md).
 A model may be listed as Model:variant (e.g. UR4Rec:hierarchical, with --model_config UR4Rec:hierarchical=FILE)
 to run it again with other config files under its own name. Config files of a model, lowest first: --config_files (every model), then --model_config MODEL=FILE[,FILE]
 or else <config_dir>/<MODEL>.yaml when --config_dir is given; then --epochs and --extra / --key=value settings.
@@ -15,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from recbole_ur4rec.common.argv import parse_overrides
+from recbole_ur4rec.common.argv import add_distributed_arguments, distributed_arguments, parse_overrides
 from recbole_ur4rec.experiments.compare import DEFAULT_MODELS, parse_seeds, run_compare
 
 
@@ -34,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--report_only", action="store_true", help="run nothing: write the tables from the finished cells")
     parser.add_argument("--reuse_other_code", action="store_true",
                         help="reuse finished cells that ran another version of the package (default: rerun them)")
+    add_distributed_arguments(parser)  # each cell's ranks
     args, unknown = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, unknown, extra=args.extra)
     if args.epochs is not None:
@@ -62,6 +64,7 @@ def main(argv=None):
             output_dir=args.output_dir,
             report_only=args.report_only,
             reuse_other_code=args.reuse_other_code,
+            distributed=distributed_arguments(args),
         )
     except KeyboardInterrupt:
         print("interrupted: finished cells and the table are kept; run the same command again to continue")

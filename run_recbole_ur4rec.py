@@ -3,11 +3,12 @@
     python run_recbole_ur4rec.py -m SASRec -d ml-100k --epochs=5
     python run_recbole_ur4rec.py --resume saved/SASRec-<time>-last.pth
     python run_recbole_ur4rec.py --checkpoint saved/SASRec-<time>.pth [--data_path=dataset]  # moved without its data
+    python run_recbole_ur4rec.py -m FastSASRec -d ml-100k --nproc 2                # 2 ranks: gloo on CPU, NCCL on GPUs
 """
 import argparse
 import sys
 
-from recbole_ur4rec.common.argv import isolated_argv, parse_overrides
+from recbole_ur4rec.common.argv import add_distributed_arguments, distributed_arguments, isolated_argv, parse_overrides
 from recbole_ur4rec.quick_start import evaluate_checkpoint, run_recbole_ur4rec
 
 
@@ -19,6 +20,7 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", type=str, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--resume", type=str, default=None, help="continue the run that wrote this checkpoint")
     parser.add_argument("--nosave", action="store_true", help="write no checkpoint (the test split still uses the best-validation weights, kept in memory)")
+    add_distributed_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
     return args, parse_overrides(parser, unknown)
 
@@ -26,6 +28,8 @@ def parse_args(argv):
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.checkpoint:
+        if args.nproc != 1 or args.world_size != -1:
+            raise SystemExit("--checkpoint evaluates in one process: drop --nproc and --world_size")
         others = sorted(set(overrides) - {"data_path"})
         if others:
             raise SystemExit(
@@ -49,7 +53,10 @@ def main(argv=None):
             config_dict=overrides or None,
             saved=not args.nosave,
             resume_file=args.resume,
+            **distributed_arguments(args),
         )
+    if result is None:  # a machine of a distributed run without rank 0: rank 0's machine prints the results
+        return None
     print(f"best valid: {dict(result['best_valid_result'] or {})}")
     print(f"test: {dict(result['test_result'] or {})}")
     if result["model_file"]:

@@ -1,6 +1,6 @@
 """The one recipe every entry point builds a run with (quick start, the Flower node, bench and tests).
 
-Config -> threads -> seed -> logger -> anomaly mode -> dataset and splits -> reseed (``seed + local_rank``) -> model,
+Config -> threads -> seed -> logger -> anomaly mode -> dataset and splits -> reseed (``seed + rank``) -> model,
 as RecBole's ``run_recbole`` orders it, so a model's initial weights depend on the seed only, not on how much
 randomness building the data consumed.
 """
@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from recbole.utils import ModelType, init_logger, init_seed
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.federated.catalog import federation_data
@@ -84,7 +85,8 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
     set_threads(config)
     init_seed(config["seed"], config["reproducibility"])
     if log:
-        init_logger(config)
+        with distributed.first_on_each_machine(config["local_rank"]):  # RecBole creates its log folders unguarded
+            init_logger(config)
     set_anomaly_detection(config["detect_anomaly"])
     logger = getLogger()
     if log:
@@ -103,7 +105,7 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
             for loader in (valid_data, test_data):
                 unmask_history(loader)
 
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    init_seed(config["seed"] + distributed.rank(), config["reproducibility"])  # a distributed run's global rank
     model = get_model(config["model"])(config, getattr(train_data, "_dataset", dataset)).to(config["device"])
     if log:
         logger.info(model)

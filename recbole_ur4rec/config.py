@@ -6,9 +6,12 @@ Layering keeps RecBole's order, lowest first: RecBole overall < plugin overall <
 """
 import os
 
+import torch
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
+from recbole_ur4rec.common import distributed
+from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.common.paths import PLUGIN_PROPERTIES, RECBOLE_EXAMPLE_DATA, RECBOLE_PROPERTIES
 from recbole_ur4rec.registry import get_model, plugin_models
 
@@ -62,6 +65,38 @@ class Config(RecBoleConfig):
             if config_dict and file in dataset_files:
                 self.parameters["Dataset"] += [key for key in config_dict if key not in self.parameters["Dataset"]]
         self.internal_config_dict["MODEL_TYPE"] = model_type
+
+    def _init_device(self):
+        """RecBole's device choice; a rank of a distributed run (``local_rank`` set by the launcher) joins its process
+        group with gloo on CPU or NCCL on GPU (RecBole's hard-codes NCCL and one GPU per process)."""
+        config = self.final_config_dict
+        if "local_rank" not in config:
+            return super()._init_device()
+        if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
+            raise ValueError(
+                f"{config['model']} is a knowledge-based model, whose two-part loaders RecBole shards differently; "
+                f"distributed runs support general, sequential and context models: run it in one process"
+            )
+        gpu_id = ",".join(map(str, config["gpu_id"])) if isinstance(config["gpu_id"], (list, tuple)) else str(config["gpu_id"])
+        config["gpu_id"] = gpu_id
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+        local_rank = config["local_rank"]
+        if config["use_gpu"] and gpu_id and torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(
+                    f"local rank {local_rank} has no GPU: gpu_id {gpu_id!r} makes {torch.cuda.device_count()} visible for "
+                    f"--nproc {config['nproc']} (one GPU per process; name them with gpu_id, e.g. --gpu_id=0,1)"
+                )
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        timeout = check_config_value(self, "dist_timeout", int, low=1)
+        rank = local_rank + config["offset"]
+        distributed.init_process_group(rank, config["world_size"], config["ip"], config["port"], device, timeout)
+        config["device"], config["single_spec"] = device, False
+        if rank != 0:  # RecBole's: one rank logs and shows progress
+            config["state"], config["show_progress"], config["verbose"] = "error", False, False
 
     def _set_default_parameters(self):
         data_root = self.final_config_dict["data_path"]

@@ -4,6 +4,7 @@ from logging import getLogger
 from recbole.utils import set_color
 
 from recbole_ur4rec.build import build
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
 from recbole_ur4rec.evaluation.slices import user_values
 from recbole_ur4rec.registry import get_trainer
@@ -30,8 +31,13 @@ def run_recbole_ur4rec(
     evaluate_test=True,
     resume_state=None,
     keep_user_values=False,
+    nproc=1,
+    world_size=-1,
+    ip="localhost",
+    port="5678",
+    group_offset=0,
 ):
-    r"""Train and evaluate any plugin or RecBole model, like RecBole's ``run_recbole``.
+    r"""Train and evaluate any plugin or RecBole model, like RecBole's ``run_recbole`` (and, distributed, its ``run``).
 
     Args:
         model (str): model name (plugin models first, then RecBole's).
@@ -51,14 +57,28 @@ def run_recbole_ur4rec(
             trial), so that it is not read again.
         keep_user_values (bool): also return each evaluated user's value of ``valid_metric`` with the best-validation
             weights, on test and on validation (evaluated once more), for paired comparisons over users.
+        nproc (int): processes (ranks) to start on this machine; with ``world_size``, ``ip``, ``port`` and
+            ``group_offset`` (this machine's first global rank) as RecBole's ``run`` takes them. A process started by
+            torchrun is one rank of its job already (docs/distributed.md).
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``, ``test_result`` (None when
         not evaluated), ``model_file`` (the best-model checkpoint, None when not saved), ``privacy`` (a trainer's DP
         accounting, FedDMMR's under ``dp_noise_multiplier`` > 0) and, with
         ``keep_user_values``, ``user_values``: ``{"valid": ..., "test": ...}``, each :func:`slices.user_values` (None
-        where the evaluation kept no rows).
+        where the evaluation kept no rows). A distributed run returns rank 0's (None on a machine without rank 0).
     """
+    settings = distributed.launch_settings(nproc, world_size, ip, port, group_offset)
+    if settings is not None:
+        if callback_fn is not None:
+            raise ValueError("callback_fn is for tuning trials, which run in one process each: run them without nproc/world_size")
+        job = (model, dataset, config_file_list, config_dict, saved, resume_file, evaluate_test, keep_user_values)
+        if "local_rank" not in settings:  # start this machine's ranks
+            return distributed.spawn(_run_rank, settings, *job)
+        try:  # torchrun started this process as one rank
+            return _run_rank(settings, *job)
+        finally:
+            distributed.leave()
     if resume_file is not None:
         model, dataset, config_dict, resume_state = _resume_settings(resume_file, model, dataset, config_dict, resume_state)
     config, model, dataset, train_data, valid_data, test_data = build(model, dataset, config_file_list, config_dict)
@@ -93,6 +113,14 @@ def run_recbole_ur4rec(
         per_user["valid"] = user_values(trainer, dataset, metric)
         result["user_values"] = per_user
     return result
+
+
+def _run_rank(settings, model, dataset, config_file_list, config_dict, saved, resume_file, evaluate_test, keep_user_values):
+    """One rank of a distributed run: the run with the rank's place in the job (RecBole's config keys) in its settings."""
+    return run_recbole_ur4rec(
+        model, dataset, config_file_list, {**(config_dict or {}), **settings}, saved, resume_file,
+        evaluate_test=evaluate_test, keep_user_values=keep_user_values,
+    )
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True, callback_fn=None):

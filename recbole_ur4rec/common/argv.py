@@ -44,3 +44,21 @@ def isolated_argv():
         yield
     finally:
         sys.argv = saved
+
+
+DISTRIBUTED_FLAGS = ("nproc", "world_size", "ip", "port", "group_offset")
+
+
+def add_distributed_arguments(parser):
+    """RecBole's run_recbole.py flags of a distributed run (docs/distributed.md)."""
+    group = parser.add_argument_group("distributed training (RecBole's flags; or start the script with torchrun)")
+    group.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine (default 1)")
+    group.add_argument("--world_size", type=int, default=-1, help="ranks on all machines (default: --nproc)")
+    group.add_argument("--ip", type=str, default="localhost", help="address of the machine of rank 0")
+    group.add_argument("--port", type=str, default="5678", help="a free port on the machine of rank 0")
+    group.add_argument("--group_offset", type=int, default=0, help="global rank of this machine's first process")
+
+
+def distributed_arguments(args):
+    """``{flag: value}`` of the flags :func:`add_distributed_arguments` added, as ``run_recbole_ur4rec`` takes them."""
+    return {name: getattr(args, name) for name in DISTRIBUTED_FLAGS}

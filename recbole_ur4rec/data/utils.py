@@ -11,7 +11,7 @@ from recbole.utils import ModelType, set_color
 from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.data.atomic import check_dataset_files
 from recbole_ur4rec.data.cold_items import withhold_cold_items
-from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader
+from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader, rank_loader
 from recbole_ur4rec.data.sequence_dataset import (
     LOSS_POSITIONS,
     SequenceHistoryDataset,
@@ -105,6 +105,8 @@ def data_preparation(config, dataset):
     (:class:`~recbole_ur4rec.data.sequence_dataset.SequenceHistoryDataset`) are trained on whole training histories
     (``loss_position: all``: one row per user, windows of ``MAX_ITEM_LIST_LENGTH``) or on RecBole's prefix rows
     gathered per batch (``loss_position: last``). Saved dataloaders are never loaded (see :func:`create_dataset`).
+    In a distributed run each rank's loaders hold its share of each training batch and its whole evaluation batches
+    (:func:`~recbole_ur4rec.data.dataloader.rank_loader`).
     """
     logger = getLogger()
     built_datasets = dataset.build()
@@ -125,6 +127,10 @@ def data_preparation(config, dataset):
             f"{int(train_dataset.inter_feat[train_dataset.item_list_length_field].sum())} supervised positions"
         )
 
+    valid_loader, test_loader = get_dataloader(config, "valid"), get_dataloader(config, "test")
+    if not config["single_spec"]:
+        train_loader = rank_loader(train_loader, training=True)
+        valid_loader, test_loader = rank_loader(valid_loader, training=False), rank_loader(test_loader, training=False)
     if config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
         kg_sampler = KGSampler(
             dataset, config["train_neg_sample_args"]["distribution"], config["train_neg_sample_args"]["alpha"]
@@ -132,8 +138,8 @@ def data_preparation(config, dataset):
         train_data = train_loader(config, train_dataset, train_sampler, kg_sampler, shuffle=True)
     else:
         train_data = train_loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
-    valid_data = get_dataloader(config, "valid")(config, valid_dataset, valid_sampler, shuffle=False)
-    test_data = get_dataloader(config, "test")(config, test_dataset, test_sampler, shuffle=False)
+    valid_data = valid_loader(config, valid_dataset, valid_sampler, shuffle=False)
+    test_data = test_loader(config, test_dataset, test_sampler, shuffle=False)
     counts = training_counts(built_datasets[0], getattr(dataset, "cold_items", None))  # for the evaluation slices
     valid_data.training_counts = test_data.training_counts = counts
 

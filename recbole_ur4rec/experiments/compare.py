@@ -57,17 +57,19 @@ def _file_digest(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def cell_settings(model, dataset, seed, config_files, overrides):
-    """What decides a cell's result; a finished cell is reused only when these are unchanged."""
-    return plain(
-        {
-            "model": model,
-            "dataset": dataset,
-            "seed": seed,
-            "config_files": [[shown_path(path), _file_digest(path)] for path in config_files],
-            "overrides": overrides,
-        }
-    )
+def cell_settings(model, dataset, seed, config_files, overrides, ranks=1):
+    """What decides a cell's result; a finished cell is reused only when these are unchanged (``ranks``: the world
+    size of a distributed cell, whose ranks draw their own dropout and negatives)."""
+    settings = {
+        "model": model,
+        "dataset": dataset,
+        "seed": seed,
+        "config_files": [[shown_path(path), _file_digest(path)] for path in config_files],
+        "overrides": overrides,
+    }
+    if ranks > 1:
+        settings["ranks"] = ranks
+    return plain(settings)
 
 
 
@@ -150,7 +152,12 @@ def run_cell(spec):
                 saved=True,
                 resume_file=resume_file,
                 keep_user_values=True,
+                **spec.get("distributed", {}),
             )
+        if result is None:  # a machine of a distributed cell without rank 0: the cell is recorded on rank 0's
+            out.update(status="other_machine", error="rank 0 of this distributed cell ran on another machine, which records it")
+            write_json(spec["child_json"], out)
+            return out
         best = load_checkpoint(result["model_file"])
         last_file = os.path.splitext(result["model_file"])[0] + "-last.pth"
         last = load_checkpoint(last_file) if os.path.isfile(last_file) else best
@@ -271,6 +278,7 @@ def run_compare(
     output_dir=None,
     report_only=False,
     reuse_other_code=False,
+    distributed=None,
 ):
     r"""Run every (model, seed) cell that is not finished yet, then write the comparison table and chart.
 
@@ -287,6 +295,8 @@ def run_compare(
         report_only (bool): run nothing; write the tables from the finished cells (the others show as not finished).
         reuse_other_code (bool): reuse finished cells that ran another version of the package (:func:`code_version`);
             by default they are rerun. The table's header lists the code versions of its cells either way.
+        distributed (dict): each cell's ranks, ``run_recbole_ur4rec``'s ``nproc``, ``world_size``, ``ip``, ``port``
+            and ``group_offset`` (docs/distributed.md); the machine of rank 0 records the cells.
 
     Returns:
         dict: ``ran`` and ``reused`` (cell names), ``cells`` (name -> cell record), ``rows`` (one per model),
@@ -313,13 +323,15 @@ def run_compare(
 
     cells, ran, reused = {}, [], []
     code = code_version()
+    distributed = dict(distributed or {})
+    ranks = distributed.get("world_size", -1) if distributed.get("world_size", -1) != -1 else distributed.get("nproc", 1)
     report = dict(output_dir=output_dir, models=list(models), seeds=list(seeds), dataset=dataset, files_of=files_of, overrides=overrides)
     try:
         for seed in seeds:  # seed-major: one full pass over the models comes first
             for model in models:
                 name = cell_name(model, seed)
                 json_path = os.path.join(cells_dir, name + ".json")
-                settings = cell_settings(model, dataset, seed, files_of[model], overrides)
+                settings = cell_settings(model, dataset, seed, files_of[model], overrides, ranks)
                 done = read_json(json_path)
                 if _reusable(done, settings, code, reuse_other_code or report_only):
                     cells[name] = done
@@ -338,7 +350,7 @@ def run_compare(
                         continue
                     if _reusable(done, settings, code, True):  # finished, by another version of the code
                         logger.info(f"[compare] {name}: ran another version of the code ({(done.get('code') or {}).get('source')}, now {code['source']}): rerun")
-                    cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code)
+                    cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code, distributed)
                 finally:
                     _release(cells_dir, name)
                 ran.append(name)
@@ -358,7 +370,7 @@ def _trained_seconds(checkpoint_dir):
     return float(validations[-1]["seconds"]) if validations else 0.0
 
 
-def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir, code=None):
+def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir, code=None, distributed=None):
     name = cell_name(model, seed)
     json_path = os.path.join(cells_dir, name + ".json")
     partial_path = os.path.join(cells_dir, name + ".partial.json")
@@ -387,6 +399,7 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
         "child_json": child_json,
         "user_values_json": user_values_json,
         "resume": partial["segments"] > 0,
+        "distributed": distributed or {},
     }
     for stale in (child_json, user_values_json):  # an earlier run's; this run writes its own
         if os.path.exists(stale):

@@ -10,6 +10,7 @@ Every store is cached under :func:`~recbole_ur4rec.features.settings.cache_dir` 
 import os
 from logging import getLogger
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.features.cache import cached_features
 from recbole_ur4rec.features.clip import clip_encoder, clip_identity, encode_posters, find_posters
 from recbole_ur4rec.features.encoder import TextEncoder
@@ -168,17 +169,19 @@ def _poster_store(config, dataset, source):
 
 
 def load_features(config, train_dataset, encoder=None):
-    """Every configured store: ``item_text`` and ``user_text`` always, ``item_image`` when set.
+    """Every configured store: ``item_text`` and ``user_text`` always, ``item_image`` when set. In a distributed run
+    rank 0 encodes (and caches) them first, then the other ranks read the cache (one encoding per machine at most).
 
     Returns:
         dict: modality name -> :class:`~recbole_ur4rec.features.store.AlignedFeatures`.
     """
-    encoder = encoder or text_encoder(config)
-    stores = {
-        "item_text": item_text_features(config, train_dataset, encoder),
-        "user_text": user_text_features(config, train_dataset, encoder),
-    }
-    image = item_image_features(config, train_dataset)
-    if image is not None:
-        stores["item_image"] = image
+    with distributed.first_on_each_machine(config["local_rank"]):
+        encoder = encoder or text_encoder(config)
+        stores = {
+            "item_text": item_text_features(config, train_dataset, encoder),
+            "user_text": user_text_features(config, train_dataset, encoder),
+        }
+        image = item_image_features(config, train_dataset)
+        if image is not None:
+            stores["item_image"] = image
     return stores

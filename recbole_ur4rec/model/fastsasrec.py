@@ -11,7 +11,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss, supervised_positions
+from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss, supervised_count, supervised_positions
 
 
 class FastSASRec(SequentialRecommender):
@@ -47,6 +47,8 @@ class FastSASRec(SequentialRecommender):
 
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
+
+    loss_units = supervised_count  # what the loss averages over (a distributed run's gradient weights)
 
     def calculate_loss(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]  # [B L]

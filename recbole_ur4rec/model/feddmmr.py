@@ -26,7 +26,7 @@ from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.features import item_image_features, item_text_features, stores_fingerprint
 from recbole_ur4rec.federated.functional import MethodCall
-from recbole_ur4rec.model.layers import SampledCandidates, SequenceBackbone, load_balance_loss, supervised_positions
+from recbole_ur4rec.model.layers import SampledCandidates, SequenceBackbone, load_balance_loss, supervised_count, supervised_positions
 from recbole_ur4rec.model.layers.moe import Router
 from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin
 
@@ -224,6 +224,8 @@ class FedDMMR(FeatureFingerprintMixin, SequentialRecommender):
         if self.load_balance_weight and self.modalities:
             loss = loss + self.load_balance_weight * load_balance_loss(weights)
         return loss
+
+    loss_units = supervised_count  # what the loss averages over (a distributed run's gradient weights)
 
     def calculate_loss(self, interaction):
         hidden = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B L H]

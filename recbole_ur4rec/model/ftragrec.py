@@ -23,6 +23,7 @@ from logging import getLogger
 import torch
 from torch.nn import functional as F
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
@@ -260,6 +261,9 @@ class FTRagRec(StagedModelMixin, DuoRec):
         ``ivfsq8`` memory never holds all float keys; it reads the rows in a seeded random order, so that the keys
         it trains on are a sample of all).
 
+        In a distributed run rank 0 encodes and indexes, and every other rank receives the same memory (keys and
+        index bytes), so that all ranks retrieve the same neighbours; every rank calls it at the same points.
+
         Returns:
             bool: whether it was rebuilt (not when the backbone is unchanged since the last build, unless ``force``).
         """
@@ -267,6 +271,16 @@ class FTRagRec(StagedModelMixin, DuoRec):
         if self.memory.built and self.memory.fingerprint == fingerprint and not force:
             self._memory_checked = True
             return False
+        if distributed.rank() == 0:
+            self._encode_memory(fingerprint)
+        if distributed.is_distributed():
+            state = distributed.broadcast_plain(self.memory.state_dict() if distributed.rank() == 0 else None)
+            if distributed.rank() != 0:
+                self.memory.load_state_dict(state, self.backbone.item_embedding.weight.size(1))
+        self._device_memory, self._memory_checked = None, True
+        return True
+
+    def _encode_memory(self, fingerprint):
         device = self.backbone.item_embedding.weight.device
         user, item_seq, targets, length, starts = self._memory_rows
         n = int(length.sum())  # one entry per supervised position
@@ -294,8 +308,6 @@ class FTRagRec(StagedModelMixin, DuoRec):
             self.memory.build_stream(entries(), n, fingerprint)
         finally:
             self.train(was_training)
-        self._device_memory, self._memory_checked = None, True
-        return True
 
     def ensure_memory(self):
         """Build the memory if it is missing, or does not match weights loaded since it was built."""

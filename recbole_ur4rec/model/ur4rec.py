@@ -37,6 +37,7 @@ from recbole_ur4rec.model.layers import (
     expert_diversity_loss,
     load_balance_loss,
     ranking_loss,
+    supervised_count,
     supervised_positions,
     view_info_nce,
 )
@@ -209,6 +210,8 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
 
     def _rank(self, scores, targets, candidates):
         return ranking_loss(scores, targets, self.ranking_loss_type, candidates)
+
+    loss_units = supervised_count  # what the loss averages over (a distributed run's gradient weights)
 
     def loss_terms(self, interaction):
         """Unweighted loss terms of the current objective (a dict of scalar tensors); see ``LOSS_WEIGHT_KEYS``.

@@ -97,6 +97,12 @@ class FedDMMRTrainer(SafeCheckpointMixin, Trainer):
         if self.local_learning_rate is None:
             self.local_learning_rate = config["learning_rate"]
         self.partitioned = bool(config["federation_dir"])
+        if self.federated and self.distributed:
+            raise ValueError(
+                "config key 'federated' is True in a distributed run: FedDMMR's federated rounds spread their clients over "
+                "Flower SuperNodes (federated_engine: flower), not over ranks; run federated: False (central training) "
+                "distributed, or the federated run in one process"
+            )
         if self.federated and self.engine_name == "flower" and not self.partitioned:
             raise ValueError(
                 "federated_engine 'flower' trains on SuperNodes that each hold one partition of the data: write the "

@@ -137,6 +137,10 @@ class FTRagRecTrainer(StagedTrainer):
                 "retrieval/enhanced_rec_weight": weights["enhanced"]}
 
     # ---- dual evaluation ---------------------------------------------------------------------------------------
+    def _prepare_evaluation(self):
+        if self.model.objective == "retrieval" and self.model.use_retrieval:
+            self.model.ensure_memory()  # here on every rank: a distributed refresh is a collective
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)

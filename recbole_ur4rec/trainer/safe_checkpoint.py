@@ -9,6 +9,9 @@ refuses. This mixin writes two files per run:
   (``run_validations``: epoch, training loss, validation score and metrics, seconds), so ``--resume`` continues exactly where the run stopped and a resumed Ray Tune trial can
   report its earlier validations again. Its ``best_valid_score``/``best_valid_result`` are what early stopping
   continues from: a staged trainer's are its stage's.
+
+In a distributed run rank 0 writes the files (with every rank's random generators), every rank keeps the best
+weights in memory for the test evaluation, and every rank reads a resumed file itself (safely, as above).
 """
 import inspect
 import os
@@ -21,9 +24,11 @@ import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import set_color
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.evaluation.slices import EvaluatedRows, batch_rows, slice_masks, slice_results
+from recbole_ur4rec.trainer.distributed import ROW_KEYS, DistributedTrainingMixin, merge_rows
 
 
 def _plain_loss(loss):
@@ -49,21 +54,24 @@ def plain_data(value, key="config"):
 
 
 def checkpoint_config(config):
-    """The user's settings of ``config`` (files, dict, command line) with an absolute data root."""
-    settings = dict(config.external_config_dict)
+    """The user's settings of ``config`` (files, dict, command line) with an absolute data root; a distributed run's
+    place of the rank (``local_rank``, ``world_size``...) is not a setting: a checkpoint resumes with any number of ranks."""
+    settings = {key: value for key, value in config.external_config_dict.items() if key not in distributed.DISTRIBUTED_KEYS}
     settings["data_path"] = os.path.dirname(os.path.abspath(config["data_path"]))
     return plain_data(settings)
 
 
-def rng_state(train_data):
+def rng_state(train_data=None):
+    """This process's random generators, and ``train_data``'s loader generator when given."""
     python_version, python_state, python_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "python": [python_version, list(python_state), python_gauss],
         "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "torch": torch.get_rng_state(),
-        "train_loader": train_data.generator.get_state(),
     }
+    if train_data is not None:
+        state["train_loader"] = train_data.generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -80,8 +88,9 @@ def restore_rng_state(state, train_data):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class SafeCheckpointMixin:
-    """Put before a RecBole ``Trainer`` in the bases to give it safe, resumable checkpoints."""
+class SafeCheckpointMixin(DistributedTrainingMixin):
+    """Put before a RecBole ``Trainer`` in the bases to give it safe, resumable checkpoints (and distributed
+    training, :class:`~recbole_ur4rec.trainer.distributed.DistributedTrainingMixin`)."""
 
     _pending_rng_state = None  # set by resume_checkpoint, applied by fit (which has the train loader)
     _best_state_dict = None  # a copy of the weights last written to the best-model file
@@ -118,8 +127,6 @@ class SafeCheckpointMixin:
         }
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return
         explicit_file = "saved_model_file" in kwargs  # a caller that names a file wants it written, whatever fit did
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         if epoch < 0 and self._best_epoch is not None:  # fit's re-save of a finished run: still the best epoch's weights
@@ -129,23 +136,29 @@ class SafeCheckpointMixin:
         self._best_epoch = epoch
         state = self._model_state(epoch, *self._run_best())
         self._best_trained_epochs = state["trained_epochs"]
-        if self._keep_in_memory and not explicit_file:  # fit(saved=False): nothing is written, the best stays here
-            state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
-            self._best_in_memory = self._best_state_dict = state
+        unwritten = self._keep_in_memory and not explicit_file  # fit(saved=False): nothing is written
+        state["state_dict"] = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
+        self._best_state_dict = state["state_dict"]
+        if unwritten or self.distributed:  # the best stays here (a distributed run: on every rank, for its test)
+            self._best_in_memory = state
+        if unwritten or distributed.rank() != 0:  # rank 0 writes
             return
         save_checkpoint(state, saved_model_file)
-        self._best_state_dict = {name: tensor.detach().clone() for name, tensor in state["state_dict"].items()}
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
     def _save_last_checkpoint(self, epoch, train_data):
+        rank_rng = distributed.all_gather_plain(rng_state(train_data))  # every rank's own generators (a collective)
+        if distributed.rank() != 0:
+            return
         state = self._model_state(epoch, self.best_valid_score, self.best_valid_result)  # what early stopping resumes from
         run_best_score, run_best_result = self._run_best()
         state.update(
             run_best_score=float(run_best_score),
             run_best_result=plain_data(run_best_result, "run_best_result"),
             optimizer=self.optimizer.state_dict(),
-            rng=rng_state(train_data),
+            rng=rank_rng[0],
+            rank_rng=rank_rng[1:],  # ranks 1.. of a distributed run, resumed by a run with as many ranks
             stopped=self.cur_step > self.stopping_step,
             best_state_dict=self._best_state_dict if self._best_state_dict is not None else self.model.state_dict(),
             best_epoch=self._best_epoch,  # None until this process saved a best (or resumed one that names it)
@@ -241,7 +254,7 @@ class SafeCheckpointMixin:
         self.cur_step = state["cur_step"]
         self.best_valid_score = state["best_valid_score"]
         self.best_valid_result = state["best_valid_result"]
-        self._pending_rng_state = state["rng"]
+        self._pending_rng_state = self._rank_rng_state(state, resume_file)
         self.run_validations = list(state.get("run_validations") or [])
         self._seconds_before = self.run_validations[-1]["seconds"] if self.run_validations else 0.0
         if self._continues_in_place(resume_file):  # the run goes on in its own files: no stale pair per segment
@@ -252,20 +265,38 @@ class SafeCheckpointMixin:
         best_score, best_result = self._run_best()
         best.update(best_valid_score=float(best_score), best_valid_result=plain_data(best_result, "best_valid_result"))
         self._best_trained_epochs = best["trained_epochs"] = state.get("best_trained_epochs")  # None in older files
-        for key in ("optimizer", "rng", "best_state_dict", "best_epoch", "best_trained_epochs", "stopped", "format", "run_validations", "run_best_score", "run_best_result"):
+        for key in ("optimizer", "rng", "rank_rng", "best_state_dict", "best_epoch", "best_trained_epochs", "stopped", "format", "run_validations", "run_best_score", "run_best_result"):
             best.pop(key, None)
-        save_checkpoint(best, self.saved_model_file)
+        if distributed.rank() == 0:
+            save_checkpoint(best, self.saved_model_file)
         self._best_state_dict = state["best_state_dict"]
+        if self.distributed:
+            self._best_in_memory = best
         if state["stopped"] or self.start_epoch >= self.epochs:
             # training had finished: fit() only re-saves the current weights, which must be the best
             self.model.load_state_dict(state["best_state_dict"])
             self.start_epoch = self.epochs
         self.logger.info(f"Checkpoint {resume_file} loaded. Resume training from epoch {self.start_epoch}")
 
+    def _rank_rng_state(self, state, resume_file):
+        """This rank's random generators from a resume ``state``: its own when the run had as many ranks; otherwise
+        rank 0 takes the stored ones and the other ranks keep theirs (seeded with ``seed + rank``), all with the
+        stored training loader's generator, which decides every rank's share of each batch."""
+        rank, ranks = distributed.rank(), [state["rng"]] + list(state.get("rank_rng") or [])
+        if len(ranks) == distributed.world_size():
+            return ranks[rank]
+        if rank == 0:
+            self.logger.info(
+                f"{resume_file} was written by {len(ranks)} rank(s), this run has {distributed.world_size()}: rank 0 "
+                f"resumes its random generators, the other ranks start theirs from seed + rank"
+            )
+            return state["rng"]
+        return dict(rng_state(), train_loader=state["rng"]["train_loader"])
+
     def best_model_state(self, model_file=None):
-        """The best model's checkpoint state: ``model_file``, else the best kept in memory (``fit(saved=False)``),
-        else the best-model file."""
-        if model_file is None and self._keep_in_memory:
+        """The best model's checkpoint state: ``model_file``, else the best kept in memory (``fit(saved=False)``, or
+        a distributed run), else the best-model file."""
+        if model_file is None and (self._keep_in_memory or (self.distributed and self._best_in_memory is not None)):
             if self._best_in_memory is None:
                 raise ValueError("no best model to evaluate: fit(saved=False) has not validated or trained an epoch yet")
             self.logger.info("Loading the best model's parameters kept in memory (nothing was saved)")
@@ -274,6 +305,9 @@ class SafeCheckpointMixin:
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
         return load_checkpoint(checkpoint_file, self.device)
 
+    def _prepare_evaluation(self):
+        """Hook: run on every rank before the evaluation's batches (a rank may have none), with the weights loaded."""
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         self.last_evaluated_rows = None  # kept by a central full-ranking evaluation only
@@ -281,27 +315,54 @@ class SafeCheckpointMixin:
             state = self.best_model_state(model_file)
             self.model.load_state_dict(state["state_dict"])
             self.model.load_other_parameter(state.get("other_parameter"))
-        if not (eval_data and isinstance(eval_data, FullSortEvalDataLoader)):
+        if eval_data:
+            self._prepare_evaluation()
+        full_sort = bool(eval_data) and isinstance(eval_data, FullSortEvalDataLoader)
+        if not (full_sort or (eval_data and self.distributed)):
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         # RecBole's evaluation, with each batch's users and targets and the collected rows kept (last_evaluated_rows,
-        # the slices)
+        # the slices); in a distributed run the ranks' rows are merged before RecBole computes the metrics
         collector, rows, captured = self.eval_collector, [], {}
         collect, get_struct = collector.eval_batch_collect, collector.get_data_struct
         uid_field = self.config["USER_ID_FIELD"]
+        batch_sizes = []  # per batch: rows it added to each collected entry (a distributed run's merge splits by them)
 
         def collect_rows(scores, interaction, positive_u, positive_i):
-            rows.append(batch_rows(interaction, positive_u, positive_i, uid_field))
-            return collect(scores, interaction, positive_u, positive_i)
+            if full_sort:
+                rows.append(batch_rows(interaction, positive_u, positive_i, uid_field))
+            before = {key: len(collector.data_struct[key]) for key in ROW_KEYS if key in collector.data_struct}
+            collect(scores, interaction, positive_u, positive_i)
+            sizes = {key: len(collector.data_struct[key]) - before.get(key, 0) for key in ROW_KEYS if key in collector.data_struct}
+            if full_sort:
+                sizes["users"] = len(rows[-1][0])
+                if rows[-1][1] is not None:
+                    sizes["targets"] = len(rows[-1][1])
+            batch_sizes.append(sizes)
 
         def keep_struct():
-            captured["struct"] = get_struct()
-            return captured["struct"]
+            struct = get_struct()
+            if self.distributed:
+                local = {key: struct[key] for key in ROW_KEYS if key in struct}
+                if rows:
+                    local["users"] = torch.cat([u for u, _ in rows])
+                    local["targets"] = torch.cat([t for _, t in rows if t is not None] or [torch.zeros(0, dtype=torch.long)])
+                merged = merge_rows(local, batch_sizes)
+                for key in ROW_KEYS:
+                    if key in merged:
+                        struct.set(key, merged[key])
+                if "users" in merged:  # targets only when every batch had them (one target per row)
+                    targets = merged.get("targets")
+                    rows[:] = [(merged["users"], targets if targets is not None and len(targets) == len(merged["users"]) else None)]
+            captured["struct"] = struct
+            return struct
 
         collector.eval_batch_collect, collector.get_data_struct = collect_rows, keep_struct
         try:
             result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         finally:
             del collector.eval_batch_collect, collector.get_data_struct  # back to the class's methods
+        if not full_sort:
+            return result
         users = torch.cat([u for u, _ in rows])
         struct = captured["struct"]
         if "rec.topk" in struct and len(struct["rec.topk"]) != len(users):  # the collector kept an earlier, failed run's

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, run_best
 from recbole_ur4rec.model.layers.staged import weighted_loss
+from recbole_ur4rec.trainer.distributed import loss_units
 from recbole_ur4rec.trainer.safe_checkpoint import SafeCheckpointMixin
 
 ALTERNATION_MODES = ("fixed", "adaptive")
@@ -317,6 +318,12 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
         """Loss of each alternating part at this step (for adaptive alternation): one number per part."""
         return [terms["loss"].item()] * len(self.stage.alternate)
 
+    def _alternation_losses(self, terms):
+        """The part losses adaptive alternation decides on: the ranks' mean in a distributed run, so that every rank
+        switches at the same step."""
+        losses = self._part_losses(terms)
+        return self.all_ranks_mean(losses) if self.alternator.mode == "adaptive" else losses
+
     def _epoch_logs(self, interaction):
         """Hook: more scalars to log after an epoch, from its last batch."""
         return {}
@@ -349,11 +356,12 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             terms = self._loss_terms(interaction)
             self._check_nan(terms["loss"])
             terms["loss"].backward()
+            self.average_gradients(loss_units(self.model, interaction))  # a distributed run's mean over the ranks
             for name, norm in self.max_grad_norm.items():
                 clip_grad_norm_([p for p in self.groups[name] if p.grad is not None], norm)
             self.optimizer.step()
             self.stage_step += 1
-            if self.alternator is not None and self.alternator.update(self._part_losses(terms)):
+            if self.alternator is not None and self.alternator.update(self._alternation_losses(terms)):
                 self._set_trainable(epoch_idx)
             for name, value in terms.items():
                 totals[name] += value.item()

@@ -5,6 +5,7 @@ from recbole_ur4rec.model.layers.sequence_backbone import (
     SequenceBackbone,
     check_sequence_config,
     position_loss,
+    supervised_count,
     supervised_positions,
 )
 from recbole_ur4rec.model.layers.fusion import (

@@ -110,6 +110,14 @@ def supervised_positions(model, interaction, hidden):
     return hidden[mask], targets[mask], users.unsqueeze(1).expand_as(mask)[mask]  # [N H], [N], [N]
 
 
+def supervised_count(model, interaction):
+    """How many positions of ``interaction`` carry a loss (what :func:`position_loss` averages over): a distributed
+    run weights each rank's gradient by it (the plugin's models have it as ``loss_units``)."""
+    if model.loss_position == "last":
+        return len(interaction)
+    return int((interaction[model.TARGET_SEQ] > 0).sum())
+
+
 class SequenceBackbone(nn.Module):
     """Item and position embeddings, then ``n_layers`` causal transformer layers.
 
