@@ -238,6 +238,20 @@ def test_non_finite_partials_are_dropped_and_a_round_without_any_leaves_the_mode
         assert torch.equal(got[name], value), name
 
 
+@pytest.mark.parametrize("attack", ["few users per node", "secagg with 2 nodes"])
+def test_a_curious_server_is_refused_on_flower(federation, settings, partitions, tmp_path, attack):
+    """On real SuperNodes: a round that asks each node for 1 or 2 users (client_fraction 0.05) is refused by the
+    nodes (min-users 5), and SecAgg+ over 2 nodes by the server itself; every round fails, the model stays initial."""
+    run_config = {"secagg": True} if attack == "secagg with 2 nodes" else {}
+    run_settings = {**settings, "client_fraction": 0.05} if attack == "few users per node" else settings
+    flower = flower_run(federation, run_settings, partitions, tmp_path / "flower", **run_config)
+    for r in flower["rounds"]:
+        assert r["included"] == 0 and r["excluded_known"] == sorted(r["sampled"])
+    _, initial, *_ = build_model("FedDMMR", "tiny", server_settings(run_settings, partitions, tmp_path / "initial"))
+    got = load_checkpoint(flower["result"]["model_file"])["state_dict"]
+    assert all(torch.equal(got[name], value) for name, value in initial.named_parameters())
+
+
 def test_the_server_drops_a_non_finite_partial_and_merges_the_others(settings, partitions, tmp_path, monkeypatch):
     monkeypatch.setenv(TEST_HOOKS_ENV, "1")
     server, config, model, clients = loopback_server(settings, partitions, tmp_path, monkeypatch)

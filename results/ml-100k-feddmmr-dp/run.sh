@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Issue 42: FedDMMR federated on ml-100k with user-level differential privacy (node-side Gaussian noise, clip norm
 # 0.1, noise multipliers 1, 2 and 4, 40 rounds each; the in-process loop engine is the federation's one node, so its
-# noise is the central amount) against the same 40 rounds without DP. One thread per cell, one cell at a time;
+# noise is the central amount) against the same 40 rounds without DP; and dp_full_z3, every client in each of 20
+# rounds at noise multiplier 3 (epsilon 7.5). One thread per cell, one cell at a time;
 # resumable per cell. Epsilon at delta 1e-5 (against the server, no subsampling amplification) is each cell's
-# 'privacy' entry; compare.md holds the accuracies.
-#   bash results/ml-100k-feddmmr-dp/run.sh                                  # seed 2020: every variant
-#   MODELS=FedDMMR:dp_z4 SEEDS=2021,2022 bash results/ml-100k-feddmmr-dp/run.sh   # more seeds of one
+# 'privacy' entry; compare.md holds the accuracies
+# (of the last command's models and seeds: --report_only rewrites it).
+#   bash results/ml-100k-feddmmr-dp/run.sh                                  # seed 2020 of the 40-round variants
+#   MODELS=FedDMMR:dp_full_z3 SEEDS=2020,2021,2022 bash results/ml-100k-feddmmr-dp/run.sh --output_dir results/ml-100k-feddmmr-dp/full   # epsilon 7.5
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODELS=${MODELS:-FedDMMR:dp_z4,FedDMMR:nodp,FedDMMR:dp_z1,FedDMMR:dp_z2}
-SEEDS=${SEEDS:-2020}
+SEEDS=${SEEDS:-1}  # a number of seeds from 2020, or a comma-separated list
 D=results/ml-100k-feddmmr-dp
-python run_compare.py --models "$MODELS" -d ml-100k --seeds "$SEEDS" --extra threads=1 \
-  --model_config FedDMMR:nodp=$D/nodp.yaml --model_config FedDMMR:dp_z1=$D/dp_z1.yaml \
-  --model_config FedDMMR:dp_z2=$D/dp_z2.yaml --model_config FedDMMR:dp_z4=$D/dp_z4.yaml \
-  --output_dir $D "$@"
+configs=()  # FedDMMR:<variant> reads $D/<variant>.yaml
+for model in ${MODELS//,/ }; do configs+=(--model_config "$model=$D/${model#FedDMMR:}.yaml"); done
+python run_compare.py --models "$MODELS" -d ml-100k --seeds "$SEEDS" --extra threads=1 "${configs[@]}" --output_dir $D "$@"
