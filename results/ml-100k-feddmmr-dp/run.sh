@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 42: FedDMMR federated on ml-100k with user-level differential privacy (node-side Gaussian noise, clip norm
+# FedDMMR federated on ml-100k with user-level differential privacy (node-side Gaussian noise, clip norm
 # 0.1, noise multipliers 1, 2 and 4, 40 rounds each; the in-process loop engine is the federation's one node, so its
 # noise is the central amount) against the same 40 rounds without DP; and dp_full_z3, every client in each of 20
 # rounds at noise multiplier 3 (epsilon 7.5). One thread per cell, one cell at a time;
