@@ -36,24 +36,30 @@ def tiny_data_root(tmp_path):
     return write_sequential_dataset(tmp_path / "data")
 
 
+# A tiny sequential model on ``tiny``: the settings the model tests share
+TINY_MODEL = {
+    "show_progress": False,
+    "hidden_size": 16,
+    "inner_size": 32,
+    "n_layers": 1,
+    "n_heads": 1,
+    "MAX_ITEM_LIST_LENGTH": 20,
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "state": "WARNING",
+    "seed": 7,
+}
+
+
 @pytest.fixture
 def quick_config(tiny_data_root, tmp_path):
     """config_dict for a fast, deterministic run on ``tiny`` that writes only under ``tmp_path``."""
     return {
+        **TINY_MODEL,
         "data_path": tiny_data_root,
         "checkpoint_dir": str(tmp_path / "saved"),
         "epochs": 3,
         "train_batch_size": 256,
         "eval_batch_size": 256,
-        "show_progress": False,
-        "hidden_size": 16,
-        "inner_size": 32,
-        "n_layers": 1,
-        "n_heads": 1,
-        "MAX_ITEM_LIST_LENGTH": 20,
-        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-        "state": "WARNING",
-        "seed": 7,
     }
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import write_sequential_dataset
+from conftest import TINY_MODEL, write_sequential_dataset
 from ur4rec_fixtures import ur4rec_config, write_genre_dataset
 
 from recbole_ur4rec.build import build
@@ -25,15 +25,7 @@ from recbole_ur4rec.registry import get_trainer
 SMALL = {
     "train_batch_size": 16,
     "eval_batch_size": 16,  # several evaluation batches, spread over the ranks
-    "show_progress": False,
-    "hidden_size": 16,
-    "inner_size": 32,
-    "n_layers": 1,
-    "n_heads": 1,
-    "MAX_ITEM_LIST_LENGTH": 20,
-    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-    "state": "WARNING",
-    "seed": 7,
+    **TINY_MODEL,
     "threads": 1,
     "hidden_dropout_prob": 0.0,  # no per-rank randomness: a step of 2 ranks is one process's step
     "attn_dropout_prob": 0.0,

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import write_sequential_dataset
+from conftest import TINY_MODEL, write_sequential_dataset
 from model_fixtures import (
     assert_user_values_are_the_results,
     build_model,
@@ -33,15 +33,7 @@ from recbole_ur4rec.trainer.safe_checkpoint import plain_data
 SMALL = {
     "train_batch_size": 16,
     "eval_batch_size": 256,
-    "show_progress": False,
-    "hidden_size": 16,
-    "inner_size": 32,
-    "n_layers": 1,
-    "n_heads": 1,
-    "MAX_ITEM_LIST_LENGTH": 20,
-    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-    "state": "WARNING",
-    "seed": 7,
+    **TINY_MODEL,
     "threads": 1,
     "hidden_dropout_prob": 0.1,
     "attn_dropout_prob": 0.1,
