@@ -28,10 +28,9 @@ import hashlib
 import math
 import mmap
 import os
+import struct
 import tempfile
 import weakref
-
-import struct
 
 import faiss
 import numpy as np
@@ -62,7 +61,7 @@ def read_index_bytes(index_bytes, index_type, n, dim):
     data = index_bytes.numpy()
     if data.size < INDEX_HEADER.size:
         raise corrupt(f"{data.size} bytes, shorter than an index header ({INDEX_HEADER.size})")
-    fourcc, d, ntotal, _, _, trained, metric = INDEX_HEADER.unpack_from(data.tobytes()[: INDEX_HEADER.size])
+    fourcc, d, ntotal, _, _, trained, metric = INDEX_HEADER.unpack_from(data[: INDEX_HEADER.size].tobytes())  # the header only
     expected_fourcc, expected_class, code_bytes = SAVED_INDEXES[index_type]
     if fourcc != expected_fourcc:
         raise corrupt(f"expected a FAISS {expected_class.__name__} (header {expected_fourcc!r}) for index type {index_type!r}, got header {fourcc!r}")
