@@ -113,6 +113,7 @@ def main(argv=None):
         "machine": machine(),
         "load_before": load_before,
         "load_after": os.getloadavg(),
+        "environment": {key: os.environ.get(key) for key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
         "one_process": one,
         "ranks": ranks,
         "epoch_ratio": ranks["ranks"][0]["epoch_s"] / one["ranks"][0]["epoch_s"],
@@ -128,7 +129,8 @@ def main(argv=None):
             f"`{result['command']}` on {result['machine']['cpus']} CPUs ({result['machine']['platform']}), "
             f"{'GPU' if args.gpu else 'CPU'}, {args.threads} thread(s) per process, train_batch_size {args.train_batch_size}; "
             f"load average before "
-            f"{load_before[0]:.2f}, after {result['load_after'][0]:.2f} (other jobs running make these timings not the machine's).\n\n"
+            f"{load_before[0]:.2f}, after {result['load_after'][0]:.2f} (timings taken while other jobs run are not the machine's); "
+            f"OMP_WAIT_POLICY {result['environment']['OMP_WAIT_POLICY']}.\n\n"
             "| | epoch s | validation s | peak RSS GB (max over ranks) |\n|---|---|---|---|\n"
             f"| 1 process | {one['ranks'][0]['epoch_s']:.1f} | {one['ranks'][0]['eval_s']:.1f} | {one['ranks'][0]['peak_rss_gb']:.2f} |\n"
             f"| {args.nproc} ranks | {ranks['ranks'][0]['epoch_s']:.1f} | {ranks['ranks'][0]['eval_s']:.1f} | "
