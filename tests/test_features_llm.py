@@ -10,7 +10,7 @@ from features_fixtures import encoder, feat_root  # noqa: F401 (fixtures)
 
 from recbole_ur4rec.apps.precompute_features import main
 from recbole_ur4rec.features.errors import FeatureError
-from recbole_ur4rec.features.llm import LLMWriter
+from recbole_ur4rec.features.llm import LLMWriter, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,20 @@ def test_an_instruction_models_chat_template_wraps_every_prompt(tiny_llm, tmp_pa
         LLMWriter(tiny_llm, str(tmp_path / "c.jsonl"), chat_template="on").generate(prompts)
     with pytest.raises(FeatureError, match="llm_chat_template' must be one of auto, on, off"):
         LLMWriter(tiny_llm, str(tmp_path / "c.jsonl"), chat_template="yes")
+
+
+def test_a_file_inside_an_installed_package_is_found_without_importing_it(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "tiny_weights_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('importing the package is not needed')\n")
+    (package / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_model_path("package:tiny_weights_pkg/model.gguf") == str(package / "model.gguf")
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FeatureError, match=r"llm_path' = package:no_such_pkg_xyz/m\.gguf.*no installed package 'no_such_pkg_xyz'"):
+        resolve_model_path("package:no_such_pkg_xyz/m.gguf")
+    with pytest.raises(FeatureError, match=r"expected package:<installed package>/<file inside it>"):
+        resolve_model_path("package:tiny_weights_pkg")
 
 
 def test_a_gguf_file_needs_the_llm_extra(tmp_path, monkeypatch):

