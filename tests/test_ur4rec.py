@@ -243,6 +243,29 @@ def test_items_and_users_without_text_never_read_other_rows(settings, design):
     assert torch.allclose(retriever.user_view(torch.tensor([user]))[0], retriever.missing_user)
 
 
+@pytest.mark.parametrize("design", ["experts", "modality"])
+def test_the_retriever_scores_the_routed_mixture_of_its_experts(settings, design):
+    """The retriever's one product equals its definition: per expert, the router-weighted sum of its sub-experts'
+    cosines, mixed over the experts that have the item's evidence and divided by the temperature."""
+    _, model, *_ = build(settings, moe_design=design, moe_type="hierarchical", num_sub_experts=2)
+    retriever = model.retriever.eval()
+    torch.manual_seed(0)
+    states, users = torch.randn(3, 5, model.backbone.item_embedding.weight.size(1)), torch.tensor([1, 2, 3])
+    out = retriever(states, users)
+    masks, n_sub = retriever.item_mask().float(), 2
+    numerator, denominator = 0, 0
+    for e, name in enumerate(retriever.expert_names):
+        queries = out["expert_queries"][..., e * n_sub : (e + 1) * n_sub, :]  # [B L S D]
+        cosines = torch.einsum("blsd,snd->blsn", queries, out["keys"][name])
+        expert = (out["sub_weights"][name].unsqueeze(-1) * cosines).sum(-2)  # [B L n]
+        numerator = numerator + out["expert_weights"][..., e : e + 1] * masks[e] * expert
+        denominator = denominator + out["expert_weights"][..., e : e + 1] * masks[e]
+    expected = numerator / denominator.clamp(min=1e-6) / retriever.temperature
+    assert torch.allclose(out["scores"], expected, atol=1e-5)
+    items = torch.tensor([1, 4, 2])
+    assert torch.allclose(retriever(states, users, items)["scores"], expected[..., items], atol=1e-5)
+
+
 def test_image_modality_trains_and_an_item_without_an_image_keeps_its_text_score(settings, genre_root, tmp_path):
     path, no_image_token = write_image_features(genre_root, tmp_path / "clip.pt")
     config, model, train_data, valid_data, _ = build(

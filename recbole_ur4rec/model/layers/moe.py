@@ -61,7 +61,7 @@ def expert_diversity_loss(queries):
 
 
 class ModalityExperts(nn.Module):
-    """``n_sub`` experts scoring all items from one item modality, mixed by a router of their own.
+    """``n_sub`` experts scoring all items from one source of evidence, mixed by a router of their own.
 
     ``n_sub = 1`` is the flat MoE's single expert per modality; more make the first level of the hierarchical MoE.
     """
@@ -88,13 +88,10 @@ class ModalityExperts(nn.Module):
         return torch.stack([F.normalize(proj(features), dim=-1) for proj in self.key_proj])
 
     def forward(self, query, features):
-        """Scores of all items (before the temperature), with the sub-expert weights and queries.
+        """The sub-experts' queries, their router's weights and their item keys. An expert's score of an item is
+        ``sum_s weights[s] * <queries[s], keys[s, item]>``; the retriever mixes the experts' scores in one product.
 
         Returns:
-            tuple: scores [.. n], weights [.. S], queries [.. S D], keys [S n D].
+            tuple: weights [.. S], queries [.. S D], keys [S n D].
         """
-        queries = self.queries(query)  # [.. S D]
-        keys = self.keys(features)  # [S n D]
-        weights = self.router(query)  # [.. S]
-        scores = torch.einsum("...sd,snd->...sn", queries, keys)  # [.. S n]
-        return (weights.unsqueeze(-1) * scores).sum(-2), weights, queries, keys  # [.. n]
+        return self.router(query), self.queries(query), self.keys(features)

@@ -155,17 +155,22 @@ class PreferenceRetriever(nn.Module):
         item_mask = self.item_mask().float()  # [E n]
         if items is not None:
             item_mask = item_mask[:, items]  # [E K]
-        numerator, sub_weights, expert_queries, keys = 0, {}, [], {}
+        # The mixture sum_e w_e mask_e[i] sum_s w_es <q_es, k_es[i]> as one product of the weighted queries
+        # [.. E*S*D] with the masked keys [n E*S*D]: no [.. n] score matrix per expert.
+        weighted_queries, masked_keys, sub_weights, expert_queries, keys = [], [], {}, [], {}
         for e, name in enumerate(self.expert_names):
             features = self._evidence(self.evidence[name])[0]  # [n d]
             if items is not None:
                 features = features[items]  # [K d]
-            scores, sub_weights[name], queries, keys[name] = self.experts[name](expert_query[name], features)  # [.. n]
+            sub_weights[name], queries, keys[name] = self.experts[name](expert_query[name], features)  # [.. S], [.. S D], [S n D]
             expert_queries.append(queries)
-            numerator = numerator + expert_weights[..., e : e + 1] * item_mask[e] * scores
+            weight = expert_weights[..., e : e + 1] * sub_weights[name]  # [.. S]
+            weighted_queries.append((weight.unsqueeze(-1) * queries).flatten(-2))  # [.. S*D]
+            masked_keys.append((keys[name] * item_mask[e].view(1, -1, 1)).transpose(0, 1).flatten(1))  # [n S*D]
+        numerator = torch.cat(weighted_queries, dim=-1) @ torch.cat(masked_keys, dim=-1).t()  # [.. n]
         # each item is scored by the experts that have its evidence; an item with none scores 0
         denominator = expert_weights @ item_mask  # [.. n]
-        scores = numerator / denominator.clamp(min=1e-6) / self.temperature  # [.. n]
+        scores = numerator / (denominator.clamp(min=1e-6) * self.temperature)  # [.. n]
         return {
             "scores": scores,
             "query": query,

@@ -9,8 +9,10 @@ weight) go to ``loss_diagnostics`` ({name: float}, of the last batch), which the
 
 
 def weighted_loss(terms, weights):
-    """The total to minimise: the loss terms ``{name: scalar tensor}`` weighed by ``weights`` ``{name: float}``."""
-    return sum(weights[name] * value for name, value in terms.items())
+    """The total to minimise: the loss terms ``{name: scalar tensor}`` weighed by ``weights`` ``{name: float}``.
+    A term of weight 0 stays out of the graph (it is logged, not trained on, and costs no backward pass)."""
+    trained = [weights[name] * value for name, value in terms.items() if weights[name] != 0]
+    return sum(trained) if trained else sum(0 * value for value in terms.values())
 
 
 class StagedModelMixin:
