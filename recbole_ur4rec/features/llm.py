@@ -110,7 +110,7 @@ class LLMWriter:
         chat_template (str): ``auto`` (the tokenizer's chat template when it has one), ``on`` or ``off``.
     """
 
-    def __init__(self, path, cache_file, max_new_tokens=96, batch_size=8, max_chars=600, device=None, show_progress=True,
+    def __init__(self, path, cache_file, max_new_tokens=96, batch_size=32, max_chars=600, device=None, show_progress=True,
                  chat_template="auto"):
         self.path = os.path.realpath(resolve_model_path(path))
         is_gguf = os.path.isfile(self.path) and self.path.endswith(".gguf")
