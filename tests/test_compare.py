@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import statistics
 
 import pytest
@@ -319,6 +320,19 @@ def test_a_cell_killed_without_notice_continues_from_its_resume_state(walk_root,
         os.killpg(process.pid, signal.SIGKILL)  # the comparison and its cell process, with no chance to record anything
     process.wait()
     assert process.returncode == -signal.SIGKILL and glob.glob(os.path.join(checkpoints, "*-last.pth")), "must be killed mid-cell"
+
+    # resume state left by another version of the code is not continued: the cell starts afresh
+    other = str(tmp_path / "other-code")
+    shutil.copytree(output_dir, other)
+    partial_path = os.path.join(other, "cells", "SASRec-seed1.partial.json")
+    with open(partial_path) as f:
+        partial = json.load(f)
+    assert partial["code"] and partial["segment_codes"] == [partial["code"]]
+    with open(partial_path, "w") as f:
+        json.dump(dict(partial, code="another-version", segment_codes=["another-version"]), f)
+    fresh = run_compare(models=["SASRec"], dataset="walk", seeds=[1], overrides=settings, output_dir=other)["cells"]["SASRec-seed1"]
+    assert fresh["status"] == "ok" and fresh["segments"] == 1 and not fresh["resumed_from"] and "segment_codes" not in fresh
+    assert (fresh["valid_result"], fresh["test_result"]) == (whole["cells"]["SASRec-seed1"]["valid_result"], whole["cells"]["SASRec-seed1"]["test_result"])
 
     resumed = run_compare(models=["SASRec"], dataset="walk", seeds=[1], overrides=settings, output_dir=output_dir)
     cell, reference = resumed["cells"]["SASRec-seed1"], whole["cells"]["SASRec-seed1"]

@@ -350,7 +350,8 @@ def run_compare(
                         continue
                     if _reusable(done, settings, code, True):  # finished, by another version of the code
                         logger.info(f"[compare] {name}: ran another version of the code ({(done.get('code') or {}).get('source')}, now {code['source']}): rerun")
-                    cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code, distributed)
+                    cells[name] = _run_one(model, dataset, seed, settings, files_of[model], overrides, cells_dir, code, distributed,
+                                           reuse_other_code)
                 finally:
                     _release(cells_dir, name)
                 ran.append(name)
@@ -370,16 +371,24 @@ def _trained_seconds(checkpoint_dir):
     return float(validations[-1]["seconds"]) if validations else 0.0
 
 
-def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir, code=None, distributed=None):
+def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir, code=None, distributed=None,
+             reuse_other_code=False):
     name = cell_name(model, seed)
+    code = code or code_version()
     json_path = os.path.join(cells_dir, name + ".json")
     partial_path = os.path.join(cells_dir, name + ".partial.json")
     child_json = os.path.join(cells_dir, name + ".child.json")
     user_values_json = os.path.join(cells_dir, name + ".users.json")
     log_path = os.path.join(cells_dir, name + ".log")
     partial = read_json(partial_path)
+    if partial and partial.get("code") not in (None, code["source"]) and not reuse_other_code:
+        logger.info(f"[compare] {name}: its resume state ran another version of the code ({partial['code']}, now "
+                    f"{code['source']}): started afresh")
+        partial = None
     if not partial or not same_settings(partial.get("settings"), settings):
         partial = {"settings": settings, "elapsed_s": 0.0, "peak_rss_mb": 0.0, "segments": 0}
+    segment_codes = sorted(set(partial.get("segment_codes", [])) | {code["source"]})  # more than one: reuse_other_code
+    partial.update(code=code["source"], segment_codes=segment_codes)
     checkpoint_dir = os.path.join(cells_dir, "checkpoints", name)
     trained = _trained_seconds(checkpoint_dir)  # what the newest resume state reached
     if partial.get("running") is not None:  # a segment killed without notice (kill -9, a session's end): it counts
@@ -430,13 +439,15 @@ def _run_one(model, dataset, seed, settings, config_files, overrides, cells_dir,
         dataset=dataset,
         seed=seed,
         settings=settings,
-        code=result.get("code") or code or code_version(),  # what the cell's process ran (the tree may change meanwhile)
+        code=result.get("code") or code,  # what the cell's process ran (the tree may change meanwhile)
         returncode=returncode,
         wall_time_s=partial["elapsed_s"] + elapsed,
         peak_rss_mb=max(partial["peak_rss_mb"], peak),
         segments=partial["segments"] + 1,
         log=shown_path(log_path),
     )
+    if len(segment_codes) > 1:  # resumed across versions of the code (reuse_other_code): every version is named
+        result["segment_codes"] = segment_codes
     write_json(json_path, result)
     for path in (child_json, partial_path):
         if os.path.exists(path):
