@@ -10,7 +10,7 @@
 #   MODELS=FedDMMR:dp_full_z3 SEEDS=2020,2021,2022 bash results/ml-100k-feddmmr-dp/run.sh --output_dir results/ml-100k-feddmmr-dp/full   # epsilon 7.5
 #   MODELS=FedDMMR:nodp_full,FedDMMR:dp_full_z1,FedDMMR:dp_full_z3,FedDMMR:dp_full_z8 SEEDS=2020,2021,2022 \
 #     bash results/ml-100k-feddmmr-dp/run.sh --output_dir results/ml-100k-feddmmr-dp/full    # without DP, epsilon 30.1, 7.5, 2.45
-#   MODELS=FedDMMR:nodp_r5,FedDMMR:dp_r5_z1.5 SEEDS=2020 bash results/ml-100k-feddmmr-dp/run.sh \
+#   MODELS=FedDMMR:nodp_r5,FedDMMR:dp_r5_z1.5 SEEDS=1 bash results/ml-100k-feddmmr-dp/run.sh \
 #     --output_dir results/ml-100k-feddmmr-dp/full    # epsilon 7.5 over 5 rounds of 4 local epochs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
