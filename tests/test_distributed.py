@@ -32,10 +32,12 @@ SMALL = {
     "loss_type": "CE",
     "dist_timeout": 60,
 }
-NO_AUXILIARY = {  # UR4Rec's losses over the batch (not over positions) off: the retriever's step is exact
-    "consistency_weight": 0.0, "contrastive_weight": 0.0, "diversity_weight": 0.0, "load_balance_weight": 0.0,
+NO_AUXILIARY = {  # UR4Rec's per-rank means of its other batch terms off; the in-batch InfoNCE stays (across ranks)
+    "consistency_weight": 0.0, "contrastive_weight": 0.5, "diversity_weight": 0.0, "load_balance_weight": 0.0,
     "cold_mapping_weight": 0.0, "curriculum": False, "retriever_dropout": 0.0,
 }
+# DuoRec's dropout-view InfoNCE over the whole batch (every rank's views), same-target views masked out
+IN_BATCH_CONTRAST = {"contrast": "un", "lmd": 0.5, "lmd_sem": 0.0, "mask_same_target": True}
 
 
 def free_port():
@@ -153,10 +155,12 @@ def _one_process(model_name, dataset, config_dict, state=None):
     return _train_and_evaluate({}, model_name, dataset, config_dict)
 
 
-@pytest.mark.parametrize("model_name", ["FastSASRec", "UR4Rec", "SASRec"])  # SASRec: RecBole's model and data path
+@pytest.mark.parametrize("model_name", ["FastSASRec", "UR4Rec", "DuoRec", "SASRec"])  # SASRec: RecBole's model
 def test_two_ranks_train_and_evaluate_as_one_process(model_name, tiny_root, even_root, genre_root, cache_dir, tmp_path):
     if model_name == "FastSASRec":
         dataset, config = "tiny", {**SMALL, "data_path": tiny_root, "checkpoint_dir": str(tmp_path)}
+    elif model_name == "DuoRec":
+        dataset, config = "tiny", {**SMALL, **IN_BATCH_CONTRAST, "data_path": tiny_root, "checkpoint_dir": str(tmp_path)}
     elif model_name == "SASRec":
         dataset, config = "even", {**SMALL, "data_path": even_root, "checkpoint_dir": str(tmp_path)}
     else:

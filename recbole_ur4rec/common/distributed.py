@@ -250,6 +250,77 @@ def all_gather_plain(obj):
     return [_from_bytes(part[: int(size.item())]) for part, size in zip(gathered, sizes)]
 
 
+_step_weight = 1.0  # this rank's weight in the current step's gradient mean (see set_step_weight)
+
+
+def set_step_weight(weight):
+    """Declare this rank's weight in the current training step's gradient mean (its loss units, what the trainer
+    weighs its gradient by): :func:`gather_rows`'s backward converts the other ranks' gradients to it."""
+    global _step_weight
+    _step_weight = float(weight)
+
+
+def _row_counts(local_rows):
+    """Every rank's row count, in rank order."""
+    device = _device()
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([local_rows], dtype=torch.int64, device=device))
+    return [int(count.item()) for count in counts]
+
+
+def _gather_counted(local, counts):
+    """Every rank's rows (``counts[r]`` of rank ``r``; zero too) concatenated in rank order, on every rank."""
+    work = local.detach().to(_device()).contiguous()
+    padded = work.new_zeros((max(counts), *work.shape[1:]))
+    padded[: work.size(0)] = work
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(local.device)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, differentiable: the backward sums every rank's gradient of the gathered rows (each weighted
+    by its rank's step weight, over this rank's) and keeps this rank's rows, so that the trainer's weighted gradient
+    mean is the gradient of the ranks' weighted loss mean, as one process computes it over the whole batch."""
+
+    @staticmethod
+    def forward(ctx, local, counts):
+        start = sum(counts[: rank()])
+        ctx.span = (start, start + counts[rank()])
+        return _gather_counted(local, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = _step_weight
+        work = (grad * weight).contiguous()
+        all_reduce_sum(work)  # every rank runs this backward: the gathered rows enter every rank's loss
+        start, end = ctx.span
+        return (work[start:end] / weight if weight > 0 else torch.zeros_like(work[start:end])), None
+
+
+def gather_rows(local):
+    """``(the rows of every rank in rank order, the index of this rank's first row in them)``, differentiable where
+    ``local`` needs a gradient: in-batch terms (contrastive negatives) over the whole batch instead of the rank's
+    share. Every rank must call it, and the gathered rows must enter every rank's loss (times zero where a rank has
+    no rows), or the backward waits for the missing rank. In one process: ``(local, 0)``."""
+    if not is_distributed():
+        return local, 0
+    counts = _row_counts(local.size(0))
+    rows = _GatherRows.apply(local, counts) if local.requires_grad else _gather_counted(local, counts)
+    return rows, sum(counts[: rank()])
+
+
+def batch_mean(values):
+    """This rank's share of the mean of per-row ``values`` [n] over every rank's rows, scaled so that the trainer's
+    gradient mean (each rank weighted by its step weight) gives the gradient of that one mean: the whole batch's
+    mean, exactly, whatever the ranks' row counts and weights. Every rank must call it (a collective)."""
+    totals = all_reduce_sum(torch.tensor([float(values.numel()), _step_weight], dtype=torch.float64))
+    rows, weights = totals.tolist()
+    if rows == 0 or _step_weight <= 0:
+        return values.sum() * 0
+    return values.sum() * (weights / _step_weight / rows)
+
+
 def broadcast_plain(obj, src=0):
     """``src``'s ``obj`` (tensors and plain data) on every rank; the others pass anything (None)."""
     if not is_distributed():

@@ -16,6 +16,7 @@ item, and the other representations of the batch are the negatives (InfoNCE with
 import torch
 from torch.nn import functional as F
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import PREFIX_START, gather_lists
 from recbole_ur4rec.model.fastsasrec import FastSASRec
@@ -25,7 +26,7 @@ CONTRASTS = ("us_x", "us", "un", "su", "none")
 SIMILARITIES = ("dot", "cos")
 
 
-def simclr_info_nce(anchor, positive, tau, sim="dot", targets=None):
+def simclr_info_nce(anchor, positive, tau, sim="dot", targets=None, across_ranks=False):
     r"""InfoNCE over ``2N`` views: each of ``anchor`` [N H] and ``positive`` [N H] has its pair as positive and
     the other ``2N - 2`` views of the batch as negatives (the authors' ``info_nce``, as in SimCLR).
 
@@ -34,20 +35,35 @@ def simclr_info_nce(anchor, positive, tau, sim="dot", targets=None):
         sim (str): ``dot`` product or ``cos`` ine similarity.
         targets (torch.Tensor, optional): [N] target item of each pair; views whose target equals the anchor's
             are removed from its negatives (they are positives by DuoRec's own definition).
+        across_ranks (bool): the negatives are the views of every rank's pairs (the whole batch of a distributed
+            run, as in one process); every rank must then call this.
     """
     n = anchor.size(0)
-    z = torch.cat([anchor, positive], dim=0)  # [2N H]
+    local = torch.cat([anchor, positive], dim=0)  # [2n H] this rank's views
+    start, views, across_ranks = 0, local, across_ranks and distributed.is_distributed()
+    if across_ranks:
+        every_anchor, start = distributed.gather_rows(anchor)
+        views = torch.cat([every_anchor, distributed.gather_rows(positive)[0]], dim=0)  # [2N H]
+        targets = distributed.gather_rows(targets)[0] if targets is not None else None
+    total = views.size(0) // 2
     if sim == "cos":
-        z = F.normalize(z, dim=-1)
-    logits = z @ z.t() / tau  # [2N 2N]
-    index = torch.arange(2 * n, device=z.device)
-    pair = (index + n) % (2 * n)  # [2N]
-    excluded = index.unsqueeze(1) == index.unsqueeze(0)  # [2N 2N], each view against itself
+        local = F.normalize(local, dim=-1)
+        views = F.normalize(views, dim=-1) if across_ranks else local
+    logits = local @ views.t() / tau  # [2n 2N]
+    own = torch.arange(n, device=local.device) + start
+    index = torch.cat([own, own + total])  # [2n] each local view's place among all views
+    pair = (index + total) % (2 * total)  # [2n]
+    columns = torch.arange(2 * total, device=local.device)
+    excluded = index.unsqueeze(1) == columns.unsqueeze(0)  # [2n 2N], each view against itself
     if targets is not None:
         both = torch.cat([targets, targets])  # [2N]
-        excluded = excluded | (both.unsqueeze(1) == both.unsqueeze(0))
-        excluded[index, pair] = False
-    return F.cross_entropy(logits.masked_fill(excluded, float("-inf")), pair)
+        excluded = excluded | (both[index].unsqueeze(1) == both.unsqueeze(0))
+        excluded[torch.arange(2 * n, device=local.device), pair] = False
+    logits = logits.masked_fill(excluded, float("-inf"))
+    if not across_ranks:
+        return F.cross_entropy(logits, pair)
+    # the whole batch's mean; the gathered views stay in the graph on a rank without pairs (its backward is collective)
+    return distributed.batch_mean(F.cross_entropy(logits, pair, reduction="none")) + views.sum() * 0
 
 
 def sample_in_batch_partners(targets):
@@ -163,6 +179,7 @@ class DuoRec(FastSASRec):
         use_su = self.contrast in ("su", "us", "us_x") and self.lmd_sem > 0
         if not (use_un or use_su):
             return loss
+        across_ranks = self.training and distributed.is_distributed()  # negatives from the whole batch
         view = self.forward(item_seq, item_seq_len)  # [B L H], another dropout mask
         view, _, _ = supervised_positions(self, interaction, view)  # [N H]
         if self.loss_position == "last":
@@ -170,18 +187,23 @@ class DuoRec(FastSASRec):
             if use_su:
                 semantic = self._same_target_view(interaction)  # [N H]
         else:
-            anchors = torch.randperm(rec.size(0), device=rec.device)[: self.contrast_max_anchors]  # [M]
+            # a distributed run's ranks share the cap: their anchors together are one process's
+            cap = max(self.contrast_max_anchors // (distributed.world_size() if across_ranks else 1), 1)
+            anchors = torch.randperm(rec.size(0), device=rec.device)[:cap]  # [M]
             rec, view, targets = rec[anchors], view[anchors], targets[anchors]
             if use_su:
-                partner = sample_in_batch_partners(targets)  # [M]
-                # the partner is read from the view the anchor is not taken from (below)
-                semantic = view[partner] if self.contrast != "us_x" else rec[partner]  # [M H]
+                # the partner is read from the view the anchor is not taken from (below), among every rank's anchors
+                source = view if self.contrast != "us_x" else rec
+                every_source, start = distributed.gather_rows(source) if across_ranks else (source, 0)  # [M' H]
+                every_target = distributed.gather_rows(targets)[0] if across_ranks else targets  # [M']
+                partner = sample_in_batch_partners(every_target)[start : start + targets.size(0)]  # [M]
+                semantic = every_source[partner]  # [M H]
         negative_targets = targets if self.mask_same_target else None
         if use_un:
-            loss = loss + self.lmd * simclr_info_nce(rec, view, self.tau, self.sim, negative_targets)
+            loss = loss + self.lmd * simclr_info_nce(rec, view, self.tau, self.sim, negative_targets, across_ranks)
         if use_su:
             anchor = view if self.contrast == "us_x" else rec
-            loss = loss + self.lmd_sem * simclr_info_nce(anchor, semantic, self.tau, self.sim, negative_targets)
+            loss = loss + self.lmd_sem * simclr_info_nce(anchor, semantic, self.tau, self.sim, negative_targets, across_ranks)
         return loss
 
     def same_target_item_seq(self, index, max_len):

@@ -22,6 +22,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.evaluation.slices import training_counts
@@ -265,10 +266,16 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         if has_text.any():
             cosine = torch.cosine_similarity(state_view[has_text], user_view[has_text], dim=-1)
             consistency = (1 - cosine).mean()
-        if has_text.sum() > 1:
+        across_ranks = self.training and distributed.is_distributed()  # negatives from the whole batch
+        if across_ranks or has_text.sum() > 1:
             queue = self.memory_bank.negatives() if self.memory_bank is not None else None
             contrastive = view_info_nce(
-                state_view[has_text], user_view[has_text], queue, self.contrastive_temperature, groups=users[has_text]
+                state_view[has_text],
+                user_view[has_text],
+                queue,
+                self.contrastive_temperature,
+                groups=users[has_text],
+                across_ranks=across_ranks,
             )
             if self.memory_bank is not None and self.training:
                 self.memory_bank.push(user_view[has_text])

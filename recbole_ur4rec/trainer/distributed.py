@@ -76,10 +76,17 @@ class DistributedTrainingMixin:
         loss_func = loss_func or self.model.calculate_loss
 
         def counted(interaction):
-            self._step_units = loss_units(self.model, interaction)
+            self.begin_step(interaction)
             return loss_func(interaction)
 
         return super()._train_epoch(train_data, epoch_idx, counted, show_progress)
+
+    def begin_step(self, interaction):
+        """Record this rank's loss units of the batch ``interaction`` (its weight in the gradient mean; also what
+        :func:`~recbole_ur4rec.common.distributed.gather_rows` weighs by) before the loss is computed."""
+        self._step_units = loss_units(self.model, interaction)
+        distributed.set_step_weight(self._step_units)
+        return self._step_units
 
     def average_gradients(self, units=None):
         """Replace every trained parameter's gradient by the ranks' mean, each rank weighted by its loss ``units``

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, run_best
 from recbole_ur4rec.model.layers.staged import weighted_loss
-from recbole_ur4rec.trainer.distributed import loss_units
 from recbole_ur4rec.trainer.safe_checkpoint import SafeCheckpointMixin
 
 ALTERNATION_MODES = ("fixed", "adaptive")
@@ -353,10 +352,11 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             for group in self.optimizer.param_groups:
                 group["lr"] = stage.learning_rate * stage.lr_scale.get(group["group"], 1.0) * factor
             self.optimizer.zero_grad()
+            units = self.begin_step(interaction)
             terms = self._loss_terms(interaction)
             self._check_nan(terms["loss"])
             terms["loss"].backward()
-            self.average_gradients(loss_units(self.model, interaction))  # a distributed run's mean over the ranks
+            self.average_gradients(units)  # a distributed run's mean over the ranks
             for name, norm in self.max_grad_norm.items():
                 clip_grad_norm_([p for p in self.groups[name] if p.grad is not None], norm)
             self.optimizer.step()

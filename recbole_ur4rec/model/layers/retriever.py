@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.model.layers.moe import ModalityExperts, Router
 
 
@@ -198,21 +199,32 @@ class PreferenceRetriever(nn.Module):
             self.memory.write(users, states)
 
 
-def view_info_nce(anchors, positives, queue=None, temperature=0.1, groups=None):
+def view_info_nce(anchors, positives, queue=None, temperature=0.1, groups=None, across_ranks=False):
     """InfoNCE of ``anchors`` [B D] against ``positives`` [B D]: in-batch negatives plus an optional ``queue`` [K D].
 
     Both sides are L2-normalised here; the queue is expected normalised already. ``groups`` [B] (e.g. user ids):
-    other rows of the same group are not negatives (two windows of one user share its positive).
+    other rows of the same group are not negatives (two windows of one user share its positive). ``across_ranks``:
+    in a distributed run the negatives are the positives of every rank's rows (the whole batch, as in one process);
+    every rank must then call this, with or without rows.
     """
     anchors, positives = F.normalize(anchors, dim=-1), F.normalize(positives, dim=-1)
-    logits = anchors @ positives.t()  # [B B]
-    labels = torch.arange(anchors.size(0), device=anchors.device)
+    start, across_ranks = 0, across_ranks and distributed.is_distributed()
+    if across_ranks:
+        positives, start = distributed.gather_rows(positives)  # [B' D]
+        groups = distributed.gather_rows(groups)[0] if groups is not None else None
+    logits = anchors @ positives.t()  # [B B']
+    labels = start + torch.arange(anchors.size(0), device=anchors.device)  # [B] each anchor's positive
     if groups is not None:
-        same = (groups.unsqueeze(0) == groups.unsqueeze(1)) & (labels.unsqueeze(0) != labels.unsqueeze(1))  # [B B]
+        rows = groups[start : start + anchors.size(0)]  # [B] the anchors' groups
+        columns = torch.arange(positives.size(0), device=anchors.device)
+        same = (rows.unsqueeze(1) == groups.unsqueeze(0)) & (labels.unsqueeze(1) != columns.unsqueeze(0))  # [B B']
         logits = logits.masked_fill(same, float("-inf"))
     if queue is not None:
-        logits = torch.cat([logits, anchors @ queue.t()], dim=1)  # [B B+K]
-    return F.cross_entropy(logits / temperature, labels)
+        logits = torch.cat([logits, anchors @ queue.t()], dim=1)  # [B B'+K]
+    if not across_ranks:
+        return F.cross_entropy(logits / temperature, labels)
+    # the whole batch's mean; the gathered rows stay in the graph on a rank without rows (its backward is collective)
+    return distributed.batch_mean(F.cross_entropy(logits / temperature, labels, reduction="none")) + positives.sum() * 0
 
 
 class MemoryBank(nn.Module):
