@@ -32,8 +32,8 @@ SMALL = {
     "loss_type": "CE",
     "dist_timeout": 60,
 }
-NO_AUXILIARY = {  # UR4Rec's per-rank means of its other batch terms off; the in-batch InfoNCE stays (across ranks)
-    "consistency_weight": 0.0, "contrastive_weight": 0.5, "diversity_weight": 0.0, "load_balance_weight": 0.0,
+NO_AUXILIARY = {  # UR4Rec's router terms (per-rank statistics) off; consistency and the in-batch InfoNCE stay
+    "consistency_weight": 0.5, "contrastive_weight": 0.5, "diversity_weight": 0.0, "load_balance_weight": 0.0,
     "cold_mapping_weight": 0.0, "curriculum": False, "retriever_dropout": 0.0,
 }
 # DuoRec's dropout-view InfoNCE over the whole batch (every rank's views), same-target views masked out
