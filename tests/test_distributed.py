@@ -129,6 +129,50 @@ def test_a_dead_rank_ends_the_job_naming_it(how, message):
     assert time.monotonic() - start < 60  # never waits for dist_timeout on one machine
 
 
+def _waits(settings, folder):
+    with open(os.path.join(folder, f"rank{settings['local_rank']}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+LAUNCHER = """
+import sys
+sys.path[:0] = {paths!r}
+from test_distributed import _waits, two_ranks
+from recbole_ur4rec.common import distributed
+distributed.spawn(_waits, two_ranks(), sys.argv[1])
+"""
+
+
+def test_the_ranks_end_with_their_launcher(tmp_path):
+    """A launcher killed outright (it cannot stop its ranks) takes its ranks with it (torch's spawn sets the ranks'
+    parent-death signal): no orphan trains on."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(paths=[here, os.path.dirname(here)]), str(tmp_path)])
+    pids = []
+    deadline = time.monotonic() + 120
+    while len(pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = [int((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.endswith(".pid") and (tmp_path / f).read_text()]
+    assert len(pids) == 2, "the ranks did not start"
+    launcher.kill()  # SIGKILL: the launcher cannot stop its ranks itself
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in pids if _running(pid)]
+    assert not alive, f"ranks {alive} outlived their launcher"
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
 # ---- training and evaluation against one process -----------------------------------------------------------------
 def _train_and_evaluate(settings, model_name, dataset, config_dict):
     """One epoch (UR4Rec: of its retriever stage), then validation and test with the weights reached."""
