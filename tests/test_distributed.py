@@ -136,7 +136,8 @@ def _waits(settings, folder):
 
 
 LAUNCHER = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a job started in the background (nohup ... &)
 sys.path[:0] = {paths!r}
 from test_distributed import _waits, two_ranks
 from recbole_ur4rec.common import distributed
@@ -145,8 +146,8 @@ distributed.spawn(_waits, two_ranks(), sys.argv[1])
 
 
 def test_the_ranks_end_with_their_launcher(tmp_path):
-    """A launcher killed outright (it cannot stop its ranks) takes its ranks with it (torch's spawn sets the ranks'
-    parent-death signal): no orphan trains on."""
+    """A launcher killed outright (it cannot stop its ranks) takes its ranks with it, also when started in the
+    background: no orphan trains on."""
     here = os.path.dirname(os.path.abspath(__file__))
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(paths=[here, os.path.dirname(here)]), str(tmp_path)])
     pids = []

@@ -5,10 +5,13 @@ GPU), and the few collectives the plugin needs, with tensors and plain data only
 A rank is a process; ``rank = offset + local_rank`` with ``offset`` the first global rank of its machine. Every
 helper here is a no-op (or returns its input) in a one-process run, so callers need no ``if distributed``.
 """
+import ctypes
 import datetime
 import io
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -71,11 +74,22 @@ def launch_settings(nproc=1, world_size=-1, ip="localhost", port="5678", group_o
     return {"world_size": world_size, "ip": str(ip), "port": str(port), "nproc": nproc, "offset": group_offset}
 
 
-def _rank_main(local_rank, fn, args, settings, result_file):
+def _end_with_launcher(launcher_pid):
+    """Make this rank end when its launcher dies (killed, out of memory) instead of training on as an orphan: on
+    Linux the kernel sends it SIGTERM then (``prctl(PR_SET_PDEATHSIG)``); a launcher already gone ends it now.
+    torch's spawn sets SIGINT, which a job started in the background (``nohup ... &``) ignores."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != launcher_pid:
+        os._exit(1)
+
+
+def _rank_main(local_rank, fn, args, settings, result_file, launcher_pid):
     """One spawned rank: ``fn(settings with local_rank, *args)``; rank 0 writes its result to ``result_file`` (a
     torch file of tensors and plain data; a pipe would block a large result until the launcher reads it). An error
     is written beside it with its time, so that the launcher names the rank that failed first, not one whose
-    collective then lost its peer."""
+    collective then lost its peer. The rank ends with its launcher."""
+    _end_with_launcher(launcher_pid)
     try:
         result = fn({**settings, "local_rank": local_rank}, *args)
     except BaseException:
@@ -98,7 +112,7 @@ def spawn(fn, settings, *args):
     global rank 0's result (None on a machine without rank 0).
 
     A rank that raises or dies stops this machine's other ranks at once (torch's ``spawn``); ranks on other
-    machines stop when their next collective fails or passes ``dist_timeout``.
+    machines stop when their next collective fails or passes ``dist_timeout``. The ranks end with this process.
 
     Raises:
         RankFailed: naming the first rank that failed, its exit code or signal and its error.
@@ -108,7 +122,7 @@ def spawn(fn, settings, *args):
     folder = tempfile.mkdtemp(prefix="recbole_ur4rec_ranks_")
     result_file = os.path.join(folder, "rank0.pth")
     try:
-        mp.spawn(_rank_main, args=(fn, args, settings, result_file), nprocs=settings["nproc"], join=True)
+        mp.spawn(_rank_main, args=(fn, args, settings, result_file, os.getpid()), nprocs=settings["nproc"], join=True)
     except mp.ProcessRaisedException as err:
         first, error = _first_error(folder, err.error_index, str(err))
         raise RankFailed(
