@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stages (git add -f) the git-ignored files that a later session needs to continue long runs (searches, comparison cells, backbone cells), because a
+# Stages (git add -f) the git-ignored files that a later session needs to continue long runs (searches of every
+# dataset under results/hyper/, comparison cells, backbone cells), because a
 # new checkout holds only what was committed: the checkpoints of every unfinished search (every trial's folder: the
 # finished trials' files are read again when the search ends), the resume files (-last.pth and its best .pth) of
 # unfinished run_compare cells and bench/backbone.py cells, and the DuoRec search's best trial while the FTRagRec
@@ -8,14 +9,14 @@
 #   bash results/keep_state.sh          # stage, then list what is staged
 set -euo pipefail
 cd "$(dirname "$0")/.."
-H=results/hyper/ml-100k
+H=results/hyper  # one folder per dataset, one per search in it
 source results/settings/lib.sh
 keep=(); drop=()
-for search in "$H"/*/; do
+for search in "$H"/*/*/; do
   search=${search%/}
   [[ -d $search/checkpoints ]] || continue
   if ! search_finished "$search"; then keep+=("$search/checkpoints")
-  elif [[ $(basename "$search") == DuoRec ]] && ! search_finished "$H/FTRagRec"; then
+  elif [[ $(basename "$search") == DuoRec ]] && ! search_finished "$(dirname "$search")/FTRagRec"; then
     trial=$(best_trial "$search")
     keep+=("$search/checkpoints/$trial"); drop+=("$search/checkpoints")
   else drop+=("$search/checkpoints"); fi

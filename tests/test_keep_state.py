@@ -7,6 +7,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H = "results/hyper/ml-100k"
+B = "results/hyper/amazon-beauty"  # another dataset's searches
 
 
 def write(root, path, text="x"):
@@ -44,6 +45,8 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     write(root, f"{H}/DuoRec/results.md", "Search time: 9 s.\n")
     write(root, f"{H}/DuoRec/checkpoints/d9fce_00007/D.pth")
     write(root, f"{H}/DuoRec/checkpoints/d9fce_00003/D3.pth")
+    write(root, f"{B}/FastSASRec/search.json", "{}")  # started, no best.yaml yet
+    write(root, f"{B}/FastSASRec/checkpoints/trial_00000/F-last.pth")
     # an unfinished cell (resume file and its best file) and a finished one (best file only)
     write(root, "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C-last.pth")
     write(root, "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C.pth")
@@ -57,6 +60,7 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
         f"{H}/SASRec/checkpoints/trial_00000/S.pth",
         f"{H}/SASRec/checkpoints/trial_00001/finished.json",
         f"{H}/DuoRec/checkpoints/d9fce_00007/D.pth",
+        f"{B}/FastSASRec/checkpoints/trial_00000/F-last.pth",
         "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C-last.pth",
         "results/ml-100k-tuned/cells/checkpoints/SASRec-seed2020/C.pth",
         "results/ml-100k-tuned/cells/SASRec-seed2020.partial.json",
@@ -70,6 +74,8 @@ def test_stages_unfinished_runs_and_unstages_finished_ones(tmp_path):
     os.remove(os.path.join(root, "results/ml-100k-tuned/cells/SASRec-seed2020.partial.json"))
     write(root, f"{H}/FTRagRec/best.yaml")
     write(root, f"{H}/FTRagRec/results.md", "Search time: 9 s.\n")
+    write(root, f"{B}/FastSASRec/best.yaml")
+    write(root, f"{B}/FastSASRec/results.md", "Search time: 9 s.\n")
     subprocess.run(["bash", "results/keep_state.sh"], cwd=root, check=True, capture_output=True)
     assert staged(root) == {"bench/results/backbone_state/SASRec-seed2020/B-last.pth"}
     assert os.path.isfile(os.path.join(root, f"{H}/SASRec/checkpoints/trial_00000/S.pth"))  # unstaged, not deleted
