@@ -248,32 +248,6 @@ def _from_bytes(data):
     return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
 
 
-def all_gather_plain(obj):
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``obj``: tensors and plain data (no pickled objects)."""
-    if not is_distributed():
-        return [obj]
-    device = _device()
-    data = _to_bytes(obj).to(device)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
-    longest = int(max(size.item() for size in sizes))
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[: data.numel()] = data
-    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world_size())]
-    dist.all_gather(gathered, padded)
-    return [_from_bytes(part[: int(size.item())]) for part, size in zip(gathered, sizes)]
-
-
-_step_weight = 1.0  # this rank's weight in the current step's gradient mean (see set_step_weight)
-
-
-def set_step_weight(weight):
-    """Declare this rank's weight in the current training step's gradient mean (its loss units, what the trainer
-    weighs its gradient by): :func:`gather_rows`'s backward converts the other ranks' gradients to it."""
-    global _step_weight
-    _step_weight = float(weight)
-
-
 def _row_counts(local_rows):
     """Every rank's row count, in rank order."""
     device = _device()
@@ -290,6 +264,25 @@ def _gather_counted(local, counts):
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(local.device)
+
+
+def all_gather_plain(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``obj``: tensors and plain data (no pickled objects)."""
+    if not is_distributed():
+        return [obj]
+    data = _to_bytes(obj)
+    counts = _row_counts(data.numel())
+    return [_from_bytes(part) for part in torch.split(_gather_counted(data, counts), counts)]
+
+
+_step_weight = 1.0  # this rank's weight in the current step's gradient mean (see set_step_weight)
+
+
+def set_step_weight(weight):
+    """Declare this rank's weight in the current training step's gradient mean (its loss units, what the trainer
+    weighs its gradient by): :func:`gather_rows`'s backward converts the other ranks' gradients to it."""
+    global _step_weight
+    _step_weight = float(weight)
 
 
 class _GatherRows(torch.autograd.Function):

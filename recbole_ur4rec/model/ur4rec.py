@@ -264,12 +264,9 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         zero = last.new_zeros(())
         consistency, contrastive = zero, zero
         across_ranks = self.training and distributed.is_distributed()  # means and negatives over the whole batch
-        if across_ranks:
-            cosine = torch.cosine_similarity(state_view[has_text], user_view[has_text], dim=-1)
-            consistency = distributed.batch_mean(1 - cosine)
-        elif has_text.any():
-            cosine = torch.cosine_similarity(state_view[has_text], user_view[has_text], dim=-1)
-            consistency = (1 - cosine).mean()
+        if across_ranks or has_text.any():
+            distance = 1 - torch.cosine_similarity(state_view[has_text], user_view[has_text], dim=-1)  # [B']
+            consistency = distributed.batch_mean(distance) if across_ranks else distance.mean()
         if across_ranks or has_text.sum() > 1:
             queue = self.memory_bank.negatives() if self.memory_bank is not None else None
             contrastive = view_info_nce(
