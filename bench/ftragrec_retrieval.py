@@ -18,7 +18,7 @@ import time
 import torch
 
 from recbole_ur4rec.common.argv import isolated_argv
-from recbole_ur4rec.model.ftragrec import resolve_checkpoint_path
+from recbole_ur4rec.common.checkpoint_io import resolve_checkpoint_path
 from recbole_ur4rec.quick_start import load_data_and_model
 from recbole_ur4rec.trainer import FTRagRecTrainer
 

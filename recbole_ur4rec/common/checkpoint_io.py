@@ -76,6 +76,56 @@ def newest_resume_file(folder):
     return max(lasts, key=os.path.getmtime) if lasts else None
 
 
+def resolve_checkpoint_path(path, seed, key="checkpoint"):
+    """``path`` with ``{seed}`` replaced by ``seed``; a folder stands for the one best checkpoint in it (its ``*.pth``
+    other than ``*-last.pth``, e.g. a comparison cell's checkpoint folder). ``key`` names the setting in errors."""
+    path = path.replace("{seed}", str(seed))
+    if not os.path.isdir(path):
+        return path
+    found = sorted(f for f in glob.glob(os.path.join(path, "*.pth")) if not f.endswith("-last.pth"))
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{key} {path} is a folder, so it must hold exactly one best checkpoint (*.pth other than "
+            f"*-last.pth); found {len(found)}: {', '.join(os.path.basename(f) for f in found) or 'none'}"
+        )
+    return found[0]
+
+
+def load_backbone_weights(backbone, path, key, dataset_name=None, prefix="backbone.", advice="", state=None):
+    """Load the ``prefix`` tensors of the plugin checkpoint ``path`` (the setting ``key``; ``state``: the file already
+    read) into ``backbone``.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, was trained on another dataset, or its ``prefix`` tensors
+            do not match ``backbone``'s names and shapes (all of them are named, then ``advice``).
+    """
+    state = load_checkpoint(path, map_location="cpu") if state is None else state
+    if dataset_name is not None and state.get("dataset") not in (None, dataset_name):
+        raise CheckpointError(f"{key} {path} was trained on dataset {state['dataset']!r}, not {dataset_name!r}")
+    weights = {name[len(prefix) :]: t for name, t in state.get("state_dict", {}).items() if name.startswith(prefix)}
+    own = backbone.state_dict()
+    problems = []
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        problems.append("missing " + ", ".join(prefix + name for name in missing))
+    unexpected = sorted(set(weights) - set(own))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(prefix + name for name in unexpected))
+    mismatched = [
+        f"{prefix}{name} {tuple(weights[name].shape)} in the file, {tuple(own[name].shape)} here"
+        for name in sorted(set(own) & set(weights))
+        if weights[name].shape != own[name].shape
+    ]
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched))
+    if problems:
+        raise CheckpointError(
+            f"{key} {path} (model {state.get('model')!r}) does not fit this model's backbone: " + " | ".join(problems)
+            + (f". {advice}" if advice else "")
+        )
+    backbone.load_state_dict(weights)
+
+
 def run_best(state):
     """``(score, metrics)`` of the best validation of the run whose resume (``-last.pth``) ``state`` this is; files
     written before the run's best was kept beside early stopping's: a staged trainer's own copy, else early stopping's."""

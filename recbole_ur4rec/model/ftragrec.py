@@ -16,7 +16,6 @@ training prefixes and their next items, small retriever encoder layers read them
 pools them, and the pooled knowledge is mixed into the sequence representation (fixed alpha, alpha from retrieval
 quality, or a per-dimension gate). Trained in stages by :class:`~recbole_ur4rec.trainer.FTRagRecTrainer`.
 """
-import glob
 import os
 from logging import getLogger
 
@@ -24,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from recbole_ur4rec.common import distributed
-from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
+from recbole_ur4rec.common.checkpoint_io import load_backbone_weights, resolve_checkpoint_path
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.index.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
@@ -61,21 +60,6 @@ def alignment_loss(retrieval_logits, recommendation_logits, kind, weights=None):
     if weights is None:
         return per_row.mean()
     return (per_row * weights).sum() / weights.sum().clamp(min=1)
-
-
-def resolve_checkpoint_path(path, seed):
-    """``path`` with ``{seed}`` replaced by ``seed``; a folder stands for the one best checkpoint in it (its ``*.pth``
-    other than ``*-last.pth``, e.g. a comparison cell's checkpoint folder)."""
-    path = path.replace("{seed}", str(seed))
-    if not os.path.isdir(path):
-        return path
-    found = sorted(f for f in glob.glob(os.path.join(path, "*.pth")) if not f.endswith("-last.pth"))
-    if len(found) != 1:
-        raise CheckpointError(
-            f"duorec_checkpoint {path} is a folder, so it must hold exactly one best checkpoint (*.pth other than "
-            f"*-last.pth); found {len(found)}: {', '.join(os.path.basename(f) for f in found) or 'none'}"
-        )
-    return found[0]
 
 
 class FTRagRec(StagedModelMixin, DuoRec):
@@ -169,7 +153,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         self._device_memory = None  # (keys, targets) on the model's device
         self.warm_started = None
         if config["duorec_checkpoint"]:
-            self.warm_start(resolve_checkpoint_path(config["duorec_checkpoint"], config["seed"]), config["dataset"])
+            self.warm_start(resolve_checkpoint_path(config["duorec_checkpoint"], config["seed"], "duorec_checkpoint"), config["dataset"])
 
     def _check_retrieval_config(self, config):
         _check(config, "retrieval_topk", int, low=1)
@@ -215,34 +199,10 @@ class FTRagRec(StagedModelMixin, DuoRec):
             CheckpointError: the file is missing or corrupt, was trained on another dataset, or its backbone
                 tensors do not match this backbone's names and shapes (all of them are named).
         """
-        state = load_checkpoint(path, map_location="cpu")
-        if dataset_name is not None and state.get("dataset") not in (None, dataset_name):
-            raise CheckpointError(f"duorec_checkpoint {path} was trained on dataset {state['dataset']!r}, not {dataset_name!r}")
-        prefix = "backbone."
-        weights = {name[len(prefix) :]: t for name, t in state.get("state_dict", {}).items() if name.startswith(prefix)}
-        own = self.backbone.state_dict()
-        problems = []
-        missing = sorted(set(own) - set(weights))
-        if missing:
-            problems.append("missing " + ", ".join(prefix + name for name in missing))
-        unexpected = sorted(set(weights) - set(own))
-        if unexpected:
-            problems.append("unexpected " + ", ".join(prefix + name for name in unexpected))
-        mismatched = [
-            f"{prefix}{name} {tuple(weights[name].shape)} in the file, {tuple(own[name].shape)} here"
-            for name in sorted(set(own) & set(weights))
-            if weights[name].shape != own[name].shape
-        ]
-        if mismatched:
-            problems.append("shape mismatch: " + "; ".join(mismatched))
-        if problems:
-            raise CheckpointError(
-                f"duorec_checkpoint {path} (model {state.get('model')!r}) does not fit FTRagRec's backbone: "
-                + " | ".join(problems)
-                + ". Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers and "
-                "MAX_ITEM_LIST_LENGTH."
-            )
-        self.backbone.load_state_dict(weights)
+        load_backbone_weights(
+            self.backbone, path, "duorec_checkpoint", dataset_name,
+            advice="Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers and MAX_ITEM_LIST_LENGTH.",
+        )
         self.warm_started = str(path)
         self._memory_checked = False
 

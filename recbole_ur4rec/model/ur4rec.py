@@ -23,6 +23,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_ur4rec.common import distributed
+from recbole_ur4rec.common.checkpoint_io import load_backbone_weights, load_checkpoint, resolve_checkpoint_path
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.evaluation.slices import training_counts
@@ -137,6 +138,19 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
             unseen = ~warm
             unseen[0] = False  # padding
             self.register_buffer("mapped_items", unseen & text.mask, persistent=False)  # [n] scored by the map
+        self.warm_started = None  # the backbone_checkpoint loaded, if any
+        if config["backbone_checkpoint"]:
+            self._warm_start(resolve_checkpoint_path(config["backbone_checkpoint"], config["seed"], "backbone_checkpoint"), config["dataset"])
+
+    def _warm_start(self, path, dataset_name):
+        """Load the backbone of the checkpoint ``path``, and its cold-item map when it has one (a UR4Rec run's)."""
+        state = load_checkpoint(path)
+        advice = "Train it on the same dataset with the same hidden_size, inner_size, n_layers and MAX_ITEM_LIST_LENGTH."
+        load_backbone_weights(self.backbone, path, "backbone_checkpoint", dataset_name, advice=advice, state=state)
+        if self.cold_mapping is not None and any(name.startswith("cold_mapping.") for name in state.get("state_dict", {})):
+            load_backbone_weights(self.cold_mapping, path, "backbone_checkpoint", dataset_name, "cold_mapping.", advice, state)
+        self.warm_started = path
+
     def _check_config(self, config):
         # the backbone's keys, loss_position and train_neg_sample_args: SequenceBackbone.from_config
         for key in ("retriever_dim", "moe_heads", "moe_proxies", "num_sub_experts", "ranking_negatives", "memory_bank_size"):
@@ -159,6 +173,9 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         _check(config, "cold_item_mapping", None, choices=(True, False))
         _check(config, "cold_mapping_loss", None, choices=("mse", "ranking"))
         _check(config, "cold_mapping_share", (int, float), low=0, high=1, low_open=True)
+        path = config["backbone_checkpoint"]
+        if path is not None and not isinstance(path, str):
+            raise ValueError(f"config key 'backbone_checkpoint' must be a path to a plugin checkpoint or ~, got {path!r}")
 
     def parameter_groups(self):
         """Named parameter groups the trainer freezes, unfreezes and clips separately."""

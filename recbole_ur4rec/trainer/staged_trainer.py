@@ -10,6 +10,7 @@ the stage's state, so a run killed mid-stage resumes where it stopped.
 """
 import functools
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ class Stage:
         unfreeze_every (int): epochs between two unfreezing steps.
         objective (str): what the subclass trains in this stage (given to ``_begin_stage``).
         lr_scale (dict): group -> factor on ``learning_rate`` (differential learning rates).
+        validate_loaded (bool): with 0 epochs, validate the model once as it is (weights loaded from a checkpoint)
+            and count that validation as the stage's result, a candidate for the run's best.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Stage:
     unfreeze_every: int = 1
     objective: str = ""
     lr_scale: dict = field(default_factory=dict)
+    validate_loaded: bool = False
 
 
 class Alternator:
@@ -292,6 +296,8 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
 
             if self.start_epoch < self.epochs:
                 super().fit(train_data, valid_data, verbose, saved, show_progress, stage_callback)
+            elif self.stage.validate_loaded and self._validating:
+                self._validate_loaded(valid_data, saved)
             if self._stage_best_state is not None:
                 self.model.load_state_dict(self._stage_best_state)
             self.logger.info(
@@ -300,6 +306,20 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             )
         self._resumed = False
         return self.run_best_score, self.run_best_result
+
+    def _validate_loaded(self, valid_data, saved):
+        """A 0-epoch stage's one validation of the weights as loaded, recorded as run epoch -1 (no resume state is
+        written: a run stopped before its next stage's first validation starts again)."""
+        if self._clock is None:
+            self._clock = time.monotonic()
+        self._epoch_idx = -1
+        score, result = self._valid_epoch(valid_data)
+        self.best_valid_score, self.best_valid_result = score, result
+        self._keep_in_memory = not saved
+        self._save_checkpoint(-1, verbose=False)
+        self._validation_unrecorded = False
+        self._record_validation(-1, score)
+        self.logger.info(f"stage {self.stage.name}: loaded weights, valid {self.valid_metric} {score:.4f}")
 
     # ---- one epoch -----------------------------------------------------------------------------------------
     def loss_weights(self):

@@ -1,6 +1,7 @@
 """UR4Rec's four training stages (see docs/design.md, section UR4Rec) on :class:`StagedTrainer`.
 
-1. ``pretrain_backbone``: the SASRec backbone alone (its own ranking loss);
+1. ``pretrain_backbone``: the SASRec backbone alone (its own ranking loss); with ``backbone_checkpoint``, no training:
+   the loaded backbone is validated once, as the stage's result;
 2. ``pretrain_retriever``: the retriever (and the fusion) with the backbone frozen;
 3. ``joint``: everything on the fused loss, alternating between backbone and retriever steps (``alternation``:
    a fixed number of steps each, or switching when the trained part's loss stops moving);
@@ -45,7 +46,13 @@ class UR4RecTrainer(StagedTrainer):
                 objective="fused",
             ),
         }
-        return self.configured_stages(STAGE_NAMES, specs)
+        if self.model.warm_started:  # backbone_checkpoint: the loaded backbone is validated as the stage's result
+            specs["pretrain_backbone"].update(validate_loaded=True)
+        stages = self.configured_stages(STAGE_NAMES, specs)
+        for stage in stages:
+            if stage.validate_loaded:
+                stage.epochs = 0
+        return stages
 
     def _ramps(self, ramps):
         known = set(self.model.loss_weights)
