@@ -14,6 +14,9 @@ validation curve. The table gives each model's time to reach RecBole SASRec's be
                                                                # the same, resumable: rerun it to continue
     python bench/backbone.py --models SASRec,FastSASRec,FastSASRec:stride25 \
         --model_config 'FastSASRec:stride25={"window_stride": 25}'  # a variant row, with its own settings
+    python bench/backbone.py --dataset amazon-beauty --from_cells results/amazon-beauty/cells --models SASRec,FastSASRec
+                                                               # the table from a comparison's cells (run_compare.py:
+                                                               # the models trained to early stopping, seed after seed)
 
 Writes ``bench/results/backbone_<host>_<date>.md`` and the raw numbers beside it (``.json``).
 """
@@ -217,6 +220,39 @@ def run_cell_subprocess(label, args):
     return results
 
 
+def results_from_cells(cells, labels, first_seed, seeds):
+    """The benchmark's results read from ``run_compare`` cells (``<cells>/<label>-seed<seed>.json``, written with
+    their validation curve): the same fields as :func:`run_cell`'s, where seconds per epoch include validation (the
+    cells record the seconds of training and validation at each validation) and train rows are not recorded."""
+    results = {}
+    for label in labels:
+        rows = []
+        for seed in range(first_seed, first_seed + seeds):
+            path = os.path.join(cells, f"{label.replace(':', '_')}-seed{seed}.json")
+            cell = read_json(path)
+            if cell is None or cell.get("status") != "ok":
+                raise SystemExit(f"{path}: no finished cell (status {cell and cell.get('status')!r}); run the comparison first")
+            validations = cell.get("validations")
+            if not validations:
+                raise SystemExit(f"{path} records no validation curve (cells written before the curve was kept): rerun the cell")
+            seconds = [v["seconds"] for v in validations]
+            settings = cell.get("settings") or {}
+            rows.append({
+                "model": label, "seed": seed, "threads": settings.get("threads"), "device": "cpu", "train_rows": None,
+                "train_batch_size": settings.get("train_batch_size"), "max_item_list_length": settings.get("MAX_ITEM_LIST_LENGTH"),
+                "data_seconds": None, "train_seconds": seconds[-1], "segments": cell.get("segments"), "stopped_by": "early stopping",
+                "full_epochs": cell.get("epochs_trained"),
+                "seconds_per_epoch": statistics.median(b - a for a, b in zip([0.0] + seconds, seconds)),
+                "best_valid_ndcg10": float(cell["valid_result"]["ndcg@10"]),
+                "test_hit10": float(cell["test_result"]["hit@10"]), "test_ndcg10": float(cell["test_result"]["ndcg@10"]),
+                "curve": [(v["seconds"], v["epoch"], v["score"]) for v in validations],
+                "peak_rss_mb": cell.get("peak_rss_mb"), "cuda_peak_mb": None, "config": settings,
+                "machine": cell.get("machine"),
+            })  # fmt: skip
+        results[label] = rows
+    return results
+
+
 def time_to_reach(curve, target):
     """Seconds of training (validation included) until the validation NDCG@10 first reaches ``target``."""
     return next((seconds for seconds, _, score in curve if score >= target), None)
@@ -265,10 +301,20 @@ def report(results, args, info):
         f"torch threads {results[REFERENCE][0]['threads']}, device {results[REFERENCE][0]['device']}.",
         "",
         f"Protocol: RecBole's time-ordered leave-one-out, full ranking; {args.seeds} seed(s) from {args.first_seed}; "
-        f"budget {args.budget_minutes or 'none'} min of training + validation per run "
-        f"(RecBole's early stopping, stopping_step from the model's defaults, also applies); "
-        f"test metrics with the best-validation weights. Mean ± standard deviation over seeds.",
+        + (
+            f"the cells of the comparison `{args.from_cells}` (each model trained to early stopping with its settings "
+            f"there; s / epoch includes validation). "
+            if args.from_cells
+            else f"budget {args.budget_minutes or 'none'} min of training + validation per run "
+            f"(RecBole's early stopping, stopping_step from the model's defaults, also applies); "
+        )
+        + "test metrics with the best-validation weights. Mean ± standard deviation over seeds.",
         f"Target = RecBole SASRec's best validation NDCG@10 (mean over seeds) = {target:.4f}.",
+        *(
+            [f"The cells ran on: {'; '.join(sorted({json.dumps(r.get('machine'), sort_keys=True) for rows in results.values() for r in rows}))}."]
+            if args.from_cells
+            else []
+        ),
         "",
         "| model | train rows | batch | max len | s / epoch | full epochs | peak RSS (MB) | best valid NDCG@10 "
         "| test HR@10 | test NDCG@10 | time to target (s) | reached | stopped by |",
@@ -279,7 +325,7 @@ def report(results, args, info):
         reached = [t for t in times if t is not None]
         reach[model_name] = statistics.mean(reached) if reached else None
         lines.append(
-            f"| {model_name} | {rows[0]['train_rows']} | {rows[0]['train_batch_size']} | {rows[0]['max_item_list_length']} "
+            f"| {model_name} | {rows[0]['train_rows'] or 'n/a'} | {rows[0]['train_batch_size']} | {rows[0]['max_item_list_length']} "
             f"| {fmt([r['seconds_per_epoch'] for r in rows], 1)} | {fmt([r['full_epochs'] for r in rows], 1)} "
             f"| {fmt([r['peak_rss_mb'] for r in rows], 0)} | {fmt([r['best_valid_ndcg10'] for r in rows])} "
             f"| {fmt([r['test_hit10'] for r in rows])} | {fmt([r['test_ndcg10'] for r in rows])} "
@@ -293,7 +339,7 @@ def report(results, args, info):
             ratio = f"{fast / ref:.3f}" if fast is not None and ref is not None else "not reached"
             lines.append(f"Time to target, {label} / SASRec: {ratio} (target: at most 0.1).")
     for label in results:
-        if cell_config(label, args) != args.config:
+        if not args.from_cells and cell_config(label, args) != args.config:
             lines.append(f"{label} settings: {json.dumps(cell_config(label, args))}.")
     spe = {m: [r["seconds_per_epoch"] for r in rows if r["seconds_per_epoch"]] for m, rows in results.items()}
     if spe.get("FastSASRec") and spe.get(REFERENCE):
@@ -325,6 +371,8 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", default=None, help="where runs write RecBole's log/ (default: a temporary folder)")
     parser.add_argument("--state_dir", default=None, help="resumable cells: each cell's checkpoints and progress in "
                         "<state_dir>/<model>-seed<seed>/; a rerun reads finished cells back and continues the others")
+    parser.add_argument("--from_cells", default=None, help="build the table from this run_compare cells folder instead "
+                        "of training (--models are its labels; --seeds and --first-seed pick its cells)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -353,14 +401,17 @@ def main(argv=None):
         raise SystemExit(f"--models must include {REFERENCE}: its best validation NDCG@10 is the target")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
-    workdir = tempfile.TemporaryDirectory(prefix="bench_backbone_")
-    args.workdir = args.workdir or workdir.name
-    print(
-        f"[bench] {len(models)} models x {args.seeds} seeds, at most {args.budget_minutes} min each "
-        f"(+ data loading and test): up to about {len(models) * args.seeds * args.budget_minutes:.0f} min",
-        flush=True,
-    )
-    results = {model_name: run_cell_subprocess(model_name, args) for model_name in models}
+    if args.from_cells:
+        results = results_from_cells(args.from_cells, models, args.first_seed, args.seeds)
+    else:
+        workdir = tempfile.TemporaryDirectory(prefix="bench_backbone_")
+        args.workdir = args.workdir or workdir.name
+        print(
+            f"[bench] {len(models)} models x {args.seeds} seeds, at most {args.budget_minutes} min each "
+            f"(+ data loading and test): up to about {len(models) * args.seeds * args.budget_minutes:.0f} min",
+            flush=True,
+        )
+        results = {model_name: run_cell_subprocess(model_name, args) for model_name in models}
     info = machine()
     stem = args.output or os.path.join(ROOT, "bench", "results", f"backbone_{info['host']}_{datetime.date.today():%Y%m%d}.md")
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)

@@ -50,3 +50,30 @@ def test_a_relative_state_dir_means_the_callers_folder(quick_config, tmp_path):
     args.model_config = {"SASRec:one_layer": {"n_layers": 2}}
     with pytest.raises(SystemExit, match=r"SASRec_one_layer-seed2020/result.json was made with .*'n_layers': 1"):
         backbone.run_cell_subprocess("SASRec:one_layer", args)
+
+
+def test_the_table_from_a_comparisons_cells(quick_config, tmp_path):
+    """run_compare cells keep their validation curve; the benchmark's table is built from them without training."""
+    from recbole_ur4rec.experiments.compare import run_compare
+
+    settings = {key: value for key, value in quick_config.items() if key != "checkpoint_dir"}
+    output_dir = str(tmp_path / "compare")
+    run_compare(models=["SASRec", "FastSASRec"], dataset="tiny", seeds=[2020], overrides={**settings, "threads": 1}, output_dir=output_dir)
+    cells = os.path.join(output_dir, "cells")
+    output = str(tmp_path / "bench.md")
+    backbone.main(["--dataset", "tiny", "--from_cells", cells, "--models", "SASRec,FastSASRec", "--seeds", "1", "--output", output])
+    results = backbone.read_json(os.path.splitext(output)[0] + ".json")["results"]
+    for label in ("SASRec", "FastSASRec"):
+        cell = backbone.read_json(os.path.join(cells, f"{label}-seed2020.json"))
+        (row,) = results[label]
+        assert [v["epoch"] for v in cell["validations"]] == [0, 1, 2]
+        seconds = [v["seconds"] for v in cell["validations"]]
+        assert seconds == sorted(seconds) and seconds[0] > 0
+        assert row["best_valid_ndcg10"] == cell["valid_result"]["ndcg@10"] == max(v["score"] for v in cell["validations"])
+        assert row["test_ndcg10"] == cell["test_result"]["ndcg@10"] and row["curve"] == [[v["seconds"], v["epoch"], v["score"]] for v in cell["validations"]]
+    with open(output) as f:
+        text = f.read()
+    target = results["SASRec"][0]["best_valid_ndcg10"]
+    assert f"= {target:.4f}." in text and "Time to target, FastSASRec / SASRec:" in text and "s / epoch includes validation" in text
+    with pytest.raises(SystemExit, match=r"GRU4Rec-seed2020.json: no finished cell"):
+        backbone.main(["--dataset", "tiny", "--from_cells", cells, "--models", "SASRec,GRU4Rec", "--seeds", "1", "--output", output])

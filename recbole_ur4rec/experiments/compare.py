@@ -172,6 +172,10 @@ def run_cell(spec):
             epochs_over_stages=last.get("trained_epochs") is not None,  # False: a staged run's counts are its last stage's
             machine=machine_fingerprint(),  # read after the run set its threads
             train_losses=[validation.get("train_loss") for validation in last.get("run_validations") or []],
+            # every validation of the run: run epoch, validation score, seconds of training and validation so far
+            validations=[
+                {"epoch": v["epoch"], "score": v["score"], "seconds": v.get("seconds")} for v in last.get("run_validations") or []
+            ],
             privacy=result.get("privacy"),  # FedDMMR under DP: epsilon at delta after every round
         )
         # each user's value of the valid metric, for paired comparisons over users; one line: 2 lists per split
