@@ -54,6 +54,23 @@ def test_writes_deterministic_texts_and_a_rerun_reads_the_cache(tiny_llm, tmp_pa
     assert writer(tiny_llm, tmp_path).write("user", TOKENS[:1], TEXTS[:1])[1]["generated"] == 1
 
 
+def test_a_prompt_of_the_dataset_replaces_the_default_and_has_its_own_cache_entries(tiny_llm, tmp_path, monkeypatch):
+    product = "Product: {text}\nDescribe this product:"
+    default = writer(tiny_llm, tmp_path)
+    own = writer(tiny_llm, tmp_path, prompts={"item": product})
+    assert own.prompt_tag("item").startswith("prompt-") and own.prompt_tag("user") == default.prompt_tag("user")
+    sent = []
+    generate = own.generate
+    monkeypatch.setattr(own, "generate", lambda prompts: sent.extend(prompts) or generate(prompts))
+    texts, report = own.write("item", TOKENS[:2], TEXTS[:2])
+    assert sent == [f"Product: {t}\nDescribe this product:" for t in TEXTS[:2]] and report["generated"] == 2
+    assert default.write("item", TOKENS[:2], TEXTS[:2])[1]["generated"] == 2, "the default prompt's texts are other entries"
+    assert own.write("item", TOKENS[:2], TEXTS[:2]) == (texts, {"generated": 0, "cached": 2, "empty": [], "too long": []})
+    for bad in ("no placeholder", "{text} twice {text}", 3):
+        with pytest.raises(FeatureError, match=r"config key 'llm_user_prompt' must be a string holding \{text\} exactly once"):
+            writer(tiny_llm, tmp_path, prompts={"user": bad})
+
+
 def test_an_interrupted_run_continues_where_it_stopped(tiny_llm, tmp_path, monkeypatch):
     first = writer(tiny_llm, tmp_path, batch_size=3)
     generate, calls = first.generate, []

