@@ -91,19 +91,19 @@ def resolve_checkpoint_path(path, seed, key="checkpoint"):
     return found[0]
 
 
-def load_backbone_weights(backbone, path, key, dataset_name=None, prefix="backbone.", advice="", state=None):
+def load_module_weights(module, path, key, dataset_name=None, prefix="backbone.", advice="", state=None):
     """Load the ``prefix`` tensors of the plugin checkpoint ``path`` (the setting ``key``; ``state``: the file already
-    read) into ``backbone``.
+    read) into ``module`` (the model's submodule of that name: ``backbone.`` -> its backbone).
 
     Raises:
         CheckpointError: the file is missing or corrupt, was trained on another dataset, or its ``prefix`` tensors
-            do not match ``backbone``'s names and shapes (all of them are named, then ``advice``).
+            do not match ``module``'s names and shapes (all of them are named, then ``advice``).
     """
     state = load_checkpoint(path, map_location="cpu") if state is None else state
     if dataset_name is not None and state.get("dataset") not in (None, dataset_name):
         raise CheckpointError(f"{key} {path} was trained on dataset {state['dataset']!r}, not {dataset_name!r}")
     weights = {name[len(prefix) :]: t for name, t in state.get("state_dict", {}).items() if name.startswith(prefix)}
-    own = backbone.state_dict()
+    own = module.state_dict()
     problems = []
     missing = sorted(set(own) - set(weights))
     if missing:
@@ -120,10 +120,10 @@ def load_backbone_weights(backbone, path, key, dataset_name=None, prefix="backbo
         problems.append("shape mismatch: " + "; ".join(mismatched))
     if problems:
         raise CheckpointError(
-            f"{key} {path} (model {state.get('model')!r}) does not fit this model's backbone: " + " | ".join(problems)
-            + (f". {advice}" if advice else "")
+            f"{key} {path} (model {state.get('model')!r}) does not fit this model's {prefix.rstrip('.')}: "
+            + " | ".join(problems) + (f". {advice}" if advice else "")
         )
-    backbone.load_state_dict(weights)
+    module.load_state_dict(weights)
 
 
 def run_best(state):

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from recbole_ur4rec.common import distributed
-from recbole_ur4rec.common.checkpoint_io import load_backbone_weights, resolve_checkpoint_path
+from recbole_ur4rec.common.checkpoint_io import load_module_weights, resolve_checkpoint_path
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.index.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
@@ -199,7 +199,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
             CheckpointError: the file is missing or corrupt, was trained on another dataset, or its backbone
                 tensors do not match this backbone's names and shapes (all of them are named).
         """
-        load_backbone_weights(
+        load_module_weights(
             self.backbone, path, "duorec_checkpoint", dataset_name,
             advice="Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers and MAX_ITEM_LIST_LENGTH.",
         )

@@ -23,7 +23,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_ur4rec.common import distributed
-from recbole_ur4rec.common.checkpoint_io import load_backbone_weights, load_checkpoint, resolve_checkpoint_path
+from recbole_ur4rec.common.checkpoint_io import load_module_weights, load_checkpoint, resolve_checkpoint_path
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.evaluation.slices import training_counts
@@ -146,9 +146,9 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         """Load the backbone of the checkpoint ``path``, and its cold-item map when it has one (a UR4Rec run's)."""
         state = load_checkpoint(path)
         advice = "Train it on the same dataset with the same hidden_size, inner_size, n_layers and MAX_ITEM_LIST_LENGTH."
-        load_backbone_weights(self.backbone, path, "backbone_checkpoint", dataset_name, advice=advice, state=state)
+        load_module_weights(self.backbone, path, "backbone_checkpoint", dataset_name, advice=advice, state=state)
         if self.cold_mapping is not None and any(name.startswith("cold_mapping.") for name in state.get("state_dict", {})):
-            load_backbone_weights(self.cold_mapping, path, "backbone_checkpoint", dataset_name, "cold_mapping.", advice, state)
+            load_module_weights(self.cold_mapping, path, "backbone_checkpoint", dataset_name, "cold_mapping.", advice, state)
         self.warm_started = path
 
     def _check_config(self, config):

@@ -83,10 +83,8 @@ class FTRagRecTrainer(StagedTrainer):
             ),
         }
         stages = self.configured_stages(STAGE_NAMES, specs)
-        if self.model.warm_started:
-            for stage in stages:
-                if stage.name == "pretrain_backbone":
-                    stage.epochs = 0  # the backbone comes from duorec_checkpoint
+        if self.model.warm_started:  # the backbone comes from duorec_checkpoint
+            self.skip_warm_started(stages, "pretrain_backbone")
         return stages
 
     # ---- training ----------------------------------------------------------------------------------------------

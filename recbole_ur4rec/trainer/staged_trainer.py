@@ -169,6 +169,15 @@ class StagedTrainer(SafeCheckpointMixin, Trainer):
             for name in names
         ]
 
+    @staticmethod
+    def skip_warm_started(stages, name, validate_loaded=False):
+        """The stage ``name`` of ``stages`` trains 0 epochs (its weights came from a checkpoint); with
+        ``validate_loaded`` it validates them once as its result (see :class:`Stage`)."""
+        for stage in stages:
+            if stage.name == name:
+                stage.epochs, stage.validate_loaded = 0, validate_loaded
+        return stages
+
     def unfreeze_every(self):
         """The config key ``unfreeze_every``, checked."""
         value = self.config["unfreeze_every"]

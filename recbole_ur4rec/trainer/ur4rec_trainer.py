@@ -46,12 +46,9 @@ class UR4RecTrainer(StagedTrainer):
                 objective="fused",
             ),
         }
-        if self.model.warm_started:  # backbone_checkpoint: the loaded backbone is validated as the stage's result
-            specs["pretrain_backbone"].update(validate_loaded=True)
         stages = self.configured_stages(STAGE_NAMES, specs)
-        for stage in stages:
-            if stage.validate_loaded:
-                stage.epochs = 0
+        if self.model.warm_started:  # backbone_checkpoint: the loaded backbone is validated as the stage's result
+            self.skip_warm_started(stages, "pretrain_backbone", validate_loaded=True)
         return stages
 
     def _ramps(self, ramps):
