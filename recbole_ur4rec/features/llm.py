@@ -180,6 +180,12 @@ class LLMWriter:
         prompt = self.prompts[kind]
         return PROMPT_VERSION if prompt == PROMPTS[kind] else "prompt-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
+    def source(self, kind):
+        """What wrote ``kind``'s texts, for the feature store's source: the model, and the prompt unless it is the
+        default (whose stores keep the source they had before prompts could be set)."""
+        tag = self.prompt_tag(kind)
+        return self.identity if tag == PROMPT_VERSION else f"{self.identity}:{tag}"
+
     def _key(self, kind, text):
         return hashlib.sha256(json.dumps([self.identity, self.prompt_tag(kind), kind, text]).encode("utf-8")).hexdigest()
 

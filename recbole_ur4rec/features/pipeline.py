@@ -18,7 +18,7 @@ from recbole_ur4rec.features.errors import FeatureError
 from recbole_ur4rec.features.files import read_feature_file, read_text_file, rows_message
 from recbole_ur4rec.features.fingerprint import files_fingerprint, pairs_hash
 from recbole_ur4rec.features.item_text import item_texts, item_titles_and_genres
-from recbole_ur4rec.features.llm import PROMPT_VERSION, LLMWriter
+from recbole_ur4rec.features.llm import LLMWriter
 from recbole_ur4rec.features.settings import cache_dir, setting
 from recbole_ur4rec.features.store import align, check_dimension, match_tokens
 from recbole_ur4rec.features.user_text import user_texts
@@ -45,7 +45,7 @@ def llm_writer(config):
         max_new_tokens=setting(config, "llm_max_new_tokens"), batch_size=setting(config, "llm_batch_size"),
         max_chars=setting(config, "llm_max_chars"), show_progress=bool(config["show_progress"]),
         chat_template=setting(config, "llm_chat_template"),
-        prompts={kind: setting(config, f"llm_{kind}_prompt") for kind in ("item", "user") if setting(config, f"llm_{kind}_prompt") is not None},
+        prompts={kind: prompt for kind in ("item", "user") if (prompt := setting(config, f"llm_{kind}_prompt")) is not None},
     )
 
 
@@ -55,8 +55,7 @@ def _llm_texts(config, kind, source, tokens, texts):
     if writer is None:
         return source, texts
     texts, _ = writer.write(kind, tokens, texts)
-    tag = writer.prompt_tag(kind)  # a prompt other than the default is part of the source (the default's adds nothing)
-    return f"{source} + {writer.identity}" + ("" if tag == PROMPT_VERSION else f":{tag}"), texts
+    return f"{source} + {writer.source(kind)}", texts
 
 
 def _known_rows(config, dataset, field, source, tokens, where):
