@@ -37,6 +37,7 @@ from recbole_ur4rec.common.tables import (  # a missing or unreadable file reads
     read_json,
     write_json,
 )
+from recbole_ur4rec.experiments.paired_users import cell_file  # <cells>/<label, ':' as '_'>-seed<seed>.json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("SASRec", "FastSASRec")
@@ -228,7 +229,7 @@ def results_from_cells(cells, labels, first_seed, seeds):
     for label in labels:
         rows = []
         for seed in range(first_seed, first_seed + seeds):
-            path = os.path.join(cells, f"{label.replace(':', '_')}-seed{seed}.json")
+            path = cell_file(cells, label, seed)
             cell = read_json(path)
             if cell is None or cell.get("status") != "ok":
                 raise SystemExit(f"{path}: no finished cell (status {cell and cell.get('status')!r}); run the comparison first")

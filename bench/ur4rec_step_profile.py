@@ -17,12 +17,10 @@ from recbole_ur4rec.registry import get_trainer
 
 
 def timed_steps(trainer, batches):
-    """Seconds per training step of the trainer's current stage over ``batches``."""
+    """Seconds per training step of the trainer's current stage over ``batches`` (its own epoch loop: learning-rate
+    schedule, clipping and logging included)."""
     start = time.perf_counter()
-    for batch in batches:
-        trainer.optimizer.zero_grad()
-        trainer._loss_terms(batch)["loss"].backward()
-        trainer.optimizer.step()
+    trainer._train_epoch(batches, 0)
     return (time.perf_counter() - start) / len(batches)
 
 
@@ -45,11 +43,9 @@ def main(argv=None):
         batches.append(batch)
         if len(batches) == 2 * args.steps + 3:
             break
-    model.train()
     seconds = {}
     for index, stage in reversed(list(enumerate(trainer.stages[:2]))):  # pretrain_retriever first, then the backbone
         trainer._enter_stage(index)
-        trainer._set_trainable(0)
         timed_steps(trainer, batches[:3])  # warm-up
         seconds[stage.name] = timed_steps(trainer, batches[3 : 3 + args.steps])
         if stage.name == "pretrain_retriever":
