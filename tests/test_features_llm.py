@@ -71,6 +71,22 @@ def test_a_prompt_of_the_dataset_replaces_the_default_and_has_its_own_cache_entr
             writer(tiny_llm, tmp_path, prompts={"user": bad})
 
 
+def test_a_dtype_other_than_float32_runs_the_model_in_it_and_has_its_own_cache_entries(tiny_llm, tmp_path, monkeypatch):
+    fp32, bf16 = writer(tiny_llm, tmp_path), writer(tiny_llm, tmp_path, dtype="bfloat16")
+    assert fp32.identity == LLMWriter(tiny_llm, str(tmp_path / "c.jsonl")).identity, "float32 keeps the keys it had"
+    assert bf16.identity == fp32.identity + ":bfloat16" and bf16.source("item") != fp32.source("item")
+    model, _ = bf16._load()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32._load()[0].parameters()} == {torch.float32}, "each dtype loads its own copy"
+    texts, report = bf16.write("item", TOKENS[:3], TEXTS[:3])
+    assert report["generated"] == 3 and all(texts)
+    assert fp32.write("item", TOKENS[:3], TEXTS[:3])[1]["generated"] == 3, "float32 never reads bfloat16 texts"
+    monkeypatch.setattr(bf16, "generate", lambda prompts: pytest.fail("a cached text was generated again"))
+    assert bf16.write("item", TOKENS[:3], TEXTS[:3])[0] == texts
+    with pytest.raises(FeatureError, match=r"config key 'llm_dtype' must be one of float32, bfloat16, float16, got 'int8'"):
+        writer(tiny_llm, tmp_path, dtype="int8")
+
+
 def test_an_interrupted_run_continues_where_it_stopped(tiny_llm, tmp_path, monkeypatch):
     first = writer(tiny_llm, tmp_path, batch_size=3)
     generate, calls = first.generate, []
@@ -130,6 +146,9 @@ def test_the_features_command_writes_item_and_user_texts_with_the_llm(feat_root,
     plain = main([a for a in argv if not a.startswith("--llm")] + [f"--feature_cache_dir={tmp_path / 'plain'}"])
     assert not torch.equal(plain["user_text"].features, stores["user_text"].features)
     assert os.path.getsize(tmp_path / "cache" / "feat.llm.jsonl") > 0
+    main(argv + ["--llm_dtype=bfloat16", f"--feature_cache_dir={tmp_path / 'bf16'}"])
+    with open(tmp_path / "bf16" / "feat.user_text.manifest.json") as f:
+        assert ":bfloat16" in json.load(f)["source"], "llm_dtype reaches the writer"
 
 
 def test_an_instruction_models_chat_template_wraps_every_prompt(tiny_llm, tmp_path):

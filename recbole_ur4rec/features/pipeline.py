@@ -44,7 +44,7 @@ def llm_writer(config):
         path, os.path.join(cache_dir(config), f"{config['dataset']}.llm.jsonl"),
         max_new_tokens=setting(config, "llm_max_new_tokens"), batch_size=setting(config, "llm_batch_size"),
         max_chars=setting(config, "llm_max_chars"), show_progress=bool(config["show_progress"]),
-        chat_template=setting(config, "llm_chat_template"),
+        chat_template=setting(config, "llm_chat_template"), dtype=setting(config, "llm_dtype"),
         prompts={kind: prompt for kind in ("item", "user") if (prompt := setting(config, f"llm_{kind}_prompt")) is not None},
     )
 

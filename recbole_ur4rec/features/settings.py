@@ -27,6 +27,7 @@ DEFAULTS = {
     "strict_features": False,
     "llm_path": None,  # None: template texts; a local causal-LM folder or GGUF file: texts written by it (features/llm.py)
     "llm_chat_template": "auto",
+    "llm_dtype": "float32",  # checked by LLMWriter
     "llm_max_new_tokens": 96,
     "llm_batch_size": 32,
     "llm_max_chars": 600,
