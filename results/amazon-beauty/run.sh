@@ -2,7 +2,7 @@
 # The comparison on Amazon Beauty, 3 seeds, trained to early stopping (no epoch cap), one thread per cell, in
 # results/amazon-beauty/: every plugin model with its Beauty search's best.yaml (results/hyper/amazon-beauty/, from
 # DATASET=amazon-beauty bash results/hyper/run.sh), UR4Rec again with the SmolLM2-written texts
-# (results/settings/llm/smollm2.yaml; their feature cache must be complete), and RecBole's SASRec and SASRecF with
+# (results/settings/llm/smollm2.yaml and bf16.yaml; their feature cache must be complete), and RecBole's SASRec and SASRecF with
 # the settings results/amazon-beauty-choice/ chose (the better best validation NDCG@10 after 5 epochs of their
 # defaults and of their ml-100k search's best). A model whose search or choice has not finished is left out, and
 # named. Resumable per cell: run it again to continue; two at once share the cells (one per core). This data has no
@@ -16,7 +16,7 @@ H=results/hyper/amazon-beauty; B=results/settings/beauty; CHOICE=results/amazon-
 # label | search | config files after best.yaml (comma-separated)
 ENTRIES=(
   "FastSASRec|FastSASRec|" "DuoRec|DuoRec|" "FTRagRec|FTRagRec|$B/ftragrec_warm_start_tuned.yaml"
-  "UR4Rec|UR4Rec|" "UR4Rec:smollm2|UR4Rec|results/settings/llm/smollm2.yaml"
+  "UR4Rec|UR4Rec|" "UR4Rec:smollm2|UR4Rec|results/settings/llm/smollm2.yaml,results/settings/llm/bf16.yaml"
   "FedDMMR:central|FedDMMR_central|" "FedDMMR:federated|FedDMMR_federated_asha5|"
 )
 models=(); declare -A conf=(); missing=()
