@@ -7,18 +7,33 @@
 # defaults and of their ml-100k search's best). A model whose search or choice has not finished is left out, and
 # named. Resumable per cell: run it again to continue; two at once share the cells (one per core). This data has no
 # images: UR4Rec's image expert and FedDMMR's visual expert are off.
+# PROTOCOL=cold runs the same models under the cold-item protocol (cold_items: True) into results/amazon-beauty-cold/,
+# FTRagRec warm-started from that run's DuoRec cells, without UR4Rec:smollm2 (the cold protocol changes the training
+# split, so the users' language-model texts would have to be written again).
 #   bash results/amazon-beauty/run.sh [run_compare options, e.g. --report_only]
 #   MODELS=SASRec,FastSASRec bash results/amazon-beauty/run.sh    # some of the labels
+#   PROTOCOL=cold bash results/amazon-beauty/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source results/settings/lib.sh
 H=results/hyper/amazon-beauty; B=results/settings/beauty; CHOICE=results/amazon-beauty-choice
+OUT=results/amazon-beauty; protocol=()
+case ${PROTOCOL:-standard} in
+  standard) ;;
+  cold) OUT=results/amazon-beauty-cold; protocol=(--extra cold_items=True) ;;
+  *) echo "[amazon-beauty] PROTOCOL must be standard or cold, got '$PROTOCOL'"; exit 1 ;;
+esac
 # label | search | config files after best.yaml (comma-separated)
 ENTRIES=(
-  "FastSASRec|FastSASRec|" "DuoRec|DuoRec|" "FTRagRec|FTRagRec|$B/ftragrec_warm_start_tuned.yaml"
-  "UR4Rec|UR4Rec|" "UR4Rec:smollm2|UR4Rec|results/settings/llm/smollm2.yaml,results/settings/llm/bf16.yaml"
+  "FastSASRec|FastSASRec|" "DuoRec|DuoRec|" "UR4Rec|UR4Rec|"
   "FedDMMR:central|FedDMMR_central|" "FedDMMR:federated|FedDMMR_federated_asha5|"
 )
+if [[ $OUT == results/amazon-beauty ]]; then
+  ENTRIES+=("FTRagRec|FTRagRec|$B/ftragrec_warm_start_tuned.yaml"
+            "UR4Rec:smollm2|UR4Rec|results/settings/llm/smollm2.yaml,results/settings/llm/bf16.yaml")
+else
+  ENTRIES+=("FTRagRec|FTRagRec|$B/ftragrec_warm_start_cold.yaml")
+fi
 models=(); declare -A conf=(); missing=()
 for entry in "${ENTRIES[@]}"; do
   IFS='|' read -r label search files <<< "$entry"
@@ -55,5 +70,5 @@ fi
 [[ ${#models[@]} -gt 0 ]] || { echo "[amazon-beauty] nothing to run yet"; exit 1; }
 configs=(); for m in "${models[@]}"; do if [[ -n ${conf[$m]} ]]; then configs+=(--model_config "$m=${conf[$m]}"); fi; done
 models_csv=$(IFS=,; echo "${models[*]}")
-python run_compare.py --models "$models_csv" -d amazon-beauty --seeds 3 --extra threads=1 "${configs[@]}" \
-  --output_dir results/amazon-beauty "$@"
+python run_compare.py --models "$models_csv" -d amazon-beauty --seeds 3 --extra threads=1 "${protocol[@]}" "${configs[@]}" \
+  --output_dir "$OUT" "$@"
