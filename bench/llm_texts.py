@@ -42,7 +42,7 @@ def gpt2_small_sized(folder, corpus):
     return folder
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", "-d", default="ml-100k")
     parser.add_argument("--model", default=None, help="a local causal-LM folder; default: GPT-2-small-sized random model")
@@ -52,7 +52,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32", help="comma-separated llm_dtype values, each timed on the same texts")
     parser.add_argument("--output", default=None, help="a JSON file for the result")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with isolated_argv():
         config = build("SASRec", args.dataset, config_dict={"state": "WARNING", "epochs": 0}, log=False).config

@@ -215,3 +215,16 @@ def test_writes_with_the_packaged_gguf_model(tmp_path):
     assert report["generated"] == 2 and all(texts)
     again = LLMWriter(path, str(tmp_path / "b.jsonl"), max_new_tokens=8, show_progress=False)
     assert again.write("item", ["1", "2"], ["Nail Lacquer. Brand: OPI. Categories: Makeup, Nails.", "Hair Clips."])[0] == texts
+
+
+def test_the_cost_benchmark_times_each_dtype_on_the_same_texts(tiny_llm, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import llm_texts
+
+    out = tmp_path / "bench.json"
+    llm_texts.main(["--model", tiny_llm, "--items", "3", "--max_new_tokens", "3", "--threads", "1",
+                    "--dtypes", "float32,bfloat16", "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert [run["dtype"] for run in result["runs"]] == ["float32", "bfloat16"]
+    assert result["runs"][0]["same_texts_as_first_dtype"] == 3 and result["items"] == 3
+    assert all(run["cpu_seconds"] > 0 and run["seconds_per_1000_items"] > 0 for run in result["runs"])
