@@ -22,6 +22,9 @@ def test_parse_seeds():
     assert parse_seeds("1,7,42") == [1, 7, 42]
     with pytest.raises(ValueError):
         parse_seeds("0")
+    assert parse_seeds("100")[-1] == 2119 and parse_seeds("2020,") == [2020]
+    with pytest.raises(ValueError, match=r"--seeds 2020: a number is a count of seeds \(2020 \.\. 4039 here\); for the one seed 2020 write --seeds 2020,"):
+        parse_seeds("2020")
 
 
 def test_a_config_file_that_moved_keeps_its_cells_and_one_that_changed_does_not():

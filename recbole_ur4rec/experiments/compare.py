@@ -36,13 +36,21 @@ DEFAULT_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec", "FEARec")
 DEFAULT_SEED = 2020  # RecBole's default seed; --seeds N runs 2020 .. 2020+N-1
 
 
+MAX_SEED_COUNT = 100  # a larger "count" is almost surely a seed meant as one (--seeds 2020): refused, with the list form
+
+
 def parse_seeds(text):
-    """``"3"`` -> [2020, 2021, 2022]; ``"1,7,42"`` -> [1, 7, 42]."""
+    """``"3"`` -> [2020, 2021, 2022]; ``"1,7,42"`` -> [1, 7, 42]; ``"42,"`` -> [42]."""
     text = str(text).strip()
     if "," not in text:
         count = int(text)
         if count < 1:
             raise ValueError(f"--seeds {text}: give a number of seeds >= 1 or a comma-separated list")
+        if count > MAX_SEED_COUNT:
+            raise ValueError(
+                f"--seeds {text}: a number is a count of seeds ({DEFAULT_SEED} .. {DEFAULT_SEED + count - 1} here); for the "
+                f"one seed {text} write --seeds {text}, (a list); counts above {MAX_SEED_COUNT} are refused"
+            )
         return [DEFAULT_SEED + i for i in range(count)]
     return [int(s) for s in text.split(",") if s.strip()]
 

@@ -6,6 +6,6 @@
 #   bash results/amazon-beauty-cost/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python run_compare.py --models GRU4Rec,BERT4Rec,FedDMMR:federated -d amazon-beauty --seeds 2020 --epochs 2 \
+python run_compare.py --models GRU4Rec,BERT4Rec,FedDMMR:federated -d amazon-beauty --seeds 1 --epochs 2 \
     --extra threads=1 --model_config FedDMMR:federated=results/settings/feddmmr/federated.yaml \
     --output_dir results/amazon-beauty-cost "$@"
