@@ -63,7 +63,9 @@ def main(argv=None):
     for dtype in args.dtypes.split(","):
         settings = {"llm_path": model, "llm_dtype": dtype, "llm_batch_size": args.batch_size,
                     "llm_max_new_tokens": args.max_new_tokens, "feature_cache_dir": os.path.join(work, dtype), "show_progress": False}
-        writer = llm_writer({**{key: config[key] for key in config.final_config_dict}, **settings})
+        for key, value in settings.items():
+            config[key] = value
+        writer = llm_writer(config)
         model_loaded, _ = writer._load()  # loading is timed apart
         begin, cpu = time.perf_counter(), time.process_time()
         written, _ = writer.write("item", tokens[: args.items], texts[: args.items])

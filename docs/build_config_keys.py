@@ -34,13 +34,13 @@ def sections(path, default=None):
     found, current = {}, default
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            marker = SECTION.match(line)
+            marker, key = SECTION.match(line), KEY.match(line)
             if marker:
                 current = marker.group(1)
-            elif KEY.match(line):
+            elif key:
                 if current is None:
-                    raise ValueError(f"{path} line {number}: key {KEY.match(line).group(1)!r} above any '# ===== Section =====' line")
-                found.setdefault(current, []).append(KEY.match(line).group(1))
+                    raise ValueError(f"{path} line {number}: key {key.group(1)!r} above any '# ===== Section =====' line")
+                found.setdefault(current, []).append(key.group(1))
     return found
 
 

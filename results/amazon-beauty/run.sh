@@ -17,23 +17,19 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source results/settings/lib.sh
 H=results/hyper/amazon-beauty; B=results/settings/beauty; CHOICE=results/amazon-beauty-choice
-OUT=results/amazon-beauty; protocol=()
-case ${PROTOCOL:-standard} in
-  standard) ;;
-  cold) OUT=results/amazon-beauty-cold; protocol=(--extra cold_items=True) ;;
-  *) echo "[amazon-beauty] PROTOCOL must be standard or cold, got '$PROTOCOL'"; exit 1 ;;
-esac
 # label | search | config files after best.yaml (comma-separated)
 ENTRIES=(
   "FastSASRec|FastSASRec|" "DuoRec|DuoRec|" "UR4Rec|UR4Rec|"
   "FedDMMR:central|FedDMMR_central|" "FedDMMR:federated|FedDMMR_federated_asha5|"
 )
-if [[ $OUT == results/amazon-beauty ]]; then
-  ENTRIES+=("FTRagRec|FTRagRec|$B/ftragrec_warm_start_tuned.yaml"
-            "UR4Rec:smollm2|UR4Rec|results/settings/llm/smollm2.yaml,results/settings/llm/bf16.yaml")
-else
-  ENTRIES+=("FTRagRec|FTRagRec|$B/ftragrec_warm_start_cold.yaml")
-fi
+case ${PROTOCOL:-standard} in
+  standard) OUT=results/amazon-beauty; protocol=()
+    ENTRIES+=("FTRagRec|FTRagRec|$B/ftragrec_warm_start_tuned.yaml"
+              "UR4Rec:smollm2|UR4Rec|results/settings/llm/smollm2.yaml,results/settings/llm/bf16.yaml") ;;
+  cold) OUT=results/amazon-beauty-cold; protocol=(--extra cold_items=True)
+    ENTRIES+=("FTRagRec|FTRagRec|$B/ftragrec_warm_start_cold.yaml") ;;
+  *) echo "[amazon-beauty] PROTOCOL must be standard or cold, got '$PROTOCOL'"; exit 1 ;;
+esac
 models=(); declare -A conf=(); missing=()
 for entry in "${ENTRIES[@]}"; do
   IFS='|' read -r label search files <<< "$entry"
