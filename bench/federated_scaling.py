@@ -6,6 +6,7 @@ so the work per round grows with the number of clients. Each point is the mean o
 untimed warm-up round) of one engine call plus the aggregation, from the model's initial weights.
 
     python bench/federated_scaling.py --copies 1,2,5,10 --engines loop,batched --rounds 2 --threads 1
+    python bench/federated_scaling.py --dataset amazon-beauty --copies 1 --engines loop --loss_type SSM --client_fraction 0.02
 
 Prints a markdown table; ``--output`` also writes the numbers as JSON.
 """
@@ -57,6 +58,8 @@ def main(argv=None):
     parser.add_argument("--engines", default="loop,batched", help=f"comma-separated, among {', '.join(ENGINES)}")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per point (default 2)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loss_type", choices=("CE", "SSM"), help="FedDMMR's loss_type (default: the model's, CE); the batched engine needs CE")
+    parser.add_argument("--client_fraction", type=float, help="clients sampled per round (default: the model's, 0.2)")
     parser.add_argument("--output", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     copies = [int(c) for c in args.copies.split(",")]
@@ -66,9 +69,12 @@ def main(argv=None):
         parser.error(f"--engines must be among {', '.join(ENGINES)} and --copies >= 1 (got {args.engines}, {args.copies})")
 
     with isolated_argv():  # RecBole's Config reads --key=value from sys.argv
-        config, model, _, train_data, _, _ = build("FedDMMR", args.dataset, config_dict={"threads": args.threads, "show_progress": False}, log=False)
+        overrides = {"threads": args.threads, "show_progress": False}
+        overrides.update({k: v for k, v in (("loss_type", args.loss_type), ("client_fraction", args.client_fraction)) if v is not None})
+        config, model, _, train_data, _, _ = build("FedDMMR", args.dataset, config_dict=overrides, log=False)
     base = ClientData(train_data._dataset, target_list_field(config))
-    lr, batch = config["learning_rate"], config["train_batch_size"]
+    # the clients' optimizer and step as the trainer sets them (local_learning_rate, else learning_rate)
+    lr, batch, optimizer = config["local_learning_rate"] or config["learning_rate"], config["train_batch_size"], config["local_optimizer"]
 
     points = []
     for c in copies:
@@ -76,15 +82,16 @@ def main(argv=None):
         point = {"copies": c, "clients": len(data.clients)}
         for name in engines:
             if name == "batched":
-                engine = BatchedEngine(model, data, lr, batch, config["client_batch_size"])
+                engine = BatchedEngine(model, data, lr, batch, config["client_batch_size"], optimizer)
             else:
-                engine = ENGINES[name](model, data, lr, batch)
+                engine = ENGINES[name](model, data, lr, batch, optimizer)
             point[f"{name}_s"], point["sampled"] = seconds_per_round(engine, data, config, args.rounds)
         points.append(point)
         print(json.dumps(point), flush=True)
 
     print(
-        f"\nFedDMMR on {args.dataset}, client_fraction {config['client_fraction']}, local_epochs {config['local_epochs']}, "
+        f"\nFedDMMR on {args.dataset}, loss_type {config['loss_type']}, client_fraction {config['client_fraction']}, "
+        f"local_epochs {config['local_epochs']}, "
         f"threads {args.threads}; seconds per round (mean of {args.rounds}):\n"
     )
     print("| clients | sampled per round | " + " | ".join(f"{e} (s/round)" for e in engines) + " | " + " | ".join(f"{e} (ms/client)" for e in engines) + " |")
@@ -95,7 +102,7 @@ def main(argv=None):
         print(f"| {p['clients']:,} | {p['sampled']:.0f} | {per_round} | {per_client} |")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"dataset": args.dataset, "threads": args.threads, "points": points}, f, indent=1)
+            json.dump({"dataset": args.dataset, "loss_type": config["loss_type"], "client_fraction": config["client_fraction"], "threads": args.threads, "points": points}, f, indent=1)
 
 
 if __name__ == "__main__":
