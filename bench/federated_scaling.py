@@ -60,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loss_type", choices=("CE", "SSM"), help="FedDMMR's loss_type (default: the model's, CE); the batched engine needs CE")
     parser.add_argument("--client_fraction", type=float, help="clients sampled per round (default: the model's, 0.2)")
+    parser.add_argument("--neg_sample_num", type=int, help="SSM's uniform negatives (default: the model's, 100)")
     parser.add_argument("--output", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     copies = [int(c) for c in args.copies.split(",")]
@@ -70,7 +71,7 @@ def main(argv=None):
 
     with isolated_argv():  # RecBole's Config reads --key=value from sys.argv
         overrides = {"threads": args.threads, "show_progress": False}
-        overrides.update({k: v for k, v in (("loss_type", args.loss_type), ("client_fraction", args.client_fraction)) if v is not None})
+        overrides.update({k: v for k, v in vars(args).items() if k in ("loss_type", "client_fraction", "neg_sample_num") and v is not None})
         config, model, _, train_data, _, _ = build("FedDMMR", args.dataset, config_dict=overrides, log=False)
     base = ClientData(train_data._dataset, target_list_field(config))
     # the clients' optimizer and step as the trainer sets them (local_learning_rate, else learning_rate)
@@ -90,7 +91,7 @@ def main(argv=None):
         print(json.dumps(point), flush=True)
 
     print(
-        f"\nFedDMMR on {args.dataset}, loss_type {config['loss_type']}, client_fraction {config['client_fraction']}, "
+        f"\nFedDMMR on {args.dataset}, loss_type {config['loss_type']} (neg_sample_num {config['neg_sample_num']}), client_fraction {config['client_fraction']}, "
         f"local_epochs {config['local_epochs']}, "
         f"threads {args.threads}; seconds per round (mean of {args.rounds}):\n"
     )
@@ -102,7 +103,7 @@ def main(argv=None):
         print(f"| {p['clients']:,} | {p['sampled']:.0f} | {per_round} | {per_client} |")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"dataset": args.dataset, "loss_type": config["loss_type"], "client_fraction": config["client_fraction"], "threads": args.threads, "points": points}, f, indent=1)
+            json.dump({"dataset": args.dataset, "loss_type": config["loss_type"], "neg_sample_num": config["neg_sample_num"], "client_fraction": config["client_fraction"], "threads": args.threads, "points": points}, f, indent=1)
 
 
 if __name__ == "__main__":
