@@ -108,6 +108,28 @@ def test_an_interrupted_run_continues_where_it_stopped(tiny_llm, tmp_path, monke
     assert report["cached"] == 3 and report["generated"] == 4 and len(texts) == 7
 
 
+def test_prompts_of_similar_length_share_a_batch_and_each_text_stays_with_its_token(tiny_llm, tmp_path, monkeypatch):
+    texts = [f"Film {k}." + " Genres: drama." * (k % 4) for k in range(7)]  # 4 lengths, in mixed order
+    w = writer(tiny_llm, tmp_path, batch_size=2)
+    tokenizer = w._load()[1]
+    generate, batches, output_of = w.generate, [], {}
+
+    def recorded(prompts):
+        outputs = generate(prompts)
+        batches.append([len(tokenizer(p)["input_ids"]) for p in prompts])
+        output_of.update(zip(prompts, outputs))
+        return outputs
+
+    monkeypatch.setattr(w, "generate", recorded)
+    written, report = w.write("item", TOKENS, texts)
+    lengths = [n for batch in batches for n in batch]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) == 4 and [len(b) for b in batches] == [2, 2, 2, 1]
+    prompt = w.prompts["item"]
+    assert written == [w.clean(output_of[prompt.replace("{text}", t)], t)[0] for t in texts]
+    cached = writer(tiny_llm, tmp_path, batch_size=2)
+    assert cached.write("item", TOKENS, texts) == (written, {"generated": 0, "cached": 7, "empty": [], "too long": []})
+
+
 def test_empty_and_over_long_outputs_follow_the_stated_policy(tiny_llm, tmp_path, monkeypatch, caplog):
     w = writer(tiny_llm, tmp_path, max_chars=40)
     outputs = ["   \n ", "Short and fine.", "First sentence here. Second one is far too long to keep in forty chars", "x" * 90]

@@ -11,7 +11,7 @@ users their preferred genres, themes, mood and era, what they avoid and how thei
 - The prompts (``llm_item_prompt``, ``llm_user_prompt``; ``{text}`` stands for the template text) default to the
   prototype's, written for films; a dataset of other things sets its own (``amazon-beauty.yaml``: products).
 - Decoding is greedy (deterministic) with ``llm_max_new_tokens`` new tokens, ``llm_batch_size`` prompts per batch
-  (left-padded), on the GPU when there is one, with a progress bar, in ``llm_dtype`` (float32; bfloat16 halves the
+  (left-padded; batches of similar length, longest first), on the GPU when there is one, with a progress bar, in ``llm_dtype`` (float32; bfloat16 halves the
   CPU time where the CPU has bf16 instructions and changes some texts slightly, so it has its own cache entries).
 - Every output is cached in ``<feature cache>/<dataset>.llm.jsonl``, one JSON line per (model, prompt version,
   input) written as soon as its batch ends: a rerun is free and an interrupted run continues where it stopped.
@@ -240,6 +240,11 @@ class LLMWriter:
         todo = list(first.values())
         report = {"generated": len(todo), "cached": len(texts) - len(todo), "empty": [], "too long": []}
         if todo:
+            # prompts of similar length in tokens share a batch, so little padding is computed (Amazon Beauty's user
+            # prompts: 35% fewer prompt tokens); the longest first, so a batch too large for the memory fails at once
+            tokenizer = self._load()[1]
+            length = {i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo}
+            todo.sort(key=lambda i: -length[i])
             os.makedirs(os.path.dirname(os.path.abspath(self.cache_file)), exist_ok=True)
             starts = range(0, len(todo), self.batch_size)
             if self.show_progress:
