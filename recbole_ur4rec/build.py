@@ -48,9 +48,12 @@ def set_threads(config):
 
 def history_masked(config):
     """Whether full-ranking evaluation removes each user's training items from the ranking: RecBole does so for
-    general models (config ``mask_history_items``, default True); sequential models never mask."""
+    general models (config ``mask_history_items``, default True); sequential models only with
+    ``mask_sequence_history: True`` (their earlier items)."""
     full = all(mode == "full" for mode in config["eval_args"]["mode"].values())  # RecBole's Config: {phase: mode}
-    return config["MODEL_TYPE"] != ModelType.SEQUENTIAL and full and config["mask_history_items"] is not False
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        return full and config["mask_sequence_history"] is True
+    return full and config["mask_history_items"] is not False
 
 
 def unmask_history(loader):
@@ -94,7 +97,11 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
         logger.info(config)
 
     if config["federation_dir"]:  # a federated server: the interactions stay on the nodes
-
+        if config["mask_sequence_history"]:
+            raise ValueError(
+                "mask_sequence_history: True is not supported with federation_dir (the nodes evaluate their users with "
+                "RecBole's sequential protocol); remove one of the two"
+            )
         dataset, train_data, valid_data, test_data = federation_data(config)
     else:
         dataset = create_dataset(config)

@@ -3,7 +3,7 @@ from logging import getLogger
 
 from recbole.utils import set_color
 
-from recbole_ur4rec.build import build
+from recbole_ur4rec.build import build, history_masked
 from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checkpoint_io import CheckpointError, load_checkpoint
 from recbole_ur4rec.evaluation.slices import user_values
@@ -140,34 +140,42 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, call
     return result
 
 
-def load_data_and_model(model_file, data_path=None):
+def load_data_and_model(model_file, data_path=None, overrides=None):
     r"""Rebuild config, model (with the checkpoint's weights) and data from a plugin checkpoint.
 
     Args:
         model_file (str): the checkpoint.
         data_path (str): where the data lies now, when the checkpoint was moved without it (the checkpoint stores
             its data root relative to its own folder); default: the stored one.
+        overrides (dict): settings that replace the checkpoint's (e.g. an evaluation protocol's
+            ``mask_sequence_history``).
 
     Returns:
         tuple: (config, model, dataset, train_data, valid_data, test_data), as RecBole's function does.
     """
     state = load_checkpoint(model_file)
-    settings = dict(state["config"], **({"data_path": data_path} if data_path is not None else {}))
+    settings = dict(state["config"], **({"data_path": data_path} if data_path is not None else {}), **(overrides or {}))
     config, model, dataset, train_data, valid_data, test_data = build(state["model"], state["dataset"], None, settings)
     model.load_state_dict(state["state_dict"])
     model.load_other_parameter(state.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
 
 
-def evaluate_checkpoint(model_file, data_path=None):
-    r"""Evaluate a plugin checkpoint on its validation and test splits (``data_path``: as in :func:`load_data_and_model`).
+def evaluate_checkpoint(model_file, data_path=None, overrides=None, keep_user_values=False):
+    r"""Evaluate a plugin checkpoint on its validation and test splits (``data_path``, ``overrides``: as in
+    :func:`load_data_and_model`).
 
     Returns:
-        dict: ``valid_result`` and ``test_result``.
+        dict: ``valid_result`` and ``test_result``; with ``keep_user_values``, ``user_values`` as
+        :func:`run_recbole_ur4rec` returns them, and ``history_masked`` (the protocol's masking).
     """
-    config, model, _, _, valid_data, test_data = load_data_and_model(model_file, data_path)
+    config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file, data_path, overrides)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    return {
-        "valid_result": trainer.evaluate(valid_data, load_best_model=False, show_progress=config["show_progress"]),
-        "test_result": trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"]),
-    }
+    result, per_user = {"history_masked": history_masked(config)}, {}
+    for split, data in (("valid", valid_data), ("test", test_data)):
+        result[f"{split}_result"] = trainer.evaluate(data, load_best_model=False, show_progress=config["show_progress"])
+        if keep_user_values:
+            per_user[split] = user_values(trainer, dataset, config["valid_metric"].lower())
+    if keep_user_values:
+        result["user_values"] = per_user
+    return result

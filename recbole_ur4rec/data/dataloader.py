@@ -1,8 +1,10 @@
-"""Training loader for prefix rows whose item lists are gathered per batch (``loss_position: last``), and the rows of
-each rank in a distributed run (:func:`rank_loader`)."""
+"""Training loader for prefix rows whose item lists are gathered per batch (``loss_position: last``), the evaluation
+loader that removes each user's earlier items from the ranking (``mask_sequence_history``), and the rows of each rank
+in a distributed run (:func:`rank_loader`)."""
 import numpy as np
+import torch
 import torch.distributed as dist
-from recbole.data.dataloader import TrainDataLoader
+from recbole.data.dataloader import FullSortEvalDataLoader, TrainDataLoader
 from recbole.data.interaction import Interaction
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
@@ -18,6 +20,70 @@ class PrefixTrainDataLoader(TrainDataLoader):
         data = self._dataset[np.array(index)]
         data.update(Interaction({self._dataset.item_id_list_field: prefix_item_lists(self._dataset, data)}))
         return self._neg_sampling(self.transform(self._dataset, data))
+
+
+def training_items(train_split):
+    """Every user's training items as CSR ``(indptr [n_users + 1], items)``, items sorted per user: the items of the
+    split's rows (one per interaction on the plugin's data path, one per target on RecBole's) and of their item lists
+    (RecBole's prefix rows hold each user's first item only there)."""
+    feat, uid, iid = train_split.inter_feat, train_split.uid_field, train_split.iid_field
+    users, items = [feat[uid].long()], [feat[iid].long()]
+    list_field = iid + train_split.config["LIST_SUFFIX"]
+    if list_field in feat:
+        lists = feat[list_field]
+        rows, cols = lists.nonzero(as_tuple=True)
+        users.append(feat[uid][rows].long())
+        items.append(lists[rows, cols].long())
+    n_users, n_items = train_split.user_num, train_split.item_num
+    pairs = torch.unique(torch.cat(users) * n_items + torch.cat(items))  # sorted: by user, then item
+    indptr = torch.zeros(n_users + 1, dtype=torch.long)
+    indptr[1:] = torch.cumsum(torch.bincount(pairs // n_items, minlength=n_users), 0)
+    return indptr, pairs % n_items
+
+
+class EarlierItemsEvalDataLoader(FullSortEvalDataLoader):
+    """RecBole's full-sort loader of sequential rows whose batches also carry, as ``history_index``, each row's
+    earlier items: its user's training items and its item list (at test, the validation item too). RecBole's trainer
+    scores them -inf, as the S3Rec / ICLRec codebases evaluate (``mask_sequence_history: True``).
+    :meth:`set_training_items` must be called before the first batch."""
+
+    earlier = None  # (indptr, items): every user's training items
+
+    def set_training_items(self, indptr, items):
+        """Use these training items (:func:`training_items`), after checking that no evaluated target is among its
+        row's earlier items (a masked target could never be ranked).
+
+        Raises:
+            ValueError: naming the key, the split's size and the first such users.
+        """
+        self.earlier = (indptr, items)
+        feat = self._dataset.inter_feat
+        rows, masked = self.earlier_items(feat)
+        hit = masked == feat[self._dataset.iid_field][rows]
+        if bool(hit.any()):
+            users = self._dataset.id2token(self._dataset.uid_field, feat[self._dataset.uid_field][rows[hit]][:5].numpy())
+            raise ValueError(
+                f"mask_sequence_history: True removes every earlier item of a user from the ranking, but "
+                f"{int(hit.sum())} of the {len(feat)} evaluated rows of {self._dataset.dataset_name!r} have their target "
+                f"among their earlier items (users {', '.join(map(str, users))}, ...): a repeated item could never be "
+                f"ranked; set mask_sequence_history: False on data with repeats"
+            )
+
+    def earlier_items(self, interaction):
+        """(rows, items): the earlier items of every row of ``interaction``, as index pairs (duplicates allowed)."""
+        indptr, items = self.earlier
+        users = interaction[self._dataset.uid_field].long()
+        starts, counts = indptr[users], indptr[users + 1] - indptr[users]
+        rows = torch.repeat_interleave(torch.arange(len(users)), counts)
+        first_of_row = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        train_items = items[torch.repeat_interleave(starts, counts) + torch.arange(int(counts.sum())) - first_of_row]
+        lists = interaction[self._dataset.iid_field + self.config["LIST_SUFFIX"]]
+        list_rows, cols = lists.nonzero(as_tuple=True)
+        return torch.cat([rows, list_rows]), torch.cat([train_items, lists[list_rows, cols].long()])
+
+    def collate_fn(self, index):
+        interaction, _, positive_u, positive_i = super().collate_fn(index)
+        return interaction, self.earlier_items(interaction), positive_u, positive_i
 
 
 class RankShareSampler(Sampler):

@@ -11,7 +11,7 @@ from recbole.utils import ModelType, set_color
 from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.data.atomic import check_dataset_files
 from recbole_ur4rec.data.cold_items import withhold_cold_items
-from recbole_ur4rec.data.dataloader import PrefixTrainDataLoader, rank_loader
+from recbole_ur4rec.data.dataloader import EarlierItemsEvalDataLoader, PrefixTrainDataLoader, rank_loader, training_items
 from recbole_ur4rec.data.sequence_dataset import (
     LOSS_POSITIONS,
     SequenceHistoryDataset,
@@ -87,6 +87,21 @@ def create_dataset(config):
     return dataset
 
 
+def _mask_sequence_history(config):
+    """Whether evaluation removes each user's earlier items from the ranking (``mask_sequence_history``): sequential
+    models with full ranking only."""
+    if not check_config_value(config, "mask_sequence_history", None, choices=(True, False)):
+        return False
+    full = all(mode == "full" for mode in config["eval_args"]["mode"].values())  # RecBole's Config: {phase: mode}
+    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL or not full:
+        raise ValueError(
+            f"mask_sequence_history: True is for sequential models with full ranking (eval_args.mode full); got "
+            f"{config['model']} ({config['MODEL_TYPE'].name.lower()}) with eval_args.mode {config['eval_args']['mode']}: "
+            f"general models mask with mask_history_items"
+        )
+    return True
+
+
 def _check_history_config(config):
     loss_position = check_config_value(config, "loss_position", None, choices=LOSS_POSITIONS)
     if loss_position == "all" and config["train_neg_sample_args"]["distribution"] != "none":
@@ -109,6 +124,7 @@ def data_preparation(config, dataset):
     (:func:`~recbole_ur4rec.data.dataloader.rank_loader`).
     """
     logger = getLogger()
+    mask_earlier = _mask_sequence_history(config)
     built_datasets = dataset.build()
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
@@ -128,6 +144,8 @@ def data_preparation(config, dataset):
         )
 
     valid_loader, test_loader = get_dataloader(config, "valid"), get_dataloader(config, "test")
+    if mask_earlier:
+        valid_loader = test_loader = EarlierItemsEvalDataLoader
     if not config["single_spec"]:
         train_loader = rank_loader(train_loader, training=True)
         valid_loader, test_loader = rank_loader(valid_loader, training=False), rank_loader(test_loader, training=False)
@@ -140,6 +158,10 @@ def data_preparation(config, dataset):
         train_data = train_loader(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     valid_data = valid_loader(config, valid_dataset, valid_sampler, shuffle=False)
     test_data = test_loader(config, test_dataset, test_sampler, shuffle=False)
+    if mask_earlier:
+        earlier = training_items(built_datasets[0])
+        valid_data.set_training_items(*earlier)
+        test_data.set_training_items(*earlier)
     counts = training_counts(built_datasets[0], getattr(dataset, "cold_items", None))  # for the evaluation slices
     valid_data.training_counts = test_data.training_counts = counts
 

@@ -101,7 +101,8 @@ def _protocol_header(cells, models, seeds, dataset, files_of, overrides):
         lines.append(
             f"- protocol{who}: split {p['split']}, order {p['order']}, grouped by {p['group_by']}, {p['ranking']} ranking; "
             f"metrics {p['metrics']} @ {p['topk']}; best epoch chosen on validation {p['valid_metric']}"
-            + {True: "; each user's training items removed from the ranking (RecBole's general models)",
+            + {True: "; each user's training items removed from the ranking (general models; sequential ones with "
+                     "mask_sequence_history: their earlier items, at test the validation item too)",
                False: "; training items ranked too (no masking)"}.get(p.get("history_masked"), "")
         )
     if only_unrecorded:
