@@ -25,19 +25,24 @@ def parse_args(argv):
     return args, parse_overrides(parser, unknown)
 
 
+# settings a checkpoint's evaluation may change: how the items are ranked, not what was trained
+EVALUATION_SETTINGS = ("mask_sequence_history", "mask_history_items")
+
+
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.checkpoint:
         if args.nproc != 1 or args.world_size != -1:
             raise SystemExit("--checkpoint evaluates in one process: drop --nproc and --world_size")
-        others = sorted(set(overrides) - {"data_path"})
+        others = sorted(set(overrides) - {"data_path", *EVALUATION_SETTINGS})
         if others:
             raise SystemExit(
                 f"--checkpoint evaluates with the settings stored in the checkpoint; drop {others} "
-                f"(only --data_path may say where the data lies now)"
+                f"(only --data_path may say where the data lies now, and {', '.join(EVALUATION_SETTINGS)} how to rank)"
             )
         with isolated_argv():
-            result = evaluate_checkpoint(args.checkpoint, overrides.get("data_path"))
+            evaluation = {key: overrides[key] for key in EVALUATION_SETTINGS if key in overrides}
+            result = evaluate_checkpoint(args.checkpoint, overrides.get("data_path"), evaluation)
         print(f"valid: {dict(result['valid_result'])}")
         print(f"test: {dict(result['test_result'])}")
         return result

@@ -34,6 +34,13 @@ def test_cli_trains_evaluates_and_reloads(quick_config, tmp_path):
     assert reloaded.returncode == 0, reloaded.stderr[-2000:]
     assert re.search(r"^test: .*$", reloaded.stdout, re.M).group(0) == test_line
 
+    masked = run_cli("--checkpoint", model_file, "--mask_sequence_history=True", cwd=tmp_path)  # another ranking only
+    assert masked.returncode == 0, masked.stderr[-2000:]
+    ndcg = [float(re.search(r"^test: .*'ndcg@10': ([0-9.]+)", out, re.M).group(1)) for out in (done.stdout, masked.stdout)]
+    assert ndcg[1] > ndcg[0], "the tiny walk's earlier items leave the ranking"
+    refused = run_cli("--checkpoint", model_file, "--hidden_size=8", cwd=tmp_path)
+    assert refused.returncode != 0 and "drop ['hidden_size']" in refused.stderr
+
 
 def test_cli_unknown_model_lists_plugin_models(tmp_path):
     done = run_cli("-m", "NoSuchRec", "-d", "ml-100k", cwd=tmp_path)
