@@ -7,6 +7,8 @@
 # defaults and of their ml-100k search's best). A model whose search or choice has not finished is left out, and
 # named. Resumable per cell: run it again to continue; two at once share the cells (one per core). This data has no
 # images: UR4Rec's image expert and FedDMMR's visual expert are off.
+# Each finished cell's model is also evaluated with each user's earlier items removed (mask_sequence_history), into
+# results/amazon-beauty-masked/amazon-beauty/ (cold: .../amazon-beauty-cold/), as the published "removed" rows rank.
 # PROTOCOL=cold runs the same models under the cold-item protocol (cold_items: True) into results/amazon-beauty-cold/,
 # FTRagRec warm-started from that run's DuoRec cells, without UR4Rec:smollm2 (the cold protocol changes the training
 # split, so the users' language-model texts would have to be written again).
@@ -68,3 +70,9 @@ configs=(); for m in "${models[@]}"; do if [[ -n ${conf[$m]} ]]; then configs+=(
 models_csv=$(IFS=,; echo "${models[*]}")
 python run_compare.py --models "$models_csv" -d amazon-beauty --seeds 3 --extra threads=1 "${protocol[@]}" "${configs[@]}" \
   --output_dir "$OUT" "$@"
+# the finished cells' models evaluated again with each user's earlier items removed (the S3Rec / ICSRec / eSASRec
+# codebases' ranking), and their tables: results/amazon-beauty-masked/<this run's folder name>/
+MASKED=results/amazon-beauty-masked/$(basename "$OUT")
+python -m recbole_ur4rec.experiments.reevaluate "$OUT/cells" "$MASKED" --extra mask_sequence_history=True --models "$models_csv"
+python run_compare.py --models "$models_csv" -d amazon-beauty --seeds 3 --extra threads=1 "${protocol[@]}" "${configs[@]}" \
+  --extra mask_sequence_history=True --output_dir "$MASKED" --report_only
