@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from recbole_ur4rec.common.argv import add_distributed_arguments, distributed_arguments, isolated_argv, parse_overrides
-from recbole_ur4rec.quick_start import evaluate_checkpoint, run_recbole_ur4rec
+from recbole_ur4rec.quick_start import EVALUATION_SETTINGS, evaluate_checkpoint, run_recbole_ur4rec
 
 
 def parse_args(argv):
@@ -23,10 +23,6 @@ def parse_args(argv):
     add_distributed_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
     return args, parse_overrides(parser, unknown)
-
-
-# settings a checkpoint's evaluation may change: how the items are ranked, not what was trained
-EVALUATION_SETTINGS = ("mask_sequence_history", "mask_history_items")
 
 
 def main(argv=None):

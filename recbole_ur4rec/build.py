@@ -12,6 +12,7 @@ import torch
 from recbole.utils import ModelType, init_logger, init_seed
 
 from recbole_ur4rec.common import distributed
+from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.config import Config
 from recbole_ur4rec.data import create_dataset, data_preparation
 from recbole_ur4rec.federated.catalog import federation_data
@@ -97,7 +98,7 @@ def build(model, dataset, config_file_list=None, config_dict=None, log=True):
         logger.info(config)
 
     if config["federation_dir"]:  # a federated server: the interactions stay on the nodes
-        if config["mask_sequence_history"]:
+        if check_config_value(config, "mask_sequence_history", None, choices=(True, False)):
             raise ValueError(
                 "mask_sequence_history: True is not supported with federation_dir (the nodes evaluate their users with "
                 "RecBole's sequential protocol); remove one of the two"

@@ -161,14 +161,21 @@ def load_data_and_model(model_file, data_path=None, overrides=None):
     return config, model, dataset, train_data, valid_data, test_data
 
 
+# the settings a trained model may be evaluated again with: how the items are ranked, not what was trained
+EVALUATION_SETTINGS = ("mask_sequence_history", "mask_history_items")
+
+
 def evaluate_checkpoint(model_file, data_path=None, overrides=None, keep_user_values=False):
-    r"""Evaluate a plugin checkpoint on its validation and test splits (``data_path``, ``overrides``: as in
-    :func:`load_data_and_model`).
+    r"""Evaluate a plugin checkpoint on its validation and test splits (``data_path``: as in
+    :func:`load_data_and_model`; ``overrides``: some of :data:`EVALUATION_SETTINGS`).
 
     Returns:
         dict: ``valid_result`` and ``test_result``; with ``keep_user_values``, ``user_values`` as
         :func:`run_recbole_ur4rec` returns them, and ``history_masked`` (the protocol's masking).
     """
+    other = sorted(set(overrides or {}) - set(EVALUATION_SETTINGS) - {"show_progress"})
+    if other:
+        raise ValueError(f"a checkpoint is evaluated again with {', '.join(EVALUATION_SETTINGS)} only, not {other}: the others change the model")
     config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file, data_path, overrides)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     result, per_user = {"history_masked": history_masked(config)}, {}

@@ -61,17 +61,19 @@ def test_masked_evaluation_never_ranks_an_earlier_item_and_only_gains(tiny_data_
     assert results["plain"]["hit@10"] <= results["masked"]["hit@10"] and results["plain"]["ndcg@10"] <= results["masked"]["ndcg@10"]
 
 
-def test_data_with_repeats_and_other_protocols_are_refused(tmp_path):
+def test_data_with_repeats_and_other_protocols_are_refused(tiny_data_root, tmp_path):
     repeats = write_sequential_dataset(tmp_path / "data", name="loops", n_items=8, min_len=12, max_len=20)
     with pytest.raises(ValueError, match=r"mask_sequence_history: True removes every earlier item.*rows of 'loops' have their target among their earlier items"):
         build("SASRec", "loops", config_dict=settings(repeats, tmp_path, mask_sequence_history=True), log=False)
     plain = build("SASRec", "loops", config_dict=settings(repeats, tmp_path / "plain"), log=False)
     assert not history_masked(plain.config), "RecBole's sequential protocol, the default, ranks earlier items"
-    with pytest.raises(ValueError, match=r"mask_sequence_history: True is for sequential models with full ranking"):
-        build("Pop", "loops", config_dict=settings(repeats, tmp_path / "pop", mask_sequence_history=True), log=False)
+    general = build("Pop", "tiny", config_dict=settings(tiny_data_root, tmp_path / "pop", mask_sequence_history=True), log=False)
+    assert history_masked(general.config), "general models keep RecBole's masking (mask_history_items), whatever this key says"
     sampled = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni100"}}
-    with pytest.raises(ValueError, match=r"mask_sequence_history: True is for sequential models with full ranking"):
-        build("SASRec", "loops", config_dict=settings(repeats, tmp_path / "uni", mask_sequence_history=True, **sampled), log=False)
+    ratio = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "mode": "full"}}
+    for name, protocol in (("uni", sampled), ("rs", ratio)):
+        with pytest.raises(ValueError, match=r"mask_sequence_history: True needs full ranking and leave-one-out"):
+            build("SASRec", "loops", config_dict=settings(repeats, tmp_path / name, mask_sequence_history=True, **protocol), log=False)
     with pytest.raises(ValueError, match=r"must be one of True, False"):
         build("SASRec", "loops", config_dict=settings(repeats, tmp_path / "bad", mask_sequence_history="yes"), log=False)
 
@@ -101,10 +103,14 @@ def test_finished_cells_are_evaluated_again_without_earlier_items_and_report_and
     pair = compare(os.path.join(masked_dir, "cells"), "FastSASRec", "SASRec")
     assert pair["users"] == 40 and pair["difference"] == pytest.approx(
         report["cells"]["FastSASRec-seed1"]["test_result"]["ndcg@10"] - report["cells"]["SASRec-seed1"]["test_result"]["ndcg@10"], abs=1e-4)
+    # paired_users evaluates a metric the users file lacks from the model file, with the cell's evaluation settings
+    hits = compare(os.path.join(masked_dir, "cells"), "FastSASRec", "SASRec", metric="hit@10")
+    assert hits["difference"] == pytest.approx(
+        report["cells"]["FastSASRec-seed1"]["test_result"]["hit@10"] - report["cells"]["SASRec-seed1"]["test_result"]["hit@10"], abs=1e-4)
     # resumable: evaluated cells are kept; a model file that is not on this machine is an error naming it
     assert set(reevaluate(os.path.join(trained_dir, "cells"), masked_dir, {"mask_sequence_history": True}).values()) == {"kept"}
     os.remove(trained["SASRec-seed1"]["model_file"])
     outcome = reevaluate(os.path.join(trained_dir, "cells"), str(tmp_path / "other"), {"mask_sequence_history": True})
     assert outcome["FastSASRec-seed1"] == "evaluated" and "its best model" in outcome["SASRec-seed1"]
-    with pytest.raises(ValueError, match="--extra seed: these settings identify the trained cell"):
-        reevaluate(os.path.join(trained_dir, "cells"), masked_dir, {"seed": 3})
+    with pytest.raises(ValueError, match="--extra epochs, seed: a trained cell is evaluated again with mask_sequence_history, mask_history_items only"):
+        reevaluate(os.path.join(trained_dir, "cells"), masked_dir, {"seed": 3, "epochs": 9})

@@ -44,7 +44,7 @@ def training_items(train_split):
 class EarlierItemsEvalDataLoader(FullSortEvalDataLoader):
     """RecBole's full-sort loader of sequential rows whose batches also carry, as ``history_index``, each row's
     earlier items: its user's training items and its item list (at test, the validation item too). RecBole's trainer
-    scores them -inf, as the S3Rec / ICLRec codebases evaluate (``mask_sequence_history: True``).
+    scores them -inf, as the S3Rec / ICSRec / eSASRec codebases evaluate (``mask_sequence_history: True``).
     :meth:`set_training_items` must be called before the first batch."""
 
     earlier = None  # (indptr, items): every user's training items

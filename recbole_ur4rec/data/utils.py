@@ -89,15 +89,17 @@ def create_dataset(config):
 
 def _mask_sequence_history(config):
     """Whether evaluation removes each user's earlier items from the ranking (``mask_sequence_history``): sequential
-    models with full ranking only."""
+    models, full ranking, leave-one-out (no effect on other model types, which have ``mask_history_items``)."""
     if not check_config_value(config, "mask_sequence_history", None, choices=(True, False)):
         return False
+    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        return False
     full = all(mode == "full" for mode in config["eval_args"]["mode"].values())  # RecBole's Config: {phase: mode}
-    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL or not full:
+    if not full or "LS" not in config["eval_args"]["split"]:
         raise ValueError(
-            f"mask_sequence_history: True is for sequential models with full ranking (eval_args.mode full); got "
-            f"{config['model']} ({config['MODEL_TYPE'].name.lower()}) with eval_args.mode {config['eval_args']['mode']}: "
-            f"general models mask with mask_history_items"
+            f"mask_sequence_history: True needs full ranking and leave-one-out (eval_args mode full, split LS); got "
+            f"mode {config['eval_args']['mode']}, split {config['eval_args']['split']}: with other splits an evaluated "
+            f"row's item list can miss earlier evaluation items"
         )
     return True
 

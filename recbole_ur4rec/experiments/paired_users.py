@@ -56,7 +56,8 @@ def evaluated_values(cell, cell_path, split, metric):
     if not model_file or not os.path.isfile(model_file):
         raise SystemExit(f"{cell_path}: no {split} {metric} in {users_file(cell_path)} and its model_file {model_file!r} "
                          "is not here (model files are not committed: rerun the cell, or run this where it ran)")
-    config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file)
+    overrides = (cell.get("evaluated_from") or {}).get("overrides")  # a cell evaluated again (reevaluate.py): its ranking
+    config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file, overrides=overrides)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.evaluate(valid_data if split == "valid" else test_data, load_best_model=False)
     try:

@@ -2,12 +2,14 @@
 
 A cell of :mod:`recbole_ur4rec.experiments.compare` keeps its best-validation model file. This writes, for each
 finished cell of ``--cells``, a cell of the same name in ``<output_dir>/cells/`` whose validation and test results and
-per-user values are that model's under the settings given (e.g. ``mask_sequence_history=True``: the S3Rec / ICLRec
-codebases' ranking without each user's earlier items); everything else (training settings, epochs, seconds, memory)
+per-user values are that model's under the settings given (e.g. ``mask_sequence_history=True``: the S3Rec / ICSRec
+codebases' ranking without each user's earlier items; only such ranking settings, ``EVALUATION_SETTINGS``); everything else (training settings, epochs, seconds, memory)
 is the trained cell's. The cell's ``settings.overrides`` hold the new settings, so ``run_compare.py --report_only``
 with the same models, seeds and ``--extra`` settings writes the tables and the paired intervals read them.
-The model is not retrained: it was chosen on validation under the trained cell's settings. Resumable: a cell already
-evaluated from the same model file with the same settings is skipped.
+The model is not retrained: it was chosen on validation under the trained cell's settings; the cell's time, memory,
+log and code version stay the training's, and ``evaluated_from`` records the evaluation (its settings, code version
+and seconds). Resumable: a cell already evaluated from the same model file with the same settings is kept (also when
+the code changed since: remove the output cell to evaluate it again). Run it in the folder the comparison ran in.
 
     python -m recbole_ur4rec.experiments.reevaluate results/amazon-beauty/cells results/amazon-beauty-masked \\
         --extra mask_sequence_history=True
@@ -23,9 +25,7 @@ from recbole_ur4rec.common.argv import isolated_argv, parse_overrides
 from recbole_ur4rec.common.tables import read_json, write_json
 from recbole_ur4rec.experiments.compare import code_version
 from recbole_ur4rec.experiments.compare_report import shown_path
-from recbole_ur4rec.quick_start import evaluate_checkpoint
-
-PROTECTED = ("seed", "data_path", "checkpoint_dir")  # settings that identify the trained model or its files
+from recbole_ur4rec.quick_start import EVALUATION_SETTINGS, evaluate_checkpoint
 
 
 def finished_cells(cells_dir, models=None):
@@ -47,8 +47,8 @@ def reevaluate_cell(cell, name, output_cells, overrides):
     model_file = cell.get("model_file")
     if not model_file or not os.path.isfile(model_file):
         raise FileNotFoundError(
-            f"cell {name}: its best model {model_file!r} is not on this machine (model files are not committed); "
-            f"evaluate where the cell was trained"
+            f"cell {name}: its best model {model_file!r} is not here (model files are not committed; the path is "
+            f"relative to the folder the comparison ran in): run this in that folder, on the machine that trained it"
         )
     begin = time.time()
     with isolated_argv():
@@ -70,9 +70,9 @@ def reevaluate_cell(cell, name, output_cells, overrides):
 def reevaluate(cells_dir, output_dir, overrides, models=None):
     """Evaluate every finished cell of ``cells_dir`` again with ``overrides``; returns {name: "evaluated" | "kept" |
     error text}."""
-    bad = sorted(set(overrides) & set(PROTECTED))
+    bad = sorted(set(overrides) - set(EVALUATION_SETTINGS))
     if bad:
-        raise ValueError(f"--extra {', '.join(bad)}: these settings identify the trained cell and cannot change here")
+        raise ValueError(f"--extra {', '.join(bad)}: a trained cell is evaluated again with {', '.join(EVALUATION_SETTINGS)} only")
     output_cells = os.path.join(output_dir, "cells")
     os.makedirs(output_cells, exist_ok=True)
     outcome = {}
