@@ -21,9 +21,7 @@ import torch
 from recbole_ur4rec.build import build
 from recbole_ur4rec.common.argv import isolated_argv
 from recbole_ur4rec.features.item_text import item_texts
-from recbole_ur4rec.features.llm import LLMWriter
-from recbole_ur4rec.features.pipeline import user_texts_of
-from recbole_ur4rec.features.settings import setting
+from recbole_ur4rec.features.pipeline import llm_writer, user_texts_of
 
 
 def padded_tokens(lengths, order, batch_size):
@@ -44,17 +42,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     with isolated_argv():  # RecBole's SASRec: one training row per prefix, as user texts need
         config, _, _, train_data, _, _ = build("SASRec", args.dataset, config_dict={"state": "WARNING", "epochs": 0}, log=False)
-    writer = LLMWriter(args.model, tempfile.mktemp(suffix=".jsonl"), batch_size=args.batch_size, dtype=args.dtype, show_progress=False)
+    texts = {"item": item_texts(config)[2], "user": user_texts_of(config, train_data._dataset)[2]}  # the template texts
+    for key, value in {"llm_path": args.model, "llm_dtype": args.dtype, "llm_batch_size": args.batch_size,
+                       "feature_cache_dir": tempfile.mkdtemp(), "show_progress": False}.items():
+        config[key] = value  # after the texts: with llm_path set, user_texts_of would have the model rewrite them
+    writer = llm_writer(config)  # the dataset's prompts, as the features command builds it
     tokenizer = writer._load()[1]
     result = {"dataset": args.dataset, "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "threads": args.threads}
-    texts = {"item": item_texts(config)[2], "user": user_texts_of(config, train_data._dataset)[2]}
     for kind, kind_texts in texts.items():
-        prompt = setting(config, f"llm_{kind}_prompt") or writer.prompts[kind]
-        prompts = [prompt.replace("{text}", t) for t in kind_texts]
+        prompts = [writer.prompts[kind].replace("{text}", t) for t in kind_texts]
         inputs, chat = writer.model_inputs(prompts)  # as the writer sends them to the model
         lengths = np.array([len(tokenizer(text, add_special_tokens=not chat)["input_ids"]) for text in inputs])
         data_order = np.arange(len(lengths))
-        by_length = np.array(sorted(data_order, key=lambda i: -len(tokenizer(kind_texts[i], add_special_tokens=False)["input_ids"])))
+        by_length = np.array(writer.batch_order(kind_texts, list(data_order)))
         row = {
             "prompts": len(lengths), "tokens_mean": round(float(lengths.mean()), 1), "tokens_max": int(lengths.max()),
             "tokens_real": int(lengths.sum()), "tokens_padded_data_order": padded_tokens(lengths, data_order, args.batch_size),

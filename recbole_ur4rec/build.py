@@ -14,7 +14,7 @@ from recbole.utils import ModelType, init_logger, init_seed
 from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.config import Config
-from recbole_ur4rec.data import create_dataset, data_preparation
+from recbole_ur4rec.data import create_dataset, data_preparation, full_ranking
 from recbole_ur4rec.federated.catalog import federation_data
 from recbole_ur4rec.registry import get_model
 
@@ -51,7 +51,7 @@ def history_masked(config):
     """Whether full-ranking evaluation removes each user's training items from the ranking: RecBole does so for
     general models (config ``mask_history_items``, default True); sequential models only with
     ``mask_sequence_history: True`` (their earlier items)."""
-    full = all(mode == "full" for mode in config["eval_args"]["mode"].values())  # RecBole's Config: {phase: mode}
+    full = full_ranking(config)
     if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         return full and config["mask_sequence_history"] is True
     return full and config["mask_history_items"] is not False

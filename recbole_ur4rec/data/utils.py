@@ -87,6 +87,11 @@ def create_dataset(config):
     return dataset
 
 
+def full_ranking(config):
+    """Whether every evaluation phase ranks all items (RecBole's Config holds ``eval_args.mode`` as {phase: mode})."""
+    return all(mode == "full" for mode in config["eval_args"]["mode"].values())
+
+
 def _mask_sequence_history(config):
     """Whether evaluation removes each user's earlier items from the ranking (``mask_sequence_history``): sequential
     models, full ranking, leave-one-out (no effect on other model types, which have ``mask_history_items``)."""
@@ -94,8 +99,7 @@ def _mask_sequence_history(config):
         return False
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         return False
-    full = all(mode == "full" for mode in config["eval_args"]["mode"].values())  # RecBole's Config: {phase: mode}
-    if not full or "LS" not in config["eval_args"]["split"]:
+    if not full_ranking(config) or "LS" not in config["eval_args"]["split"]:
         raise ValueError(
             f"mask_sequence_history: True needs full ranking and leave-one-out (eval_args mode full, split LS); got "
             f"mode {config['eval_args']['mode']}, split {config['eval_args']['split']}: with other splits an evaluated "
