@@ -2,6 +2,7 @@
 generation, the cache (a rerun is free, an interrupted run continues), the output policy and the features command."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -54,6 +55,26 @@ def test_writes_deterministic_texts_and_a_rerun_reads_the_cache(tiny_llm, tmp_pa
     assert writer(tiny_llm, tmp_path).write("user", TOKENS[:1], TEXTS[:1])[1]["generated"] == 1
 
 
+def test_the_cache_follows_the_weights_not_their_path(tiny_llm, tmp_path, monkeypatch):
+    """A copy of the model on another install (other folder, other file times) reads the same cache; changed
+    weights write again."""
+    texts = writer(tiny_llm, tmp_path).write("item", TOKENS, TEXTS)[0]
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tiny_llm, copy)  # new modification times
+    for name in os.listdir(copy):
+        os.utime(copy / name, ns=(1, 1))
+    moved = writer(str(copy), tmp_path)
+    assert moved.identity == writer(tiny_llm, tmp_path).identity and str(copy) not in moved.identity
+    monkeypatch.setattr(moved, "generate", lambda prompts: pytest.fail("a cached text was generated again"))
+    assert moved.write("item", TOKENS, TEXTS)[0] == texts
+
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert writer(str(copy), tmp_path).identity != writer(tiny_llm, tmp_path).identity
+
+
 def test_a_prompt_of_the_dataset_replaces_the_default_and_has_its_own_cache_entries(tiny_llm, tmp_path, monkeypatch):
     product = "Product: {text}\nDescribe this product:"
     default = writer(tiny_llm, tmp_path)
@@ -73,7 +94,7 @@ def test_a_prompt_of_the_dataset_replaces_the_default_and_has_its_own_cache_entr
 
 def test_a_dtype_other_than_float32_runs_the_model_in_it_and_has_its_own_cache_entries(tiny_llm, tmp_path, monkeypatch):
     fp32, bf16 = writer(tiny_llm, tmp_path), writer(tiny_llm, tmp_path, dtype="bfloat16")
-    assert fp32.identity == LLMWriter(tiny_llm, str(tmp_path / "c.jsonl")).identity, "float32 keeps the keys it had"
+    assert fp32.identity == LLMWriter(tiny_llm, str(tmp_path / "c.jsonl")).identity, "float32 is the default's identity"
     assert bf16.identity == fp32.identity + ":bfloat16" and bf16.source("item") != fp32.source("item")
     model, _ = bf16._load()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -1,6 +1,7 @@
 """Item and user text stores with the real sentence encoder: texts, alignment, the no-leak rule, caches, CLI."""
 
 import logging
+import shutil
 import sys
 
 import pytest
@@ -117,6 +118,17 @@ def test_cache_hits_then_rebuilds_on_changed_text_or_corruption(feat_root, tmp_p
     assert len(calls) == 3 and "feature cache is corrupt, rebuilding it" in caplog.text
     assert torch.allclose(rebuilt.features, item_text_features(changed, dataset, encoder).features)
     assert len(calls) == 3
+
+
+def test_a_moved_dataset_folder_keeps_its_cache(feat_root, tmp_path, encoder, monkeypatch):
+    """The cache is keyed by the texts and the encoder's weights, not by where the files are."""
+    config = features_config(feat_root, tmp_path / "cache")
+    first = item_text_features(config, build_splits(config)[0], encoder)
+    moved_root = tmp_path / "moved"
+    shutil.copytree(feat_root, moved_root)
+    moved = features_config(str(moved_root), tmp_path / "cache")
+    monkeypatch.setattr(encoder, "encode", lambda texts: pytest.fail("the cache was rebuilt"))
+    assert torch.equal(item_text_features(moved, build_splits(moved)[0], encoder).features, first.features)
 
 
 def test_encoder_dimension_differing_from_the_config(feat_root, tmp_path, encoder):

@@ -1,5 +1,5 @@
 """Feature caches: a feature file (``.pt``, the format of :func:`read_feature_file`) and a JSON manifest beside
-it. A cache is used when its manifest matches the inputs (source, encoder, input hash); otherwise, or when
+it. A cache is used when its manifest matches the inputs (encoder, input hash: never where a file lives); otherwise, or when
 either file is corrupt, the features are computed again and the cache rewritten.
 """
 

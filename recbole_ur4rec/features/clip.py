@@ -99,7 +99,8 @@ def clip_identity(backend, model, checkpoint=None):
     weights = model if backend == "transformers" else checkpoint
     if weights is None or not os.path.exists(weights):
         return f"{backend}:{model}:{checkpoint}"
-    return f"{backend}:{model}:{checkpoint}:{files_fingerprint(weights)[:16]}"
+    architecture = f"{model}:" if backend == "open_clip" else ""  # transformers: model is the weights' folder
+    return f"{backend}:{architecture}{files_fingerprint(weights)[:16]}"
 
 
 def clip_encoder(backend, model, checkpoint=None, device="cpu"):

@@ -47,7 +47,7 @@ class TextEncoder:
         self.batch_size = batch_size
         self.device = device
         self.show_progress = show_progress
-        self.identity = f"sentence-transformers:{self.path}:{files_fingerprint(self.path)[:16]}"
+        self.identity = f"sentence-transformers:{files_fingerprint(self.path)[:16]}"  # its weights, wherever they are
 
     @property
     def model(self):

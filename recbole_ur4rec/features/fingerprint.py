@@ -1,4 +1,4 @@
-"""Fingerprints that tell caches when an input changed without reading it whole."""
+"""Fingerprints that tell caches when an input changed: of files by their contents, of texts by their hash."""
 
 import hashlib
 import json
@@ -11,22 +11,33 @@ def pairs_hash(keys, values):
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+_CONTENT_DIGESTS = {}  # (path, names, sizes and modification times) -> digest: each file set is read once a process
+
+
 def files_fingerprint(path):
-    """sha256 over the relative names, sizes and modification times of ``path`` (a file or a folder tree)."""
+    """sha256 over the relative names and the contents of ``path`` (a file or a folder tree): the same for a copy
+    anywhere else (another install, folder or machine), so caches keyed by it move with their inputs. Read once a
+    process (about a second a GB)."""
     path = os.path.realpath(path)
     if os.path.isfile(path):
         entries = [(os.path.basename(path), path)]
     else:
-        entries = [
+        entries = sorted(
             (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
             for root, _, names in os.walk(path)
             for name in names
-        ]
-    digest = hashlib.sha256()
-    for name, full in sorted(entries):
-        stat = os.stat(full)
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8"))
-    return digest.hexdigest()
+        )
+    stats = tuple((name, os.stat(full).st_size, os.stat(full).st_mtime_ns) for name, full in entries)
+    memo_key = (path, stats)
+    if memo_key not in _CONTENT_DIGESTS:
+        digest = hashlib.sha256()
+        for name, full in entries:
+            digest.update(f"{name}\0{os.path.getsize(full)}\0".encode("utf-8"))
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        _CONTENT_DIGESTS[memo_key] = digest.hexdigest()
+    return _CONTENT_DIGESTS[memo_key]
 
 
 STORE_FINGERPRINT_KEYS = ("modality", "text_hash", "poster_hash", "count", "dim")

@@ -150,8 +150,9 @@ class LLMWriter:
         if dtype not in LLM_DTYPES:
             raise FeatureError(f"config key 'llm_dtype' must be one of {', '.join(LLM_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
-        # float32 adds nothing, so the caches written before dtypes could be chosen keep their keys
-        self.identity = f"llm:{self.path}:{files_fingerprint(self.path)[:16]}:chat-{chat_template}" + (
+        # the weights' contents, not their path, so a cache written on one install is read on another; float32 adds
+        # nothing to it
+        self.identity = f"llm:{files_fingerprint(self.path)[:16]}:chat-{chat_template}" + (
             "" if dtype == "float32" else f":{dtype}"
         )
         self.cache_file = cache_file

@@ -77,9 +77,10 @@ def _text_store(config, dataset, kind, source, tokens, texts, where, encoder):
     positions, ids = _known_rows(config, dataset, field, source, tokens, where)
     tokens, texts = [tokens[p] for p in positions], [texts[p] for p in positions]
     encoder = encoder or text_encoder(config)
-    key = {"modality": modality, "source": source, "encoder": encoder.identity, "text_hash": pairs_hash(tokens, texts)}
+    # the key is what the features depend on (the encoder's weights, the texts); where they came from is information
+    key = {"modality": modality, "encoder": encoder.identity, "text_hash": pairs_hash(tokens, texts)}
     cached_tokens, features, manifest = cached_features(
-        cache_dir(config), config["dataset"], modality, kind, key, lambda: (tokens, encoder.encode(texts), {})
+        cache_dir(config), config["dataset"], modality, kind, key, lambda: (tokens, encoder.encode(texts), {"source": source})
     )
     check_dimension(source, features.shape[1], setting(config, "text_feature_dim"), "text_feature_dim")
     return _align_cached(dataset, field, tokens, ids, cached_tokens, features, manifest)
@@ -149,7 +150,6 @@ def _poster_store(config, dataset, source):
     backend, model, checkpoint = (setting(config, key) for key in ("clip_backend", "clip_model", "clip_checkpoint"))
     key = {
         "modality": "item_image",
-        "source": source,
         "encoder": clip_identity(backend, model, checkpoint),
         "poster_hash": pairs_hash(list(posters), [files_fingerprint(path) for path in posters.values()]),
     }
@@ -158,7 +158,7 @@ def _poster_store(config, dataset, source):
         encoder = clip_encoder(backend, model, checkpoint)
         batch_size, show_progress = setting(config, "clip_batch_size"), bool(config["show_progress"])
         tokens, features, undecodable = encode_posters(posters, encoder, batch_size, show_progress)
-        return tokens, features, {"undecodable": undecodable}
+        return tokens, features, {"source": source, "undecodable": undecodable}
 
     folder = cache_dir(config)
     cached_tokens, features, manifest = cached_features(folder, config["dataset"], "item_image", "item", key, compute)
