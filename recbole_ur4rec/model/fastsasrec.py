@@ -11,10 +11,20 @@ from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss, supervised_count, supervised_positions
+from recbole_ur4rec.evaluation.slices import training_counts
+from recbole_ur4rec.features import item_text_features, stores_fingerprint
+from recbole_ur4rec.model.layers import (
+    ITEM_TEXT_MODES,
+    LOSS_TYPES,
+    SequenceBackbone,
+    position_loss,
+    supervised_count,
+    supervised_positions,
+)
+from recbole_ur4rec.model.layers.staged import FeatureFingerprintMixin
 
 
-class FastSASRec(SequentialRecommender):
+class FastSASRec(FeatureFingerprintMixin, SequentialRecommender):
     r"""SASRec with a loss at every position of whole-sequence training rows.
 
     NOTE:
@@ -29,7 +39,12 @@ class FastSASRec(SequentialRecommender):
         - CE leaves the padding item out of the softmax. Negatives (``SSM``, ``BPR``, ``BCE``) are drawn
           uniformly inside the model, ``neg_sample_num`` of them, instead of by RecBole's sampler, so
           ``train_neg_sample_args`` must be ``~``.
+        - ``item_text_embedding`` (``input`` / ``tied``) adds each item's projected text embedding (the
+          ``item_text_template`` encoded by the sentence encoder) to its item embedding, as SASRecF adds feature
+          embeddings (:meth:`SequenceBackbone.use_item_text`); ``none`` (default) is SASRec.
     """
+
+    FEATURE_HINT = "item_text_embedding, the item text settings and the text encoder"
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -40,10 +55,19 @@ class FastSASRec(SequentialRecommender):
         self._check_config(config)
 
         self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
+        self.feature_fingerprint = ""
+        if config["item_text_embedding"] != "none":
+            training = getattr(dataset, "training_split", dataset)  # RecBole's training split
+            text = item_text_features(config, training)
+            warm = training_counts(training).items > 0
+            self.backbone.use_item_text(text.features, text.mask, warm, config["item_text_embedding"])
+            self.feature_fingerprint = stores_fingerprint({"item_text": text})
+        self.other_parameter_name = ["feature_fingerprint"]
 
     def _check_config(self, config):  # the backbone's keys: SequenceBackbone.from_config
         _check(config, "loss_type", None, choices=LOSS_TYPES)
         _check(config, "neg_sample_num", int, low=1)
+        _check(config, "item_text_embedding", None, choices=ITEM_TEXT_MODES)
 
     def forward(self, item_seq, item_seq_len):
         return self.backbone(item_seq, item_seq_len)  # [B L H]
@@ -55,7 +79,7 @@ class FastSASRec(SequentialRecommender):
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
         hidden = self.forward(item_seq, item_seq_len)  # [B L H]
         hidden, targets, _ = supervised_positions(self, interaction, hidden)  # [N H], [N]
-        return position_loss(hidden, targets, self.backbone.item_embedding.weight, self.loss_type, self.neg_sample_num)
+        return position_loss(hidden, targets, self.backbone.output_items(), self.loss_type, self.neg_sample_num)
 
     def _last_hidden(self, interaction):
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
@@ -64,9 +88,9 @@ class FastSASRec(SequentialRecommender):
 
     def predict(self, interaction):
         hidden = self._last_hidden(interaction)  # [B H]
-        item_emb = self.backbone.item_embedding(interaction[self.ITEM_ID])  # [B H]
+        item_emb = self.backbone.output_items()[interaction[self.ITEM_ID]]  # [B H]
         return (hidden * item_emb).sum(-1)  # [B]
 
     def full_sort_predict(self, interaction):
         hidden = self._last_hidden(interaction)  # [B H]
-        return hidden @ self.backbone.item_embedding.weight.t()  # [B n_items]
+        return hidden @ self.backbone.output_items().t()  # [B n_items]

@@ -1,5 +1,6 @@
 """Building blocks shared by the plugin's models."""
 from recbole_ur4rec.model.layers.sequence_backbone import (
+    ITEM_TEXT_MODES,
     LOSS_POSITIONS,
     LOSS_TYPES,
     SequenceBackbone,

@@ -19,6 +19,7 @@ from recbole_ur4rec.common.checks import check_config_value
 from recbole_ur4rec.data.sequence_dataset import LOSS_POSITIONS
 
 LOSS_TYPES = ("CE", "SSM", "BPR", "BCE")
+ITEM_TEXT_MODES = ("none", "input", "tied")  # item_text_embedding: see SequenceBackbone.use_item_text
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
@@ -122,7 +123,8 @@ class SequenceBackbone(nn.Module):
     """Item and position embeddings, then ``n_layers`` causal transformer layers.
 
     ``forward`` returns the hidden state of every position, ``[B L H]`` with ``L`` the longest row of the
-    batch; the item embedding table doubles as the output layer (``item_embedding.weight``).
+    batch; the item embedding table doubles as the output layer (``output_items()``: ``item_embedding.weight``
+    unless item text is tied in, :meth:`use_item_text`).
     """
 
     CONFIG_KEYS = (
@@ -161,6 +163,45 @@ class SequenceBackbone(nn.Module):
             for _ in range(n_layers)
         )
         self.apply(self._init_weights)
+        self.item_text_mode = "none"
+
+    def use_item_text(self, features, mask, warm_items, mode):
+        """Item text in the item representation (``item_text_embedding``), as RecBole's SASRecF adds feature
+        embeddings to its item embeddings: an item is its ID embedding plus a learned projection (no bias) of its
+        frozen text features; an item without training interactions (``warm_items`` False) is its projected text
+        alone, its ID embedding never having been trained, and an item without text (``mask`` False) its ID
+        embedding alone. ``input``: so in the input sequence, scored by the ID embeddings (SASRecF's way);
+        ``tied``: so on both sides, so that new items are ranked by their text; ``none``: unchanged.
+
+        Args:
+            features (torch.Tensor): [n_items d] text features (row = RecBole id).
+            mask (torch.Tensor): [n_items] bool, where an item has text.
+            warm_items (torch.Tensor): [n_items] bool, where an item has training interactions.
+        """
+        if mode not in ITEM_TEXT_MODES:
+            raise ValueError(f"config key 'item_text_embedding' must be one of {', '.join(ITEM_TEXT_MODES)}, got {mode!r}")
+        self.item_text_mode = mode
+        if mode == "none":
+            return
+        self.register_buffer("item_text", features * mask.unsqueeze(1).to(features.dtype), persistent=False)  # [n d]
+        self.register_buffer("id_weight", warm_items.to(features.dtype).unsqueeze(1), persistent=False)  # [n 1]
+        self.text_projection = nn.Linear(features.size(1), self.item_embedding.embedding_dim, bias=False)
+        self._init_weights(self.text_projection)
+
+    def embed_items(self, item_seq):
+        """Input embeddings of the items ``item_seq`` [B L] -> [B L H]."""
+        x = self.item_embedding(item_seq)
+        if self.item_text_mode != "none":
+            x = x * self.id_weight[item_seq] + self.text_projection(self.item_text[item_seq])
+        return x
+
+    def output_items(self):
+        """The table that scores items [n_items H]: the ID embeddings, and with ``tied`` item text the items as
+        :meth:`embed_items` represents them."""
+        weight = self.item_embedding.weight
+        if self.item_text_mode == "tied":
+            weight = weight * self.id_weight + self.text_projection(self.item_text)
+        return weight
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -187,7 +228,7 @@ class SequenceBackbone(nn.Module):
         seq_len = int(item_seq_len.max())
         item_seq = item_seq[:, :seq_len]  # [B L]
         position_ids = torch.arange(seq_len, device=item_seq.device)
-        x = self.item_embedding(item_seq) + self.position_embedding(position_ids)  # [B L H]
+        x = self.embed_items(item_seq) + self.position_embedding(position_ids)  # [B L H]
         x = self.dropout(self.layer_norm(x))
         for layer in self.layers:
             x = layer(x)
