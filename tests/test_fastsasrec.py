@@ -6,9 +6,6 @@ import torch
 from model_fixtures import build_model, untrained_test_ndcg10
 from recbole.data.interaction import Interaction
 
-from ur4rec_fixtures import write_genre_dataset
-
-from recbole_ur4rec.evaluation.slices import training_counts
 from recbole_ur4rec.model import FastSASRec
 from recbole_ur4rec.model.layers import LOSS_TYPES, SequenceBackbone, position_loss
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -138,59 +135,3 @@ def test_other_objectives_train(fast_config, overrides):
     )
     assert all(math.isfinite(v) for v in result["test_result"].values())
 
-
-@pytest.fixture(scope="module")
-def genre_settings(tmp_path_factory):
-    """FastSASRec on the ``genre`` data, where an item's genre is written only in its text."""
-    root = write_genre_dataset(tmp_path_factory.mktemp("genre"))
-    return {
-        "data_path": root,
-        "feature_cache_dir": str(tmp_path_factory.mktemp("cache")),
-        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
-        "item_text_template": "{movie_title} ({release_year}). Genres: {class:, }.",
-        "show_progress": False, "state": "WARNING", "seed": 3,
-        "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 20,
-        "hidden_dropout_prob": 0.1, "attn_dropout_prob": 0.1,
-        "train_batch_size": 16, "eval_batch_size": 256, "learning_rate": 0.005, "epochs": 6, "stopping_step": 100,
-    }
-
-
-@pytest.mark.parametrize("mode", ["input", "tied"])
-def test_item_text_embedding_is_id_plus_projected_text(genre_settings, tmp_path, mode):
-    config, model, train_data, _, _ = build_model("FastSASRec", "genre", {**genre_settings, "item_text_embedding": mode,
-                                                                           "checkpoint_dir": str(tmp_path)})
-    backbone = model.backbone
-    text, has_text = backbone.item_text, backbone.item_text.abs().sum(1) > 0  # [n d], [n]
-    warm = training_counts(train_data.dataset.training_split).items > 0
-    unseen = (~warm).nonzero().squeeze(1)[1:]  # items of the .item file no training row has (0: padding)
-    without_text = (~has_text[1:]).nonzero().squeeze(1) + 1
-    assert len(unseen) and len(without_text) == 1, "the data has items without training rows and one without text"
-    projected = text @ backbone.text_projection.weight.t()  # [n H]
-    ids = backbone.item_embedding.weight
-    expected = torch.where(warm.unsqueeze(1), ids + projected, projected)  # an unseen item is its text alone
-    items = torch.tensor([[int(unseen[0]), int(without_text[0]), 5]])
-    assert torch.allclose(backbone.embed_items(items)[0], expected[items[0]], atol=1e-6)
-    assert torch.allclose(expected[without_text], ids[without_text]) or not warm[without_text].all()
-    if mode == "tied":
-        assert torch.allclose(backbone.output_items(), expected, atol=1e-6)
-    else:  # scored by the ID embeddings, as SASRecF
-        assert backbone.output_items() is ids
-    with pytest.raises(ValueError, match=r"trained on other features .* check item_text_embedding"):
-        model.load_other_parameter({"feature_fingerprint": "0123456789abcdef"})
-
-
-def test_tied_item_text_learns_what_only_the_text_says(genre_settings, tmp_path):
-    """On data whose genres only the texts hold, tied text ranks better than IDs alone after the same training (here
-    0.071 against 0.037 test NDCG@10; the best a genre-only guess can do is about 0.1)."""
-    results = {
-        mode: run_recbole_ur4rec("FastSASRec", "genre", config_dict={**genre_settings, "item_text_embedding": mode,
-                                                                     "checkpoint_dir": str(tmp_path / mode)}, saved=False)
-        for mode in ("none", "tied")
-    }
-    tied, ids_only = (results[mode]["test_result"]["ndcg@10"] for mode in ("tied", "none"))
-    assert tied > 1.5 * ids_only, (tied, ids_only)
-
-
-def test_an_unknown_item_text_embedding_is_named(genre_settings, tmp_path):
-    with pytest.raises(ValueError, match=r"config key 'item_text_embedding' must be one of none, input, tied, got 'both'"):
-        build_model("FastSASRec", "genre", {**genre_settings, "item_text_embedding": "both", "checkpoint_dir": str(tmp_path)})

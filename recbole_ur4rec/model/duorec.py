@@ -173,7 +173,7 @@ class DuoRec(FastSASRec):
         item_seq_len = interaction[self.ITEM_SEQ_LEN]  # [B]
         hidden = self.forward(item_seq, item_seq_len)  # [B L H]
         rec, targets, _ = supervised_positions(self, interaction, hidden)  # [N H], [N]
-        loss = position_loss(rec, targets, self.backbone.item_embedding.weight, self.loss_type, self.neg_sample_num)
+        loss = position_loss(rec, targets, self.backbone.output_items(), self.loss_type, self.neg_sample_num)
 
         use_un = self.contrast in ("un", "us") and self.lmd > 0
         use_su = self.contrast in ("su", "us", "us_x") and self.lmd_sem > 0

@@ -283,7 +283,8 @@ class FTRagRec(StagedModelMixin, DuoRec):
         memory = self.memory.state_dict()
         if memory is not None:  # the weights saved beside it: a memory between two refreshes lags behind them
             memory["saved_with"] = self.backbone_fingerprint()
-        return {"objective": self.objective, "memory": memory, "schedule_progress": self.schedule_progress}
+        return {"objective": self.objective, "memory": memory, "schedule_progress": self.schedule_progress,
+                "feature_fingerprint": self.feature_fingerprint}
 
     def load_other_parameter(self, para):
         """Restore the objective and the saved memory, if it was saved with (or encoded by) the current weights;
@@ -291,6 +292,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         self.memory_restored = False
         if not para:
             return
+        self.check_feature_fingerprint(para)
         self.set_objective(para.get("objective", self.objective))
         self.set_schedule_progress(para.get("schedule_progress", 0.0))
         saved = para.get("memory")
@@ -326,7 +328,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         keys, targets = self._device_memory
         # ivfsq8 keeps no float keys: the neighbours' keys are decoded from its 8-bit codes, so they are approximate
         neighbour_keys = keys[index] if keys is not None else self.memory.neighbour_keys(index).to(states.device)  # [Q k H]
-        target_emb = self.backbone.item_embedding(targets[index])  # [Q k H]
+        target_emb = self.backbone.output_items()[targets[index]]  # [Q k H]
         return self.fusion(states, neighbour_keys, target_emb, similarity, mask, self.temperature)
 
     def set_schedule_progress(self, progress):
@@ -352,7 +354,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
             return {"backbone": DuoRec.calculate_loss(self, interaction)}
         hidden = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B L H]
         states, targets, users = supervised_positions(self, interaction, hidden)  # [N H], [N], [N]
-        item_weight = self.backbone.item_embedding.weight
+        item_weight = self.backbone.output_items()
         terms = {"rec": position_loss(states, targets, item_weight, self.loss_type, self.neg_sample_num)}
         chosen = torch.randperm(states.size(0), device=states.device)[: self.retrieval_max_positions]  # [M]
         states, targets, users = states[chosen], targets[chosen], users[chosen]

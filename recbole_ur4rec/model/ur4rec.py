@@ -29,6 +29,7 @@ from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.evaluation.slices import training_counts
 from recbole_ur4rec.features import load_features, stores_fingerprint
 from recbole_ur4rec.model.layers import (
+    ITEM_TEXT_MODES,
     RANKING_LOSSES,
     MemoryBank,
     PreferenceRetriever,
@@ -111,6 +112,8 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         self.other_parameter_name = ["objective", "feature_fingerprint"]
         dim = config["retriever_dim"]
         warm = training_counts(getattr(dataset, "training_split", dataset)).items > 0  # [n] items with training interactions
+        text = stores["item_text"]
+        self.backbone.use_item_text(text.features, text.mask, warm, config["item_text_embedding"])
         self.retriever = PreferenceRetriever(
             hidden_size=config["hidden_size"],
             user_text=stores["user_text"],
@@ -133,7 +136,6 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         self.memory_bank = MemoryBank(config["memory_bank_size"], dim) if use_bank else None
         self.cold_mapping, self.cold_mapping_loss, self.cold_mapping_share = None, config["cold_mapping_loss"], config["cold_mapping_share"]
         if config["cold_item_mapping"]:
-            text = stores["item_text"]
             self.cold_mapping = torch.nn.Linear(text.features.size(1), config["hidden_size"])
             unseen = ~warm
             unseen[0] = False  # padding
@@ -171,6 +173,12 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         _check(config, "contrastive_type", None, choices=CONTRASTIVE_TYPES)
         _check(config, "use_image", None, choices=(True, False))
         _check(config, "cold_item_mapping", None, choices=(True, False))
+        _check(config, "item_text_embedding", None, choices=ITEM_TEXT_MODES)
+        if config["item_text_embedding"] == "tied" and config["cold_item_mapping"]:
+            raise ValueError(
+                "config keys 'item_text_embedding' = tied and 'cold_item_mapping' = True both score new items by their "
+                "text: with tied item text set cold_item_mapping: False"
+            )
         _check(config, "cold_mapping_loss", None, choices=("mse", "ranking"))
         _check(config, "cold_mapping_share", (int, float), low=0, high=1, low_open=True)
         path = config["backbone_checkpoint"]
@@ -190,7 +198,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
     def _scoring_items(self):
         """The item embeddings the backbone scores with [n H]: at evaluation, items without a training interaction
         take their mapped text embedding (``cold_item_mapping``)."""
-        weight = self.backbone.item_embedding.weight
+        weight = self.backbone.output_items()
         if self.cold_mapping is None or self.training or not bool(self.mapped_items.any()):
             return weight
         mapped = self.cold_mapping(self.retriever.text_features[self.mapped_items])  # [m H]
@@ -244,7 +252,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         if self.ranking_loss_type != "CE":
             candidates = SampledCandidates(targets, self.n_items, self.ranking_negatives)
             items = candidates.items  # [U]
-        item_weight = self.backbone.item_embedding.weight
+        item_weight = self.backbone.output_items()
         backbone_scores = states @ (item_weight if items is None else item_weight[items]).t()  # [N n|U]
         mapping = self._cold_mapping_term(targets, states, backbone_scores)
         mapping = {} if mapping is None else {"cold_mapping": mapping}

@@ -49,10 +49,14 @@ class FeatureFingerprintMixin:
 
     FEATURE_HINT = "the feature settings"
 
-    def load_other_parameter(self, para):
+    def check_feature_fingerprint(self, para):
+        """Refuse the saved ``para`` of a checkpoint whose ``feature_fingerprint`` is not this model's."""
         if para is not None and para.get("feature_fingerprint") not in (None, self.feature_fingerprint):
             raise ValueError(
                 f"this {type(self).__name__} checkpoint was trained on other features (fingerprint "
                 f"{para['feature_fingerprint']}) than the ones built now ({self.feature_fingerprint}): check {self.FEATURE_HINT}"
             )
+
+    def load_other_parameter(self, para):
+        self.check_feature_fingerprint(para)
         super().load_other_parameter(para)
