@@ -63,6 +63,8 @@ def test_the_cache_follows_the_weights_not_their_path(tiny_llm, tmp_path, monkey
     shutil.copytree(tiny_llm, copy)  # new modification times
     for name in os.listdir(copy):
         os.utime(copy / name, ns=(1, 1))
+    (copy / ".cache").mkdir()  # what a download tool leaves beside the weights
+    (copy / ".cache" / "download.metadata").write_text("fetched at some time")
     moved = writer(str(copy), tmp_path)
     assert moved.identity == writer(tiny_llm, tmp_path).identity and str(copy) not in moved.identity
     monkeypatch.setattr(moved, "generate", lambda prompts: pytest.fail("a cached text was generated again"))

@@ -6,6 +6,8 @@ from model_fixtures import build_model
 from ur4rec_fixtures import ur4rec_config, write_genre_dataset
 
 from recbole_ur4rec.evaluation.slices import training_counts
+from recbole_ur4rec.features import item_text_features
+from recbole_ur4rec.model.layers import position_loss, supervised_positions
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
 
 
@@ -27,11 +29,14 @@ def genre_settings(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["input", "tied"])
 def test_item_text_embedding_is_id_plus_projected_text(genre_settings, tmp_path, mode):
-    _, model, train_data, _, _ = build_model("FastSASRec", "genre", {**genre_settings, "item_text_embedding": mode,
-                                                                      "checkpoint_dir": str(tmp_path)})
+    config, model, train_data, _, _ = build_model("FastSASRec", "genre", {**genre_settings, "item_text_embedding": mode,
+                                                                           "checkpoint_dir": str(tmp_path)})
     backbone = model.backbone
-    text, has_text = backbone.item_text, backbone.item_text.abs().sum(1) > 0  # [n d], [n]
-    warm = training_counts(train_data.dataset.training_split).items > 0
+    training = train_data.dataset.training_split
+    store = item_text_features(config, training)  # the texts as the feature pipeline aligns them to RecBole's ids
+    text, has_text = store.features * store.mask.unsqueeze(1), store.mask  # [n d], [n]
+    assert torch.equal(backbone.item_text, text)
+    warm = training_counts(training).items > 0
     unseen = (~warm).nonzero().squeeze(1)[1:]  # items of the .item file no training row has (0: padding)
     without_text = (~has_text[1:]).nonzero().squeeze(1) + 1
     assert len(unseen) and len(without_text) == 1, "the data has items without training rows and one without text"
@@ -40,13 +45,21 @@ def test_item_text_embedding_is_id_plus_projected_text(genre_settings, tmp_path,
     expected = torch.where(warm.unsqueeze(1), ids + projected, projected)  # an unseen item is its text alone
     items = torch.tensor([[int(unseen[0]), int(without_text[0]), 5]])
     assert torch.allclose(backbone.embed_items(items)[0], expected[items[0]], atol=1e-6)
-    assert torch.allclose(expected[without_text], ids[without_text]) or not warm[without_text].all()
+    if warm[without_text[0]]:  # a trained item without text is its ID embedding alone
+        assert torch.equal(backbone.embed_items(without_text[:1].view(1, 1))[0, 0], ids[without_text[0]])
+    assert any(p is backbone.text_projection.weight for p in backbone.parameter_groups()["item_embedding"])
     if mode == "tied":
         assert torch.allclose(backbone.output_items(), expected, atol=1e-6)
     else:  # scored by the ID embeddings, as SASRecF
         assert backbone.output_items() is ids
-    with pytest.raises(ValueError, match=r"trained on other features .* check item_text_embedding"):
-        model.load_other_parameter({"feature_fingerprint": "0123456789abcdef"})
+    other_mode = {"input": "tied", "tied": "input"}[mode]
+    other = build_model("FastSASRec", "genre", {**genre_settings, "item_text_embedding": other_mode, "checkpoint_dir": str(tmp_path)})[1]
+    other_text = build_model("FastSASRec", "genre", {**genre_settings, "item_text_embedding": mode, "checkpoint_dir": str(tmp_path),
+                                                     "item_text_template": "{movie_title}."})[1]
+    for trained_elsewhere in (other, other_text):  # the other mode, other texts
+        with pytest.raises(ValueError, match=r"trained on other features .* check item_text_embedding"):
+            model.load_other_parameter(trained_elsewhere.other_parameter())
+    model.load_other_parameter(model.other_parameter())
 
 
 def test_tied_item_text_learns_what_only_the_text_says(genre_settings, tmp_path):
@@ -95,6 +108,12 @@ def test_full_ranking_and_loss_use_the_tied_table(genre_settings, tmp_path, mode
     lengths = interaction["item_length"]
     last = model.backbone.gather_last(model(interaction["item_id_list"], lengths), lengths)
     assert torch.allclose(model.full_sort_predict(interaction), last @ model.backbone.output_items().t(), atol=1e-5)
-    loss = model.calculate_loss(next(iter(train_data)))
+    batch = next(iter(train_data))
+    if model_name == "FastSASRec":  # the loss scores with the tied table (DuoRec adds its contrastive terms)
+        hidden = model(batch["item_id_list"], batch["item_length"])
+        states, targets, _ = supervised_positions(model, batch, hidden)
+        expected = position_loss(states, targets, model.backbone.output_items(), "CE")
+        assert torch.allclose(model.calculate_loss(batch), expected, atol=1e-6)
+    loss = model.calculate_loss(batch)
     loss.backward()
     assert model.backbone.text_projection.weight.grad.abs().sum() > 0, "the loss trains the text projection"

@@ -15,18 +15,19 @@ _CONTENT_DIGESTS = {}  # (path, names, sizes and modification times) -> digest: 
 
 
 def files_fingerprint(path):
-    """sha256 over the relative names and the contents of ``path`` (a file or a folder tree): the same for a copy
-    anywhere else (another install, folder or machine), so caches keyed by it move with their inputs. Read once a
-    process (about a second a GB)."""
+    """sha256 over the relative names and the contents of ``path`` (a file, or a folder tree without its hidden files
+    and folders): the same for a copy anywhere else (another install, folder or machine), so caches keyed by it move
+    with their inputs. Read once a process (about a second a GB)."""
     path = os.path.realpath(path)
     if os.path.isfile(path):
         entries = [(os.path.basename(path), path)]
     else:
-        entries = sorted(
-            (os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
-            for root, _, names in os.walk(path)
-            for name in names
-        )
+        entries = []
+        for root, folders, names in os.walk(path):
+            folders[:] = [f for f in folders if not f.startswith(".")]  # e.g. a download tool's .cache/ metadata
+            kept = [name for name in names if not name.startswith(".")]
+            entries += [(os.path.relpath(os.path.join(root, name), path), os.path.join(root, name)) for name in kept]
+        entries.sort()
     stats = tuple((name, os.stat(full).st_size, os.stat(full).st_mtime_ns) for name, full in entries)
     memo_key = (path, stats)
     if memo_key not in _CONTENT_DIGESTS:

@@ -9,6 +9,7 @@ on :class:`~recbole_ur4rec.model.layers.SequenceBackbone`.
 """
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
 from recbole_ur4rec.evaluation.slices import training_counts
@@ -39,9 +40,9 @@ class FastSASRec(FeatureFingerprintMixin, SequentialRecommender):
         - CE leaves the padding item out of the softmax. Negatives (``SSM``, ``BPR``, ``BCE``) are drawn
           uniformly inside the model, ``neg_sample_num`` of them, instead of by RecBole's sampler, so
           ``train_neg_sample_args`` must be ``~``.
-        - ``item_text_embedding`` (``input`` / ``tied``) adds each item's projected text embedding (the
-          ``item_text_template`` encoded by the sentence encoder) to its item embedding, as SASRecF adds feature
-          embeddings (:meth:`SequenceBackbone.use_item_text`); ``none`` (default) is SASRec.
+        - ``item_text_embedding`` (``input`` / ``tied``) adds each item's projected text embedding (its item text
+          encoded by the sentence encoder) to its item embedding, where SASRecF puts feature embeddings
+          (:meth:`SequenceBackbone.use_item_text`); ``none`` (default) is SASRec.
     """
 
     FEATURE_HINT = "item_text_embedding, the item text settings and the text encoder"
@@ -56,12 +57,14 @@ class FastSASRec(FeatureFingerprintMixin, SequentialRecommender):
 
         self.backbone = SequenceBackbone.from_config(config, self.n_items, self.max_seq_length)
         self.feature_fingerprint = ""
-        if config["item_text_embedding"] != "none":
+        mode = config["item_text_embedding"]
+        if mode != "none":
             training = getattr(dataset, "training_split", dataset)  # RecBole's training split
-            text = item_text_features(config, training)
+            with distributed.first_on_each_machine(config["local_rank"]):  # one encoding per machine, as load_features
+                text = item_text_features(config, training)
             warm = training_counts(training).items > 0
-            self.backbone.use_item_text(text.features, text.mask, warm, config["item_text_embedding"])
-            self.feature_fingerprint = stores_fingerprint({"item_text": text})
+            self.backbone.use_item_text(text.features, text.mask, warm, mode)
+            self.feature_fingerprint = f"{mode}:{stores_fingerprint({'item_text': text})}"
         self.other_parameter_name = ["feature_fingerprint"]
 
     def _check_config(self, config):  # the backbone's keys: SequenceBackbone.from_config

@@ -201,7 +201,10 @@ class FTRagRec(StagedModelMixin, DuoRec):
         """
         load_module_weights(
             self.backbone, path, "duorec_checkpoint", dataset_name,
-            advice="Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers and MAX_ITEM_LIST_LENGTH.",
+            advice=(
+                "Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers, MAX_ITEM_LIST_LENGTH "
+                "and item_text_embedding (its text projection is not checked against the texts: use the same texts and encoder)."
+            ),
         )
         self.warm_started = str(path)
         self._memory_checked = False

@@ -147,7 +147,10 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
     def _warm_start(self, path, dataset_name):
         """Load the backbone of the checkpoint ``path``, and its cold-item map when it has one (a UR4Rec run's)."""
         state = load_checkpoint(path)
-        advice = "Train it on the same dataset with the same hidden_size, inner_size, n_layers and MAX_ITEM_LIST_LENGTH."
+        advice = (
+            "Train it on the same dataset with the same hidden_size, inner_size, n_layers, MAX_ITEM_LIST_LENGTH and "
+            "item_text_embedding (its text projection is not checked against the texts: use the same texts and encoder)."
+        )
         load_module_weights(self.backbone, path, "backbone_checkpoint", dataset_name, advice=advice, state=state)
         if self.cold_mapping is not None and any(name.startswith("cold_mapping.") for name in state.get("state_dict", {})):
             load_module_weights(self.cold_mapping, path, "backbone_checkpoint", dataset_name, "cold_mapping.", advice, state)

@@ -5,8 +5,9 @@
 # recbole_ur4rec.experiments.paired_users --cells results/amazon-beauty-llm-text/cells --models
 # UR4Rec:smollm2,UR4Rec:template). Every row starts from the backbone of the default UR4Rec cell of its seed in
 # results/amazon-beauty-seed-ideas/ (run that study's `ur4rec` part first: its default cells train the backbones), so
-# the rows differ in their texts only (the backbone row: that backbone evaluated alone). The language-model texts must be
-# written first (results/amazon-beauty-llm-text/README.md: 34,445 texts, hours on a CPU); a cell would otherwise
+# the rows differ in their texts only (the backbone row: that backbone evaluated alone, without the text map of
+# items that have no training interactions, cold_item_mapping, which the text rows keep). The language-model texts must be
+# written first (results/amazon-beauty-llm-text/README.md: 22,593 distinct texts, hours on a CPU; committed there); a cell would otherwise
 # start writing them itself. Resumable per cell.
 #   bash results/amazon-beauty-llm-text/run.sh [run_compare options, e.g. --seeds 2020, or --report_only]
 set -euo pipefail

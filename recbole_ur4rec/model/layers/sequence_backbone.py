@@ -166,11 +166,11 @@ class SequenceBackbone(nn.Module):
         self.item_text_mode = "none"
 
     def use_item_text(self, features, mask, warm_items, mode):
-        """Item text in the item representation (``item_text_embedding``), as RecBole's SASRecF adds feature
-        embeddings to its item embeddings: an item is its ID embedding plus a learned projection (no bias) of its
+        """Item text in the item representation (``item_text_embedding``; RecBole's SASRecF puts feature
+        embeddings there, concatenated with the ID embedding and projected): an item is its ID embedding plus a learned projection (no bias) of its
         frozen text features; an item without training interactions (``warm_items`` False) is its projected text
         alone, its ID embedding never having been trained, and an item without text (``mask`` False) its ID
-        embedding alone. ``input``: so in the input sequence, scored by the ID embeddings (SASRecF's way);
+        embedding alone. ``input``: so in the input sequence, scored by the ID embeddings (as SASRecF scores);
         ``tied``: so on both sides, so that new items are ranked by their text; ``none``: unchanged.
 
         Args:
@@ -213,9 +213,12 @@ class SequenceBackbone(nn.Module):
             module.bias.data.zero_()
 
     def parameter_groups(self):
-        """``item_embedding`` (item and position tables) and ``backbone`` (every other parameter), the groups the
-        plugin's trainers freeze, clip, scale or keep local separately."""
+        """``item_embedding`` (item and position tables, and the item text's projection, part of the items'
+        representation) and ``backbone`` (every other parameter), the groups the plugin's trainers freeze, clip,
+        scale or keep local separately."""
         embeddings = [self.item_embedding.weight, self.position_embedding.weight]
+        if self.item_text_mode != "none":
+            embeddings.append(self.text_projection.weight)
         embedding_ids = {id(p) for p in embeddings}
         return {"item_embedding": embeddings, "backbone": [p for p in self.parameters() if id(p) not in embedding_ids]}
 
