@@ -5,7 +5,7 @@ import torch
 from model_fixtures import build_model
 from ur4rec_fixtures import ur4rec_config, write_genre_dataset
 
-from recbole_ur4rec.evaluation.slices import training_counts
+from recbole_ur4rec.evaluation.slices import items_with_training_interactions, training_counts
 from recbole_ur4rec.features import item_text_features
 from recbole_ur4rec.model.layers import position_loss, supervised_positions
 from recbole_ur4rec.quick_start import run_recbole_ur4rec
@@ -117,3 +117,23 @@ def test_full_ranking_and_loss_use_the_tied_table(genre_settings, tmp_path, mode
     loss = model.calculate_loss(batch)
     loss.backward()
     assert model.backbone.text_projection.weight.grad.abs().sum() > 0, "the loss trains the text projection"
+
+
+
+def test_items_with_training_interactions_include_those_only_ever_first_in_a_sequence(genre_settings):
+    """On RecBole's own prefix rows a user's first item is never a target: it still has training interactions (and so
+    keeps its ID embedding beside its text), which a count of targets misses."""
+    from recbole.config import Config
+    from recbole.data import create_dataset
+
+    config = Config(model="SASRec", dataset="genre", config_dict={
+        "data_path": genre_settings["data_path"], "load_col": genre_settings["load_col"], "state": "WARNING",
+        "show_progress": False, "train_neg_sample_args": None,
+    })
+    train = create_dataset(config).build()[0]  # RecBole's training split: one row per prefix
+    targets = set(train.inter_feat["item_id"].tolist())
+    only_in_histories = sorted(set(train.inter_feat["item_id_list"].flatten().tolist()) - targets - {0})
+    assert only_in_histories, "the data has items that are never a training target"
+    assert not bool((training_counts(train).items[only_in_histories] > 0).any())
+    warm = items_with_training_interactions(train)
+    assert bool(warm[only_in_histories].all()) and bool(warm[sorted(targets)].all()) and not warm[0]

@@ -41,6 +41,20 @@ def training_counts(train_dataset, cold_items=None):
     return TrainingCounts(items, users, cold_items)
 
 
+def items_with_training_interactions(train_dataset):
+    """Bool ``[n_items]``: the items of the training split's interactions, the items of its rows' histories included
+    (on RecBole's prefix rows an item that is only ever first in a sequence is never a target, so a count of targets
+    misses it)."""
+    feat = train_dataset.inter_feat
+    seen = torch.zeros(train_dataset.item_num, dtype=torch.bool)
+    seen[feat[train_dataset.iid_field].long()] = True
+    history = train_dataset.iid_field + train_dataset.config["LIST_SUFFIX"]
+    if history in feat:
+        seen[feat[history].long().flatten()] = True
+        seen[0] = False  # padding
+    return seen
+
+
 def head_items(item_counts, head_share):
     """Bool ``[n_items]``: the ``ceil(head_share * (n_items - 1))`` most-interacted items (padding 0 excluded)."""
     n_head = math.ceil(head_share * (len(item_counts) - 1))

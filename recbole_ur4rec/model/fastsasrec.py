@@ -12,7 +12,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.evaluation.slices import training_counts
+from recbole_ur4rec.evaluation.slices import items_with_training_interactions
 from recbole_ur4rec.features import item_text_features, stores_fingerprint
 from recbole_ur4rec.model.layers import (
     ITEM_TEXT_MODES,
@@ -62,7 +62,7 @@ class FastSASRec(FeatureFingerprintMixin, SequentialRecommender):
             training = getattr(dataset, "training_split", dataset)  # RecBole's training split
             with distributed.first_on_each_machine(config["local_rank"]):  # one encoding per machine, as load_features
                 text = item_text_features(config, training)
-            warm = training_counts(training).items > 0
+            warm = items_with_training_interactions(training)
             self.backbone.use_item_text(text.features, text.mask, warm, mode)
             self.feature_fingerprint = f"{mode}:{stores_fingerprint({'item_text': text})}"
         self.other_parameter_name = ["feature_fingerprint"]

@@ -26,7 +26,7 @@ from recbole_ur4rec.common import distributed
 from recbole_ur4rec.common.checkpoint_io import load_module_weights, load_checkpoint, resolve_checkpoint_path
 from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import target_list_field
-from recbole_ur4rec.evaluation.slices import training_counts
+from recbole_ur4rec.evaluation.slices import items_with_training_interactions
 from recbole_ur4rec.features import load_features, stores_fingerprint
 from recbole_ur4rec.model.layers import (
     ITEM_TEXT_MODES,
@@ -111,7 +111,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
         self.feature_fingerprint = stores_fingerprint({"user_text": stores["user_text"], **item_modalities})
         self.other_parameter_name = ["objective", "feature_fingerprint"]
         dim = config["retriever_dim"]
-        warm = training_counts(getattr(dataset, "training_split", dataset)).items > 0  # [n] items with training interactions
+        warm = items_with_training_interactions(getattr(dataset, "training_split", dataset))  # [n]
         text = stores["item_text"]
         self.backbone.use_item_text(text.features, text.mask, warm, config["item_text_embedding"])
         self.retriever = PreferenceRetriever(
