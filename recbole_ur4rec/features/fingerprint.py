@@ -28,12 +28,12 @@ def files_fingerprint(path):
             kept = [name for name in names if not name.startswith(".")]
             entries += [(os.path.relpath(os.path.join(root, name), path), os.path.join(root, name)) for name in kept]
         entries.sort()
-    stats = tuple((name, os.stat(full).st_size, os.stat(full).st_mtime_ns) for name, full in entries)
-    memo_key = (path, stats)
+    stats = [os.stat(full) for _, full in entries]
+    memo_key = (path, tuple((name, stat.st_size, stat.st_mtime_ns) for (name, _), stat in zip(entries, stats)))
     if memo_key not in _CONTENT_DIGESTS:
         digest = hashlib.sha256()
-        for name, full in entries:
-            digest.update(f"{name}\0{os.path.getsize(full)}\0".encode("utf-8"))
+        for (name, full), stat in zip(entries, stats):
+            digest.update(f"{name}\0{stat.st_size}\0".encode("utf-8"))
             with open(full, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)

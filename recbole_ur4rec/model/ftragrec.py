@@ -28,7 +28,7 @@ from recbole_ur4rec.common.checks import check_config_value as _check
 from recbole_ur4rec.data.sequence_dataset import training_histories, window_rows
 from recbole_ur4rec.index.retrieval_memory import COMPRESSED, INDEX_TYPES, RetrievalMemory, weights_fingerprint
 from recbole_ur4rec.model.duorec import DuoRec
-from recbole_ur4rec.model.layers.sequence_backbone import position_loss, supervised_positions
+from recbole_ur4rec.model.layers.sequence_backbone import WARM_START_MATCH, position_loss, supervised_positions
 from recbole_ur4rec.model.layers.fusion import RetrievalFusion
 from recbole_ur4rec.model.layers.staged import StagedModelMixin
 
@@ -201,10 +201,7 @@ class FTRagRec(StagedModelMixin, DuoRec):
         """
         load_module_weights(
             self.backbone, path, "duorec_checkpoint", dataset_name,
-            advice=(
-                "Train the DuoRec on the same dataset with the same hidden_size, inner_size, n_layers, MAX_ITEM_LIST_LENGTH "
-                "and item_text_embedding (its text projection is not checked against the texts: use the same texts and encoder)."
-            ),
+            advice=f"Train the DuoRec on {WARM_START_MATCH}",
         )
         self.warm_started = str(path)
         self._memory_checked = False

@@ -35,6 +35,7 @@ from recbole_ur4rec.model.layers import (
     PreferenceRetriever,
     SampledCandidates,
     ScoreFusion,
+    WARM_START_MATCH,
     SequenceBackbone,
     bidirectional_distillation,
     expert_diversity_loss,
@@ -147,10 +148,7 @@ class UR4Rec(StagedModelMixin, FeatureFingerprintMixin, SequentialRecommender):
     def _warm_start(self, path, dataset_name):
         """Load the backbone of the checkpoint ``path``, and its cold-item map when it has one (a UR4Rec run's)."""
         state = load_checkpoint(path)
-        advice = (
-            "Train it on the same dataset with the same hidden_size, inner_size, n_layers, MAX_ITEM_LIST_LENGTH and "
-            "item_text_embedding (its text projection is not checked against the texts: use the same texts and encoder)."
-        )
+        advice = f"Train it on {WARM_START_MATCH}"
         load_module_weights(self.backbone, path, "backbone_checkpoint", dataset_name, advice=advice, state=state)
         if self.cold_mapping is not None and any(name.startswith("cold_mapping.") for name in state.get("state_dict", {})):
             load_module_weights(self.cold_mapping, path, "backbone_checkpoint", dataset_name, "cold_mapping.", advice, state)

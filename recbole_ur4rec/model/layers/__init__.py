@@ -3,6 +3,7 @@ from recbole_ur4rec.model.layers.sequence_backbone import (
     ITEM_TEXT_MODES,
     LOSS_POSITIONS,
     LOSS_TYPES,
+    WARM_START_MATCH,
     SequenceBackbone,
     check_sequence_config,
     position_loss,

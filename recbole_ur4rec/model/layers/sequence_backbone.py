@@ -20,6 +20,11 @@ from recbole_ur4rec.data.sequence_dataset import LOSS_POSITIONS
 
 LOSS_TYPES = ("CE", "SSM", "BPR", "BCE")
 ITEM_TEXT_MODES = ("none", "input", "tied")  # item_text_embedding: see SequenceBackbone.use_item_text
+# what a checkpoint that starts a backbone (backbone_checkpoint, duorec_checkpoint) must share with the model
+WARM_START_MATCH = (
+    "the same dataset with the same hidden_size, inner_size, n_layers, MAX_ITEM_LIST_LENGTH and item_text_embedding "
+    "(its text projection is not checked against the texts: use the same texts and encoder)."
+)
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
@@ -167,8 +172,8 @@ class SequenceBackbone(nn.Module):
 
     def use_item_text(self, features, mask, warm_items, mode):
         """Item text in the item representation (``item_text_embedding``; RecBole's SASRecF puts feature
-        embeddings there, concatenated with the ID embedding and projected): an item is its ID embedding plus a learned projection (no bias) of its
-        frozen text features; an item without training interactions (``warm_items`` False) is its projected text
+        embeddings there, concatenated with the ID embedding and projected): an item is its ID embedding plus a
+        learned projection (no bias) of its frozen text features; an item without training interactions (``warm_items`` False) is its projected text
         alone, its ID embedding never having been trained, and an item without text (``mask`` False) its ID
         embedding alone. ``input``: so in the input sequence, scored by the ID embeddings (as SASRecF scores);
         ``tied``: so on both sides, so that new items are ranked by their text; ``none``: unchanged.
